@@ -1,0 +1,1 @@
+"""Corpus preparation: sentencepiece BPE tokenizers and fixed-length Arrow training shards."""

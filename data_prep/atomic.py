@@ -1,0 +1,47 @@
+"""Crash-safe file writes: write to a temporary name beside the target, fsync, rename.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one,
+never a half-written one.
+"""
+
+import json
+import os
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+def temporary_name(path: Path) -> Path:
+    """A per-process temporary name beside `path`, recognisable by `is_temporary`."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def is_temporary(path: Path) -> bool:
+    return TMP_MARK in path.name
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Make a fully written temporary file visible under its final name."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = temporary_name(path)
+    tmp.write_bytes(data)
+    publish(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

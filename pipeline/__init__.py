@@ -1,0 +1,1 @@
+"""Pretraining: configuration, data loading and masking, the ALUM objective, training, export."""

@@ -1,0 +1,161 @@
+"""The `alum` command: one entry point for every stage of the pipeline.
+
+Subcommands import their modules lazily so `alum --help` and the data-preparation commands
+start quickly (no torch import). A `UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.errors import UserError
+
+
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
+    p.add_argument("--text-field", default="text", help="JSON lines field / Parquet or Arrow column holding the text")
+    p.add_argument("--txt-docs", choices=["line", "blank"], default="line", help="text files: a document per line, or blank-line separated")
+    p.add_argument("--utf8-errors", choices=["replace", "fail"], default="replace", help="invalid UTF-8: replace with U+FFFD and count, or stop")
+
+
+def _read_options(args):
+    from data_prep.corpus import ReadOptions
+
+    return ReadOptions(text_field=args.text_field, txt_docs=args.txt_docs, utf8_errors=args.utf8_errors)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    print(title)
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value)
+        print(f"  {key:<{width}}  {shown}")
+
+
+def cmd_tokenizer(args) -> None:
+    from data_prep.corpus import expand_inputs
+    from data_prep.tokenizer import train_tokenizer
+
+    summary = train_tokenizer(
+        expand_inputs(args.input),
+        _read_options(args),
+        args.out,
+        vocab_size=args.vocab_size,
+        style=args.style,
+        character_coverage=args.character_coverage,
+        byte_fallback=args.byte_fallback,
+        seed=args.seed,
+        threads=args.threads,
+        sample_lines=args.sample_lines,
+        overwrite=args.overwrite,
+    )
+    _print_summary("tokenizer written", summary)
+
+
+def cmd_shard(args) -> None:
+    from data_prep.shard import ShardSettings, shard_corpus
+
+    settings = ShardSettings(
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        piece_bytes=int(args.piece_mb * (1 << 20)),
+        read=_read_options(args),
+    )
+    summary = shard_corpus(
+        args.input,
+        args.tokenizer,
+        args.out,
+        settings,
+        workers=args.workers,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        overwrite=args.overwrite,
+    )
+    if summary.get("already_complete"):
+        print(f"{args.out}: already complete with these settings; nothing to do")
+        return
+    tokens = summary["tokens"]
+    summary["padding_fraction"] = summary.pop("padding_tokens") / max(1, summary["sequences"] * args.seq_len)
+    summary["tokens_per_s"] = tokens / max(summary["seconds"], 1e-9)
+    _print_summary("shards written" if "manifest" in summary else "this node's shards written", summary)
+
+
+def cmd_verify(args) -> None:
+    from data_prep.manifest import verify
+
+    _print_summary(f"{args.dir}: OK", verify(args.dir))
+
+
+def cmd_merge(args) -> None:
+    from data_prep.shard import finalize
+
+    print(f"manifest written: {finalize(args.dir)}")
+
+
+def cmd_demo(args) -> None:
+    from pipeline.demo import run_demo
+
+    run_demo(args.out, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alum", description="ALUM adversarial pretraining pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on a corpus sample")
+    _add_read_options(p)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="tokenizer directory to create")
+    p.add_argument("--style", choices=["bert", "roberta"], default="bert", help="special tokens: [CLS]/[SEP]/... or <s>/</s>/...")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false", help="map unknown characters to [UNK] instead of bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
+    p.add_argument("--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("shard", help="tokenize and pack a corpus into Arrow shards")
+    _add_read_options(p)
+    p.add_argument("--tokenizer", required=True, help="directory written by `alum tokenizer`")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output does not depend on it)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents (by content hash) in the val split")
+    p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per unit of parallel work (and per shard)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the work")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank in [0, num-nodes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("verify", help="check a shard directory's schema, counts and checksums")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("merge", help="write the manifest once every node's shards are in one directory")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a corpus built from Python's docstrings")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"alum {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"alum {args.command}: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
