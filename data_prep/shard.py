@@ -95,7 +95,12 @@ def shard_corpus(
     if resumed:
         print(f"resuming: {resumed} of {len(mine)} pieces already done")
     job = _PieceJob(tokenizer, settings, out)
-    stats = _run_pieces(job, pieces, todo, workers)
+    try:
+        stats = _run_pieces(job, pieces, todo, workers)
+    except UserError:
+        if created:  # bad input: the inputs must change, so nothing here can be resumed
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     summary = {"out": str(out), "pieces_done": len(todo), "pieces_resumed": resumed, **stats}
     records = _finished_pieces(out)
@@ -284,19 +289,24 @@ def _process_piece(task: tuple[int, Piece], report=None) -> dict:
             report(len(docs), tokens)
             batches[split] = []
 
-    for text in read_documents(piece, settings.read, stats):
-        split = "val" if settings.val_fraction and _in_validation(text, settings.val_fraction) else "train"
-        counts["val_documents"] += split == "val"
-        batches[split].append(text)
-        if len(batches[split]) >= DOCS_PER_BATCH:
+    try:
+        for text in read_documents(piece, settings.read, stats):
+            split = "val" if settings.val_fraction and _in_validation(text, settings.val_fraction) else "train"
+            counts["val_documents"] += split == "val"
+            batches[split].append(text)
+            if len(batches[split]) >= DOCS_PER_BATCH:
+                flush(split)
+        shards = []
+        for split in SPLITS:
             flush(split)
-    shards = []
-    for split in SPLITS:
-        flush(split)
-        writers[split].write(packers[split].finish())
-        shard = writers[split].close(padding=packers[split].padding)
-        if shard:
-            shards.append({"split": split, "path": f"{split}/{index:06d}.arrow", **shard})
+            writers[split].write(packers[split].finish())
+            shard = writers[split].close(padding=packers[split].padding)
+            if shard:
+                shards.append({"split": split, "path": f"{split}/{index:06d}.arrow", **shard})
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     padding = sum(p.padding for p in packers.values())
     return {
         "piece": index,
@@ -343,6 +353,13 @@ class _ShardWriter:
         column = pa.FixedSizeListArray.from_arrays(values, self.seq_len)
         self.writer.write_batch(pa.record_batch([column], schema=self.schema))
         self.rows += len(rows)
+
+    def abort(self) -> None:
+        """Drop the unfinished file of a piece that failed."""
+        if self.writer is not None:
+            self.sink.close()
+            self.tmp.unlink(missing_ok=True)
+            self.writer = None
 
     def close(self, padding: int) -> dict | None:
         """Finish the file under its final name; None when the piece had no rows for it."""

@@ -237,7 +237,11 @@ def hf_tokenizer(model: bytes, style: str):
         [decoders.Replace(META, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tokens = SPECIAL_TOKENS[style]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens.values()])
+    # The mask token absorbs the spaces around it, so "a [MASK] b" reads like training data
+    # ("▁a", mask, "▁b") and not ("▁a", "▁", mask, "▁▁b").
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True, lstrip=(role == "mask"), rstrip=(role == "mask")) for role, t in tokens.items()]
+    )
     cls, sep = tokens["cls"], tokens["sep"]
     pair = f"{cls} $A {sep} $B:1 {sep}:1" if style == "bert" else f"{cls} $A {sep} {sep} $B {sep}"
     tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,255 @@
+"""`alum shard` end to end on WikiText-2: round trip, determinism, nodes, resume, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import REPO, run_alum
+from data_prep import manifest
+from data_prep.corpus import ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
+from data_prep.errors import UserError
+from data_prep.shard import ShardSettings, shard_corpus
+from data_prep.tokenizer import load_tokenizer
+
+SEQ_LEN = 64
+PIECE_MB = "0.1"
+
+
+def shard(out, inputs, tokenizer, *extra, check=True):
+    return run_alum("shard", "--input", *inputs, "--tokenizer", tokenizer, "--seq-len", SEQ_LEN, "--out", out,
+                    "--piece-mb", PIECE_MB, *extra, check=check)
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under a directory, by relative path."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def rows(directory: Path, split: str = "train") -> np.ndarray:
+    data = manifest.read(directory)
+    blocks = []
+    for entry in data["splits"][split]["shards"]:
+        with pa.memory_map(str(directory / entry["path"])) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        blocks.append(np.asarray(table.column("input_ids").combine_chunks().values).reshape(-1, data["seq_len"]))
+    return np.concatenate(blocks)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
+    """A single-worker run: the bytes every other configuration must reproduce."""
+    out = tmp_path_factory.mktemp("shards") / "reference"
+    shard(out, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--workers", "1")
+    return out
+
+
+def test_rows_decode_back_to_the_documents(reference, wikitext_valid, bert_tokenizer):
+    sp = load_tokenizer(bert_tokenizer).processor()
+    data = manifest.read(reference)
+    cls, sep, pad = (data["special_token_ids"][k] for k in ("cls", "sep", "pad"))
+    docs = [d for d in (line.strip() for line in wikitext_valid.read_text(encoding="utf-8").splitlines()) if d]
+    for split in ("train", "val"):
+        table = rows(reference, split)
+        assert table.shape[1] == SEQ_LEN and table.dtype == np.uint16
+        assert (table[:, 0] == cls).all()
+        # Each row is [CLS] content [SEP], then padding in the last row of a piece.
+        content = []
+        for row in table:
+            body = row[1:][row[1:] != pad]
+            assert body[-1] == sep
+            content.append(body[:-1])
+        stream = np.concatenate(content)
+        assert stream[-1] == sep  # every document ends with the separator
+        decoded = [sp.decode(part.tolist()) for part in np.split(stream[:-1], np.flatnonzero(stream[:-1] == sep))]
+        decoded = [d.lstrip() if i else d for i, d in enumerate(decoded)]
+        expected = [d for d in docs if (split == "val") == _is_val(d)]
+        assert decoded == [sp.decode(sp.encode(d)) for d in expected]
+        padded = (table == pad).any(axis=1).sum()
+        assert padded <= len(manifest.read(reference)["splits"][split]["shards"])
+    assert data["stats"]["val_documents"] == len([d for d in docs if _is_val(d)])
+    assert 0.05 < data["stats"]["val_documents"] / data["stats"]["documents"] < 0.15
+
+
+def _is_val(doc: str) -> bool:
+    from data_prep.shard import _in_validation
+
+    return _in_validation(doc, 0.1)
+
+
+def test_manifest_contract(reference, bert_tokenizer):
+    data = manifest.read(reference)
+    tok = load_tokenizer(bert_tokenizer)
+    assert data["format_version"] == 1 and data["seq_len"] == SEQ_LEN and data["dtype"] == "uint16"
+    assert data["tokenizer"] == {"sha256": tok.sha256, "vocab_size": 2000, "style": "bert"}
+    assert data["special_token_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert set(data["splits"]) == {"train", "val"}
+    assert data["num_sequences"] == sum(s["num_sequences"] for s in data["splits"].values()) == len(rows(reference)) + len(rows(reference, "val"))
+    assert data["num_tokens"] == data["num_sequences"] * SEQ_LEN - data["stats"]["padding_tokens"]
+    for split in data["splits"].values():
+        for entry in split["shards"]:
+            assert entry["sha256"] == hashlib.sha256((reference / entry["path"]).read_bytes()).hexdigest()
+    assert not (reference / ".progress").exists() and not (reference / ".shard-state.json").exists()
+    assert manifest.verify(reference)["num_sequences"] == data["num_sequences"]
+
+
+def test_shards_open_with_datasets(reference):
+    import datasets
+
+    data = manifest.read(reference)
+    entry = data["splits"]["train"]["shards"][0]
+    ds = datasets.Dataset.from_file(str(reference / entry["path"]))
+    assert ds.num_rows == entry["num_rows"]
+    assert ds.features["input_ids"].length == SEQ_LEN
+    ds.set_format("numpy")
+    np.testing.assert_array_equal(ds[:]["input_ids"], rows(reference)[: entry["num_rows"]])
+
+
+@pytest.mark.slow
+def test_worker_count_does_not_change_the_bytes(tmp_path, reference, wikitext_valid, bert_tokenizer):
+    out = tmp_path / "two-workers"
+    shard(out, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--workers", "2")
+    assert tree_digest(out) == tree_digest(reference)
+
+
+@pytest.mark.slow
+def test_node_partition_merges_to_the_single_machine_output(tmp_path, reference, wikitext_valid, bert_tokenizer):
+    shared = tmp_path / "shared-fs"
+    first = shard(shared, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--num-nodes", "2", "--node-rank", "1")
+    assert "this node's shards written" in first.stdout and not (shared / "manifest.json").exists()
+    shard(shared, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--num-nodes", "2", "--node-rank", "0")
+    assert tree_digest(shared) == tree_digest(reference)
+
+    # Without a shared filesystem: each node writes its own directory, the copies are merged.
+    for rank in (0, 1):
+        shard(tmp_path / f"node{rank}", [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--num-nodes", "2", "--node-rank", str(rank))
+    merged = tmp_path / "merged"
+    shutil.copytree(tmp_path / "node0", merged)
+    early = run_alum("merge", merged)
+    assert early.returncode == 2 and "pieces are not done yet" in early.stderr
+    shutil.copytree(tmp_path / "node1", merged, dirs_exist_ok=True)
+    run_alum("merge", merged, check=True)
+    assert tree_digest(merged) == tree_digest(reference)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_redoing_finished_pieces(tmp_path, reference, wikitext_valid, bert_tokenizer):
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "pipeline.cli", "shard", "--input", str(wikitext_valid), "--tokenizer", str(bert_tokenizer),
+               "--seq-len", str(SEQ_LEN), "--out", str(out), "--piece-mb", "0.02", "--val-fraction", "0.1"]
+    # A finer piece size is a different dataset: compare against a clean run of the same settings.
+    clean = tmp_path / "clean"
+    subprocess.run(command[:-6] + ["--out", str(clean), "--piece-mb", "0.02", "--val-fraction", "0.1"], check=True, cwd=REPO, capture_output=True)
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(list((out / ".progress").glob("piece-*.json"))) < 5 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list((out / ".progress").glob("piece-*.json")))
+    total = json.loads((out / ".shard-state.json").read_text())["num_pieces"]
+    assert 5 <= done < total, "the run finished before it could be interrupted"
+    assert not (out / "manifest.json").exists()
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    assert f"resuming: {done} of {total} pieces already done" in resumed.stdout
+    assert tree_digest(out) == tree_digest(clean)
+    again = run_alum(*command[3:], check=True)
+    assert "already complete" in again.stdout
+
+
+def test_verify_catches_truncated_and_altered_shards(tmp_path, reference):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    entry = manifest.read(copy)["splits"]["train"]["shards"][1]
+    path = copy / entry["path"]
+    original = path.read_bytes()
+
+    path.write_bytes(original[:-100])
+    result = run_alum("verify", copy)
+    assert result.returncode == 2
+    assert f"{path}: {len(original) - 100} bytes, the manifest says {len(original)} (truncated or altered)" in result.stderr
+
+    altered = bytearray(original)
+    altered[-200] ^= 0xFF
+    path.write_bytes(bytes(altered))
+    result = run_alum("verify", copy)
+    assert result.returncode == 2 and f"{path}: sha256 does not match the manifest (altered)" in result.stderr
+
+    path.write_bytes(original)
+    assert run_alum("verify", copy).returncode == 0
+
+
+def test_output_holding_a_different_dataset_is_refused(tmp_path, reference, wikitext_valid, bert_tokenizer):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    before = tree_digest(copy)
+    result = shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.2", check=False)
+    assert result.returncode == 2
+    assert "already holds a different dataset (val_fraction 0.1 vs 0.2 now); use --overwrite" in result.stderr
+    assert tree_digest(copy) == before
+    shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.2", "--overwrite")
+    assert manifest.read(copy)["settings"]["val_fraction"] == 0.2
+
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    result = shard(foreign, [wikitext_valid], bert_tokenizer, "--overwrite", check=False)
+    assert result.returncode == 2 and "exists and is not a shard directory" in result.stderr
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_empty_corpus_leaves_nothing_behind(tmp_path, bert_tokenizer):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text("\n   \n\n")
+    out = tmp_path / "out"
+    result = shard(out, [corpus], bert_tokenizer, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("no documents in the inputs (empty or whitespace only)")
+    assert not out.exists()
+
+
+def test_seq_len_too_small(tmp_path, wikitext_valid, bert_tokenizer):
+    result = run_alum("shard", "--input", wikitext_valid, "--tokenizer", bert_tokenizer, "--seq-len", "4", "--out", tmp_path / "o")
+    assert result.returncode == 2
+    assert result.stderr == "alum shard: error: --seq-len 4 is too small: rows need at least 8 tokens ([CLS] and [SEP] take 2)\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_midway_leaves_no_partial_shards(tmp_path, bert_tokenizer):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document number {i} " * 5}) + "\n" for i in range(20000)) + "oops\n")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=rf"{corpus}:20001: not valid JSON"):
+        shard_corpus([str(corpus)], bert_tokenizer, out, ShardSettings(seq_len=SEQ_LEN, piece_bytes=1 << 20))
+    assert not out.exists()
+
+
+def test_large_vocabularies_use_int32():
+    assert manifest.token_dtype(65536) == "uint16"
+    assert manifest.token_dtype(65537) == "int32"
+    assert manifest.shard_schema(16, "int32").field("input_ids").type == pa.list_(pa.int32(), 16)
+
+
+def test_summary_reports_counts(tmp_path, wikitext_valid, bert_tokenizer):
+    result = shard(tmp_path / "o", [wikitext_valid], bert_tokenizer)
+    data = manifest.read(tmp_path / "o")
+    for key in ("documents", "empty_documents", "tokens", "sequences", "padding_fraction", "seconds", "tokens_per_s"):
+        assert key in result.stdout
+    assert f"{data['stats']['documents']:,}" in result.stdout
+    stats = ReadStats()
+    options = ReadOptions()
+    docs = [d for p in plan_pieces(expand_inputs([str(wikitext_valid)]), options, None) for d in read_documents(p, options, stats)]
+    assert data["stats"]["documents"] == len(docs) == stats.documents
+    assert data["stats"]["empty_documents"] == stats.empty_documents

@@ -1,0 +1,119 @@
+"""Tokenizer training, the HF directory, and id parity with sentencepiece on real text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import data_file, run_alum
+from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.errors import UserError
+from data_prep.tokenizer import load_tokenizer, reservoir_sample, train_tokenizer
+
+
+def real_texts() -> list[str]:
+    """Raw lines from every shared corpus: English prose, early-modern English, reviews, adversarial NLI."""
+    texts = data_file("wikitext-2/valid.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    texts += data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    texts += [line.split("\t")[0] for line in data_file("sst2/dev.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    for examples in json.loads(data_file("advglue/dev.json").read_text(encoding="utf-8")).values():
+        for example in examples:
+            texts += [v for k, v in example.items() if isinstance(v, str) and k != "idx"]
+    # Whitespace and Unicode edge cases the normalisers must agree on.
+    texts += ["", " ", "  two  spaces ", "tab\there", "line\nbreak", "ﬁ ligature ① ｆｕｌｌ", "emoji 😀 中文 ü"]
+    return texts
+
+
+def test_hf_tokenizer_gives_sentencepiece_ids_on_real_text(bert_tokenizer):
+    sp = load_tokenizer(bert_tokenizer).processor()
+    hf = AutoTokenizer.from_pretrained(str(bert_tokenizer))
+    texts = real_texts()
+    assert len(texts) > 6000
+    mismatches = [t for t in texts if hf(t, add_special_tokens=False)["input_ids"] != sp.encode(t)]
+    assert mismatches == []
+    text = "The quick brown fox jumps over the lazy dog."
+    assert hf(text)["input_ids"] == [2] + sp.encode(text) + [3]
+
+
+def test_bert_special_tokens(bert_tokenizer):
+    info = load_tokenizer(bert_tokenizer)
+    assert info.special_token_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    hf = AutoTokenizer.from_pretrained(str(bert_tokenizer))
+    assert (hf.pad_token, hf.unk_token, hf.cls_token, hf.sep_token, hf.mask_token) == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    assert [hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id] == [0, 1, 2, 3, 4]
+    sp = info.processor()
+    assert hf("a [MASK] b", add_special_tokens=False)["input_ids"] == [*sp.encode("a"), 4, *sp.encode("b")]
+    # The sentencepiece model never produces a special id from text: a corpus cannot inject [MASK].
+    assert 4 not in sp.encode("a [MASK] b")
+    assert info.vocab_size == 2000 == len(hf)
+
+
+def test_roberta_style_tokenizer(tmp_path, wikitext_valid):
+    out = tmp_path / "roberta"
+    train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), out, vocab_size=1000, style="roberta", threads=2)
+    info = load_tokenizer(out)
+    assert info.special_token_ids == {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
+    hf = AutoTokenizer.from_pretrained(str(out))
+    assert (hf.cls_token, hf.sep_token, hf.pad_token, hf.mask_token, hf.bos_token) == ("<s>", "</s>", "<pad>", "<mask>", "<s>")
+    sp = info.processor()
+    # WikiText spells unknown words "<unk>", RoBERTa's unk token: HF maps special-token strings
+    # to their ids, sentencepiece never does (documented in data_prep.tokenizer).
+    texts = [t for t in real_texts() if not any(special in t for special in hf.all_special_tokens)]
+    assert len(texts) > 4000
+    assert [t for t in texts if hf(t, add_special_tokens=False)["input_ids"] != sp.encode(t)] == []
+    assert hf("one", "two")["input_ids"] == [0, *sp.encode("one"), 2, 2, *sp.encode("two"), 2]
+
+
+def test_training_is_seeded_and_sample_is_bounded(tmp_path, wikitext_valid):
+    files = expand_inputs([str(wikitext_valid)])
+    sample_a, _, seen = reservoir_sample(files, ReadOptions(), 500, seed=1)
+    sample_b, _, _ = reservoir_sample(files, ReadOptions(), 500, seed=1)
+    sample_c, _, _ = reservoir_sample(files, ReadOptions(), 500, seed=2)
+    assert len(sample_a) == 500 < seen
+    assert sample_a == sample_b != sample_c
+    one = train_tokenizer(files, ReadOptions(), tmp_path / "a", vocab_size=800, seed=3, sample_lines=1000, threads=1)
+    two = train_tokenizer(files, ReadOptions(), tmp_path / "b", vocab_size=800, seed=3, sample_lines=1000, threads=1)
+    assert one["lines_sampled"] == 1000
+    assert load_tokenizer(tmp_path / "a").sha256 == load_tokenizer(tmp_path / "b").sha256
+
+
+def test_vocabulary_too_large_for_corpus(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("a tiny corpus\nwith very few words\n")
+    result = run_alum("tokenizer", "--input", corpus, "--vocab-size", "5000", "--out", tmp_path / "tok")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "--vocab-size 5000 is too large for this corpus" in result.stderr
+    assert not (tmp_path / "tok").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.txt"]
+
+
+def test_existing_output_is_not_replaced_without_overwrite(tmp_path, wikitext_valid):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists; use --overwrite"):
+        train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), out, vocab_size=500)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_tokenizer_dir_without_model(tmp_path, wikitext_valid):
+    empty = tmp_path / "not-a-tokenizer"
+    empty.mkdir()
+    result = run_alum("shard", "--input", wikitext_valid, "--tokenizer", empty, "--seq-len", "64", "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{empty}: no sentencepiece model (spm.model)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_altered_tokenizer_model_is_detected(tmp_path, bert_tokenizer):
+    import shutil
+
+    copy = tmp_path / "tok"
+    shutil.copytree(bert_tokenizer, copy)
+    model = copy / "spm.model"
+    model.write_bytes(model.read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match="does not match alum_tokenizer.json"):
+        load_tokenizer(copy)
