@@ -21,6 +21,7 @@ import codecs
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -29,13 +30,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data_prep.errors import UserError
 
 COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 BINARY_PROBE_BYTES = 8192
+READ_BLOCK = 4 << 20
 REPLACEMENT = "\ufffd"
 REPLACEMENT_UTF8 = REPLACEMENT.encode()
 
@@ -200,6 +201,8 @@ def _check_not_binary(f: InputFile) -> None:
 
 
 def _parquet_pieces(f: InputFile, options: ReadOptions) -> list[Piece]:
+    import pyarrow.parquet as pq  # only for Parquet inputs: it costs a noticeable share of start-up
+
     try:
         meta = pq.ParquetFile(f.path)
     except (pa.ArrowInvalid, OSError) as e:
@@ -230,6 +233,11 @@ def _check_text_column(f: InputFile, schema: pa.Schema, options: ReadOptions) ->
 
 def read_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
     """The non-empty documents of a piece, stripped of surrounding whitespace."""
+    return itertools.chain.from_iterable(read_document_batches(piece, options, stats))
+
+
+def read_document_batches(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[list[str]]:
+    """`read_documents` in lists of a block's worth (the fast path for the shard workers)."""
     if piece.file.kind in ("parquet", "arrow"):
         raw = _column_documents(piece, options)
     elif piece.file.kind == "jsonl":
@@ -237,79 +245,116 @@ def read_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iter
     elif options.txt_docs == "blank":
         raw = _blank_separated_documents(piece, options, stats)
     else:
-        raw = (text for _, text in _decoded_lines(piece, options, stats))
-    for text in raw:
-        text = text.strip()
-        if text:
-            stats.documents += 1
-            yield text
-        else:
-            stats.empty_documents += 1
+        raw = (lines for _, lines in _decoded_blocks(piece, options, stats))
+    for texts in raw:
+        docs = [t for t in map(str.strip, texts) if t]
+        stats.documents += len(docs)
+        stats.empty_documents += len(texts) - len(docs)
+        yield docs
 
 
-def _column_documents(piece: Piece, options: ReadOptions) -> Iterator[str]:
+def _column_documents(piece: Piece, options: ReadOptions) -> Iterator[list[str]]:
     if piece.file.kind == "parquet":
+        import pyarrow.parquet as pq
+
         table = pq.ParquetFile(piece.file.path).read_row_group(piece.start, columns=[options.text_field])
         batches = table.to_batches()
     else:
         batches = pa.ipc.open_stream(pa.memory_map(piece.file.path))
     for batch in batches:
-        for text in batch.column(options.text_field).to_pylist():
-            yield text or ""
+        yield [text or "" for text in batch.column(options.text_field).to_pylist()]
 
 
-def _jsonl_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
-    for line_no, line in _decoded_lines(piece, options, stats):
-        if not line.strip():
-            continue
+def _jsonl_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[list[str]]:
+    for first_line, lines in _decoded_blocks(piece, options, stats):
+        yield [_jsonl_text(line, piece, line_no, options) for line_no, line in enumerate(lines, start=first_line) if line.strip()]
+
+
+def _jsonl_text(line: str, piece: Piece, line_no: int, options: ReadOptions) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{_where(piece, line_no)}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or options.text_field not in record:
+        raise UserError(f"{_where(piece, line_no)}: no field {options.text_field!r}; set --text-field")
+    text = record[options.text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{_where(piece, line_no)}: field {options.text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def _blank_separated_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[list[str]]:
+    current: list[str] = []
+    for _, lines in _decoded_blocks(piece, options, stats):
+        docs = []
+        for line in lines:
+            if line.strip():
+                current.append(line)
+            elif current:
+                docs.append("\n".join(current))
+                current = []
+        yield docs
+    if current:
+        yield ["\n".join(current)]
+
+
+def _decoded_blocks(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[tuple[int, list[str]]]:
+    """(number of the block's first line within the piece, its lines without newlines).
+
+    A block of whole lines is decoded with one call (the fast path); only a block holding
+    invalid UTF-8 is decoded line by line, to count replacements or name the line.
+    """
+    first_line = 1
+    for block_no, block in enumerate(_line_blocks(piece)):
+        if block_no == 0 and piece.start == 0 and block.startswith(codecs.BOM_UTF8):
+            block = block[len(codecs.BOM_UTF8):]
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{_where(piece, line_no)}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or options.text_field not in record:
-            raise UserError(f"{_where(piece, line_no)}: no field {options.text_field!r}; set --text-field")
-        text = record[options.text_field]
-        if not isinstance(text, str):
-            raise UserError(f"{_where(piece, line_no)}: field {options.text_field!r} is {type(text).__name__}, not a string")
-        yield text
+            lines = block.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raw_lines = block.split(b"\n")
+            lines = [_decode_line(raw, piece, first_line + i, options, stats) for i, raw in enumerate(raw_lines)]
+        if lines[-1] == "":
+            lines.pop()  # the block ended with a newline
+        if b"\r" in block:
+            lines = [line.rstrip("\r") for line in lines]
+        yield first_line, lines
+        first_line += len(lines)
 
 
-def _blank_separated_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
-    lines: list[str] = []
-    for _, line in _decoded_lines(piece, options, stats):
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            yield "\n".join(lines)
-            lines = []
-    if lines:
-        yield "\n".join(lines)
-
-
-def _decoded_lines(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line number within the piece, text) for each line, newline removed."""
+def _line_blocks(piece: Piece) -> Iterator[bytes]:
+    """The piece's bytes in blocks of about READ_BLOCK that end on a line boundary."""
     with _open_bytes(piece.file) as fh:
         if piece.start:
             fh.seek(piece.start)
-        pos = piece.start
-        for line_no, line in enumerate(fh, start=1):
-            pos += len(line)
-            if line_no == 1 and piece.start == 0 and line.startswith(codecs.BOM_UTF8):
-                line = line[len(codecs.BOM_UTF8):]
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if options.utf8_errors == "fail":
-                    raise UserError(
-                        f"{_where(piece, line_no)}: invalid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
-                        "use --utf8-errors replace to replace and count such bytes"
-                    ) from None
-                text = line.decode("utf-8", errors="replace")
-                # U+FFFD characters that were not in the input are the replaced sequences.
-                stats.replaced_characters += text.count(REPLACEMENT) - line.count(REPLACEMENT_UTF8)
-            yield line_no, text.rstrip("\r\n")
-            if piece.end >= 0 and pos >= piece.end:
+        remaining = piece.end - piece.start if piece.end >= 0 else -1
+        tail = b""
+        while remaining:
+            block = fh.read(READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining))
+            if not block:
                 break
+            remaining -= len(block) if remaining > 0 else 0
+            block = tail + block
+            cut = block.rfind(b"\n") + 1
+            if cut:
+                yield block[:cut]
+            tail = block[cut:]
+        if tail:
+            yield tail
+
+
+def _decode_line(raw: bytes, piece: Piece, line_no: int, options: ReadOptions, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if options.utf8_errors == "fail":
+            raise UserError(
+                f"{_where(piece, line_no)}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "use --utf8-errors replace to replace and count such bytes"
+            ) from None
+    text = raw.decode("utf-8", errors="replace")
+    # U+FFFD characters that were not in the input are the replaced sequences.
+    stats.replaced_characters += text.count(REPLACEMENT) - raw.count(REPLACEMENT_UTF8)
+    return text
 
 
 def _where(piece: Piece, line_no: int) -> str:

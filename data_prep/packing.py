@@ -24,15 +24,12 @@ class Packer:
         self.padding = 0
 
     def add(self, documents: list[list[int]]) -> np.ndarray:
-        """Append documents (token id lists); returns the rows they completed, shape (n, seq_len)."""
-        if not documents:
-            return self._frame(np.empty((0, self.content_len), dtype=self.dtype))
-        total = sum(len(d) for d in documents) + len(documents)
-        stream = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(d, (self.sep_id,)) for d in documents),
-            dtype=self.dtype,
-            count=total,
-        )
+        """Append documents (token id lists, extended in place with the separator);
+        returns the rows they completed, shape (n, seq_len)."""
+        for doc in documents:
+            doc.append(self.sep_id)
+        total = sum(map(len, documents))
+        stream = np.fromiter(itertools.chain.from_iterable(documents), dtype=self.dtype, count=total)
         stream = np.concatenate([self.carry, stream])
         full = len(stream) // self.content_len * self.content_len
         self.carry = stream[full:]

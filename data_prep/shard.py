@@ -16,6 +16,7 @@ bookkeeping.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import multiprocessing
 import os
@@ -30,13 +31,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_prep import atomic, manifest
-from data_prep.corpus import Piece, ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
+from data_prep.corpus import Piece, ReadOptions, ReadStats, expand_inputs, plan_pieces, read_document_batches
 from data_prep.errors import UserError
 from data_prep.packing import Packer
 from data_prep.tokenizer import TokenizerInfo, load_tokenizer
 
 MIN_SEQ_LEN = 8
-DOCS_PER_BATCH = 512
+DOCS_PER_BATCH = 2048
 ROWS_PER_RECORD_BATCH = 1024
 PROGRESS_DIR = ".progress"
 STATE_FILE = ".shard-state.json"
@@ -209,54 +210,77 @@ class _PieceJob:
 
 
 def _run_pieces(job: _PieceJob, pieces: list[Piece], todo: list[int], workers: int) -> dict:
-    totals = {"documents": 0, "tokens": 0}
-    stats = ReadStats()
-    extra = {"val_documents": 0, "padding_tokens": 0, "sequences": 0}
-    started = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="sharding", unit=" pieces", disable=None)
+    """Process the pieces in `todo`, recording each as it completes; returns their summed stats."""
+    totals: collections.Counter = collections.Counter()
 
-    def show(docs: int, tokens: int) -> None:
-        totals["documents"] += docs
-        totals["tokens"] += tokens
-        rate = totals["tokens"] / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(docs=totals["documents"], tokens=totals["tokens"], tok_per_s=f"{rate:,.0f}", refresh=False)
-
-    def record(result: dict) -> None:
+    def record(result: dict, bar: _ProgressBar) -> None:
         atomic.write_json(job.out / PROGRESS_DIR / f"piece-{result['piece']:06d}.json", result)
-        stats.add(ReadStats(**{k: result["stats"][k] for k in asdict(ReadStats())}))
-        for key in extra:
-            extra[key] += result["stats"][key]
-        bar.update(1)
+        totals.update(result["stats"])
+        bar.piece_done()
 
     if workers == 1 or len(todo) <= 1:
         _worker_init(job, None)
-        for i in todo:
-            record(_process_piece((i, pieces[i]), report=show))
-    else:
-        context = multiprocessing.get_context("spawn")
-        progress = context.Queue()
-        with context.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(job, progress)) as pool:
-            results = pool.imap_unordered(_process_piece, [(i, pieces[i]) for i in todo])
+        with _ProgressBar(len(todo)) as bar:
+            for i in todo:
+                record(_process_piece((i, pieces[i]), report=bar.add), bar)
+        return _summed(totals)
+    # fork: workers start in milliseconds and inherit the job. The bar (and its monitor
+    # thread) is created only after the fork.
+    context = multiprocessing.get_context("fork")
+    updates = context.Queue()
+    with context.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(job, updates)) as pool:
+        results = pool.imap_unordered(_process_piece, [(i, pieces[i]) for i in todo])
+        with _ProgressBar(len(todo)) as bar:
             for _ in todo:
-                while True:
-                    try:
-                        record(results.next(timeout=0.25))
-                        break
-                    except multiprocessing.TimeoutError:
-                        pass
-                    finally:
-                        _drain(progress, show)
-            _drain(progress, show)
-    bar.close()
-    return {**asdict(stats), "tokens": totals["tokens"], **extra}
+                record(_next_result(results, updates, bar), bar)
+            _drain(updates, bar)
+    return _summed(totals)
 
 
-def _drain(progress, show) -> None:
+def _summed(totals: collections.Counter) -> dict:
+    return {key: totals[key] for key in (*manifest.STAT_KEYS, "sequences")}
+
+
+def _next_result(results, updates, bar: "_ProgressBar") -> dict:
+    """Wait for the next finished piece, showing the workers' progress meanwhile."""
+    while True:
+        _drain(updates, bar)
+        try:
+            return results.next(timeout=0.25)
+        except multiprocessing.TimeoutError:
+            continue
+
+
+def _drain(updates, bar: "_ProgressBar") -> None:
     while True:
         try:
-            show(*progress.get_nowait())
+            bar.add(*updates.get_nowait())
         except queue.Empty:
             return
+
+
+class _ProgressBar:
+    """Pieces done, with documents, tokens and tokens/s as they are tokenized."""
+
+    def __init__(self, pieces: int):
+        self.bar = tqdm(total=pieces, desc="sharding", unit=" pieces", disable=None)
+        self.started = time.perf_counter()
+        self.documents = self.tokens = 0
+
+    def add(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(docs=self.documents, tokens=self.tokens, tok_per_s=f"{rate:,.0f}", refresh=False)
+
+    def piece_done(self) -> None:
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 _worker: dict = {}
@@ -283,19 +307,24 @@ def _process_piece(task: tuple[int, Piece], report=None) -> dict:
         docs = batches[split]
         if docs:
             encoded = _worker["processor"].encode(docs, num_threads=1)
-            tokens = sum(map(len, encoded))
+            tokens = sum(map(len, encoded))  # before the packer appends separators
             counts["tokens"] += tokens
             writers[split].write(packers[split].add(encoded))
             report(len(docs), tokens)
             batches[split] = []
 
     try:
-        for text in read_documents(piece, settings.read, stats):
-            split = "val" if settings.val_fraction and _in_validation(text, settings.val_fraction) else "train"
-            counts["val_documents"] += split == "val"
-            batches[split].append(text)
-            if len(batches[split]) >= DOCS_PER_BATCH:
-                flush(split)
+        for docs in read_document_batches(piece, settings.read, stats):
+            if settings.val_fraction:
+                for text in docs:
+                    split = "val" if _in_validation(text, settings.val_fraction) else "train"
+                    counts["val_documents"] += split == "val"
+                    batches[split].append(text)
+            else:
+                batches["train"].extend(docs)
+            for split in SPLITS:
+                if len(batches[split]) >= DOCS_PER_BATCH:
+                    flush(split)
         shards = []
         for split in SPLITS:
             flush(split)
@@ -328,6 +357,7 @@ class _ShardWriter:
     def __init__(self, path: Path, seq_len: int, dtype):
         self.path, self.seq_len, self.dtype = path, seq_len, dtype
         self.schema = manifest.shard_schema(seq_len, dtype)
+        self.value_type = self.schema.field("input_ids").type.value_type
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
         self.rows = 0
@@ -349,7 +379,9 @@ class _ShardWriter:
             self.tmp = atomic.temporary_name(self.path)
             self.sink = pa.OSFile(str(self.tmp), "wb")
             self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        values = pa.array(rows.reshape(-1), type=pa.from_numpy_dtype(self.dtype))
+        # From the raw buffer: `pa.array(ndarray)` would import pandas (half a second per worker).
+        flat = np.ascontiguousarray(rows).reshape(-1)
+        values = pa.Array.from_buffers(self.value_type, len(flat), [None, pa.py_buffer(flat)])
         column = pa.FixedSizeListArray.from_arrays(values, self.seq_len)
         self.writer.write_batch(pa.record_batch([column], schema=self.schema))
         self.rows += len(rows)

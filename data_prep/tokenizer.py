@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from data_prep.corpus import InputFile, ReadOptions, ReadStats, plan_pieces, read_documents
@@ -191,6 +190,8 @@ def _explain_training_error(message: str, vocab_size: int) -> str:
 def _write_directory(out: Path, model: bytes, style: str, settings: dict, overwrite: bool) -> None:
     """Write every file under a temporary directory, then move it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    from sentencepiece import sentencepiece_model_pb2
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / MODEL_FILE).write_bytes(model)
@@ -215,6 +216,7 @@ def _write_directory(out: Path, model: bytes, style: str, settings: dict, overwr
 
 def hf_tokenizer(model: bytes, style: str):
     """The `transformers` fast tokenizer equivalent to a sentencepiece BPE model."""
+    from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
