@@ -1,0 +1,216 @@
+"""Run configuration: typed dataclasses, YAML files, dotted command-line overrides.
+
+A run is described by one YAML file (see configs/) plus `key=value` overrides such as
+`train.max_steps=100 adversarial.method=alum`. Values are parsed as YAML scalars, every
+key is checked against the dataclasses below, and an unknown key or a wrong type is a
+`UserError` naming the key. The fully resolved config is written to the run directory
+and logged to W&B, so a run can always be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_prep.errors import UserError
+from pipeline.adversarial import AdversarialConfig
+from pipeline.curriculum import MaskSchedule
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # a directory written by `alum shard`
+    tokenizer: str = ""  # the tokenizer directory the shards were made with (checked by fingerprint)
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    config: str = "configs/models/tiny.yaml"  # a model-size YAML, or an HF config/model directory
+    init_from: str | None = None  # an HF model directory: continual pretraining from its weights
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 where supported, else fp32) | fp32 | bf16 | fp16
+    log_every: int = 10
+    seed: int = 0
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
+    threads_per_rank: int = 0  # torch threads per process; 0 = cores / local ranks
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # 0: no validation pass during training
+    batches: int = 8  # micro-batches per validation pass
+    mask_rate: float = 0.15
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100
+    keep_last: int = 2
+    init_from: str | None = None  # another run's directory (or one of its tags): continue from its weights
+    init_optimizer: bool = False  # with init_from: also take its optimizer state and step
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    schedule: MaskSchedule = field(default_factory=MaskSchedule)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "alum"
+    name: str | None = None
+    entity: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    deepspeed: str | dict = "configs/deepspeed/zero2.json"  # a DeepSpeed JSON file or an inline mapping
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file, apply `key=value` overrides, and check every key and type."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of config sections")
+    for item in overrides:
+        _apply_override(data, item)
+    config = _build(RunConfig, data, "")
+    _validate(config)
+    return config
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"{item}: overrides are key=value, e.g. train.max_steps=100")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    target = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise UserError(f"{key}: {part} is not a section")
+    target[parts[-1]] = value
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{prefix}{unknown[0]}: unknown config key (known: {', '.join(sorted(names))})")
+    values = {name: _convert(hints[name], data[name], f"{prefix}{name}") for name in data}
+    return cls(**values)
+
+
+def _convert(kind, value: Any, key: str):
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, f"{key}.")
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"{key}: must be set (got null)")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str) and _is_float(value):
+            return float(value)  # YAML 1.1 reads "1e-12" (no dot) as a string
+        if option is str and isinstance(value, str):
+            return value
+        if option is dict and isinstance(value, dict):
+            return value
+    expected = " or ".join(o.__name__ for o in options if o is not type(None))
+    raise UserError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate(config: RunConfig) -> None:
+    """Cross-field checks, and the component configs' own validation, as one-line errors."""
+    try:
+        config.adversarial.validate()
+        config.masking.schedule.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    train = config.train
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+        if getattr(train, key) < 1:
+            raise UserError(f"train.{key}: must be at least 1, got {getattr(train, key)}")
+    if train.global_batch_size % train.micro_batch_size:
+        raise UserError(f"train.global_batch_size {train.global_batch_size} is not a multiple of train.micro_batch_size {train.micro_batch_size}")
+    if train.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"train.precision: expected auto, fp32, bf16 or fp16, got {train.precision!r}")
+    if config.wandb.mode not in ("online", "offline", "disabled"):
+        raise UserError(f"wandb.mode: expected online, offline or disabled, got {config.wandb.mode!r}")
+    if config.checkpoint.every_steps < 1 or config.checkpoint.keep_last < 1:
+        raise UserError("checkpoint.every_steps and checkpoint.keep_last: must be at least 1")
+    if not 0 < config.eval.mask_rate < 1:
+        raise UserError(f"eval.mask_rate: must be in (0, 1), got {config.eval.mask_rate}")
+    if not config.data.shards:
+        raise UserError("data.shards: must be set to a directory written by `alum shard`")
+    if not config.data.tokenizer:
+        raise UserError("data.tokenizer: must be set to the tokenizer directory the shards were made with")
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

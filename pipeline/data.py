@@ -1,0 +1,124 @@
+"""Training data: memory-mapped shards, the global sample order, masked micro-batches.
+
+Every rank memory-maps the shard files (the OS shares the pages; no rank holds the dataset
+in RAM) and computes the same global batch from `consumed_samples` (`pipeline.sampling`),
+takes its own contiguous slice, and masks it with the counter-based `pipeline.masking`.
+So the batch a rank sees is a pure function of (seed, consumed samples, step, rank, world
+size), and the global batch does not depend on the world size at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from data_prep import manifest
+from data_prep.errors import UserError
+from pipeline.masking import mask_tokens
+from pipeline.sampling import global_batch_indices, rank_slice
+
+
+class ShardDataset:
+    """The rows of one split of a shard directory, memory-mapped."""
+
+    def __init__(self, directory: str | Path, split: str):
+        self.directory = Path(directory)
+        self.manifest = manifest.read(self.directory)
+        if split not in self.manifest["splits"]:
+            raise UserError(f"{self.directory}: no {split!r} split (splits: {', '.join(self.manifest['splits'])})")
+        self.seq_len = self.manifest["seq_len"]
+        self.entries = self.manifest["splits"][split]["shards"]
+        self.blocks: list[np.ndarray] = []
+        starts = [0]
+        for entry in self.entries:
+            for block in self._open(entry):
+                self.blocks.append(block)
+                starts.append(starts[-1] + len(block))
+        self.starts = np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _open(self, entry: dict) -> list[np.ndarray]:
+        path = self.directory / entry["path"]
+        if not path.is_file():
+            raise UserError(f"{path}: shard listed in the manifest is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or altered)")
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        except pa.ArrowInvalid as e:
+            raise UserError(f"{path}: not a readable Arrow stream ({e})") from None
+        if table.num_rows != entry["num_rows"]:
+            raise UserError(f"{path}: {table.num_rows} rows, the manifest says {entry['num_rows']}")
+        return [np.asarray(chunk.flatten()).reshape(-1, self.seq_len) for chunk in table.column("input_ids").chunks]
+
+    def verify_checksums(self, rank: int = 0, world_size: int = 1) -> None:
+        """sha256 of this rank's share of the shards (catches altered bytes of the right size)."""
+        for entry in self.entries[rank::world_size]:
+            path = self.directory / entry["path"]
+            if manifest.file_sha256(path) != entry["sha256"]:
+                raise UserError(f"{path}: sha256 does not match the manifest (altered)")
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at the given global indices, as an int64 array [len(indices), seq_len]."""
+        block_ids = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for i, (block, index) in enumerate(zip(block_ids, indices)):
+            out[i] = self.blocks[block][index - self.starts[block]]
+        return out
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # long [b, T], masked
+    attention_mask: torch.Tensor  # long [b, T]
+    positions: torch.Tensor  # bool [b, T], where the loss is taken
+    labels: torch.Tensor  # long [N]
+
+
+@dataclass(frozen=True)
+class Masking:
+    """What masking needs to know about the vocabulary."""
+
+    special_ids: tuple[int, ...]
+    mask_id: int
+    pad_id: int
+    vocab_size: int
+
+
+def step_batches(
+    dataset: ShardDataset,
+    consumed_samples: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    step: int,
+    rate: float,
+    masking: Masking,
+) -> tuple[np.ndarray, list[MicroBatch]]:
+    """The global sample indices of a step and this rank's masked micro-batches."""
+    global_indices = global_batch_indices(consumed_samples, global_batch_size, len(dataset), seed)
+    local = rank_slice(global_indices, rank, world_size)
+    batches = [
+        masked_batch(dataset, local[start : start + micro_batch_size], step, seed, rate, masking)
+        for start in range(0, len(local), micro_batch_size)
+    ]
+    return global_indices, batches
+
+
+def masked_batch(dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, masking: Masking) -> MicroBatch:
+    rows = dataset.rows(indices)
+    masked = mask_tokens(rows, indices, step, seed, rate, masking.special_ids, masking.mask_id, masking.vocab_size)
+    return MicroBatch(
+        input_ids=torch.from_numpy(masked.input_ids),
+        attention_mask=torch.from_numpy((rows != masking.pad_id).astype(np.int64)),
+        positions=torch.from_numpy(masked.positions),
+        labels=torch.from_numpy(masked.labels),
+    )

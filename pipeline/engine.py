@@ -1,0 +1,98 @@
+"""The pieces handed to `deepspeed.initialize`: its config, the optimizer, the LR schedule.
+
+Batch sizes, clipping and precision come from `train.*` and are written into the DeepSpeed
+config, so the JSON files in configs/deepspeed/ only say how to shard and offload (ZeRO
+stage, offload devices, bucket sizes). Precision `auto` is bf16 where the accelerator
+supports it and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from data_prep.errors import UserError
+
+
+def deepspeed_config(config, world_size: int) -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    ds = _load(config.deepspeed)
+    for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds:
+            raise UserError(f"deepspeed: remove {key!r}; it comes from the train section of the run config")
+    train = config.train
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size {train.global_batch_size} is not divisible by train.micro_batch_size "
+            f"{train.micro_batch_size} x world size {world_size}"
+        )
+    accelerator = get_accelerator()
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else "fp32"
+    ds.update(
+        train_batch_size=train.global_batch_size,
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=train.global_batch_size // per_step,
+        gradient_clipping=train.grad_clip,
+        steps_per_print=10**9,
+        bf16={"enabled": precision == "bf16"},
+        fp16={"enabled": precision == "fp16"},
+    )
+    return ds
+
+
+def _load(source) -> dict:
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"deepspeed: {path}: no such DeepSpeed config file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"deepspeed: {path}: not valid JSON ({e})") from None
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def make_optimizer(model: torch.nn.Module, train, ds_config: dict) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norms; DeepSpeed's CPU Adam when offloading."""
+    from deepspeed.accelerator import get_accelerator
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": train.lr, "betas": (train.adam_beta1, train.adam_beta2), "eps": train.adam_eps}
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if get_accelerator().device_name() == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to `train.lr`, then linear decay to `lr * min_lr_ratio` at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        remaining = max(1, train.max_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / remaining)
+        return 1.0 - (1.0 - train.min_lr_ratio) * progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

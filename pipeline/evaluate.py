@@ -1,0 +1,42 @@
+"""Validation: masked-LM loss, perplexity and accuracy at a fixed masking of the val split.
+
+The same rows with the same masks every time (the first `eval.batches` micro-batches per
+rank, masked at `eval.mask_rate` with a fixed seed), so values are comparable across steps
+and runs; dropout is off, so evaluation leaves the training RNG untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EVAL_SEED_OFFSET = 7919
+
+
+def evaluate(engine, dataset, config, masking) -> dict:
+    import deepspeed.comm as dist
+
+    from pipeline.data import masked_batch
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    micro = config.train.micro_batch_size
+    total = config.eval.batches * micro * world_size
+    indices = np.arange(total, dtype=np.int64) % len(dataset)
+    mine = indices[rank * total // world_size : (rank + 1) * total // world_size]
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, tokens
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, len(mine), micro):
+            batch = masked_batch(dataset, mine[start : start + micro], 0, config.train.seed + EVAL_SEED_OFFSET, config.eval.mask_rate, masking)
+            ids, mask, positions, labels = (t.to(engine.device) for t in (batch.input_ids, batch.attention_mask, batch.positions, batch.labels))
+            logits, _ = engine(ids, mask, positions)
+            sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == labels).sum()
+            sums[2] += labels.numel()
+    engine.train()
+    dist.all_reduce(sums)
+    loss = (sums[0] / sums[2]).item()
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/accuracy": (sums[1] / sums[2]).item()}

@@ -1,0 +1,120 @@
+"""The model: an HF BERT/RoBERTa masked LM, scored only where tokens were masked.
+
+`build_model` makes the HF model from a model-size YAML (from scratch) or loads it from an
+HF directory (`model.init_from`, continual pretraining), and checks it against the
+tokenizer and sequence length. `MaskedLM` wraps it for training:
+
+- the LM head (a hidden x vocab projection, the biggest matmul of a small model) runs only
+  on the masked positions, in every pass, instead of on all B x T positions;
+- `forward(..., delta)` adds an ALUM perturbation to the word embeddings or to the
+  embedding output through a forward hook, so every pass runs the whole model in the same
+  order (which the dropout replay of `pipeline.adversarial` relies on) and the same call
+  works through a DeepSpeed engine and through `engine.module`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from data_prep.errors import UserError
+
+ARCHS = ("bert", "roberta")
+
+
+def model_classes(arch: str):
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    return {"bert": (BertConfig, BertForMaskedLM), "roberta": (RobertaConfig, RobertaForMaskedLM)}[arch]
+
+
+def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len: int):
+    """The HF config of the model to train, checked against the tokenizer and the shards."""
+    path = Path(source)
+    if path.is_dir():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+    elif path.is_file():
+        config = _config_from_yaml(path, vocab_size, special_ids)
+    else:
+        raise UserError(f"model.config: {source}: no such model-size YAML or HF model directory")
+    if config.model_type not in ARCHS:
+        raise UserError(f"{source}: model type {config.model_type!r} is not supported (bert or roberta)")
+    if config.vocab_size < vocab_size:
+        raise UserError(f"{source}: model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    positions = config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
+    if seq_len > positions:
+        raise UserError(f"{source}: shards have seq_len {seq_len} but the model has {positions} positions (max_position_embeddings)")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _config_from_yaml(path: Path, vocab_size: int, special_ids: dict[str, int]):
+    spec = yaml.safe_load(path.read_text()) or {}
+    arch = spec.pop("arch", None)
+    if arch not in ARCHS:
+        raise UserError(f"{path}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    config_class, _ = model_classes(arch)
+    # Round the vocabulary up to a multiple of 64 for tensor-core friendly shapes.
+    spec.setdefault("vocab_size", -(-vocab_size // 64) * 64)
+    spec.setdefault("pad_token_id", special_ids["pad"])
+    if arch == "roberta":
+        spec.setdefault("bos_token_id", special_ids["cls"])
+        spec.setdefault("eos_token_id", special_ids["sep"])
+    try:
+        return config_class(**spec)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a valid {arch} config ({e})") from None
+
+
+def build_model(config, init_from: str | None, activation_checkpointing: bool) -> nn.Module:
+    """An HF masked LM: loaded from `init_from` (continual pretraining) or freshly initialised."""
+    _, model_class = model_classes(config.model_type)
+    if init_from:
+        if not (Path(init_from) / "config.json").is_file():
+            raise UserError(f"model.init_from: {init_from}: not an HF model directory (no config.json)")
+        model = model_class.from_pretrained(init_from, config=config, attn_implementation="sdpa")
+    else:
+        model = model_class(config)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class MaskedLM(nn.Module):
+    """A training view of an HF masked LM: masked-position logits, optional perturbation."""
+
+    def __init__(self, hf_model: nn.Module, perturb_at: str = "embedding_output"):
+        super().__init__()
+        self.hf = hf_model
+        base = getattr(hf_model, hf_model.base_model_prefix)
+        target = base.embeddings.word_embeddings if perturb_at == "word_embeddings" else base.embeddings
+        target.register_forward_hook(self._perturb)
+        self._delta: torch.Tensor | None = None
+        self._embedded: torch.Tensor | None = None
+
+    def _perturb(self, module, inputs, output):
+        self._embedded = output
+        if self._delta is not None:
+            return output + self._delta.to(output.dtype)
+        return None
+
+    def encoder(self) -> nn.Module:
+        return getattr(self.hf, self.hf.base_model_prefix)
+
+    def head(self) -> nn.Module:
+        return self.hf.cls if hasattr(self.hf, "cls") else self.hf.lm_head
+
+    def forward(self, input_ids, attention_mask, positions, delta=None):
+        """(logits [N, V] at the masked positions, the perturbable embeddings [B, T, H])."""
+        self._delta = delta
+        try:
+            hidden = self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            self._delta = None
+        embedded, self._embedded = self._embedded, None
+        return self.head()(hidden[positions]), embedded

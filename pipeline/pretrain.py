@@ -1,0 +1,302 @@
+"""The training entry point: `python -m pipeline.pretrain --config FILE --run-dir DIR [key=value ...]`.
+
+The same command runs alone, under `deepspeed [--num_gpus N | --hostfile H] --module
+pipeline.pretrain ...` and under `torchrun -m pipeline.pretrain ...`. Re-running it on an
+existing run directory resumes from the latest complete checkpoint.
+
+The loop, per optimizer step: compute the global batch from `consumed_samples`, take this
+rank's slice, mask it at the curriculum's rate, and for each micro-batch compute the
+losses (`pipeline.adversarial.compute_losses`: MLM, plus ALUM from
+`adversarial.start_step` on), `engine.backward`, `engine.step`. Then metrics, validation
+and checkpoints on their schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_prep.errors import UserError
+
+
+class TrainingAborted(Exception):
+    """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0
+    adv_skipped: int = 0  # steps whose adversarial term was dropped (non-finite)
+    bad_streak: int = 0  # consecutive steps with a non-finite loss
+    wandb_id: str | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and W&B files go")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        train(args.config, Path(args.run_dir), args.overrides)
+    except UserError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"pretrain: stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline import checkpoint
+    from pipeline.data import Masking, ShardDataset
+    from pipeline.metrics import MetricsLogger
+    from pipeline.model import MaskedLM, build_model, hf_config
+    from pipeline.rundir import resolve_run_config, write_run_files
+    from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
+
+    rank, world_size = _init_distributed()
+    config = resolve_run_config(config_path, overrides, run_dir)
+    _set_threads(config.train.threads_per_rank)
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    dataset = ShardDataset(config.data.shards, config.data.train_split)
+    _check_data(dataset, tokenizer, config)
+    dataset.verify_checksums(rank, world_size)
+    val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
+
+    model_config = hf_config(config.model.config, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
+    torch.manual_seed(config.train.seed)
+    model = MaskedLM(build_model(model_config, config.model.init_from, config.model.activation_checkpointing), config.adversarial.perturb_at)
+    ds_config = deepspeed_config(config, world_size)
+    optimizer = make_optimizer(model, config.train, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config)
+    if rank == 0:
+        write_run_files(run_dir, config, model_config, tokenizer)
+    dist.barrier()
+
+    state = _resume(engine, run_dir, config, rank)
+    specials = tokenizer.special_token_ids
+    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
+    logger = MetricsLogger(run_dir, rank == 0, state.step, config.wandb, state.wandb_id, _config_dict(config))
+    state.wandb_id = logger.wandb_id
+    try:
+        _loop(engine, config, dataset, val, masking, state, logger, run_dir)
+    finally:
+        logger.close()
+    return state
+
+
+def _loop(engine, config, dataset, val, masking, state: TrainState, logger, run_dir: Path) -> None:
+    import deepspeed.comm as dist
+
+    from pipeline import checkpoint
+    from pipeline.data import step_batches
+    from pipeline.evaluate import evaluate
+    from pipeline.sampling import epoch_fraction, sample_digest
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    train = config.train
+    device = engine.device
+    step_start = time.perf_counter()
+    while state.step < train.max_steps:
+        rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
+        global_indices, batches = step_batches(
+            dataset, state.consumed_samples, train.global_batch_size, train.micro_batch_size,
+            rank, world_size, train.seed, state.step, rate, masking,
+        )
+        sums = _train_step(engine, batches, config, state.step, device)
+        state.step += 1
+        state.consumed_samples += train.global_batch_size
+        stats = _all_reduce_sum(sums, device)
+        nonfinite = stats["nonfinite"] > 0
+        state.adv_skipped += int(stats["adv_skipped"] > 0)
+        state.bad_streak = state.bad_streak + 1 if nonfinite else 0
+        if nonfinite and engine.was_step_applied():
+            raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
+
+        if state.step % train.log_every == 0 or state.step == train.max_steps:
+            elapsed = time.perf_counter() - step_start
+            micro = stats["micro_batches"]
+            record = {
+                "train/loss": stats["loss"] / micro,
+                "train/loss_mlm": stats["loss_mlm"] / micro,
+                "train/loss_adv": stats["loss_adv"] / micro,
+                "train/mask_rate": rate,
+                "train/lr": engine.get_lr()[0],
+                "train/grad_norm": _grad_norm(engine),
+                "train/adv_active": int(config.adversarial.active(state.step - 1)),
+                "train/adv_skipped": state.adv_skipped,
+                "train/delta_norm": stats["delta_norm"] / micro,
+                "train/adv_grad_norm": stats["adv_grad_norm"] / micro,
+                "train/nonfinite_steps": state.bad_streak,
+                "perf/tokens_per_s": train.global_batch_size * dataset.seq_len / max(elapsed, 1e-9),
+                "perf/step_seconds": elapsed,
+                "data/consumed_samples": state.consumed_samples,
+                "data/epoch": state.consumed_samples // len(dataset),
+                "data/sample_digest": sample_digest(global_indices),
+            }
+            if val is not None and state.step % config.eval.every_steps == 0:
+                record.update(evaluate(engine, val, config, masking))
+            logger.log(state.step, record)
+        if state.bad_streak > train.max_bad_steps:
+            last, _ = checkpoint.latest_complete(run_dir)
+            raise TrainingAborted(
+                f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row (train.max_bad_steps={train.max_bad_steps}); "
+                f"the last good checkpoint is {last or 'none'}"
+            )
+        if state.bad_streak == 0 and (state.step % config.checkpoint.every_steps == 0 or state.step == train.max_steps):
+            checkpoint.save(engine, run_dir, state.step, _client_state(state, world_size), config.checkpoint.keep_last)
+        step_start = time.perf_counter()
+
+
+def _train_step(engine, batches, config, step: int, device) -> dict:
+    from pipeline.adversarial import compute_losses
+
+    sums = dict.fromkeys(("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "adv_skipped", "nonfinite", "micro_batches"), 0.0)
+    for batch in batches:
+        ids, mask, positions, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.positions, batch.labels))
+
+        def forward(delta):
+            return engine(ids, mask, positions, delta)
+
+        def ascent_forward(delta):
+            return engine.module(ids, mask, positions, delta)[0]
+
+        out = compute_losses(forward, ascent_forward, labels, config.adversarial, step)
+        engine.backward(out.loss)
+        engine.step()
+        loss = out.loss.item()
+        sums["loss"] += loss
+        sums["loss_mlm"] += out.loss_mlm.item()
+        sums["loss_adv"] += out.loss_adv
+        sums["delta_norm"] += out.delta_norm
+        sums["adv_grad_norm"] += out.adv_grad_norm
+        sums["adv_skipped"] += out.skipped
+        sums["nonfinite"] += not math.isfinite(loss)
+        sums["micro_batches"] += 1
+    return sums
+
+
+def _all_reduce_sum(values: dict, device) -> dict:
+    """Sum per-rank numbers over all ranks (NaN-safe: non-finite losses stay visible)."""
+    import deepspeed.comm as dist
+
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, tensor.tolist()))
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _client_state(state: TrainState, world_size: int) -> dict:
+    return {
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "adv_skipped": state.adv_skipped,
+        "wandb_id": state.wandb_id,
+        "world_size": world_size,
+    }
+
+
+def _resume(engine, run_dir: Path, config, rank: int) -> TrainState:
+    """Continue this run from its latest complete checkpoint, or start from `checkpoint.init_from`."""
+    from pipeline import checkpoint
+
+    tag, note = checkpoint.latest_complete(run_dir)
+    if tag is not None:
+        if note and rank == 0:
+            print(note, flush=True)
+        client = checkpoint.load(engine, run_dir, tag)
+        checkpoint.restore_rng(run_dir, tag)
+        if rank == 0:
+            print(f"resumed from {run_dir / checkpoint.CHECKPOINTS / tag} (step {client['step']})", flush=True)
+        return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0, client.get("wandb_id"))
+    torch.manual_seed(config.train.seed * 1000 + rank + 1)  # per-rank dropout streams
+    source = config.checkpoint.init_from
+    if source is None:
+        return TrainState()
+    source_dir, source_tag = _checkpoint_source(Path(source))
+    client = checkpoint.load(engine, source_dir, source_tag, load_optimizer=config.checkpoint.init_optimizer)
+    if rank == 0:
+        print(f"initialised from {source_dir / checkpoint.CHECKPOINTS / source_tag}", flush=True)
+    if config.checkpoint.init_optimizer:
+        return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"])
+    return TrainState()
+
+
+def _checkpoint_source(path: Path) -> tuple[Path, str]:
+    """A run directory (its latest complete checkpoint) or one of its checkpoint tags."""
+    from pipeline import checkpoint
+
+    if checkpoint.is_complete(path):
+        return path.parent.parent, path.name
+    tag, _ = checkpoint.latest_complete(path)
+    if tag is None:
+        raise UserError(f"checkpoint.init_from: {path}: no complete checkpoint in this run directory")
+    return path, tag
+
+
+def _check_data(dataset, tokenizer, config) -> None:
+    fingerprint = dataset.manifest["tokenizer"]["sha256"]
+    if fingerprint != tokenizer.sha256:
+        raise UserError(
+            f"{config.data.shards}: shards were built with another tokenizer (sha256 {fingerprint[:12]}) "
+            f"than data.tokenizer {config.data.tokenizer} ({tokenizer.sha256[:12]})"
+        )
+
+
+def _config_dict(config) -> dict:
+    from pipeline.config import to_dict
+
+    return to_dict(config)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Join (or, started alone, create) the process group on the accelerator's backend."""
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=datetime.timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_threads(threads_per_rank: int) -> None:
+    """Split the cores among the ranks of this node so they do not oversubscribe them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The run directory: its resolved config, and the files export needs.
+
+    RUN/config.yaml        the fully resolved config (written once; a re-run must agree with it)
+    RUN/model/config.json  the HF config of the trained model
+    RUN/model/tokenizer/   a copy of the tokenizer directory
+    RUN/metrics.jsonl, RUN/checkpoints/, RUN/wandb/
+
+Re-running a command on an existing run directory resumes it. Only settings that do not
+change what the run computes may differ from the stored config (how long to train, how
+often to log, checkpoint or validate, W&B); anything else is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from data_prep import atomic
+from data_prep.errors import UserError
+from pipeline.config import RunConfig, dump, load_config, to_dict
+
+CONFIG = "config.yaml"
+MODEL = "model"
+CHANGEABLE = {"train.max_steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches"}
+
+
+def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: Path) -> RunConfig:
+    """The config for this launch: the given one, checked against the run's stored config."""
+    stored_path = Path(run_dir) / CONFIG
+    if config_path is None and not stored_path.is_file():
+        raise UserError(f"--config: needed to start a new run in {run_dir}")
+    config = load_config(config_path or stored_path, overrides)
+    if stored_path.is_file():
+        stored = _flatten(yaml.safe_load(stored_path.read_text()))
+        for key, value in _flatten(to_dict(config)).items():
+            if key not in CHANGEABLE and not key.startswith("wandb.") and stored.get(key) != value:
+                raise UserError(f"{stored_path}: this run was started with {key}={stored.get(key)!r}, not {value!r}; use a new --run-dir")
+    return config
+
+
+def write_run_files(run_dir: Path, config: RunConfig, model_config, tokenizer) -> None:
+    """config.yaml, and the model config + tokenizer that `alum export` packages."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(run_dir / CONFIG, dump(config).encode())
+    model_dir = run_dir / MODEL
+    model_dir.mkdir(exist_ok=True)
+    atomic.write_bytes(model_dir / "config.json", model_config.to_json_string().encode())
+    if not (model_dir / "tokenizer").is_dir():
+        tmp = model_dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(tokenizer.path, tmp)
+        tmp.rename(model_dir / "tokenizer")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "deepspeed":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
