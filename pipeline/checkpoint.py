@@ -13,7 +13,6 @@ name + rename). A checkpoint without `complete.json` is never loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ import deepspeed.comm as dist
 from deepspeed.accelerator import get_accelerator
 
 from data_prep import atomic
+from data_prep.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -71,10 +71,16 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
 def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
     """Load a complete checkpoint into the engine; returns its client state."""
     root = Path(run_dir) / CHECKPOINTS
-    path, client_state = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
-        load_module_only=not load_optimizer,
-    )
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
+            load_module_only=not load_optimizer,
+        )
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "Missing key" not in str(e):
+            raise
+        detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing key" in line)
+        raise UserError(f"{root / tag}: checkpoint does not fit this model ({detail})") from None
     if path is None:
         raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
     return client_state or {}
@@ -112,7 +118,3 @@ def _prune(root: Path, keep_last: int) -> None:
     for path in tags:
         if path not in keep and (is_complete(path) or (newest and path.name < newest.name)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def checkpoint_info(tag_dir: Path) -> dict:
-    return json.loads((Path(tag_dir) / COMPLETE).read_text())

@@ -93,6 +93,20 @@ def cmd_merge(args) -> None:
     print(f"manifest written: {finalize(args.dir)}")
 
 
+def cmd_export(args) -> None:
+    from pipeline.export import export
+
+    print(f"exported: {export(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite)}")
+
+
+def cmd_pretrain(args) -> None:
+    from pipeline.pretrain import main as pretrain_main
+
+    code = pretrain_main(args.rest)
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_demo(args) -> None:
     from pipeline.demo import run_demo
 
@@ -136,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="write the manifest once every node's shards are in one directory")
     p.add_argument("dir")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="turn a checkpoint (any ZeRO stage) into a Hugging Face model directory")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pretrain", help="train in this process (same as python -m pipeline.pretrain)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="the whole pipeline on a corpus built from Python's docstrings")
     p.add_argument("--out", default="runs/demo")

@@ -54,11 +54,21 @@ def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len
 
 
 def _config_from_yaml(path: Path, vocab_size: int, special_ids: dict[str, int]):
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping of model config keys")
     arch = spec.pop("arch", None)
     if arch not in ARCHS:
         raise UserError(f"{path}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     config_class, _ = model_classes(arch)
+    # HF configs keep unknown kwargs as attributes, so a typo (hidden_sise) would silently
+    # train the default size: accept only the keys the config class itself has.
+    unknown = sorted(set(spec) - set(config_class().to_dict()))
+    if unknown:
+        raise UserError(f"{path}: {unknown[0]}: unknown {arch} config key")
     # Round the vocabulary up to a multiple of 64 for tensor-core friendly shapes.
     spec.setdefault("vocab_size", -(-vocab_size // 64) * 64)
     spec.setdefault("pad_token_id", special_ids["pad"])

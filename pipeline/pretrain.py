@@ -59,17 +59,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
+@dataclass
+class Run:
+    """Everything a launch sets up before its first step."""
+
+    config: object
+    run_dir: Path
+    engine: object
+    tokenizer: object
+    dataset: object
+    val: object
+    masking: object
+
+
+def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run:
+    """Process group, config, data checks, model and DeepSpeed engine (no checkpoint loaded)."""
     import deepspeed
     import deepspeed.comm as dist
 
     from data_prep.tokenizer import load_tokenizer
-    from pipeline import checkpoint
     from pipeline.data import Masking, ShardDataset
-    from pipeline.metrics import MetricsLogger
+    from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
     from pipeline.model import MaskedLM, build_model, hf_config
     from pipeline.rundir import resolve_run_config, write_run_files
-    from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
 
     rank, world_size = _init_distributed()
     config = resolve_run_config(config_path, overrides, run_dir)
@@ -90,20 +102,27 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
     if rank == 0:
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()
-
-    state = _resume(engine, run_dir, config, rank)
     specials = tokenizer.special_token_ids
     masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
-    logger = MetricsLogger(run_dir, rank == 0, state.step, config.wandb, state.wandb_id, _config_dict(config))
+    return Run(config, run_dir, engine, tokenizer, dataset, val, masking)
+
+
+def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
+    from pipeline.metrics import MetricsLogger
+
+    run = prepare(config_path, run_dir, overrides)
+    rank = int(os.environ["RANK"])
+    state = _resume(run.engine, run_dir, run.config, rank)
+    logger = MetricsLogger(run_dir, rank == 0, state.step, run.config.wandb, state.wandb_id, _config_dict(run.config))
     state.wandb_id = logger.wandb_id
     try:
-        _loop(engine, config, dataset, val, masking, state, logger, run_dir)
+        _loop(run, state, logger)
     finally:
         logger.close()
     return state
 
 
-def _loop(engine, config, dataset, val, masking, state: TrainState, logger, run_dir: Path) -> None:
+def _loop(run: Run, state: TrainState, logger) -> None:
     import deepspeed.comm as dist
 
     from pipeline import checkpoint
@@ -111,6 +130,7 @@ def _loop(engine, config, dataset, val, masking, state: TrainState, logger, run_
     from pipeline.evaluate import evaluate
     from pipeline.sampling import epoch_fraction, sample_digest
 
+    engine, config, dataset, run_dir = run.engine, run.config, run.dataset, run.run_dir
     rank, world_size = dist.get_rank(), dist.get_world_size()
     train = config.train
     device = engine.device
@@ -119,7 +139,7 @@ def _loop(engine, config, dataset, val, masking, state: TrainState, logger, run_
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
         global_indices, batches = step_batches(
             dataset, state.consumed_samples, train.global_batch_size, train.micro_batch_size,
-            rank, world_size, train.seed, state.step, rate, masking,
+            rank, world_size, train.seed, state.step, rate, run.masking,
         )
         sums = _train_step(engine, batches, config, state.step, device)
         state.step += 1
@@ -131,7 +151,8 @@ def _loop(engine, config, dataset, val, masking, state: TrainState, logger, run_
         if nonfinite and engine.was_step_applied():
             raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
 
-        if state.step % train.log_every == 0 or state.step == train.max_steps:
+        evaluate_now = run.val is not None and state.step % config.eval.every_steps == 0
+        if evaluate_now or state.step % train.log_every == 0 or state.step == train.max_steps:
             elapsed = time.perf_counter() - step_start
             micro = stats["micro_batches"]
             record = {
@@ -152,8 +173,8 @@ def _loop(engine, config, dataset, val, masking, state: TrainState, logger, run_
                 "data/epoch": state.consumed_samples // len(dataset),
                 "data/sample_digest": sample_digest(global_indices),
             }
-            if val is not None and state.step % config.eval.every_steps == 0:
-                record.update(evaluate(engine, val, config, masking))
+            if evaluate_now:
+                record.update(evaluate(engine, run.val, config, run.masking))
             logger.log(state.step, record)
         if state.bad_streak > train.max_bad_steps:
             last, _ = checkpoint.latest_complete(run_dir)

@@ -54,3 +54,100 @@ def bert_tokenizer(tmp_path_factory, wikitext_train) -> Path:
     out = tmp_path_factory.mktemp("tokenizers") / "bert"
     train_tokenizer(expand_inputs([str(wikitext_train)]), ReadOptions(), out, vocab_size=2000, threads=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
+    """WikiText-2 valid packed into 64-token rows, 10% of documents in the val split."""
+    from data_prep.shard import ShardSettings, shard_corpus
+
+    out = tmp_path_factory.mktemp("train-shards") / "shards"
+    shard_corpus([str(wikitext_valid)], bert_tokenizer, out, ShardSettings(seq_len=64, val_fraction=0.1))
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A few seconds per launch on 2 CPU cores: tiny BERT, 64-token rows, 16 samples a step.
+TRAIN_OVERRIDES = (
+    "train.global_batch_size=16",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "eval.batches=2",
+    "wandb.mode=offline",
+    "adversarial.grad_eps=1e-12",
+)
+
+
+def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, world: int = 2, stage: int = 2,
+             config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run, **kwargs):
+    """Launch training the way users do: the DeepSpeed launcher for several ranks, plain python for one."""
+    args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
+            f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
+    if world == 1:
+        command = [sys.executable, "-m", "pipeline.pretrain", *args]
+    else:
+        launcher = str(Path(sys.executable).parent / "deepspeed")
+        command = [launcher, "--num_gpus", str(world), "--master_port", str(free_port()), "--module", "pipeline.pretrain", *args]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "WANDB_SILENT": "true"}
+    if start is subprocess.run:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return start(command, cwd=REPO, env=env, **kwargs)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The protobuf records of the W&B offline run(s) in a run directory, in file order.
+
+    The `.wandb` file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then
+    32 KiB blocks of records, each with a 7-byte header (crc32, length, type: full, first,
+    middle, last); a block tail shorter than a header is padding.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+        pos, pending = 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if kind == 0:
+                break
+            chunk = data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict]:
+    """What `wandb.log` recorded, by step (keys with a "/" are stored as nested keys)."""
+    import json
+
+    rows = {}
+    for record in wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows[row["_step"]] = row
+    return rows

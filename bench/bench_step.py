@@ -1,0 +1,236 @@
+"""Benchmark one training step: the project's MLM step vs HF's, ALUM vs standard, data loading.
+
+Three ratios, all taken on CPU in fp32 with plain PyTorch (a module, `torch.optim.AdamW`
+from `pipeline.engine.make_optimizer`, `loss.backward()`, `optimizer.step()`). No DeepSpeed
+engine: the ratios are about the computation of a step, which the engine wraps but does
+not change (on one process without ZeRO it adds the same bookkeeping to every variant).
+The model is a small BERT built by the project's own `hf_config` / `build_model`, in
+train mode (dropout on), and every variant starts from the same weights.
+
+1. Standard step: `MaskedLM` (LM head on the masked positions only) + `mlm_loss` +
+   backward + step, against HF `BertForMaskedLM(..., labels=...)` (logits at every position,
+   labels -100 where nothing is masked) on the same batches. Tokens/s of each and the
+   ratio project / HF (target >= 1.3).
+2. ALUM step: `compute_losses` with adversarial.method=alum, K=1, start_step=0, its
+   `forward` / `ascent_forward` closures calling `MaskedLM` directly (as
+   `pipeline.pretrain._train_step` does through the engine), + backward + step. Time ratio
+   ALUM / standard (target <= 2.8; the FLOP count gives about 2.67).
+3. Data: `pipeline.data.step_batches` (sample order, `ShardDataset` rows, masking, tensors)
+   for one global batch of the benchmark's size, on real shards (a tokenizer trained and
+   WikiText-2 train sharded once, into a temporary directory, with the project's API). Its
+   time as a fraction of the standard step (target <= 3%) and of the ALUM step.
+
+The batches are real masked batches from those shards at the given mask rate. This
+machine is shared and noisy: within each round the variants run interleaved, one step
+each in turn, and each round reports the median step time of each variant and the ratios
+of those medians; the summary is the median over rounds of each ratio.
+
+    python bench/bench_step.py                     # hidden 256, 4 layers, batch 8 x 128, 5 rounds
+    python bench/bench_step.py --rounds 3 --steps 3 --batch 16 --vocab 30000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SOURCE = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data")) / "wikitext-2" / "train.txt"
+
+from data_prep.corpus import ReadOptions, expand_inputs  # noqa: E402
+from data_prep.shard import ShardSettings, shard_corpus  # noqa: E402
+from data_prep.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss  # noqa: E402
+from pipeline.data import Masking, ShardDataset, step_batches  # noqa: E402
+from pipeline.engine import make_optimizer  # noqa: E402
+from pipeline.model import MaskedLM, build_model, hf_config  # noqa: E402
+
+SEED = 0
+
+
+def build_shards(work: Path, vocab_size: int, seq_len: int, threads: int) -> Path:
+    """A tokenizer trained on WikiText-2 train, and that file sharded at `seq_len`."""
+    tokenizer = work / "tokenizer"
+    inputs = [str(SOURCE)]
+    train_tokenizer(expand_inputs(inputs), ReadOptions(), tokenizer, vocab_size=vocab_size, threads=threads)
+    shard_corpus(inputs, tokenizer, work / "shards", ShardSettings(seq_len=seq_len), workers=threads)
+    return tokenizer
+
+
+def build_models(work: Path, tokenizer, seq_len: int, args) -> tuple[torch.nn.Module, MaskedLM, MaskedLM]:
+    """The HF baseline, the project's standard-step model and its ALUM-step model, same weights."""
+    spec = work / "model.yaml"
+    spec.write_text(
+        f"arch: bert\nhidden_size: {args.hidden}\nnum_hidden_layers: {args.layers}\n"
+        f"num_attention_heads: {args.heads}\nintermediate_size: {args.intermediate}\n"
+        f"max_position_embeddings: {max(512, seq_len)}\nhidden_dropout_prob: 0.1\nattention_probs_dropout_prob: 0.1\n"
+    )
+    config = hf_config(str(spec), tokenizer.vocab_size, tokenizer.special_token_ids, seq_len)
+    torch.manual_seed(SEED)
+    hf = build_model(config, None, activation_checkpointing=False)
+    standard = MaskedLM(copy.deepcopy(hf), "embedding_output")
+    alum = MaskedLM(copy.deepcopy(hf), "embedding_output")
+    return hf, standard, alum
+
+
+def check_same_objective(hf, model: MaskedLM, batch) -> float:
+    """|HF loss - project loss| in eval mode: both variants must compute the same MLM loss."""
+    hf.eval(), model.eval()
+    with torch.no_grad():
+        reference = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss
+        logits, _ = model(batch.input_ids, batch.attention_mask, batch.positions)
+        ours = mlm_loss(logits, batch.labels)
+    hf.train(), model.train()
+    return abs(reference.item() - ours.item())
+
+
+def hf_labels(batch) -> torch.Tensor:
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[batch.positions] = batch.labels
+    return labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8000, help="tokenizer vocabulary size (the model's, rounded up to 64)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (global batch = micro-batch)")
+    parser.add_argument("--mask-rate", type=float, default=0.15)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="steps of each variant per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each variant first")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        tokenizer = load_tokenizer(build_shards(work, args.vocab, args.seq_len, args.threads))
+        dataset = ShardDataset(work / "shards", "train")
+        prep = time.perf_counter() - started
+        specials = tokenizer.special_token_ids
+        masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
+
+        def load(step: int):
+            """The trainer's per-step data work for one global batch of args.batch sequences."""
+            return step_batches(dataset, step * args.batch, args.batch, args.batch, 0, 1, SEED, step, args.mask_rate, masking)[1][0]
+
+        hf, standard, alum = build_models(work, tokenizer, dataset.seq_len, args)
+        train = SimpleNamespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
+        optimizers = {name: make_optimizer(m, train, {}) for name, m in (("hf", hf), ("standard", standard), ("alum", alum))}
+        adversarial = AdversarialConfig(method="alum", start_step=0, steps=1)
+        adversarial.validate()
+        batches = [load(step) for step in range(args.warmup + args.steps)]
+        masked = statistics.mean(b.labels.numel() for b in batches) / (args.batch * dataset.seq_len)
+
+        def hf_step(batch) -> None:
+            loss = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss
+            loss.backward()
+            optimizers["hf"].step()
+            optimizers["hf"].zero_grad(set_to_none=True)
+
+        def standard_step(batch) -> None:
+            logits, _ = standard(batch.input_ids, batch.attention_mask, batch.positions)
+            mlm_loss(logits, batch.labels).backward()
+            optimizers["standard"].step()
+            optimizers["standard"].zero_grad(set_to_none=True)
+
+        def alum_step(batch) -> None:
+            ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
+            out = compute_losses(
+                lambda delta: alum(ids, mask, positions, delta),
+                lambda delta: alum(ids, mask, positions, delta)[0],
+                batch.labels, adversarial, step=0,
+            )
+            out.loss.backward()
+            optimizers["alum"].step()
+            optimizers["alum"].zero_grad(set_to_none=True)
+
+        variants = {"hf": hf_step, "standard": standard_step, "alum": alum_step}
+        params = sum(p.numel() for p in hf.parameters())
+        gap = check_same_objective(hf, standard, batches[0])
+        print(
+            f"model: BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
+            f"vocab {hf.config.vocab_size}, {params / 1e6:.1f}M parameters; batch {args.batch} x {dataset.seq_len}, "
+            f"mask rate {args.mask_rate} ({masked:.1%} of tokens scored); fp32, {torch.get_num_threads()} threads, dropout on"
+        )
+        print(f"data: {len(dataset):,} rows of WikiText-2 train, tokenizer + shards built in {prep:.1f} s; "
+              f"|HF loss - project loss| in eval mode = {gap:.1e}")
+
+        for i in range(args.warmup):
+            for step in variants.values():
+                step(batches[i])
+            load(i)
+
+        tokens = args.batch * dataset.seq_len
+        rounds = []
+        names = list(variants)
+        for r in range(args.rounds):
+            times = {name: [] for name in (*names, "data")}
+            for s in range(args.steps):
+                batch = batches[args.warmup + s]
+                order = names[s % 3:] + names[: s % 3]  # rotate who goes first
+                for name in order:
+                    t0 = time.perf_counter()
+                    variants[name](batch)
+                    times[name].append(time.perf_counter() - t0)
+                for k in range(3):  # a few ms each: three calls per turn, each a sample
+                    t0 = time.perf_counter()
+                    load(1000 * r + 10 * s + k)
+                    times["data"].append(time.perf_counter() - t0)
+            m = {name: statistics.median(values) for name, values in times.items()}
+            result = {
+                "hf_tok_s": tokens / m["hf"],
+                "standard_tok_s": tokens / m["standard"],
+                "alum_tok_s": tokens / m["alum"],
+                "speedup": m["hf"] / m["standard"],
+                "alum_ratio": m["alum"] / m["standard"],
+                "data_standard": m["data"] / m["standard"],
+                "data_alum": m["data"] / m["alum"],
+                **m,
+            }
+            rounds.append(result)
+            print(
+                f"round {r + 1}: HF {m['hf'] * 1e3:6.0f} ms ({result['hf_tok_s']:,.0f} tok/s) | "
+                f"project {m['standard'] * 1e3:6.0f} ms ({result['standard_tok_s']:,.0f} tok/s) | "
+                f"ALUM {m['alum'] * 1e3:6.0f} ms | data {m['data'] * 1e3:5.1f} ms | "
+                f"project/HF {result['speedup']:.2f}x | ALUM/standard {result['alum_ratio']:.2f} | "
+                f"data {result['data_standard']:.2%} of standard, {result['data_alum']:.2%} of ALUM",
+                flush=True,
+            )
+
+        def summary(key: str, spec: str = ".2f") -> tuple[float, str]:
+            values = [r[key] for r in rounds]
+            return statistics.median(values), ", ".join(format(v, spec) for v in values)
+
+        hf_tok, _ = summary("hf_tok_s")
+        std_tok, _ = summary("standard_tok_s")
+        speedup, speedups = summary("speedup")
+        ratio, ratios = summary("alum_ratio")
+        data_std, data_stds = summary("data_standard", ".2%")
+        data_alum, data_alums = summary("data_alum", ".2%")
+        data_ms, _ = summary("data")
+        print(f"median standard step: project {std_tok:,.0f} tok/s vs HF BertForMaskedLM {hf_tok:,.0f} tok/s: "
+              f"project/HF {speedup:.2f}x (target >= 1.3; rounds: {speedups})")
+        print(f"median ALUM step (K=1) / standard step: {ratio:.2f} (target <= 2.8, FLOP bound ~2.67; rounds: {ratios})")
+        print(f"median data loading + masking: {data_ms * 1e3:.1f} ms = {data_std:.2%} of the standard step "
+              f"(target <= 3%; rounds: {data_stds}), {data_alum:.2%} of the ALUM step (rounds: {data_alums})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""`alum export`: a checkpoint (any ZeRO stage) as a Hugging Face model directory.
+
+The fp32 weights are gathered from the checkpoint files alone (no process group, any
+number of ranks having written them): `zero_to_fp32` for ZeRO 1-3, the module state for
+stage 0. The result loads with `AutoModelForMaskedLM` and `AutoTokenizer`; the tokenizer
+copied into it is the run's own, with its fingerprint, so the export can seed a continual
+pretraining run (`model.init_from`) on shards made with the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from data_prep.errors import UserError
+from pipeline import checkpoint
+from pipeline.rundir import MODEL
+
+PREFIX = "hf."
+
+
+def export(run_dir: str | Path, out: str | Path, tag: str | None = None, overwrite: bool = False) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / MODEL / "config.json").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no {MODEL}/config.json)")
+    if tag is None:
+        tag, _ = checkpoint.latest_complete(run_dir)
+        if tag is None:
+            raise UserError(f"{run_dir}: no complete checkpoint to export")
+    tag_dir = run_dir / checkpoint.CHECKPOINTS / tag
+    if not checkpoint.is_complete(tag_dir):
+        raise UserError(f"{tag_dir}: not a complete checkpoint")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; use --overwrite to replace it")
+    model = load_exported_weights(run_dir, tag)
+    _write(model, run_dir / MODEL / "tokenizer", out, overwrite)
+    return out
+
+
+def load_exported_weights(run_dir: Path, tag: str):
+    """The HF masked LM of `run_dir` with the fp32 weights of checkpoint `tag`."""
+    from transformers import AutoConfig
+
+    from pipeline.model import model_classes
+
+    config = AutoConfig.from_pretrained(str(run_dir / MODEL))
+    _, model_class = model_classes(config.model_type)
+    model = model_class(config)
+    state = {k[len(PREFIX):]: v for k, v in _fp32_state_dict(run_dir / checkpoint.CHECKPOINTS, tag).items() if k.startswith(PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "decoder" in k}  # the output embedding shares the input embedding
+    if set(missing) - tied or unexpected:
+        raise UserError(f"{run_dir}: checkpoint {tag} does not fit the model config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
+def _fp32_state_dict(root: Path, tag: str) -> dict:
+    tag_dir = root / tag
+    if any(tag_dir.glob("*zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def _write(model, tokenizer_dir: Path, out: Path, overwrite: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        for path in tokenizer_dir.iterdir():
+            shutil.copy2(path, tmp / path.name)
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

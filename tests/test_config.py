@@ -1,0 +1,416 @@
+"""The config layer: run YAMLs, dotted overrides, DeepSpeed JSONs and model-size YAMLs.
+
+Fast unit tests (no engines, no training): every shipped config loads and says what it
+claims, and every bad key, type or combination is a `UserError` naming the key or file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_prep.errors import UserError
+from pipeline.config import RunConfig, load_config
+from pipeline.curriculum import MaskSchedule
+from pipeline.engine import deepspeed_config, zero_stage
+from pipeline.model import hf_config
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+MODEL_SIZES = sorted((REPO / "configs" / "models").glob("*.yaml"))
+SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+PAPER_SCHEDULE = MaskSchedule(kind="stepwise", start=0.05, end=0.25, increment=0.05, every=0.2)
+MINIMAL = {"data": {"shards": "data/shards", "tokenizer": "data/tokenizer"}}
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    """Config files name each other relative to the repository root, as users run them."""
+    monkeypatch.chdir(REPO)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal(tmp_path: Path, **sections) -> Path:
+    """A run config with the two required data keys plus the given sections."""
+    return write_yaml(tmp_path / "run.yaml", {**MINIMAL, **sections})
+
+
+def raises_naming(key: str):
+    return pytest.raises(UserError, match=re.escape(key))
+
+
+def expected_bf16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return accelerator.device_name() != "cpu" and accelerator.is_bf16_supported()
+
+
+# --- the shipped configs --------------------------------------------------------------
+
+
+def test_the_shipped_configs_are_all_found():
+    names = {p.name for p in RUN_CONFIGS}
+    assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml", "roberta-base-continual.yaml"} <= names
+    assert {"zero2-offload.json", "zero3-offload.json"} <= {p.name for p in DEEPSPEED_JSONS}
+    assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml"} <= {p.name for p in MODEL_SIZES}
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_run_config_loads_and_fills_a_deepspeed_config(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    train = config.train
+    assert train.global_batch_size % train.micro_batch_size == 0
+    assert config.masking.schedule == PAPER_SCHEDULE
+    assert config.adversarial.method == "alum"
+    assert config.adversarial.alpha == 10.0  # ALUM.md: alpha 10 for pretraining
+    for world_size in (1, train.global_batch_size // train.micro_batch_size):
+        ds = deepspeed_config(config, world_size)
+        assert ds["train_batch_size"] == train.global_batch_size
+        assert ds["train_micro_batch_size_per_gpu"] == train.micro_batch_size
+        assert ds["gradient_accumulation_steps"] * train.micro_batch_size * world_size == train.global_batch_size
+        assert ds["gradient_clipping"] == train.grad_clip
+        assert ds["bf16"]["enabled"] is (expected_bf16() if train.precision == "auto" else train.precision == "bf16")
+        assert "optimizer" not in ds and "scheduler" not in ds
+
+
+@pytest.mark.parametrize("name", ["bert-base.yaml", "bert-large.yaml", "roberta-base-continual.yaml"])
+def test_the_big_runs_log_online_and_use_batch_256(name):
+    config = load_config(REPO / "configs" / name)
+    assert config.wandb.mode == "online"
+    assert config.train.global_batch_size == 256
+    assert config.train.precision == "auto"
+    assert config.adversarial.eps is None
+    assert (config.adversarial.steps, config.adversarial.norm) == (1, "linf")
+
+
+def test_bert_base_recipe():
+    config = load_config(REPO / "configs" / "bert-base.yaml")
+    assert config.model.config == "configs/models/bert-base.yaml"
+    assert config.model.init_from is None
+    assert (config.train.max_steps, config.train.micro_batch_size) == (1_000_000, 32)
+    assert (config.train.lr, config.train.warmup_steps) == (1e-4, 10_000)
+    assert 0 < config.adversarial.start_step < config.train.max_steps  # standard MLM first, then ALUM
+    assert zero_stage(deepspeed_config(config, 8)) == 2
+
+
+def test_bert_large_uses_zero3_and_activation_checkpointing():
+    config = load_config(REPO / "configs" / "bert-large.yaml")
+    assert config.model.config == "configs/models/bert-large.yaml"
+    assert config.model.activation_checkpointing is True
+    assert 0 < config.adversarial.start_step < config.train.max_steps
+    ds = deepspeed_config(config, 16)
+    assert zero_stage(ds) == 3
+    assert ds["gradient_accumulation_steps"] == 1
+
+
+def test_roberta_continual_follows_the_paper():
+    config = load_config(REPO / "configs" / "roberta-base-continual.yaml")
+    assert config.model.init_from == "models/roberta-base"
+    assert config.model.config == config.model.init_from
+    assert (config.train.lr, config.train.max_steps, config.train.global_batch_size) == (4e-5, 100_000, 256)
+    assert config.adversarial.start_step == 0
+    assert config.adversarial.alpha == 10.0
+    assert config.train.adam_beta2 == 0.98
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
+def test_every_deepspeed_json_is_valid(path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    raw = json.loads(path.read_text())
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed={path.relative_to(REPO)}"])
+    ds = deepspeed_config(config, world_size=2)  # tiny: global 32 = micro 8 x 2 ranks x 2 accumulation
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"] == raw["zero_optimization"]
+    # DeepSpeed's own model of the section forbids unknown keys: the key names are valid for this version.
+    zero = DeepSpeedZeroConfig(**raw["zero_optimization"])
+    assert zero.stage == zero_stage(ds)
+    if "offload" in path.stem:
+        assert zero.offload_optimizer.device == "cpu"
+        assert zero.offload_optimizer.pin_memory is True
+        assert (zero.offload_param is not None and zero.offload_param.device == "cpu") is (zero.stage == 3)
+
+
+def test_offload_jsons_have_the_expected_stages():
+    stages = {p.stem: zero_stage(json.loads(p.read_text())) for p in DEEPSPEED_JSONS}
+    assert stages["zero2-offload"] == 2
+    assert stages["zero3-offload"] == 3
+
+
+# --- model sizes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", MODEL_SIZES, ids=lambda p: p.name)
+def test_every_model_size_builds_an_hf_config(path):
+    spec = yaml.safe_load(path.read_text())
+    assert "vocab_size" not in spec  # it comes from the tokenizer
+    config = hf_config(str(path), vocab_size=8000, special_ids=SPECIAL_IDS, seq_len=128)
+    assert config.model_type == spec["arch"]
+    assert config.vocab_size == 8000  # already a multiple of 64
+    assert config.pad_token_id == 0
+    assert config.hidden_size == spec["hidden_size"]
+    assert config.hidden_size % config.num_attention_heads == 0
+
+
+def test_model_sizes_match_bert():
+    base = hf_config("configs/models/bert-base.yaml", 8000, SPECIAL_IDS, 512)
+    large = hf_config("configs/models/bert-large.yaml", 8000, SPECIAL_IDS, 512)
+    def shape(c):
+        return (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.max_position_embeddings)
+
+    assert shape(base) == (768, 12, 12, 3072, 512)
+    assert shape(large) == (1024, 24, 16, 4096, 512)
+    assert large.num_hidden_layers == 24
+
+
+def test_vocab_is_rounded_up_to_64():
+    config = hf_config("configs/models/tiny.yaml", vocab_size=8001, special_ids=SPECIAL_IDS, seq_len=128)
+    assert config.vocab_size == 8064
+
+
+def test_hf_config_refuses_a_vocab_smaller_than_the_tokenizers(tmp_path):
+    path = write_yaml(tmp_path / "small.yaml", {"arch": "bert", "hidden_size": 32, "num_attention_heads": 2, "vocab_size": 100})
+    with pytest.raises(UserError, match=re.escape(str(path)) + ".*vocab_size 100 is smaller"):
+        hf_config(str(path), 8000, SPECIAL_IDS, 128)
+
+
+def test_hf_config_refuses_a_seq_len_above_the_positions():
+    path = "configs/models/bert-base.yaml"
+    assert hf_config(path, 8000, SPECIAL_IDS, 512).max_position_embeddings == 512
+    with pytest.raises(UserError, match=re.escape(path) + ".*max_position_embeddings"):
+        hf_config(path, 8000, SPECIAL_IDS, 513)
+
+
+def test_hf_config_counts_roberta_position_offset(tmp_path):
+    """RoBERTa's position ids start after the padding id: 512 positions leave 512 - (pad + 1)."""
+    path = write_yaml(tmp_path / "rob.yaml", {"arch": "roberta", "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 512})
+    roberta_ids = {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
+    config = hf_config(str(path), 8000, roberta_ids, 510)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 2, 1)
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        hf_config(str(path), 8000, roberta_ids, 511)
+
+
+def test_hf_config_reads_an_hf_model_directory(tmp_path):
+    """Continual pretraining names an HF directory (config.json) as model.config."""
+    from transformers import RobertaConfig
+
+    RobertaConfig(vocab_size=8000, hidden_size=32, num_attention_heads=2, max_position_embeddings=514, pad_token_id=1).save_pretrained(tmp_path)
+    config = hf_config(str(tmp_path), 8000, SPECIAL_IDS, 512)
+    assert (config.model_type, config.vocab_size) == ("roberta", 8000)
+    with pytest.raises(UserError, match=re.escape(str(tmp_path))):
+        hf_config(str(tmp_path), 8001, SPECIAL_IDS, 512)
+
+
+def test_hf_config_refuses_an_unknown_arch(tmp_path):
+    path = write_yaml(tmp_path / "gpt.yaml", {"arch": "gpt2", "hidden_size": 32})
+    with pytest.raises(UserError, match=re.escape(str(path)) + ".*arch must be one of bert, roberta, got 'gpt2'"):
+        hf_config(str(path), 8000, SPECIAL_IDS, 128)
+
+
+def test_hf_config_refuses_an_unknown_model_key(tmp_path):
+    """HF configs would keep a typo as an attribute and silently train the default size."""
+    path = write_yaml(tmp_path / "typo.yaml", {"arch": "bert", "hidden_sise": 32})
+    with pytest.raises(UserError, match=re.escape(str(path)) + ": hidden_sise: unknown bert config key"):
+        hf_config(str(path), 8000, SPECIAL_IDS, 128)
+
+
+def test_hf_config_refuses_a_model_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- arch: bert\n")
+    with pytest.raises(UserError, match=re.escape(str(path)) + ": expected a mapping"):
+        hf_config(str(path), 8000, SPECIAL_IDS, 128)
+    path.write_text("arch: [bert\n")
+    with pytest.raises(UserError, match=re.escape(str(path)) + ": not valid YAML"):
+        hf_config(str(path), 8000, SPECIAL_IDS, 128)
+
+
+def test_hf_config_refuses_a_missing_source():
+    with raises_naming("model.config: configs/models/nope.yaml"):
+        hf_config("configs/models/nope.yaml", 8000, SPECIAL_IDS, 128)
+
+
+# --- overrides and typing -------------------------------------------------------------
+
+
+def test_dotted_overrides_use_yaml_typing(tmp_path):
+    config = load_config(
+        minimal(tmp_path, adversarial={"eps": 1.0e-5}),
+        ["train.max_steps=7", "adversarial.eps=null", "adversarial.grad_eps=1e-12", "train.lr=3e-4",
+         "model.activation_checkpointing=true", "wandb.mode=offline", "masking.schedule.start=0.1"],
+    )
+    assert config.train.max_steps == 7 and type(config.train.max_steps) is int
+    assert config.adversarial.eps is None
+    assert config.adversarial.grad_eps == 1e-12 and type(config.adversarial.grad_eps) is float
+    assert config.train.lr == 3e-4 and type(config.train.lr) is float
+    assert config.model.activation_checkpointing is True
+    assert config.wandb.mode == "offline"
+    assert config.masking.schedule.start == 0.1
+
+
+def test_an_int_is_accepted_where_a_float_is_expected(tmp_path):
+    config = load_config(minimal(tmp_path), ["adversarial.alpha=1"])
+    assert config.adversarial.alpha == 1.0 and type(config.adversarial.alpha) is float
+
+
+def test_overrides_win_over_the_file_and_defaults_fill_the_rest(tmp_path):
+    config = load_config(minimal(tmp_path, train={"max_steps": 50, "lr": 1.0e-3}), ["train.max_steps=9"])
+    assert (config.train.max_steps, config.train.lr) == (9, 1e-3)
+    assert config.train.global_batch_size == 32  # the dataclass default
+    assert config.masking.schedule == PAPER_SCHEDULE
+
+
+def test_inline_deepspeed_mapping(tmp_path):
+    config = load_config(minimal(tmp_path, deepspeed={"zero_optimization": {"stage": 1}}))
+    assert zero_stage(deepspeed_config(config, 1)) == 1
+
+
+@pytest.mark.parametrize(
+    ("sections", "overrides", "key"),
+    [
+        ({"trian": {"max_steps": 1}}, [], "trian"),
+        ({"train": {"max_step": 1}}, [], "train.max_step"),
+        ({"masking": {"schedule": {"kind": "stepwise", "rate": 0.1}}}, [], "masking.schedule.rate"),
+        ({}, ["adversarial.alhpa=10"], "adversarial.alhpa"),
+        ({}, ["bogus=1"], "bogus"),
+        ({}, ["masking.schedule.evry=0.5"], "masking.schedule.evry"),
+    ],
+)
+def test_unknown_keys_are_named_in_full(tmp_path, sections, overrides, key):
+    with pytest.raises(UserError, match=f"^{re.escape(key)}: unknown config key"):
+        load_config(minimal(tmp_path, **sections), overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.max_steps=ten", "train.max_steps"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("train.lr=fast", "train.lr"),
+        ("model.activation_checkpointing=maybe", "model.activation_checkpointing"),
+        ("train.micro_batch_size=null", "train.micro_batch_size"),
+        ("deepspeed=3", "deepspeed"),
+        ("train=5", "train"),
+    ],
+)
+def test_wrong_types_are_named(tmp_path, override, key):
+    with pytest.raises(UserError, match=f"^{re.escape(key)}: "):
+        load_config(minimal(tmp_path), [override])
+
+
+def test_a_wrong_type_in_the_file_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"^train\.max_steps: expected int, got 'ten'"):
+        load_config(minimal(tmp_path, train={"max_steps": "ten"}))
+
+
+def test_an_override_needs_key_and_value(tmp_path):
+    with pytest.raises(UserError, match="key=value"):
+        load_config(minimal(tmp_path), ["train.max_steps"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with raises_naming("config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match=re.escape(str(bad)) + ": not valid YAML"):
+        load_config(bad)
+
+
+def test_data_paths_are_required(tmp_path):
+    with raises_naming("data.shards"):
+        load_config(write_yaml(tmp_path / "run.yaml", {"data": {"tokenizer": "t"}}))
+    with raises_naming("data.tokenizer"):
+        load_config(write_yaml(tmp_path / "run.yaml", {"data": {"shards": "s"}}))
+
+
+# --- cross-field and component validation ---------------------------------------------
+
+
+def test_global_batch_must_be_a_multiple_of_the_micro_batch(tmp_path):
+    with pytest.raises(UserError, match="train.global_batch_size 30 is not a multiple of train.micro_batch_size 8"):
+        load_config(minimal(tmp_path, train={"global_batch_size": 30, "micro_batch_size": 8}))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.precision=fp8", "train.precision"),
+        ("wandb.mode=cloud", "wandb.mode"),
+        ("eval.mask_rate=1.5", "eval.mask_rate"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ],
+)
+def test_out_of_range_values_are_named(tmp_path, override, key):
+    with raises_naming(key):
+        load_config(minimal(tmp_path), [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("adversarial.method=fgsm", "adversarial.method"),
+        ("adversarial.norm=l1", "adversarial.norm"),
+        ("adversarial.perturb_at=logits", "adversarial.perturb_at"),
+        ("adversarial.steps=0", "adversarial.steps"),
+        ("adversarial.start_step=-1", "adversarial.start_step"),
+        ("adversarial.alpha=-1", "adversarial.alpha"),
+        ("adversarial.eps=0", "adversarial.eps"),
+        ("adversarial.grad_eps=0", "adversarial.grad_eps"),
+        ("adversarial.noise_std=.nan", "adversarial.noise_std"),
+        ("masking.schedule.kind=cosine", "masking.schedule.kind"),
+        ("masking.schedule.start=0.5", "masking.schedule.start"),
+        ("masking.schedule.end=1.5", "masking.schedule.end"),
+        ("masking.schedule.increment=0", "masking.schedule.increment"),
+        ("masking.schedule.every=0", "masking.schedule.every"),
+    ],
+)
+def test_component_validation_surfaces_as_user_error(tmp_path, override, key):
+    with pytest.raises(UserError, match=f"^{re.escape(key)}: "):
+        load_config(minimal(tmp_path), [override])
+
+
+def test_deepspeed_config_needs_a_world_size_that_divides_the_batch(tmp_path):
+    config = load_config(minimal(tmp_path, train={"global_batch_size": 32, "micro_batch_size": 8}))
+    assert deepspeed_config(config, 4)["gradient_accumulation_steps"] == 1
+    with pytest.raises(UserError, match="world size 3"):
+        deepspeed_config(config, 3)
+
+
+@pytest.mark.parametrize("key", ["optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"])
+def test_deepspeed_json_may_not_set_what_the_run_config_owns(tmp_path, key):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, key: {"type": "AdamW"} if key in ("optimizer", "scheduler") else 8}))
+    config = load_config(minimal(tmp_path), [f"deepspeed={path}"])
+    with pytest.raises(UserError, match=f"deepspeed: remove '{key}'"):
+        deepspeed_config(config, 1)
+
+
+def test_deepspeed_json_missing_or_invalid(tmp_path):
+    config = load_config(minimal(tmp_path), [f"deepspeed={tmp_path / 'nope.json'}"])
+    with pytest.raises(UserError, match="no such DeepSpeed config file"):
+        deepspeed_config(config, 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    config = load_config(minimal(tmp_path), [f"deepspeed={bad}"])
+    with pytest.raises(UserError, match=re.escape(str(bad)) + ": not valid JSON"):
+        deepspeed_config(config, 1)
+
+
+@pytest.mark.parametrize(("precision", "bf16", "fp16"), [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+def test_explicit_precision_is_written_into_the_deepspeed_config(tmp_path, precision, bf16, fp16):
+    config = load_config(minimal(tmp_path), [f"train.precision={precision}"])
+    ds = deepspeed_config(config, 1)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)

@@ -1,0 +1,171 @@
+"""Real DeepSpeed training on CPU: 2 ranks over gloo, ZeRO-2 and ZeRO-3, on WikiText-2 shards.
+
+One reference ALUM run per ZeRO stage (8 steps: standard MLM for 4, then ALUM) is shared by
+the tests of metrics, W&B, resume, export and continual pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, free_port, pretrain, read_metrics, wandb_history, wandb_records
+
+pytestmark = pytest.mark.slow
+
+# A perturbation large enough that the adversarial term is well above float32 rounding of the loss.
+RUN = ("train.max_steps=8", "adversarial.method=alum", "adversarial.start_step=4", "adversarial.step_size=0.1",
+       "adversarial.noise_std=0.01", "checkpoint.every_steps=4", "eval.every_steps=4")
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def reference(request, tmp_path_factory, train_shards, bert_tokenizer) -> tuple[int, Path]:
+    stage = request.param
+    run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+    ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage))
+    return stage, run_dir
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metrics without wall-clock figures."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
+
+
+def test_alum_run_shows_both_stages(reference):
+    _, run_dir = reference
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    required = {"train/loss", "train/loss_mlm", "train/loss_adv", "train/mask_rate", "train/lr", "train/grad_norm",
+                "train/adv_skipped", "perf/tokens_per_s", "data/consumed_samples", "data/sample_digest"}
+    assert all(required <= set(r) for r in records)
+    standard, alum = records[:4], records[4:]
+    assert all(r["train/loss_adv"] == 0.0 and r["train/adv_active"] == 0 for r in standard)
+    assert all(r["train/loss"] == r["train/loss_mlm"] for r in standard)
+    assert all(r["train/loss_adv"] > 0.0 and r["train/adv_active"] == 1 and r["train/delta_norm"] > 0 for r in alum)
+    for r in alum:
+        assert r["train/loss"] == pytest.approx(r["train/loss_mlm"] + 10.0 * r["train/loss_adv"], rel=1e-6)
+        assert r["train/loss_adv"] > 1e-6
+    assert [r["data/consumed_samples"] for r in records] == [16 * s for s in range(1, 9)]
+    assert len({r["data/sample_digest"] for r in records}) == 8
+    assert all(r["train/mask_rate"] == 0.05 for r in records)  # 128 samples of ~1,800: the first 20% of the epoch
+    assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in records)
+    assert records[3]["eval/ppl"] == pytest.approx(math.exp(records[3]["eval/loss"]))
+    assert 0.0 <= records[7]["eval/accuracy"] <= 1.0
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
+
+
+def test_sample_order_does_not_depend_on_world_size_or_stage(reference, tmp_path, train_shards, bert_tokenizer):
+    stage, run_dir = reference
+    if stage != 2:
+        pytest.skip("one single-rank comparison is enough")
+    single = tmp_path / "one-rank"
+    ok(pretrain(single, train_shards, bert_tokenizer, *RUN, "train.max_steps=3", world=1, stage=0))
+    digests = [r["data/sample_digest"] for r in read_metrics(single)]
+    assert digests == [r["data/sample_digest"] for r in read_metrics(run_dir)][:3]
+
+
+def test_wandb_offline_run_has_the_same_metrics(reference):
+    _, run_dir = reference
+    logged = wandb_history(run_dir)
+    assert sorted(logged) == list(range(1, 9))
+    for metrics in read_metrics(run_dir):
+        row = logged[metrics["step"]]
+        for key in ("train/loss", "train/loss_mlm", "train/loss_adv", "train/mask_rate", "data/sample_digest"):
+            assert row[key] == metrics[key], key
+    records = wandb_records(run_dir)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["adversarial"]["method"] == "alum"
+    assert config["train"]["max_steps"] == 8
+
+
+def test_resume_equals_the_uninterrupted_run(reference, tmp_path, train_shards, bert_tokenizer):
+    stage, uninterrupted = reference
+    run_dir = tmp_path / "interrupted"
+    process = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage, start=subprocess.Popen,
+                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = run_dir / "checkpoints" / "step00000004" / "complete.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.exists()
+    assert not (run_dir / "checkpoints" / "step00000008" / "complete.json").exists(), "killed too late to test resume"
+
+    resumed = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage))
+    assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+
+
+def test_export_matches_the_training_model(reference, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from pipeline.export import export
+
+    stage, run_dir = reference
+    out = export(run_dir, tmp_path / "hf")
+    logits_file = tmp_path / "logits.pt"
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    ok(subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "checkpoint_logits",
+                       str(run_dir), "step00000008", str(logits_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    expected = torch.load(logits_file)
+    model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[expected["positions"]]
+    assert logits.shape == expected["logits"].shape
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.mask_token_id == 4 and len(tokenizer) == 2000
+
+
+def test_continual_pretraining_from_an_export_and_from_a_checkpoint(reference, tmp_path, train_shards, bert_tokenizer):
+    from pipeline.export import export, load_exported_weights
+
+    stage, run_dir = reference
+    if stage != 2:
+        pytest.skip("continual pretraining is stage-independent; checked once")
+    exported = export(run_dir, tmp_path / "hf")
+    original = load_exported_weights(run_dir, "step00000008").state_dict()
+
+    # From the exported HF model, with lr 0: the new run's weights are exactly the export's.
+    from_hf = tmp_path / "from-hf"
+    ok(pretrain(from_hf, train_shards, bert_tokenizer, "train.max_steps=1", "train.lr=0.0", f"model.init_from={exported}",
+                "adversarial.method=alum", "adversarial.start_step=0", "checkpoint.every_steps=1", world=1, stage=0))
+    assert _same_weights(load_exported_weights(from_hf, "step00000001").state_dict(), original)
+
+    # From the run's checkpoint, weights only: a fresh schedule and data order.
+    weights_only = tmp_path / "weights-only"
+    ok(pretrain(weights_only, train_shards, bert_tokenizer, "train.max_steps=1", "train.lr=0.0", f"checkpoint.init_from={run_dir}",
+                "checkpoint.every_steps=1"))
+    assert _same_weights(load_exported_weights(weights_only, "step00000001").state_dict(), original)
+    assert read_metrics(weights_only)[0]["data/consumed_samples"] == 16
+
+    # Weights and optimizer: the standard run goes on with ALUM from where it stopped.
+    continued = tmp_path / "continued"
+    ok(pretrain(continued, train_shards, bert_tokenizer, "train.max_steps=10", f"checkpoint.init_from={run_dir}",
+                "checkpoint.init_optimizer=true", "adversarial.method=alum", "checkpoint.every_steps=5"))
+    records = read_metrics(continued)
+    assert [r["step"] for r in records] == [9, 10]
+    assert records[0]["data/consumed_samples"] == 9 * 16
+    assert records[0]["train/loss_mlm"] < read_metrics(run_dir)[0]["train/loss_mlm"]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
