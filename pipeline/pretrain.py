@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.config, Path(args.run_dir), args.overrides)
     except UserError as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
+        _report(f"pretrain: error: {e}")
         return 2
     except TrainingAborted as e:
-        print(f"pretrain: stopped: {e}", file=sys.stderr)
+        _report(f"pretrain: stopped: {e}")
         return 3
     return 0
 
@@ -84,19 +84,21 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     from pipeline.rundir import resolve_run_config, write_run_files
 
     rank, world_size = _init_distributed()
-    config = resolve_run_config(config_path, overrides, run_dir)
+
+    def checks():
+        config = resolve_run_config(config_path, overrides, run_dir)
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        dataset = ShardDataset(config.data.shards, config.data.train_split)
+        _check_data(dataset, tokenizer, config)
+        dataset.verify_checksums(rank, world_size)
+        val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
+        model_config = hf_config(config.model.config, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
+        return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size)
+
+    config, tokenizer, dataset, val, model_config, ds_config = _on_every_rank(checks)
     _set_threads(config.train.threads_per_rank)
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    dataset = ShardDataset(config.data.shards, config.data.train_split)
-    _check_data(dataset, tokenizer, config)
-    dataset.verify_checksums(rank, world_size)
-    val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
-
-    model_config = hf_config(config.model.config, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
     torch.manual_seed(config.train.seed)
     model = MaskedLM(build_model(model_config, config.model.init_from, config.model.activation_checkpointing), config.adversarial.perturb_at)
-    ds_config = deepspeed_config(config, world_size)
     optimizer = make_optimizer(model, config.train, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config)
     if rank == 0:
@@ -105,6 +107,12 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     specials = tokenizer.special_token_ids
     masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
     return Run(config, run_dir, engine, tokenizer, dataset, val, masking)
+
+
+def _report(line: str) -> None:
+    """Errors agreed by all ranks are printed once, by rank 0."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
@@ -277,6 +285,27 @@ def _checkpoint_source(path: Path) -> tuple[Path, str]:
     if tag is None:
         raise UserError(f"checkpoint.init_from: {path}: no complete checkpoint in this run directory")
     return path, tag
+
+
+def _on_every_rank(check):
+    """Run `check` on every rank; if any rank finds a bad input, every rank raises it.
+
+    Some checks are rank-local (each rank hashes its share of the shards): without this a
+    failing rank would exit while the others wait for it in a collective until timeout.
+    """
+    import torch.distributed
+
+    result, error = None, None
+    try:
+        result = check()
+    except UserError as e:
+        error = str(e)
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UserError(first)
+    return result
 
 
 def _check_data(dataset, tokenizer, config) -> None:

@@ -1,0 +1,106 @@
+"""Bad inputs to training: one clear line naming the file or key, a non-zero exit, nothing lost."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import pretrain, read_metrics
+from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+def refused(result, *fragments: str) -> str:
+    """The run exited 2 with exactly one error line, which contains every fragment."""
+    lines = [line for line in result.stderr.splitlines() if "pretrain: error:" in line]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def test_shards_built_with_another_tokenizer(tmp_path, train_shards, wikitext_valid):
+    other = tmp_path / "other-tokenizer"
+    train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), other, vocab_size=800)
+    result = pretrain(tmp_path / "run", train_shards, other, world=1, stage=0)
+    refused(result, f"{train_shards}: shards were built with another tokenizer", str(other))
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_vocabulary_smaller_than_the_tokenizer(tmp_path, train_shards, bert_tokenizer):
+    model = tmp_path / "small-vocab.yaml"
+    model.write_text("arch: bert\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: 64\nvocab_size: 1000\n")
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, f"model.config={model}", world=1, stage=0)
+    refused(result, f"{model}: model vocab_size 1000 is smaller than the tokenizer's 2000")
+
+
+def test_sequence_longer_than_the_model_positions(tmp_path, train_shards, bert_tokenizer):
+    model = tmp_path / "short.yaml"
+    model.write_text("arch: bert\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: 64\nmax_position_embeddings: 32\n")
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, f"model.config={model}", world=1, stage=0)
+    refused(result, f"{model}: shards have seq_len 64 but the model has 32 positions")
+
+
+def test_global_batch_not_divisible_by_micro_batch_times_world_size(tmp_path, train_shards, bert_tokenizer):
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "train.global_batch_size=12", world=2, stage=2)
+    refused(result, "train.global_batch_size 12 is not divisible by train.micro_batch_size 4 x world size 2")
+
+
+def test_missing_and_corrupt_shards(tmp_path, train_shards, bert_tokenizer):
+    shards = tmp_path / "shards"
+    shutil.copytree(train_shards, shards)
+    victim = sorted((shards / "train").glob("*.arrow"))[0]
+    original = victim.read_bytes()
+    victim.unlink()
+    refused(pretrain(tmp_path / "a", shards, bert_tokenizer, world=1, stage=0), f"{victim}: shard listed in the manifest is missing")
+
+    altered = bytearray(original)
+    altered[len(altered) // 2] ^= 0x01
+    victim.write_bytes(bytes(altered))
+    refused(pretrain(tmp_path / "b", shards, bert_tokenizer, world=1, stage=0), f"{victim}: sha256 does not match the manifest")
+
+
+def test_unknown_config_key_and_wrong_type(tmp_path, train_shards, bert_tokenizer):
+    refused(pretrain(tmp_path / "a", train_shards, bert_tokenizer, "train.max_step=5", world=1, stage=0),
+            "train.max_step: unknown config key")
+    refused(pretrain(tmp_path / "b", train_shards, bert_tokenizer, "adversarial.alpha=lots", world=1, stage=0),
+            "adversarial.alpha: expected float, got 'lots'")
+
+
+def test_checkpoint_of_another_model_shape(tmp_path, train_shards, bert_tokenizer):
+    source = tmp_path / "source"
+    assert pretrain(source, train_shards, bert_tokenizer, "train.max_steps=1", world=1, stage=0).returncode == 0
+    wider = tmp_path / "wider.yaml"
+    wider.write_text("arch: bert\nhidden_size: 96\nnum_hidden_layers: 2\nnum_attention_heads: 2\nintermediate_size: 256\n")
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, f"model.config={wider}", f"checkpoint.init_from={source}", world=1, stage=0)
+    refused(result, f"{source / 'checkpoints' / 'step00000001'}: checkpoint does not fit this model", "size mismatch")
+
+
+def test_changed_config_on_an_existing_run(tmp_path, train_shards, bert_tokenizer):
+    run = tmp_path / "run"
+    assert pretrain(run, train_shards, bert_tokenizer, "train.max_steps=1", world=1, stage=0).returncode == 0
+    before = (run / "config.yaml").read_text()
+    refused(pretrain(run, train_shards, bert_tokenizer, "train.max_steps=2", "train.lr=0.1", world=1, stage=0),
+            "this run was started with train.lr=0.001, not 0.1; use a new --run-dir")
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_non_finite_loss_skips_then_aborts_with_the_last_good_checkpoint(tmp_path, train_shards, bert_tokenizer):
+    run = tmp_path / "run"
+    result = pretrain(run, train_shards, bert_tokenizer, "train.max_steps=20", "train.lr=1e6", "train.warmup_steps=1",
+                      "train.max_bad_steps=2", "checkpoint.every_steps=1", "adversarial.method=none", world=1, stage=2)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = next(line for line in result.stderr.splitlines() if "pretrain: stopped:" in line)
+    assert "non-finite loss for 3 steps in a row (train.max_bad_steps=2)" in message
+    records = read_metrics(run)
+    bad = [r for r in records if r["train/loss"] == "nan" or r["train/loss"] == "inf"]
+    assert len(bad) == 3 and records[-1] == bad[-1]
+    last_good = max(r["step"] for r in records if r not in bad)
+    latest = (run / "checkpoints" / "latest").read_text()
+    assert latest == f"step{last_good:08d}" and latest in message
+    assert (run / "checkpoints" / latest / "complete.json").is_file()
+    assert not list((run / "checkpoints").glob(f"step{last_good + 1:08d}"))
