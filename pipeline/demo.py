@@ -1,54 +1,84 @@
-"""`alum demo`: the pipeline end to end on a corpus this machine already has.
+"""`alum demo`: the whole pipeline end to end on a corpus this machine already has.
 
-Builds a JSON lines corpus from the Python standard library's docstrings, trains a
-tokenizer on it, shards it, verifies the shards and prints where everything is. Every stage
-is skipped when its output already exists, so the command can be re-run.
+corpus (the Python standard library's docstrings; nothing is downloaded) -> tokenizer ->
+shards -> ALUM pretraining of a tiny BERT by 2 DeepSpeed ranks (ZeRO-2; standard MLM
+first, then ALUM) -> export to Hugging Face. Every stage is skipped when its output
+exists, and training resumes, so the command can be re-run.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from data_prep import manifest
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.docstring_corpus import write_corpus
+from data_prep.errors import UserError
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
+from pipeline.pretrain import free_port
 
 CORPUS_BYTES = 4 << 20
 VOCAB_SIZE = 4000
 SEQ_LEN = 128
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-def run_demo(out: str | Path, workers: int = 2) -> dict:
-    out = Path(out)
+def run_demo(out: str | Path, workers: int = 2, ranks: int = 2) -> dict:
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus" / "stdlib-docstrings.jsonl"
     if not corpus.exists():
         corpus.parent.mkdir(exist_ok=True)
         info = write_corpus(corpus, CORPUS_BYTES)
-        print(f"[1/4] corpus: {info['documents']:,} docstrings, {info['bytes'] / 1e6:.1f} MB -> {corpus}")
+        print(f"[1/5] corpus: {info['documents']:,} docstrings, {info['bytes'] / 1e6:.1f} MB -> {corpus}", flush=True)
     tokenizer = out / "tokenizer"
     if not tokenizer.exists():
         info = train_tokenizer(expand_inputs([str(corpus)]), ReadOptions(), tokenizer, vocab_size=VOCAB_SIZE, threads=workers)
-        print(f"[2/4] tokenizer: {info['vocab_size']:,} pieces from {info['lines_sampled']:,} lines -> {tokenizer}")
+        print(f"[2/5] tokenizer: {info['vocab_size']:,} pieces from {info['lines_sampled']:,} lines -> {tokenizer}", flush=True)
     shards = out / "shards"
-    settings = ShardSettings(seq_len=SEQ_LEN, val_fraction=0.02, piece_bytes=1 << 20)
-    info = shard_corpus([str(corpus)], tokenizer, shards, settings, workers=workers)
-    print(f"[3/4] shards: {shards}")
+    shard_corpus([str(corpus)], tokenizer, shards, ShardSettings(seq_len=SEQ_LEN, val_fraction=0.02, piece_bytes=1 << 20), workers=workers)
     checked = manifest.verify(shards)
-    data = manifest.read(shards)
-    print(f"[4/4] verified {checked['shards']} shards")
+    print(f"[3/5] shards: {checked['num_sequences']:,} sequences of {SEQ_LEN} tokens, {checked['shards']} verified shards -> {shards}", flush=True)
+
+    run_dir = out / "run"
+    print(f"[4/5] pretraining with {ranks} DeepSpeed ranks (ZeRO-2): standard MLM, then ALUM -> {run_dir}", flush=True)
+    _pretrain(run_dir, shards, tokenizer, ranks)
+
+    from pipeline.export import export
+
+    hf_dir = out / "hf-model"
+    export(run_dir, hf_dir, overwrite=True)
+    print(f"[5/5] exported -> {hf_dir}", flush=True)
     summary = {
-        "documents": data["stats"]["documents"],
-        "tokens": data["stats"]["tokens"],
-        "sequences": {name: split["num_sequences"] for name, split in data["splits"].items()},
-        "padding_fraction": round(data["stats"]["padding_tokens"] / max(1, data["num_sequences"] * SEQ_LEN), 4),
-        "shard_seconds": round(info.get("seconds", 0.0), 2),
-        "tokenizer": str(tokenizer),
-        "shards": str(shards),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "wandb offline run": str(next(iter(sorted((run_dir / "wandb").glob("offline-run-*"))), run_dir / "wandb")),
+        "exported model": str(hf_dir),
     }
-    print("demo summary")
+    print("demo done")
     for key, value in summary.items():
-        print(f"  {key:<16} {value}")
+        print(f"  {key:<18} {value}")
+    print(f"  load it with: AutoModelForMaskedLM.from_pretrained({str(hf_dir)!r})")
     return summary
+
+
+def _pretrain(run_dir: Path, shards: Path, tokenizer: Path, ranks: int) -> None:
+    """Start training the way users do, with the DeepSpeed launcher, and stream its log lines."""
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        "--module", "pipeline.pretrain", "--config", str(CONFIG), "--run-dir", str(run_dir),
+        f"data.shards={shards}", f"data.tokenizer={tokenizer}",
+    ]
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": os.pathsep.join([str(CONFIG.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, cwd=CONFIG.parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(("step ", "resumed", "pretrain:")):
+            print("      " + line.rstrip(), flush=True)
+    if process.wait() != 0:
+        tail = "".join(lines[-20:])
+        raise UserError(f"pretraining failed (exit {process.returncode}); its last lines:\n{tail}")

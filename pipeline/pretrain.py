@@ -184,6 +184,8 @@ def _loop(run: Run, state: TrainState, logger) -> None:
             if evaluate_now:
                 record.update(evaluate(engine, run.val, config, run.masking))
             logger.log(state.step, record)
+            if rank == 0:
+                print(_progress_line(state.step, train.max_steps, record), flush=True)
         if state.bad_streak > train.max_bad_steps:
             last, _ = checkpoint.latest_complete(run_dir)
             raise TrainingAborted(
@@ -193,6 +195,17 @@ def _loop(run: Run, state: TrainState, logger) -> None:
         if state.bad_streak == 0 and (state.step % config.checkpoint.every_steps == 0 or state.step == train.max_steps):
             checkpoint.save(engine, run_dir, state.step, _client_state(state, world_size), config.checkpoint.keep_last)
         step_start = time.perf_counter()
+
+
+def _progress_line(step: int, max_steps: int, record: dict) -> str:
+    line = (
+        f"step {step}/{max_steps} | loss {record['train/loss']:.4f} (mlm {record['train/loss_mlm']:.4f}, "
+        f"adv {record['train/loss_adv']:.2e}) | mask {record['train/mask_rate']:.0%} | lr {record['train/lr']:.2e} | "
+        f"{record['perf/tokens_per_s']:,.0f} tok/s"
+    )
+    if "eval/loss" in record:
+        line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f}"
+    return line
 
 
 def _train_step(engine, batches, config, step: int, device) -> dict:
@@ -330,12 +343,12 @@ def _init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=datetime.timedelta(minutes=10))
     return dist.get_rank(), dist.get_world_size()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -66,14 +66,6 @@ def train_shards(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # A few seconds per launch on 2 CPU cores: tiny BERT, 64-token rows, 16 samples a step.
 TRAIN_OVERRIDES = (
     "train.global_batch_size=16",
@@ -91,6 +83,8 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, worl
     """Launch training the way users do: the DeepSpeed launcher for several ranks, plain python for one."""
     args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
             f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
+    from pipeline.pretrain import free_port
+
     if world == 1:
         command = [sys.executable, "-m", "pipeline.pretrain", *args]
     else:

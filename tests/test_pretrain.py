@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port, pretrain, read_metrics, wandb_history, wandb_records
+from pipeline.pretrain import free_port
+from conftest import REPO, pretrain, read_metrics, wandb_history, wandb_records
 
 pytestmark = pytest.mark.slow
 
