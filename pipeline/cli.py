@@ -99,14 +99,6 @@ def cmd_export(args) -> None:
     print(f"exported: {export(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite)}")
 
 
-def cmd_pretrain(args) -> None:
-    from pipeline.pretrain import main as pretrain_main
-
-    code = pretrain_main(args.rest)
-    if code:
-        raise SystemExit(code)
-
-
 def cmd_demo(args) -> None:
     from pipeline.demo import run_demo
 
@@ -158,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("pretrain", help="train in this process (same as python -m pipeline.pretrain)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_pretrain)
+    # Listed for `alum --help`; `main` hands `alum pretrain ...` to pipeline.pretrain unparsed.
+    sub.add_parser("pretrain", help="train in this process (same as python -m pipeline.pretrain --help)")
 
     p = sub.add_parser("demo", help="the whole pipeline on a corpus built from Python's docstrings")
     p.add_argument("--out", default="runs/demo")
@@ -170,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pretrain"]:
+        from pipeline.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

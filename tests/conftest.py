@@ -79,17 +79,21 @@ TRAIN_OVERRIDES = (
 
 
 def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, world: int = 2, stage: int = 2,
-             config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run, **kwargs):
-    """Launch training the way users do: the DeepSpeed launcher for several ranks, plain python for one."""
-    args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
-            f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
+             launcher: str | None = None, config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run, **kwargs):
+    """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
+    `python -m pipeline.pretrain` (default for one) or `alum pretrain`."""
     from pipeline.pretrain import free_port
 
-    if world == 1:
-        command = [sys.executable, "-m", "pipeline.pretrain", *args]
-    else:
-        launcher = str(Path(sys.executable).parent / "deepspeed")
-        command = [launcher, "--num_gpus", str(world), "--master_port", str(free_port()), "--module", "pipeline.pretrain", *args]
+    args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
+            f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
+    launcher = launcher or ("deepspeed" if world > 1 else "python")
+    commands = {
+        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), "--module", "pipeline.pretrain"],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port()), "-m", "pipeline.pretrain"],
+        "python": [sys.executable, "-m", "pipeline.pretrain"],
+        "alum": [sys.executable, "-m", "pipeline.cli", "pretrain"],
+    }
+    command = commands[launcher] + args
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "WANDB_SILENT": "true"}
     if start is subprocess.run:
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)

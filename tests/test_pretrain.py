@@ -71,11 +71,12 @@ def test_alum_run_shows_both_stages(reference):
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_sample_order_does_not_depend_on_world_size_or_stage(reference, tmp_path, train_shards, bert_tokenizer):
-    stage, run_dir = reference
-    single = tmp_path / "one-rank"
-    ok(pretrain(single, train_shards, bert_tokenizer, *RUN, "train.max_steps=3", world=1, stage=0))
-    digests = [r["data/sample_digest"] for r in read_metrics(single)]
+@pytest.mark.parametrize("launcher, world, stage", [("alum", 1, 0), ("torchrun", 2, 1)])
+def test_sample_order_does_not_depend_on_launcher_world_size_or_stage(reference, tmp_path, train_shards, bert_tokenizer, launcher, world, stage):
+    _, run_dir = reference
+    other = tmp_path / launcher
+    ok(pretrain(other, train_shards, bert_tokenizer, *RUN, "train.max_steps=3", launcher=launcher, world=world, stage=stage))
+    digests = [r["data/sample_digest"] for r in read_metrics(other)]
     assert digests == [r["data/sample_digest"] for r in read_metrics(run_dir)][:3]
 
 
@@ -111,6 +112,11 @@ def test_resume_equals_the_uninterrupted_run(reference, tmp_path, train_shards, 
     resumed = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage))
     assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+    # Both launches wrote to the same W&B run.
+    launches = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(launches) == 2 and len({p.name.rsplit("-", 1)[1] for p in launches}) == 1
+    # kill -9 can lose what W&B had not flushed; the resumed launch logs everything after the checkpoint.
+    assert set(range(5, 9)) <= set(wandb_history(run_dir))
 
 
 def test_export_matches_the_training_model(reference, tmp_path):
