@@ -34,7 +34,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     config: str = "configs/models/tiny.yaml"  # a model-size YAML, or an HF config/model directory
-    init_from: str | None = None  # an HF model directory: continual pretraining from its weights
+    init_from: str | None = None  # an HF model directory: continual pretraining from its weights (and its config)
     activation_checkpointing: bool = False
 
 

@@ -92,7 +92,9 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
         _check_data(dataset, tokenizer, config)
         dataset.verify_checksums(rank, world_size)
         val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
-        model_config = hf_config(config.model.config, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
+        # A model to continue from brings its own architecture.
+        source = config.model.init_from or config.model.config
+        model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
         return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size)
 
     config, tokenizer, dataset, val, model_config, ds_config = _on_every_rank(checks)
