@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from data_prep.errors import UserError
@@ -54,12 +53,9 @@ def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len
 
 
 def _config_from_yaml(path: Path, vocab_size: int, special_ids: dict[str, int]):
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: expected a mapping of model config keys")
+    from pipeline.config import read_yaml_mapping
+
+    spec = read_yaml_mapping(path, "model config keys")
     arch = spec.pop("arch", None)
     if arch not in ARCHS:
         raise UserError(f"{path}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")

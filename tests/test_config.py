@@ -320,7 +320,7 @@ def test_an_override_needs_key_and_value(tmp_path):
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
-    with raises_naming("config file not found"):
+    with raises_naming("nope.yaml: file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
