@@ -2,10 +2,11 @@
 
 Three ratios, all taken on CPU in fp32 with plain PyTorch (a module, `torch.optim.AdamW`
 from `pipeline.engine.make_optimizer`, `loss.backward()`, `optimizer.step()`). No DeepSpeed
-engine: the ratios are about the computation of a step, which the engine wraps but does
-not change (on one process without ZeRO it adds the same bookkeeping to every variant).
-The model is a small BERT built by the project's own `hf_config` / `build_model`, in
-train mode (dropout on), and every variant starts from the same weights.
+engine: the ratios are about the computation of a step, which the engine wraps without
+changing it; its own per-step work (gradient clipping, ZeRO bookkeeping) is the same for
+every variant and is left out. The model is a small BERT built by the project's own
+`hf_config` / `build_model`, in train mode (dropout on); every variant starts from the
+same weights, and a check in eval mode confirms HF and the project compute the same loss.
 
 1. Standard step: `MaskedLM` (LM head on the masked positions only) + `mlm_loss` +
    backward + step, against HF `BertForMaskedLM(..., labels=...)` (logits at every position,
@@ -26,7 +27,7 @@ each in turn, and each round reports the median step time of each variant and th
 of those medians; the summary is the median over rounds of each ratio.
 
     python bench/bench_step.py                     # hidden 256, 4 layers, batch 8 x 128, 5 rounds
-    python bench/bench_step.py --rounds 3 --steps 3 --batch 16 --vocab 30000
+    python bench/bench_step.py --rounds 2 --steps 3 --batch 16 --vocab 16000
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,18 +43,16 @@ from types import SimpleNamespace
 
 import torch
 
+from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.shard import ShardSettings, shard_corpus
+from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
+from pipeline.data import Masking, ShardDataset, step_batches
+from pipeline.engine import make_optimizer
+from pipeline.model import MaskedLM, build_model, hf_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SOURCE = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data")) / "wikitext-2" / "train.txt"
-
-from data_prep.corpus import ReadOptions, expand_inputs  # noqa: E402
-from data_prep.shard import ShardSettings, shard_corpus  # noqa: E402
-from data_prep.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss  # noqa: E402
-from pipeline.data import Masking, ShardDataset, step_batches  # noqa: E402
-from pipeline.engine import make_optimizer  # noqa: E402
-from pipeline.model import MaskedLM, build_model, hf_config  # noqa: E402
-
 SEED = 0
 
 
@@ -100,6 +98,97 @@ def hf_labels(batch) -> torch.Tensor:
     return labels
 
 
+def make_steps(hf, standard: MaskedLM, alum: MaskedLM) -> dict:
+    """One training step of each variant, as a function of a micro-batch."""
+    train = SimpleNamespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
+    optimizers = {name: make_optimizer(m, train, {}) for name, m in (("hf", hf), ("standard", standard), ("alum", alum))}
+    adversarial = AdversarialConfig(method="alum", start_step=0, steps=1)
+    adversarial.validate()
+
+    def update(name: str, loss: torch.Tensor) -> None:
+        loss.backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    def hf_step(batch) -> None:
+        update("hf", hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss)
+
+    def standard_step(batch) -> None:
+        logits, _ = standard(batch.input_ids, batch.attention_mask, batch.positions)
+        update("standard", mlm_loss(logits, batch.labels))
+
+    def alum_step(batch) -> None:
+        ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
+        out = compute_losses(
+            lambda delta: alum(ids, mask, positions, delta),
+            lambda delta: alum(ids, mask, positions, delta)[0],
+            batch.labels, adversarial, step=0,
+        )
+        update("alum", out.loss)
+
+    return {"hf": hf_step, "standard": standard_step, "alum": alum_step}
+
+
+def measure(steps: dict, load, batches: list, args, tokens: int) -> list[dict]:
+    """Per round: each variant's median step time, interleaved step by step, and the ratios."""
+    names = list(steps)
+    for batch in batches[: args.warmup]:
+        for step in steps.values():
+            step(batch)
+        load(0)
+    rounds = []
+    for r in range(args.rounds):
+        times = {name: [] for name in (*names, "data")}
+        for s, batch in enumerate(batches[args.warmup :]):
+            for name in names[s % 3 :] + names[: s % 3]:  # rotate who goes first
+                started = time.perf_counter()
+                steps[name](batch)
+                times[name].append(time.perf_counter() - started)
+            for k in range(3):  # a few ms each: three calls per turn, each a sample
+                started = time.perf_counter()
+                load(1000 * r + 10 * s + k)
+                times["data"].append(time.perf_counter() - started)
+        m = {name: statistics.median(values) for name, values in times.items()}
+        result = {
+            **m,
+            "hf_tok_s": tokens / m["hf"],
+            "standard_tok_s": tokens / m["standard"],
+            "speedup": m["hf"] / m["standard"],
+            "alum_ratio": m["alum"] / m["standard"],
+            "data_standard": m["data"] / m["standard"],
+            "data_alum": m["data"] / m["alum"],
+        }
+        rounds.append(result)
+        print(
+            f"round {r + 1}: HF {m['hf'] * 1e3:5.0f} ms ({result['hf_tok_s']:,.0f} tok/s) | "
+            f"project {m['standard'] * 1e3:5.0f} ms ({result['standard_tok_s']:,.0f} tok/s) | "
+            f"ALUM {m['alum'] * 1e3:5.0f} ms | data {m['data'] * 1e3:4.1f} ms | "
+            f"project/HF {result['speedup']:.2f}x | ALUM/standard {result['alum_ratio']:.2f} | "
+            f"data {result['data_standard']:.2%} of standard, {result['data_alum']:.2%} of ALUM",
+            flush=True,
+        )
+    return rounds
+
+
+def report(rounds: list[dict]) -> None:
+    def summary(key: str, spec: str = ".2f") -> tuple[float, str]:
+        values = [r[key] for r in rounds]
+        return statistics.median(values), ", ".join(format(v, spec) for v in values)
+
+    hf_tok, _ = summary("hf_tok_s")
+    std_tok, _ = summary("standard_tok_s")
+    speedup, speedups = summary("speedup")
+    ratio, ratios = summary("alum_ratio")
+    data_ms, _ = summary("data")
+    data_std, data_stds = summary("data_standard", ".2%")
+    data_alum, data_alums = summary("data_alum", ".2%")
+    print(f"median standard step: project {std_tok:,.0f} tok/s vs HF BertForMaskedLM {hf_tok:,.0f} tok/s: "
+          f"project/HF {speedup:.2f}x (target >= 1.3; rounds: {speedups})")
+    print(f"median ALUM step (K=1) / standard step: {ratio:.2f} (target <= 2.8, FLOP bound ~2.67; rounds: {ratios})")
+    print(f"median data loading + masking: {data_ms * 1e3:.1f} ms = {data_std:.2%} of the standard step "
+          f"(target <= 3%; rounds: {data_stds}), {data_alum:.2%} of the ALUM step (rounds: {data_alums})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -131,105 +220,19 @@ def main() -> None:
             return step_batches(dataset, step * args.batch, args.batch, args.batch, 0, 1, SEED, step, args.mask_rate, masking)[1][0]
 
         hf, standard, alum = build_models(work, tokenizer, dataset.seq_len, args)
-        train = SimpleNamespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
-        optimizers = {name: make_optimizer(m, train, {}) for name, m in (("hf", hf), ("standard", standard), ("alum", alum))}
-        adversarial = AdversarialConfig(method="alum", start_step=0, steps=1)
-        adversarial.validate()
         batches = [load(step) for step in range(args.warmup + args.steps)]
-        masked = statistics.mean(b.labels.numel() for b in batches) / (args.batch * dataset.seq_len)
-
-        def hf_step(batch) -> None:
-            loss = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss
-            loss.backward()
-            optimizers["hf"].step()
-            optimizers["hf"].zero_grad(set_to_none=True)
-
-        def standard_step(batch) -> None:
-            logits, _ = standard(batch.input_ids, batch.attention_mask, batch.positions)
-            mlm_loss(logits, batch.labels).backward()
-            optimizers["standard"].step()
-            optimizers["standard"].zero_grad(set_to_none=True)
-
-        def alum_step(batch) -> None:
-            ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
-            out = compute_losses(
-                lambda delta: alum(ids, mask, positions, delta),
-                lambda delta: alum(ids, mask, positions, delta)[0],
-                batch.labels, adversarial, step=0,
-            )
-            out.loss.backward()
-            optimizers["alum"].step()
-            optimizers["alum"].zero_grad(set_to_none=True)
-
-        variants = {"hf": hf_step, "standard": standard_step, "alum": alum_step}
-        params = sum(p.numel() for p in hf.parameters())
+        scored = statistics.mean(b.labels.numel() for b in batches) / (args.batch * dataset.seq_len)
         gap = check_same_objective(hf, standard, batches[0])
         print(
             f"model: BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
-            f"vocab {hf.config.vocab_size}, {params / 1e6:.1f}M parameters; batch {args.batch} x {dataset.seq_len}, "
-            f"mask rate {args.mask_rate} ({masked:.1%} of tokens scored); fp32, {torch.get_num_threads()} threads, dropout on"
+            f"vocab {hf.config.vocab_size}, {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters; "
+            f"batch {args.batch} x {dataset.seq_len}, mask rate {args.mask_rate} ({scored:.1%} of tokens scored); "
+            f"fp32, {torch.get_num_threads()} threads, dropout on"
         )
         print(f"data: {len(dataset):,} rows of WikiText-2 train, tokenizer + shards built in {prep:.1f} s; "
               f"|HF loss - project loss| in eval mode = {gap:.1e}")
-
-        for i in range(args.warmup):
-            for step in variants.values():
-                step(batches[i])
-            load(i)
-
-        tokens = args.batch * dataset.seq_len
-        rounds = []
-        names = list(variants)
-        for r in range(args.rounds):
-            times = {name: [] for name in (*names, "data")}
-            for s in range(args.steps):
-                batch = batches[args.warmup + s]
-                order = names[s % 3:] + names[: s % 3]  # rotate who goes first
-                for name in order:
-                    t0 = time.perf_counter()
-                    variants[name](batch)
-                    times[name].append(time.perf_counter() - t0)
-                for k in range(3):  # a few ms each: three calls per turn, each a sample
-                    t0 = time.perf_counter()
-                    load(1000 * r + 10 * s + k)
-                    times["data"].append(time.perf_counter() - t0)
-            m = {name: statistics.median(values) for name, values in times.items()}
-            result = {
-                "hf_tok_s": tokens / m["hf"],
-                "standard_tok_s": tokens / m["standard"],
-                "alum_tok_s": tokens / m["alum"],
-                "speedup": m["hf"] / m["standard"],
-                "alum_ratio": m["alum"] / m["standard"],
-                "data_standard": m["data"] / m["standard"],
-                "data_alum": m["data"] / m["alum"],
-                **m,
-            }
-            rounds.append(result)
-            print(
-                f"round {r + 1}: HF {m['hf'] * 1e3:6.0f} ms ({result['hf_tok_s']:,.0f} tok/s) | "
-                f"project {m['standard'] * 1e3:6.0f} ms ({result['standard_tok_s']:,.0f} tok/s) | "
-                f"ALUM {m['alum'] * 1e3:6.0f} ms | data {m['data'] * 1e3:5.1f} ms | "
-                f"project/HF {result['speedup']:.2f}x | ALUM/standard {result['alum_ratio']:.2f} | "
-                f"data {result['data_standard']:.2%} of standard, {result['data_alum']:.2%} of ALUM",
-                flush=True,
-            )
-
-        def summary(key: str, spec: str = ".2f") -> tuple[float, str]:
-            values = [r[key] for r in rounds]
-            return statistics.median(values), ", ".join(format(v, spec) for v in values)
-
-        hf_tok, _ = summary("hf_tok_s")
-        std_tok, _ = summary("standard_tok_s")
-        speedup, speedups = summary("speedup")
-        ratio, ratios = summary("alum_ratio")
-        data_std, data_stds = summary("data_standard", ".2%")
-        data_alum, data_alums = summary("data_alum", ".2%")
-        data_ms, _ = summary("data")
-        print(f"median standard step: project {std_tok:,.0f} tok/s vs HF BertForMaskedLM {hf_tok:,.0f} tok/s: "
-              f"project/HF {speedup:.2f}x (target >= 1.3; rounds: {speedups})")
-        print(f"median ALUM step (K=1) / standard step: {ratio:.2f} (target <= 2.8, FLOP bound ~2.67; rounds: {ratios})")
-        print(f"median data loading + masking: {data_ms * 1e3:.1f} ms = {data_std:.2%} of the standard step "
-              f"(target <= 3%; rounds: {data_stds}), {data_alum:.2%} of the ALUM step (rounds: {data_alums})")
+        rounds = measure(make_steps(hf, standard, alum), load, batches, args, args.batch * dataset.seq_len)
+        report(rounds)
 
 
 if __name__ == "__main__":

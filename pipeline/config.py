@@ -10,6 +10,7 @@ and logged to W&B, so a run can always be reproduced from its own directory.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
     threads_per_rank: int = 0  # torch threads per process; 0 = cores / local ranks
+    stop_signals: str = "SIGTERM,SIGUSR1"  # any of these to any rank: checkpoint at the next step, exit 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,9 @@ def _validate(config: RunConfig) -> None:
         raise UserError(f"train.global_batch_size {train.global_batch_size} is not a multiple of train.micro_batch_size {train.micro_batch_size}")
     if train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"train.precision: expected auto, fp32, bf16 or fp16, got {train.precision!r}")
+    for name in filter(None, (n.strip() for n in train.stop_signals.split(","))):
+        if not name.startswith("SIG") or not hasattr(signal, name):
+            raise UserError(f"train.stop_signals: {name!r} is not a signal name (e.g. SIGTERM,SIGUSR1)")
     if config.wandb.mode not in ("online", "offline", "disabled"):
         raise UserError(f"wandb.mode: expected online, offline or disabled, got {config.wandb.mode!r}")
     if config.checkpoint.every_steps < 1 or config.checkpoint.keep_last < 1:

@@ -17,6 +17,7 @@ import argparse
 import datetime
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -26,6 +27,25 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError
+
+
+class StopRequest:
+    """Set by a stop signal; the ranks agree on it at the next step boundary.
+
+    The handler only records the signal: the step in flight finishes, then every rank sees
+    the request in the step's all-reduce, saves one checkpoint together and exits 0.
+    """
+
+    signal_name: str | None = None
+
+    @classmethod
+    def install(cls, names: str) -> None:
+        for name in filter(None, (n.strip() for n in names.split(","))):
+            signal.signal(getattr(signal, name), cls._handle)
+
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        cls.signal_name = signal.Signals(signum).name
 
 
 class TrainingAborted(Exception):
@@ -122,6 +142,7 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
 
     run = prepare(config_path, run_dir, overrides)
     rank = int(os.environ["RANK"])
+    StopRequest.install(run.config.train.stop_signals)
     state = _resume(run.engine, run_dir, run.config, rank)
     logger = MetricsLogger(run_dir, rank == 0, state.step, run.config.wandb, state.wandb_id, _config_dict(run.config))
     state.wandb_id = logger.wandb_id
@@ -152,6 +173,7 @@ def _loop(run: Run, state: TrainState, logger) -> None:
             rank, world_size, train.seed, state.step, rate, run.masking,
         )
         sums = _train_step(engine, batches, config, state.step, device)
+        sums["stop"] = float(StopRequest.signal_name is not None)
         state.step += 1
         state.consumed_samples += train.global_batch_size
         stats = _all_reduce_sum(sums, device)
@@ -194,8 +216,13 @@ def _loop(run: Run, state: TrainState, logger) -> None:
                 f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row (train.max_bad_steps={train.max_bad_steps}); "
                 f"the last good checkpoint is {last or 'none'}"
             )
-        if state.bad_streak == 0 and (state.step % config.checkpoint.every_steps == 0 or state.step == train.max_steps):
+        stop = stats["stop"] > 0
+        if state.bad_streak == 0 and (stop or state.step % config.checkpoint.every_steps == 0 or state.step == train.max_steps):
             checkpoint.save(engine, run_dir, state.step, _client_state(state, world_size), config.checkpoint.keep_last)
+        if stop:
+            if rank == 0:
+                print(f"stop requested ({StopRequest.signal_name or 'by another rank'}): saved step {state.step}; re-run the same command to continue", flush=True)
+            return
         step_start = time.perf_counter()
 
 

@@ -174,3 +174,30 @@ def test_continual_pretraining_from_an_export_and_from_a_checkpoint(reference, t
 
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_sigterm_to_one_rank_saves_exits_zero_and_resumes_exactly(reference, tmp_path, train_shards, bert_tokenizer):
+    import psutil
+
+    _, uninterrupted = reference
+    run_dir = tmp_path / "preempted"
+    process = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, start=subprocess.Popen,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if "pipeline.pretrain" in " ".join(p.cmdline())]
+    second = next(p for p in ranks if "--local_rank=1" in p.cmdline())
+    second.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "stop requested (by another rank): saved step" in output
+    stopped_at = read_metrics(run_dir)[-1]["step"]
+    assert 2 <= stopped_at < 8
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped_at:08d}"
+
+    resumed = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN))
+    assert f"step{stopped_at:08d}" in resumed.stdout
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
