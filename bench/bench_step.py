@@ -26,14 +26,21 @@ machine is shared and noisy: within each round the variants run interleaved, one
 each in turn, and each round reports the median step time of each variant and the ratios
 of those medians; the summary is the median over rounds of each ratio.
 
+On CPU, glibc hands large freed blocks back to the OS, and a step whose peak memory
+exceeds the last one's (ALUM's, with its extra graphs and [N, V] KL tensors) then pays
+page faults on fresh pages. `--malloc-keep` turns that off (mallopt: no trimming, a fixed
+32 MiB mmap threshold) to show the step without that cost; the trainer does not do it.
+
     python bench/bench_step.py                     # hidden 256, 4 layers, batch 8 x 128, 5 rounds
     python bench/bench_step.py --rounds 2 --steps 3 --batch 16 --vocab 16000
+    python bench/bench_step.py --malloc-keep       # without glibc's page-fault cost
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import os
 import statistics
 import tempfile
@@ -81,14 +88,24 @@ def build_models(work: Path, tokenizer, seq_len: int, args) -> tuple[torch.nn.Mo
     return hf, standard, alum
 
 
+def keep_freed_memory() -> None:
+    """glibc: keep freed memory in the process (no trimming, blocks up to 32 MiB from the heap)."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 << 20)):
+        raise SystemExit("--malloc-keep: mallopt failed")
+
+
 def check_same_objective(hf, model: MaskedLM, batch) -> float:
     """|HF loss - project loss| in eval mode: both variants must compute the same MLM loss."""
-    hf.eval(), model.eval()
+    hf.eval()
+    model.eval()
     with torch.no_grad():
         reference = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss
         logits, _ = model(batch.input_ids, batch.attention_mask, batch.positions)
         ours = mlm_loss(logits, batch.labels)
-    hf.train(), model.train()
+    hf.train()
+    model.train()
     return abs(reference.item() - ours.item())
 
 
@@ -203,8 +220,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps of each variant per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each variant first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--malloc-keep", action="store_true", help="glibc keeps freed memory (no page faults on reuse)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc_keep:
+        keep_freed_memory()
 
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         work = Path(tmp)
@@ -227,7 +247,7 @@ def main() -> None:
             f"model: BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
             f"vocab {hf.config.vocab_size}, {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters; "
             f"batch {args.batch} x {dataset.seq_len}, mask rate {args.mask_rate} ({scored:.1%} of tokens scored); "
-            f"fp32, {torch.get_num_threads()} threads, dropout on"
+            f"fp32, {torch.get_num_threads()} threads, dropout on, malloc {'keeps freed memory' if args.malloc_keep else 'glibc default'}"
         )
         print(f"data: {len(dataset):,} rows of WikiText-2 train, tokenizer + shards built in {prep:.1f} s; "
               f"|HF loss - project loss| in eval mode = {gap:.1e}")
