@@ -116,9 +116,7 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     A batch with no masked token gives a zero that still depends on ``logits``, so the
     trainer's backward (and DeepSpeed's gradient hooks) run as on any other step.
     """
-    if labels.numel() == 0:
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float(), labels)
+    return _nll(_log_probs(logits), labels)
 
 
 def symmetric_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
@@ -128,7 +126,7 @@ def symmetric_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     distribution: the result is KL(stopgrad(p) || q) + KL(stopgrad(q) || p). Each logit tensor
     is thus pulled towards the other, and no gradient flows through a softmax used as a target.
     """
-    return _kl(p_logits.detach(), q_logits) + _kl(q_logits.detach(), p_logits)
+    return _symmetric_kl(_log_probs(p_logits), _log_probs(q_logits))
 
 
 def token_norm(x: Tensor, norm: str) -> Tensor:
@@ -164,18 +162,20 @@ def compute_losses(
     """
     replay = _RngState.capture()
     p_logits, embedded = forward(None)
-    loss_mlm = mlm_loss(p_logits, labels)
+    # Each [N, V] log-softmax is computed once and shared by the MLM loss and both KLs.
+    log_p = _log_probs(p_logits)
+    loss_mlm = _nll(log_p, labels)
     if not config.active(step):
         return StepLosses(loss_mlm, loss_mlm, 0.0, 0.0, 0.0, False)
 
     delta = torch.randn_like(embedded) * config.noise_std
     after_noise = _RngState.capture()
-    target = p_logits.detach()
+    target = log_p.detach()
     skipped = False
     for _ in range(config.steps):
         replay.restore()
         delta.requires_grad_(True)
-        kl = _kl(target, ascent_forward(delta))
+        kl = _kl(target, _log_probs(ascent_forward(delta)))
         (grad,) = torch.autograd.grad(kl, delta)
         if not torch.isfinite(grad).all():
             skipped = True
@@ -185,7 +185,7 @@ def compute_losses(
     replay.restore()
     q_logits, _ = forward(delta.detach())
     after_noise.restore()
-    loss_adv = symmetric_kl(p_logits, q_logits)
+    loss_adv = _symmetric_kl(log_p, _log_probs(q_logits))
     skipped = skipped or not torch.isfinite(loss_adv).item()
     delta_norm = token_norm(delta, config.norm).mean().item()
     grad_norm = token_norm(grad, config.norm).mean().item()
@@ -195,12 +195,24 @@ def compute_losses(
     return StepLosses(loss, loss_mlm, loss_adv.item(), delta_norm, grad_norm, False)
 
 
-def _kl(target_logits: Tensor, logits: Tensor) -> Tensor:
-    """KL(softmax(target) || softmax(logits)) summed over the vocabulary, mean over tokens."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    log_p = F.log_softmax(target_logits.float(), dim=-1)
-    total = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
-    return total / max(logits.shape[0], 1)
+def _log_probs(logits: Tensor) -> Tensor:
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _nll(log_probs: Tensor, labels: Tensor) -> Tensor:
+    if labels.numel() == 0:
+        return log_probs.sum() * 0.0
+    return F.nll_loss(log_probs, labels)
+
+
+def _kl(target_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """KL(target || q) from log-probabilities, summed over the vocabulary, mean over tokens."""
+    total = F.kl_div(log_probs, target_log_probs, reduction="sum", log_target=True)
+    return total / max(log_probs.shape[0], 1)
+
+
+def _symmetric_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    return _kl(log_p.detach(), log_q) + _kl(log_q.detach(), log_p)
 
 
 class _RngState:

@@ -15,6 +15,7 @@ over numpy arrays. Its round function is the splitmix64 finaliser (`mix64`), whi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -65,7 +66,7 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     if positions.size and (positions.min() < 0 or positions.max() >= n):
         raise ValueError(f"positions must be in [0, {n})")
     half = max(1, ((n - 1).bit_length() + 1) // 2)
-    keys = [hash_parts(_ORDER_DOMAIN, seed, epoch, r) for r in range(_FEISTEL_ROUNDS)]
+    keys = _round_keys(seed, epoch)
     out = _feistel(positions.astype(np.uint64), half, keys)
     # Cycle walking: re-encrypt values that left [0, n). The domain is < 4n, so few repeats.
     outside = out >= np.uint64(n)
@@ -75,7 +76,13 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     return out.astype(np.int64)
 
 
-def _feistel(x: np.ndarray, half: int, keys: list[np.ndarray]) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _round_keys(seed: int, epoch: int) -> tuple[np.ndarray, ...]:
+    """The Feistel round keys of an epoch's permutation (cached: every batch needs them)."""
+    return tuple(hash_parts(_ORDER_DOMAIN, seed, epoch, r) for r in range(_FEISTEL_ROUNDS))
+
+
+def _feistel(x: np.ndarray, half: int, keys: tuple[np.ndarray, ...]) -> np.ndarray:
     """A balanced Feistel network on 2 * half bits: invertible whatever the round function."""
     shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
     left, right = x >> shift, x & mask
