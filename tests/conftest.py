@@ -149,3 +149,27 @@ def wandb_history(run_dir: Path) -> dict[int, dict]:
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             rows[row["_step"]] = row
     return rows
+
+
+# A perturbation large enough that the adversarial term is well above float32 rounding of the loss.
+RUN = ("train.max_steps=8", "adversarial.method=alum", "adversarial.start_step=4", "adversarial.step_size=0.1",
+       "adversarial.noise_std=0.01", "checkpoint.every_steps=4", "eval.every_steps=4")
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="session", params=[2, 3], ids=["zero2", "zero3"])
+def reference(request, tmp_path_factory, train_shards, bert_tokenizer) -> tuple[int, Path]:
+    """An 8-step, 2-rank ALUM run (standard MLM for 4 steps) per ZeRO stage: what other runs must reproduce."""
+    stage = request.param
+    run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+    ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage))
+    return stage, run_dir
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metrics without wall-clock figures."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
