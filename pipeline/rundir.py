@@ -23,7 +23,10 @@ from pipeline.config import RunConfig, dump, load_config, to_dict
 
 CONFIG = "config.yaml"
 MODEL = "model"
-CHANGEABLE = {"train.max_steps", "train.log_every", "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches"}
+CHANGEABLE = {
+    "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.stop_signals",
+    "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches",
+}
 
 
 def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: Path) -> RunConfig:
