@@ -52,7 +52,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
 KEY = "adversarial"
@@ -224,6 +223,8 @@ class _RngState:
 
     @classmethod
     def capture(cls) -> _RngState:
+        from deepspeed.accelerator import get_accelerator  # imported on use: deepspeed is slow to import
+
         accel = get_accelerator()
         on_device = accel.device_name() != "cpu"
         return cls(torch.get_rng_state(), accel.get_rng_state() if on_device else None)
@@ -231,6 +232,8 @@ class _RngState:
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.accelerator is not None:
+            from deepspeed.accelerator import get_accelerator
+
             get_accelerator().set_rng_state(self.accelerator)
 
 
