@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import multiprocessing
-import os
 import queue
 import shutil
 import time

@@ -74,7 +74,7 @@ def test_training_is_seeded_and_sample_is_bounded(tmp_path, wikitext_valid):
     assert len(sample_a) == 500 < seen
     assert sample_a == sample_b != sample_c
     one = train_tokenizer(files, ReadOptions(), tmp_path / "a", vocab_size=800, seed=3, sample_lines=1000, threads=1)
-    two = train_tokenizer(files, ReadOptions(), tmp_path / "b", vocab_size=800, seed=3, sample_lines=1000, threads=1)
+    train_tokenizer(files, ReadOptions(), tmp_path / "b", vocab_size=800, seed=3, sample_lines=1000, threads=1)
     assert one["lines_sampled"] == 1000
     assert load_tokenizer(tmp_path / "a").sha256 == load_tokenizer(tmp_path / "b").sha256
 
