@@ -76,7 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:
         _report(f"pretrain: stopped: {e}")
         return 3
+    finally:
+        _shutdown_distributed()
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Leave the process group before exit: tearing it down during interpreter shutdown can
+    abort the process ("terminate called without an active exception") after a clean error."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass
