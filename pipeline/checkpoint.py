@@ -5,6 +5,11 @@ scheduler, ZeRO partitions), the client state (consumed samples, counters, W&B r
 every rank's RNG states (`rng_rank00000.pt`: dropout is the only randomness with state;
 masking and sample order are counter-based), and `complete.json`.
 
+ZeRO partitions the optimizer state by rank, and DeepSpeed refuses to load a partitioned
+checkpoint on another number of ranks. A resume on another world size first converts the
+checkpoint into DeepSpeed's universal format (one file per parameter and optimizer state,
+`<tag>/universal/`, made once by rank 0 and kept) and loads that instead.
+
 DeepSpeed writes `latest` from rank 0 before the other ranks are known to have finished,
 and not atomically, so it is not used: every rank fsyncs, all ranks meet at a barrier,
 and only then rank 0 writes `complete.json` and moves `checkpoints/latest` (temporary
@@ -13,6 +18,10 @@ name + rename). A checkpoint without `complete.json` is never loaded.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +36,9 @@ from data_prep.errors import UserError
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete.json"
+UNIVERSAL = "universal"
+# What DeepSpeed's universal conversion needs to find in a checkpoint's client state.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def tag_for(step: int) -> str:
@@ -51,11 +63,24 @@ def latest_complete(run_dir: Path) -> tuple[str | None, str | None]:
     return complete[-1], f"{pointer} does not name a complete checkpoint; resuming from {complete[-1]}"
 
 
+def remove_partial(run_dir: Path, after: str | None) -> list[str]:
+    """Delete checkpoint directories newer than `after` that never became complete.
+
+    They are what a crash during a save leaves behind; the run goes on from `after` and
+    will write those steps again, so nothing in them is ever read.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    partial = sorted(p for p in root.glob("step*") if p.is_dir() and not is_complete(p) and (after is None or p.name > after))
+    for path in partial:
+        shutil.rmtree(path)
+    return [p.name for p in partial]
+
+
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
     """Save on every rank; returns the tag once it is complete everywhere."""
     root = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, **UNIVERSAL_INFO}, save_latest=False)
     rank = dist.get_rank()
     torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
     _fsync_tree(root / tag)
@@ -68,12 +93,39 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
     return tag
 
 
+def _repair_zero3_universal_load(optimizer, weight_decay: list[float]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader (harmless for stages 1-2).
+
+    It gives every parameter group the first group's hyperparameters (weight decay on
+    biases and norms), and it hands one shared `step` tensor to every group's Adam state,
+    which Adam then increments once per group per step (wrong bias correction from the
+    second group on). Found because a 2 -> 1 rank resume drifted from the uninterrupted
+    run by 2e-4 in the loss within 4 steps; with this it matches to float rounding.
+    """
+    for group, decay in zip(optimizer.param_groups, weight_decay):
+        group["weight_decay"] = decay
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def saved_world_size(run_dir: Path, tag: str) -> int:
+    return json.loads((Path(run_dir) / CHECKPOINTS / tag / COMPLETE).read_text())["world_size"]
+
+
 def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
-    """Load a complete checkpoint into the engine; returns its client state."""
+    """Load a complete checkpoint into the engine; returns its client state.
+
+    An engine configured with `checkpoint.load_universal` reads the universal copy of the
+    checkpoint (see `make_universal`).
+    """
     root = Path(run_dir) / CHECKPOINTS
+    universal = engine.load_universal_checkpoint()
+    load_dir, load_tag = (root / tag, UNIVERSAL) if universal else (root, tag)
+    weight_decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
     try:
         path, client_state = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
+            str(load_dir), tag=load_tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
             load_module_only=not load_optimizer,
         )
     except RuntimeError as e:
@@ -83,7 +135,43 @@ def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
         raise UserError(f"{root / tag}: checkpoint does not fit this model ({detail})") from None
     if path is None:
         raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+    if universal:
+        _repair_zero3_universal_load(engine.optimizer, weight_decay)
     return client_state or {}
+
+
+def make_universal(run_dir: Path, tag: str) -> bool:
+    """Give a checkpoint its universal copy (rank 0 converts, every rank waits); True if made now."""
+    tag_dir = Path(run_dir) / CHECKPOINTS / tag
+    target = tag_dir / UNIVERSAL
+    made = False
+    if dist.get_rank() == 0 and not is_complete(target):
+        _convert_to_universal(tag_dir, target)
+        made = True
+    dist.barrier()
+    return made
+
+
+def _convert_to_universal(tag_dir: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal into a temporary directory, renamed once complete."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as e:
+        raise RuntimeError(f"{tag_dir}: conversion to a universal checkpoint failed: {e}\n{log.getvalue()[-2000:]}") from e
+    (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal; we name the directory ourselves
+    atomic.write_json(partial / COMPLETE, {"source": tag_dir.name})
+    _fsync_tree(partial)
+    partial.rename(target)
+    atomic.fsync_dir(tag_dir)
 
 
 def restore_rng(run_dir: Path, tag: str) -> None:

@@ -58,6 +58,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
     threads_per_rank: int = 0  # torch threads per process; 0 = cores / local ranks
     stop_signals: str = "SIGTERM,SIGUSR1"  # any of these to any rank: checkpoint at the next step, exit 0
+    dist_timeout_s: float = 600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,17 @@ def _validate(config: RunConfig) -> None:
 
 def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.0005}} -> {"train.lr": 0.0005}: the dotted keys users write in overrides."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "deepspeed":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def dump(config: RunConfig) -> str:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.config, Path(args.run_dir), args.overrides)
     except UserError as e:
-        _report(f"pretrain: error: {e}")
+        _report(f"pretrain: error: {e}", every_rank=not _distributed_ready())
         return 2
     except TrainingAborted as e:
         _report(f"pretrain: stopped: {e}")
@@ -81,13 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _distributed_ready() -> bool:
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _shutdown_distributed() -> None:
     """Leave the process group before exit: tearing it down during interpreter shutdown can
     abort the process ("terminate called without an active exception") after a clean error."""
     import torch.distributed
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed_ready():
         torch.distributed.destroy_process_group()
+
+
+@dataclass
+class StartPoint:
+    """The checkpoint a launch loads: its own run's latest complete one (a resume), or
+    `checkpoint.init_from` (continual pretraining)."""
+
+    run_dir: Path
+    tag: str
+    resume: bool
+    world_size: int  # of the run that wrote it
+    note: str | None = None
 
 
 @dataclass
@@ -101,6 +119,7 @@ class Run:
     dataset: object
     val: object
     masking: object
+    start: StartPoint | None
 
 
 def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run:
@@ -110,11 +129,11 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
 
     from data_prep.tokenizer import load_tokenizer
     from pipeline.data import Masking, ShardDataset
-    from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
+    from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
     from pipeline.model import MaskedLM, build_model, hf_config
     from pipeline.rundir import resolve_run_config, write_run_files
 
-    rank, world_size = _init_distributed()
+    rank, world_size = _init_distributed(_dist_timeout(config_path, overrides, run_dir))
 
     def checks():
         config = resolve_run_config(config_path, overrides, run_dir)
@@ -126,9 +145,13 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
         # A model to continue from brings its own architecture.
         source = config.model.init_from or config.model.config
         model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
-        return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size)
+        return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size), _start_point(run_dir, config)
 
-    config, tokenizer, dataset, val, model_config, ds_config = _on_every_rank(checks)
+    config, tokenizer, dataset, val, model_config, ds_config, start = _on_every_rank(checks)
+    _check_same_config(config)
+    if start is not None and start.world_size != world_size and zero_stage(ds_config) > 0:
+        # ZeRO's partitioned optimizer state only loads on the world size that wrote it.
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     _set_threads(config.train.threads_per_rank)
     torch.manual_seed(config.train.seed)
     model = MaskedLM(build_model(model_config, config.model.init_from, config.model.activation_checkpointing), config.adversarial.perturb_at)
@@ -139,12 +162,13 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     dist.barrier()
     specials = tokenizer.special_token_ids
     masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
-    return Run(config, run_dir, engine, tokenizer, dataset, val, masking)
+    return Run(config, run_dir, engine, tokenizer, dataset, val, masking, start)
 
 
-def _report(line: str) -> None:
-    """Errors agreed by all ranks are printed once, by rank 0."""
-    if os.environ.get("RANK", "0") == "0":
+def _report(line: str, every_rank: bool = False) -> None:
+    """Errors agreed by all ranks are printed once, by rank 0; a rank that never reached the
+    others (no process group) can only speak for itself."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
 
 
@@ -154,7 +178,7 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
     run = prepare(config_path, run_dir, overrides)
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.stop_signals)
-    state = _resume(run.engine, run_dir, run.config, rank)
+    state = _resume(run, rank, int(os.environ["WORLD_SIZE"]))
     logger = MetricsLogger(run_dir, rank == 0, state.step, run.config.wandb, state.wandb_id, _config_dict(run.config))
     state.wandb_id = logger.wandb_id
     try:
@@ -302,30 +326,53 @@ def _client_state(state: TrainState, world_size: int) -> dict:
     }
 
 
-def _resume(engine, run_dir: Path, config, rank: int) -> TrainState:
-    """Continue this run from its latest complete checkpoint, or start from `checkpoint.init_from`."""
+def _start_point(run_dir: Path, config) -> StartPoint | None:
     from pipeline import checkpoint
 
     tag, note = checkpoint.latest_complete(run_dir)
     if tag is not None:
-        if note and rank == 0:
-            print(note, flush=True)
-        client = checkpoint.load(engine, run_dir, tag)
-        checkpoint.restore_rng(run_dir, tag)
-        if rank == 0:
-            print(f"resumed from {run_dir / checkpoint.CHECKPOINTS / tag} (step {client['step']})", flush=True)
-        return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0, client.get("wandb_id"))
-    torch.manual_seed(config.train.seed * 1000 + rank + 1)  # per-rank dropout streams
-    source = config.checkpoint.init_from
-    if source is None:
-        return TrainState()
-    source_dir, source_tag = _checkpoint_source(Path(source))
-    client = checkpoint.load(engine, source_dir, source_tag, load_optimizer=config.checkpoint.init_optimizer)
+        return StartPoint(run_dir, tag, True, checkpoint.saved_world_size(run_dir, tag), note)
+    if config.checkpoint.init_from is None:
+        return None
+    source_dir, source_tag = _checkpoint_source(Path(config.checkpoint.init_from))
+    return StartPoint(source_dir, source_tag, False, checkpoint.saved_world_size(source_dir, source_tag))
+
+
+def _resume(run: Run, rank: int, world_size: int) -> TrainState:
+    """Load the start point into the engine and set up each rank's dropout stream."""
+    from pipeline import checkpoint
+
+    start, config, engine = run.start, run.config, run.engine
     if rank == 0:
-        print(f"initialised from {source_dir / checkpoint.CHECKPOINTS / source_tag}", flush=True)
-    if config.checkpoint.init_optimizer:
+        for name in checkpoint.remove_partial(run.run_dir, start.tag if start and start.resume else None):
+            print(f"removed partial checkpoint {run.run_dir / checkpoint.CHECKPOINTS / name} (no {checkpoint.COMPLETE}: "
+                  "the job stopped while saving it)", flush=True)
+    if start is None:
+        torch.manual_seed(config.train.seed * 1000 + rank + 1)  # per-rank dropout streams
+        return TrainState()
+    source = start.run_dir / checkpoint.CHECKPOINTS / start.tag
+    if rank == 0 and start.note:
+        print(start.note, flush=True)
+    if engine.load_universal_checkpoint() and checkpoint.make_universal(start.run_dir, start.tag) and rank == 0:
+        print(f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} ranks", flush=True)
+    load_optimizer = start.resume or config.checkpoint.init_optimizer
+    client = checkpoint.load(engine, start.run_dir, start.tag, load_optimizer=load_optimizer)
+    if not start.resume:
+        torch.manual_seed(config.train.seed * 1000 + rank + 1)
+        if rank == 0:
+            print(f"initialised from {source}", flush=True)
+        if not load_optimizer:
+            return TrainState()
         return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"])
-    return TrainState()
+    if start.world_size == world_size:
+        checkpoint.restore_rng(start.run_dir, start.tag)
+    else:
+        # The ranks hold other samples than before, so their dropout streams cannot go on;
+        # new ones from (seed, rank, step) keep this launch deterministic.
+        torch.manual_seed((config.train.seed * 1000 + rank + 1) * 1_000_003 + client["step"])
+    if rank == 0:
+        print(f"resumed from {source} (step {client['step']})", flush=True)
+    return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0, client.get("wandb_id"))
 
 
 def _checkpoint_source(path: Path) -> tuple[Path, str]:
@@ -376,16 +423,56 @@ def _config_dict(config) -> dict:
     return to_dict(config)
 
 
-def _init_distributed() -> tuple[int, int]:
+def _dist_timeout(config_path: str | None, overrides: list[str], run_dir: Path) -> float:
+    """`train.dist_timeout_s`, needed before the process group exists. A config that does
+    not load gets the default here and is reported once the ranks can agree on the error."""
+    from pipeline.config import TrainConfig
+    from pipeline.rundir import resolve_run_config
+
+    try:
+        return resolve_run_config(config_path, overrides, run_dir).train.dist_timeout_s
+    except UserError:
+        return TrainConfig.dist_timeout_s
+
+
+def _init_distributed(timeout_s: float) -> tuple[int, int]:
     """Join (or, started alone, create) the process group on the accelerator's backend."""
     import deepspeed
     import deepspeed.comm as dist
+    import torch.distributed
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=datetime.timedelta(minutes=10))
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
+    except torch.distributed.DistError as e:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise UserError(
+            f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: no rendezvous at {where} within {timeout_s:g} s "
+            f"(train.dist_timeout_s): are all nodes started, and is MASTER_ADDR/MASTER_PORT the rank-0 node? ({str(e).splitlines()[0]})"
+        ) from None
     return dist.get_rank(), dist.get_world_size()
+
+
+def _check_same_config(config) -> None:
+    """Every rank must run the same resolved config: nodes launched with different files or
+    overrides would otherwise train a silently inconsistent model."""
+    import torch.distributed
+
+    from pipeline.config import flatten, to_dict
+
+    mine = flatten(to_dict(config))
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    for rank, other in enumerate(every):
+        differing = sorted(key for key in every[0].keys() | other.keys() if every[0].get(key) != other.get(key))
+        if differing:
+            key = differing[0]
+            raise UserError(
+                f"rank {rank} was started with another config than rank 0: {key}={other.get(key)!r} there, "
+                f"{every[0].get(key)!r} on rank 0; launch every node with the same config and overrides"
+            )
 
 
 def free_port() -> int:

@@ -19,12 +19,12 @@ import yaml
 
 from data_prep import atomic
 from data_prep.errors import UserError
-from pipeline.config import RunConfig, dump, load_config, to_dict
+from pipeline.config import RunConfig, dump, flatten, load_config, to_dict
 
 CONFIG = "config.yaml"
 MODEL = "model"
 CHANGEABLE = {
-    "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.stop_signals",
+    "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.stop_signals", "train.dist_timeout_s",
     "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches",
 }
 
@@ -36,8 +36,8 @@ def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: P
         raise UserError(f"--config: needed to start a new run in {run_dir}")
     config = load_config(config_path or stored_path, overrides)
     if stored_path.is_file():
-        stored = _flatten(yaml.safe_load(stored_path.read_text()))
-        for key, value in _flatten(to_dict(config)).items():
+        stored = flatten(yaml.safe_load(stored_path.read_text()))
+        for key, value in flatten(to_dict(config)).items():
             if key not in CHANGEABLE and not key.startswith("wandb.") and stored.get(key) != value:
                 raise UserError(f"{stored_path}: this run was started with {key}={stored.get(key)!r}, not {value!r}; use a new --run-dir")
     return config
@@ -55,13 +55,3 @@ def write_run_files(run_dir: Path, config: RunConfig, model_config, tokenizer) -
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(tokenizer.path, tmp)
         tmp.rename(model_dir / "tokenizer")
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "deepspeed":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

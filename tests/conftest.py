@@ -75,6 +75,7 @@ TRAIN_OVERRIDES = (
     "eval.batches=2",
     "wandb.mode=offline",
     "adversarial.grad_eps=1e-12",
+    "train.dist_timeout_s=300",  # a test that hangs on a collective fails in minutes
 )
 
 
@@ -98,6 +99,19 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, worl
     if start is subprocess.run:
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
     return start(command, cwd=REPO, env=env, **kwargs)
+
+
+def kill_when(path: Path, process: subprocess.Popen, timeout: float = 300, poll: float = 0.02) -> None:
+    """SIGKILL a launch (started with start_new_session=True) as soon as `path` exists."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert path.exists(), f"{path} never appeared"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,0 +1,66 @@
+"""Resume on another number of ranks: ZeRO 1-3 checkpoints through DeepSpeed's universal format.
+
+The model here has no dropout, so a run's numbers do not depend on how many ranks compute
+them (up to float summation order): a run that changes world size at its step-4
+checkpoint must then continue as the run that never changed, closely rather than roughly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, RUN, kill_when, ok, pretrain, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def no_dropout(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-no-dropout.yaml"
+    path.write_text((REPO / "configs/models/tiny.yaml").read_text().replace("dropout_prob: 0.1", "dropout_prob: 0.0"))
+    return path
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_fewer_and_on_more_ranks(stage, tmp_path, train_shards, bert_tokenizer, no_dropout):
+    def launch(run_dir: Path, world: int, **kwargs):
+        return pretrain(run_dir, train_shards, bert_tokenizer, *RUN, f"model.config={no_dropout}", stage=stage, world=world, **kwargs)
+
+    two = tmp_path / "two-ranks"
+    ok(launch(two, 2))
+    reference = read_metrics(two)
+
+    # 2 -> 1: the two-rank run's step-4 checkpoint, continued on one rank.
+    fewer = tmp_path / "two-then-one"
+    shutil.copytree(two, fewer)
+    shutil.rmtree(fewer / "checkpoints" / "step00000008")
+    (fewer / "checkpoints" / "latest").write_text("step00000004")
+    out = ok(launch(fewer, 1)).stdout
+    assert "(written by 2 ranks) to a universal checkpoint for 1 ranks" in out
+    assert f"resumed from {fewer / 'checkpoints' / 'step00000004'} (step 4)" in out
+    assert (fewer / "checkpoints" / "step00000004" / "universal" / "complete.json").is_file()
+    assert_continues(read_metrics(fewer), reference)
+
+    # 1 -> 2: a one-rank run killed after its step-4 checkpoint, continued on two ranks.
+    more = tmp_path / "one-then-two"
+    kill_when(more / "checkpoints" / "step00000004" / "complete.json",
+              launch(more, 1, start=subprocess.Popen, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    out = ok(launch(more, 2)).stdout
+    assert "(written by 1 ranks) to a universal checkpoint for 2 ranks" in out
+    assert_continues(read_metrics(more), reference)
+
+
+def assert_continues(records: list[dict], reference: list[dict]) -> None:
+    """Same samples, schedule and (to float summation order) losses, step by step."""
+    assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, 9))
+    for r, expected in zip(records, reference):
+        for key in ("data/sample_digest", "data/consumed_samples", "train/lr", "train/mask_rate", "train/adv_active"):
+            assert r[key] == expected[key], (r["step"], key)
+        assert r["train/loss_mlm"] == pytest.approx(expected["train/loss_mlm"], rel=1e-5), r["step"]
+        # The ALUM noise is drawn from each rank's random stream, which a new world size reseeds.
+        for key in ("train/loss", "train/grad_norm"):
+            assert r[key] == pytest.approx(expected[key], rel=1e-4), (r["step"], key)
