@@ -37,3 +37,14 @@ export_network_env() {
         export NCCL_SOCKET_IFNAME="$NET_IFACE" GLOO_SOCKET_IFNAME="$NET_IFACE"
     fi
 }
+
+# The command every launcher runs under (pipeline/supervise.py): it stops the ranks cleanly on
+# SIGTERM/SIGUSR1/SIGINT and relaunches a failed job RESTARTS times. Sets SUPERVISE.
+supervisor() {
+    local name
+    for name in RESTARTS STOP_TIMEOUT; do
+        [[ -z "${!name:-}" || "${!name}" =~ ^[0-9]+$ ]] || die "$name=${!name} is not a whole number"
+    done
+    [ "${STOP_TIMEOUT:-600}" -gt 0 ] || die "STOP_TIMEOUT=$STOP_TIMEOUT must be at least 1 (seconds)"
+    SUPERVISE=("$PYTHON" -m pipeline.supervise --restarts "${RESTARTS:-0}" --stop-timeout "${STOP_TIMEOUT:-600}" --)
+}

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for `alum --help`; `main` hands `alum pretrain ...` to pipeline.pretrain unparsed.
     sub.add_parser("pretrain", help="train in this process (same as python -m pipeline.pretrain --help)")
+    # Likewise `alum supervise ...` goes to pipeline.supervise unparsed.
+    sub.add_parser("supervise", help="run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure "
+                   "(same as python -m pipeline.supervise --help)")
 
     p = sub.add_parser("demo", help="the whole pipeline on a corpus built from Python's docstrings")
     p.add_argument("--out", default="runs/demo")
@@ -166,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:])
+    if argv[:1] == ["supervise"]:
+        from pipeline.supervise import main as supervise_main
+
+        return supervise_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -452,7 +452,23 @@ def _init_distributed(timeout_s: float) -> tuple[int, int]:
             f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: no rendezvous at {where} within {timeout_s:g} s "
             f"(train.dist_timeout_s): are all nodes started, and is MASTER_ADDR/MASTER_PORT the rank-0 node? ({str(e).splitlines()[0]})"
         ) from None
+    _release_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _release_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm file per rank and never deletes it,
+    so every launch on a CPU machine would leave them behind, in RAM, even after a clean
+    exit. Once all ranks have passed a barrier, each has mapped every buffer and the
+    names are no longer needed."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _check_same_config(config) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import pretrain, read_metrics
+from conftest import REPO, TRAIN_OVERRIDES, pretrain, read_metrics
+from pipeline.pretrain import free_port
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.tokenizer import train_tokenizer
 
@@ -104,3 +109,39 @@ def test_non_finite_loss_skips_then_aborts_with_the_last_good_checkpoint(tmp_pat
     assert latest == f"step{last_good:08d}" and latest in message
     assert (run / "checkpoints" / latest / "complete.json").is_file()
     assert not list((run / "checkpoints").glob(f"step{last_good + 1:08d}"))
+
+
+def node_launch(rank: int, run_dir, shards, tokenizer, port: int, *overrides: str, nodes: int = 2):
+    """One node of a multi-node job: DeepSpeed's launcher without ssh, one rank per node, on 127.0.0.1."""
+    hostfile = run_dir.parent / "hostfile"
+    hostfile.write_text("".join(f"node{n} slots=1\n" for n in range(nodes)))
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "pipeline.pretrain",
+               "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
+               "deepspeed=configs/deepspeed/zero2.json", *TRAIN_OVERRIDES, *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_nodes_started_with_different_configs(tmp_path, train_shards, bert_tokenizer):
+    run, port = tmp_path / "run", free_port()
+    nodes = [node_launch(0, run, train_shards, bert_tokenizer, port), node_launch(1, run, train_shards, bert_tokenizer, port, "train.lr=0.002")]
+    results = [(*p.communicate(timeout=300), p.returncode) for p in nodes]
+    assert [code for _, _, code in results] == [2, 2]
+    lines = [line for line in results[0][1].splitlines() if "pretrain: error:" in line]
+    assert lines == ["pretrain: error: rank 1 was started with another config than rank 0: train.lr=0.002 there, 0.001 on rank 0; "
+                     "launch every node with the same config and overrides"]
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+def test_unreachable_master(tmp_path, train_shards, bert_tokenizer):
+    run, port = tmp_path / "run", free_port()  # nobody listens there: node 0 was never started
+    started = time.monotonic()
+    node = node_launch(1, run, train_shards, bert_tokenizer, port, "train.dist_timeout_s=5")
+    _, err = node.communicate(timeout=300)
+    assert node.returncode == 2
+    assert time.monotonic() - started < 120
+    lines = [line for line in err.splitlines() if "pretrain: error:" in line]
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(f"pretrain: error: rank 1 of 2: no rendezvous at 127.0.0.1:{port} within 5 s (train.dist_timeout_s)")
+    assert not run.exists()
