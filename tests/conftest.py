@@ -97,7 +97,16 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, worl
     command = commands[launcher] + args
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "WANDB_SILENT": "true"}
     if start is subprocess.run:
-        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+        # Its own session, so a launch that times out is killed whole (launcher, ranks, W&B).
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True, **kwargs)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.communicate()
+            raise
+        return subprocess.CompletedProcess(command, process.returncode, out, err)
     return start(command, cwd=REPO, env=env, **kwargs)
 
 

@@ -90,24 +90,6 @@ def test_resume_equals_the_uninterrupted_run(reference, tmp_path, train_shards, 
     assert set(range(5, 9)) <= set(wandb_history(run_dir))
 
 
-@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_kill_during_a_save_resumes_from_the_previous_checkpoint(reference, tmp_path, train_shards, bert_tokenizer):
-    _, uninterrupted = reference
-    run_dir = tmp_path / "killed-while-saving"
-    process = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, start=subprocess.Popen,
-                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = run_dir / "checkpoints" / "step00000008"
-    kill_when(partial, process, poll=0.001)  # the save has begun: its directory exists
-    assert not (partial / "complete.json").exists(), "killed too late: the save had finished"
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
-
-    resumed = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
-    assert f"removed partial checkpoint {partial} (no complete.json: the job stopped while saving it)" in resumed.stdout
-    assert f"resumed from {run_dir / 'checkpoints' / 'step00000004'} (step 4)" in resumed.stdout
-    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
-    assert (partial / "complete.json").is_file()
-
-
 def test_export_matches_the_training_model(reference, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
