@@ -43,7 +43,7 @@ class MetricsLogger:
     def _truncate(self, resume_step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _complete(line) and json.loads(line)["step"] <= resume_step]
+        kept = [line for line in self.path.read_text().splitlines() if (record := _parse(line)) and record["step"] <= resume_step]
         atomic.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
     def log(self, step: int, record: dict) -> None:
@@ -67,10 +67,9 @@ def _plain(value):
     return value
 
 
-def _complete(line: str) -> bool:
-    """False for an empty line or one cut short by a kill during the write (dropped on resume)."""
+def _parse(line: str) -> dict | None:
+    """A logged record; None for an empty line or one cut short by a kill during the write."""
     try:
-        json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError:
-        return False
-    return True
+        return None

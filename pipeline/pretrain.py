@@ -128,15 +128,23 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     import deepspeed.comm as dist
 
     from data_prep.tokenizer import load_tokenizer
+    from pipeline.config import TrainConfig
     from pipeline.data import Masking, ShardDataset
     from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
     from pipeline.model import MaskedLM, build_model, hf_config
     from pipeline.rundir import resolve_run_config, write_run_files
 
-    rank, world_size = _init_distributed(_dist_timeout(config_path, overrides, run_dir))
+    # Read once, before the process group exists (its timeout is a config value); a config
+    # that does not load is reported once the ranks can agree on the error, in checks().
+    try:
+        config, config_error = resolve_run_config(config_path, overrides, run_dir), None
+    except UserError as e:
+        config, config_error = None, e
+    rank, world_size = _init_distributed(config.train.dist_timeout_s if config else TrainConfig.dist_timeout_s)
 
     def checks():
-        config = resolve_run_config(config_path, overrides, run_dir)
+        if config_error:
+            raise config_error
         tokenizer = load_tokenizer(config.data.tokenizer)
         dataset = ShardDataset(config.data.shards, config.data.train_split)
         _check_data(dataset, tokenizer, config)
@@ -421,18 +429,6 @@ def _config_dict(config) -> dict:
     from pipeline.config import to_dict
 
     return to_dict(config)
-
-
-def _dist_timeout(config_path: str | None, overrides: list[str], run_dir: Path) -> float:
-    """`train.dist_timeout_s`, needed before the process group exists. A config that does
-    not load gets the default here and is reported once the ranks can agree on the error."""
-    from pipeline.config import TrainConfig
-    from pipeline.rundir import resolve_run_config
-
-    try:
-        return resolve_run_config(config_path, overrides, run_dir).train.dist_timeout_s
-    except UserError:
-        return TrainConfig.dist_timeout_s
 
 
 def _init_distributed(timeout_s: float) -> tuple[int, int]:

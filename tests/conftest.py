@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, worl
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             raise
         return subprocess.CompletedProcess(command, process.returncode, out, err)
@@ -112,7 +113,6 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, worl
 
 def kill_when(path: Path, process: subprocess.Popen, timeout: float = 300, poll: float = 0.02) -> None:
     """SIGKILL a launch (started with start_new_session=True) as soon as `path` exists."""
-    import signal
     import time
 
     deadline = time.monotonic() + timeout
