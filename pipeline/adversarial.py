@@ -1,12 +1,12 @@
 """The ALUM objective: masked-LM loss plus a virtual-adversarial symmetric-KL term.
 
-One step (Liu et al. 2020, and ../shared/ALUM.md "One ALUM step"):
+One step (Liu et al. 2020; docs/ALUM.md in this repository):
 
     p            = clean logits at the masked positions        -> L_mlm
-    delta        ~ N(0, noise_std^2), shaped like the perturbed embeddings
+    delta        ~ N(0, (noise_std * r)^2), shaped like the perturbed embeddings
     K times:       g     = d KL(stopgrad(p) || q(delta)) / d delta      (delta only, no parameter grads)
-                   delta = project_eps(delta + step_size * g / (||g||_token + grad_eps))
-    L_adv        = KL(stopgrad(p) || q) + KL(stopgrad(q) || p)   at delta.detach()
+                   delta = update(delta, g)                              (pipeline.perturbation)
+    L_adv        = KL(p || q) + KL(q || p)   at delta.detach()
     loss         = L_mlm + alpha * L_adv
 
 The trainer supplies two callables, so this file knows nothing of DeepSpeed's engine or of
@@ -16,20 +16,21 @@ where the perturbation is added:
   is the clean pass. It goes through ``engine(...)`` so parameter gradients flow.
 - ``ascent_forward(delta)`` returns masked logits. It goes through ``engine.module(...)``:
   running an input-only ``autograd.grad`` through the engine trips DeepSpeed's ZeRO-1/2
-  gradient-reduction hooks (ALUM.md, "DeepSpeed pitfall").
+  gradient-reduction hooks.
 
 Choices, and which source each follows:
 
-- Step rule: the paper's ``delta + eta * g / ||g||`` (the official fine-tuning code normalises
-  ``delta + eta * g`` instead, mt-dnn issue #214). The norm is per token over the hidden
-  dimension; ``grad_eps`` is added to it, and since the KL gradient near delta = 0 is tiny,
-  ``grad_eps`` sets much of the step size: ``adv_grad_norm`` and ``delta_norm`` are returned so
-  a run can show whether the term does anything. (With replayed dropout, delta = 0 is the
-  KL's minimum, so the gradient is zero there and scales with the initial noise: on a tiny
-  BERT, noise 1e-5 gave per-token gradients near 6e-7, and the default grad_eps=1e-6 cut
-  the steps to between 0.4% and 80% of step_size.)
+- Sizes and the update rule live in `pipeline.perturbation` (relative or absolute units;
+  the paper's or the official code's rule). The defaults come from bench/alum_term.py
+  (docs/alum-term.md): the official code's magnitudes (step 1e-3, noise 1e-5, normaliser
+  epsilon 1e-6) make the term numerically zero in float32 and exactly zero in bf16.
+- ``kl_grad``: ``detached`` (default, as mt-dnn's ``SymKlCriterion``) computes
+  KL(stopgrad(p) || q) + KL(stopgrad(q) || p), so each logit tensor is pulled towards the
+  other and no gradient flows through a softmax used as a target. Near q = p that is half
+  the gradient of the symmetric KL itself (each direction contributes the same first-order
+  term, and detaching drops one of them): alpha = 10 detached acts like alpha = 5 in the
+  paper's formula. ``full`` differentiates both directions completely.
 - ``eps=None`` (the default) skips the projection, as the official pretraining code does.
-  With the circulated values (eps=1e-5, eta=1e-3) the projection dominates the step.
 - Non-finite ascent gradient or adversarial loss: the adversarial term is dropped for the
   step (the official behaviour) and ``StepLosses.skipped`` says so. Every pass still runs,
   so all ranks run the same forwards and ZeRO-3's parameter gathers stay in step.
@@ -42,6 +43,8 @@ Choices, and which source each follows:
   consumes the RNG in the same order as the clean one: each must run the whole model
   (adding delta with a hook, say), not feed a cached embedding into the encoder alone.
 - Both KL terms and the MLM loss are computed in float32, whatever the logits' dtype.
+- Logged sizes (delta and gradient norms, the fraction of delta lost to rounding) are
+  averaged over real tokens only; padding has no gradient and would dilute them.
 """
 
 from __future__ import annotations
@@ -54,10 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline import perturbation
+from pipeline.perturbation import NORMS, SCALES, UPDATES, token_norm
+
 KEY = "adversarial"
 METHODS = ("none", "alum")
-NORMS = ("linf", "l2")
 PERTURB_AT = ("word_embeddings", "embedding_output")
+KL_GRADS = ("detached", "full")
+ON_VANISH = ("warn", "error")
 
 Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 AscentForward = Callable[[Tensor], Tensor]
@@ -65,30 +72,42 @@ AscentForward = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    """The ``adversarial`` config section; defaults follow the official pretraining code."""
+    """The ``adversarial`` config section; docs/ALUM.md says where each default comes from."""
 
     method: str = "none"
     start_step: int = 0
     alpha: float = 10.0
     steps: int = 1
-    step_size: float = 1e-3
-    noise_std: float = 1e-5
+    update: str = "paper"
+    scale: str = "relative"
+    step_size: float = 1e-1
+    noise_std: float = 1e-2
     eps: float | None = None
     norm: str = "linf"
-    grad_eps: float = 1e-6
+    grad_eps: float = 1e-12
     perturb_at: str = "embedding_output"
+    kl_grad: str = "detached"
+    vanish_ratio: float = 1e-5
+    vanish_steps: int = 10
+    on_vanish: str = "warn"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key, so a config error points at its line."""
         _check_choice("method", self.method, METHODS)
+        _check_choice("update", self.update, UPDATES)
+        _check_choice("scale", self.scale, SCALES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("perturb_at", self.perturb_at, PERTURB_AT)
+        _check_choice("kl_grad", self.kl_grad, KL_GRADS)
+        _check_choice("on_vanish", self.on_vanish, ON_VANISH)
         _check_int("start_step", self.start_step, minimum=0)
         _check_int("steps", self.steps, minimum=1)
+        _check_int("vanish_steps", self.vanish_steps, minimum=1)
         _check_number("alpha", self.alpha, positive=False)
         _check_number("step_size", self.step_size, positive=False)
         _check_number("noise_std", self.noise_std, positive=False)
         _check_number("grad_eps", self.grad_eps, positive=True)
+        _check_number("vanish_ratio", self.vanish_ratio, positive=False)
         if self.eps is not None:
             _check_number("eps", self.eps, positive=True)
 
@@ -97,16 +116,33 @@ class AdversarialConfig:
         return self.method != "none" and step >= self.start_step
 
 
+# The per-micro-batch numbers a step sums and all-reduces, in `StepLosses.stats` order.
+STATS = ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost", "nonfinite", "adv_skipped", "micro_batches")
+
+
 @dataclass
 class StepLosses:
-    """What one training step produced: the loss to backward and the numbers to log."""
+    """What one micro-batch produced: the loss to backward and the numbers to log (0-dim tensors)."""
 
     loss: Tensor
     loss_mlm: Tensor
-    loss_adv: float
-    delta_norm: float
-    adv_grad_norm: float
+    loss_adv: Tensor  # the symmetric KL, before alpha; 0 when off or skipped
+    delta_norm: Tensor  # mean per-token norm of the final delta over real tokens
+    adv_grad_norm: Tensor  # mean per-token norm of the last ascent gradient over real tokens
+    delta_lost: Tensor  # fraction of delta's elements that vanish when added to the embeddings
     skipped: bool
+
+    @classmethod
+    def clean(cls, loss_mlm: Tensor) -> StepLosses:
+        zero = torch.zeros((), device=loss_mlm.device)
+        return cls(loss_mlm, loss_mlm, zero, zero, zero, zero, False)
+
+    def stats(self) -> Tensor:
+        """The numbers of `STATS` as one float64 vector, still on the device (no host sync)."""
+        values = (self.loss, self.loss_mlm, self.loss_adv, self.delta_norm, self.adv_grad_norm, self.delta_lost)
+        vector = torch.stack([v.detach().double() for v in values])
+        nonfinite = (~torch.isfinite(vector[:1])).double()
+        return torch.cat([vector, nonfinite, vector.new_tensor([float(self.skipped), 1.0])])
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -118,33 +154,13 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return _nll(_log_probs(logits), labels)
 
 
-def symmetric_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+def symmetric_kl(p_logits: Tensor, q_logits: Tensor, kl_grad: str = "detached") -> Tensor:
     """KL(p||q) + KL(q||p) summed over the vocabulary, averaged over the N masked tokens.
 
-    As in the official code (mt-dnn ``SymKlCriterion``), each direction detaches its target
-    distribution: the result is KL(stopgrad(p) || q) + KL(stopgrad(q) || p). Each logit tensor
-    is thus pulled towards the other, and no gradient flows through a softmax used as a target.
+    ``detached`` (the official code's ``SymKlCriterion``) stops the gradient through each
+    direction's target distribution; ``full`` differentiates everything (see the module doc).
     """
-    return _symmetric_kl(_log_probs(p_logits), _log_probs(q_logits))
-
-
-def token_norm(x: Tensor, norm: str) -> Tensor:
-    """Per-token norm over the last (hidden) dimension: max |x| for linf, the L2 norm for l2."""
-    if norm == "linf":
-        return x.abs().amax(dim=-1)
-    return torch.linalg.vector_norm(x, dim=-1)
-
-
-def ascent_update(delta: Tensor, grad: Tensor, config: AdversarialConfig) -> Tensor:
-    """One normalised ascent step on delta, then the optional per-token eps-ball projection."""
-    scale = token_norm(grad, config.norm).unsqueeze(-1) + config.grad_eps
-    delta = delta + config.step_size * grad / scale
-    if config.eps is None:
-        return delta
-    if config.norm == "linf":
-        return delta.clamp(-config.eps, config.eps)
-    norms = token_norm(delta, "l2").unsqueeze(-1)
-    return delta * (config.eps / norms.clamp(min=config.eps))
+    return _symmetric_kl(_log_probs(p_logits), _log_probs(q_logits), kl_grad)
 
 
 def compute_losses(
@@ -153,9 +169,11 @@ def compute_losses(
     labels: Tensor,
     config: AdversarialConfig,
     step: int,
+    real: Tensor | None = None,
 ) -> StepLosses:
-    """One step's losses: the clean MLM loss, plus alpha times the ALUM term when active.
+    """One micro-batch's losses: the clean MLM loss, plus alpha times the ALUM term when active.
 
+    ``real`` marks real tokens [B, T] (the attention mask); None means every token is real.
     Calls no ``backward``: the ascent gradient is taken with ``torch.autograd.grad`` with
     respect to delta alone, so the trainer's single backward of ``loss`` is the only one.
     """
@@ -165,9 +183,11 @@ def compute_losses(
     log_p = _log_probs(p_logits)
     loss_mlm = _nll(log_p, labels)
     if not config.active(step):
-        return StepLosses(loss_mlm, loss_mlm, 0.0, 0.0, 0.0, False)
+        return StepLosses.clean(loss_mlm)
 
-    delta = torch.randn_like(embedded) * config.noise_std
+    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
+    unit = perturbation.token_scale(embedded, config.scale)
+    delta = perturbation.initial_noise(embedded, unit, config.noise_std)
     after_noise = _RngState.capture()
     target = log_p.detach()
     skipped = False
@@ -179,23 +199,25 @@ def compute_losses(
         if not torch.isfinite(grad).all():
             skipped = True
             grad = torch.zeros_like(grad)
-        delta = ascent_update(delta.detach(), grad, config)
+        delta = perturbation.ascent_update(delta.detach(), grad, unit, config)
 
     replay.restore()
     q_logits, _ = forward(delta.detach())
     after_noise.restore()
-    loss_adv = _symmetric_kl(log_p, _log_probs(q_logits))
+    loss_adv = _symmetric_kl(log_p, _log_probs(q_logits), config.kl_grad)
     skipped = skipped or not torch.isfinite(loss_adv).item()
-    delta_norm = token_norm(delta, config.norm).mean().item()
-    grad_norm = token_norm(grad, config.norm).mean().item()
+    delta_norm = perturbation.real_mean(token_norm(delta, config.norm), real)
+    grad_norm = perturbation.real_mean(token_norm(grad, config.norm), real)
+    lost = perturbation.lost_fraction(embedded, delta, real)
     if skipped:
-        return StepLosses(loss_mlm, loss_mlm, 0.0, delta_norm, grad_norm, True)
+        zero = torch.zeros((), device=loss_mlm.device)
+        return StepLosses(loss_mlm, loss_mlm, zero, delta_norm, grad_norm, lost, True)
     loss = loss_mlm + config.alpha * loss_adv
-    return StepLosses(loss, loss_mlm, loss_adv.item(), delta_norm, grad_norm, False)
+    return StepLosses(loss, loss_mlm, loss_adv.detach(), delta_norm, grad_norm, lost, False)
 
 
 def _log_probs(logits: Tensor) -> Tensor:
-    return F.log_softmax(logits.float(), dim=-1)
+    return F.log_softmax(logits.to(perturbation.work_dtype(logits.dtype)), dim=-1)
 
 
 def _nll(log_probs: Tensor, labels: Tensor) -> Tensor:
@@ -210,7 +232,9 @@ def _kl(target_log_probs: Tensor, log_probs: Tensor) -> Tensor:
     return total / max(log_probs.shape[0], 1)
 
 
-def _symmetric_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+def _symmetric_kl(log_p: Tensor, log_q: Tensor, kl_grad: str) -> Tensor:
+    if kl_grad == "full":
+        return _kl(log_p, log_q) + _kl(log_q, log_p)
     return _kl(log_p.detach(), log_q) + _kl(log_q.detach(), log_p)
 
 

@@ -58,6 +58,7 @@ class TrainState:
     consumed_samples: int = 0
     adv_skipped: int = 0  # steps whose adversarial term was dropped (non-finite)
     bad_streak: int = 0  # consecutive steps with a non-finite loss
+    vanish_streak: int = 0  # consecutive active steps whose adversarial term was numerically zero
     wandb_id: str | None = None
 
 
@@ -199,7 +200,7 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
 def _loop(run: Run, state: TrainState, logger) -> None:
     import deepspeed.comm as dist
 
-    from pipeline import checkpoint
+    from pipeline import checkpoint, vanishing
     from pipeline.data import step_batches
     from pipeline.evaluate import evaluate
     from pipeline.sampling import epoch_fraction, sample_digest
@@ -225,6 +226,12 @@ def _loop(run: Run, state: TrainState, logger) -> None:
         state.bad_streak = state.bad_streak + 1 if nonfinite else 0
         if nonfinite and engine.was_step_applied():
             raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
+        adv = config.adversarial
+        adv_active = adv.active(state.step - 1)
+        adv_ratio = adv.alpha * stats["loss_adv"] / stats["loss_mlm"] if stats["loss_mlm"] > 0 else 0.0
+        if adv_active:
+            counts = stats["adv_skipped"] == 0 and vanishing.vanished(adv, adv_ratio)
+            state.vanish_streak = state.vanish_streak + 1 if counts else 0
 
         evaluate_now = run.val is not None and state.step % config.eval.every_steps == 0
         if evaluate_now or state.step % train.log_every == 0 or state.step == train.max_steps:
@@ -237,10 +244,12 @@ def _loop(run: Run, state: TrainState, logger) -> None:
                 "train/mask_rate": rate,
                 "train/lr": engine.get_lr()[0],
                 "train/grad_norm": _grad_norm(engine),
-                "train/adv_active": int(config.adversarial.active(state.step - 1)),
+                "train/adv_active": int(adv_active),
                 "train/adv_skipped": state.adv_skipped,
                 "train/delta_norm": stats["delta_norm"] / micro,
                 "train/adv_grad_norm": stats["adv_grad_norm"] / micro,
+                "train/adv_ratio": adv_ratio,
+                "train/delta_lost": stats["delta_lost"] / micro,
                 "train/nonfinite_steps": state.bad_streak,
                 "perf/tokens_per_s": train.global_batch_size * dataset.seq_len / max(elapsed, 1e-9),
                 "perf/step_seconds": elapsed,
@@ -253,6 +262,7 @@ def _loop(run: Run, state: TrainState, logger) -> None:
             logger.log(state.step, record)
             if rank == 0:
                 print(_progress_line(state.step, train.max_steps, record), flush=True)
+        vanishing.check(adv, state.vanish_streak, state.step, adv_ratio, stats["delta_lost"] / stats["micro_batches"], _report)
         if state.bad_streak > train.max_bad_steps:
             last, _ = checkpoint.latest_complete(run_dir)
             raise TrainingAborted(
@@ -281,9 +291,10 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
 
 
 def _train_step(engine, batches, config, step: int, device) -> dict:
-    from pipeline.adversarial import compute_losses
+    """Forward, backward and update for each micro-batch; the summed stats stay on the device."""
+    from pipeline.adversarial import STATS, compute_losses
 
-    sums = dict.fromkeys(("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "adv_skipped", "nonfinite", "micro_batches"), 0.0)
+    sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)
     for batch in batches:
         ids, mask, positions, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.positions, batch.labels))
 
@@ -293,26 +304,19 @@ def _train_step(engine, batches, config, step: int, device) -> dict:
         def ascent_forward(delta):
             return engine.module(ids, mask, positions, delta)[0]
 
-        out = compute_losses(forward, ascent_forward, labels, config.adversarial, step)
+        out = compute_losses(forward, ascent_forward, labels, config.adversarial, step, real=mask)
         engine.backward(out.loss)
         engine.step()
-        loss = out.loss.item()
-        sums["loss"] += loss
-        sums["loss_mlm"] += out.loss_mlm.item()
-        sums["loss_adv"] += out.loss_adv
-        sums["delta_norm"] += out.delta_norm
-        sums["adv_grad_norm"] += out.adv_grad_norm
-        sums["adv_skipped"] += out.skipped
-        sums["nonfinite"] += not math.isfinite(loss)
-        sums["micro_batches"] += 1
-    return sums
+        sums += out.stats()
+    return dict(zip(STATS, sums))
 
 
 def _all_reduce_sum(values: dict, device) -> dict:
-    """Sum per-rank numbers over all ranks (NaN-safe: non-finite losses stay visible)."""
+    """Sum per-rank numbers (floats or 0-dim tensors) over all ranks: one host sync per step.
+    NaN-safe: non-finite losses stay visible."""
     import deepspeed.comm as dist
 
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values.values()])
     dist.all_reduce(tensor)
     return dict(zip(values, tensor.tolist()))
 
@@ -329,6 +333,7 @@ def _client_state(state: TrainState, world_size: int) -> dict:
         "step": state.step,
         "consumed_samples": state.consumed_samples,
         "adv_skipped": state.adv_skipped,
+        "vanish_streak": state.vanish_streak,
         "wandb_id": state.wandb_id,
         "world_size": world_size,
     }
@@ -380,7 +385,7 @@ def _resume(run: Run, rank: int, world_size: int) -> TrainState:
         torch.manual_seed((config.train.seed * 1000 + rank + 1) * 1_000_003 + client["step"])
     if rank == 0:
         print(f"resumed from {source} (step {client['step']})", flush=True)
-    return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0, client.get("wandb_id"))
+    return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0, client.get("vanish_streak", 0), client.get("wandb_id"))
 
 
 def _checkpoint_source(path: Path) -> tuple[Path, str]:

@@ -7,7 +7,8 @@
 
 Re-running a command on an existing run directory resumes it. Only settings that do not
 change what the run computes may differ from the stored config (how long to train, how
-often to log, checkpoint or validate, W&B); anything else is an error naming the key.
+often to log, checkpoint or validate, W&B, how the vanishing-term guard reacts); anything else is
+an error naming the key.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MODEL = "model"
 CHANGEABLE = {
     "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.stop_signals", "train.dist_timeout_s",
     "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches",
+    "adversarial.vanish_ratio", "adversarial.vanish_steps", "adversarial.on_vanish",
 }
 
 

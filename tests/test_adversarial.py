@@ -9,20 +9,17 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.adversarial import (
-    AdversarialConfig,
-    ascent_update,
-    compute_losses,
-    mlm_loss,
-    symmetric_kl,
-    token_norm,
-)
+from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss, symmetric_kl
+from pipeline.perturbation import ascent_update, token_norm
 
 torch.set_num_threads(1)
 
 VOCAB = 100
 MASK_ID = 4
 ALUM = AdversarialConfig(method="alum")
+# The official code's magnitudes, in plain units: the tests of the update's mechanics use them.
+OFFICIAL_SIZES = replace(ALUM, scale="absolute", step_size=1e-3, noise_std=1e-5, grad_eps=1e-6)
+ONE = torch.ones(())  # the unit of sizes with scale=absolute
 
 
 def tiny_bert() -> BertForMaskedLM:
@@ -102,7 +99,7 @@ def clean_loss(seed: int = 7) -> torch.Tensor:
 def test_method_none_is_exactly_the_clean_mlm_loss():
     result, _ = run_step(AdversarialConfig(method="none"))
     assert torch.equal(result.loss, clean_loss())
-    assert (result.loss_adv, result.delta_norm, result.adv_grad_norm, result.skipped) == (0.0, 0.0, 0.0, False)
+    assert (result.loss_adv, result.delta_norm, result.adv_grad_norm, result.delta_lost, result.skipped) == (0.0, 0.0, 0.0, 0.0, False)
 
 
 def test_alpha_zero_is_exactly_the_standard_loss_though_the_term_is_computed():
@@ -123,12 +120,12 @@ def test_before_start_step_the_term_is_off():
 def test_total_is_mlm_plus_alpha_times_symmetric_kl():
     result, _ = run_step(ALUM)
     assert result.loss_adv > 0
-    assert result.loss.item() == pytest.approx(result.loss_mlm.item() + 10.0 * result.loss_adv, rel=1e-6)
+    assert result.loss.item() == pytest.approx(result.loss_mlm.item() + 10.0 * result.loss_adv.item(), rel=1e-6)
 
 
 def test_ascent_increases_the_divergence_over_the_initial_noise():
-    noise_only, _ = run_step(replace(ALUM, step_size=0.0))
-    ascended, _ = run_step(ALUM)
+    noise_only, _ = run_step(replace(OFFICIAL_SIZES, step_size=0.0))
+    ascended, _ = run_step(OFFICIAL_SIZES)
     assert ascended.loss_adv > 100 * noise_only.loss_adv
 
 
@@ -152,8 +149,8 @@ def test_ascent_update_projects_every_token_onto_the_eps_ball(norm):
     delta = torch.randn(2, 6, 8, generator=generator) * 0.02
     delta[0, 0] = 0.0  # one token starts at the origin: the step alone must be projected
     grad = torch.randn(2, 6, 8, generator=generator)
-    config = replace(ALUM, eps=0.01, norm=norm, step_size=0.5)
-    out = ascent_update(delta, grad, config)
+    config = replace(OFFICIAL_SIZES, eps=0.01, norm=norm, step_size=0.5)
+    out = ascent_update(delta, grad, ONE, config)
     assert (token_norm(out, norm) <= 0.01 + 1e-7).all()
     assert token_norm(out, norm).max() == pytest.approx(0.01, rel=1e-5)
 
@@ -161,22 +158,22 @@ def test_ascent_update_projects_every_token_onto_the_eps_ball(norm):
 def test_l2_projection_leaves_tokens_inside_the_ball_alone():
     delta = torch.zeros(1, 2, 4)
     grad = torch.tensor([[[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]]])
-    config = replace(ALUM, norm="l2", step_size=0.1, eps=1.0, grad_eps=0.0)
+    config = replace(OFFICIAL_SIZES, norm="l2", step_size=0.1, eps=1.0, grad_eps=0.0)
     expected = torch.tensor([[[0.06, 0.08, 0.0, 0.0], [0.0, 0.0, 0.0, 0.1]]])
-    assert torch.allclose(ascent_update(delta, grad, config), expected)
+    assert torch.allclose(ascent_update(delta, grad, ONE, config), expected)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_final_delta_of_a_step_respects_eps(norm):
     eps = 1e-5
-    _, closures = run_step(replace(ALUM, eps=eps, norm=norm))
+    _, closures = run_step(replace(OFFICIAL_SIZES, eps=eps, norm=norm))
     (delta,) = closures.deltas
     assert (token_norm(delta, norm) <= eps * (1 + 1e-5)).all()
 
 
 def test_without_eps_one_linf_step_moves_every_token_by_step_size():
     # A tiny normaliser epsilon, so the step is set by step_size rather than by grad_eps.
-    result, closures = run_step(replace(ALUM, grad_eps=1e-12))
+    result, closures = run_step(replace(OFFICIAL_SIZES, grad_eps=1e-12))
     (start,), (delta,) = closures.ascent_deltas, closures.deltas
     assert token_norm(start, "linf").max() < 1e-4  # the N(0, 1e-5^2) start
     moved = token_norm(delta - start, "linf")
@@ -187,8 +184,8 @@ def test_without_eps_one_linf_step_moves_every_token_by_step_size():
 
 def test_grad_eps_shrinks_the_step_when_the_gradient_is_small():
     grad = torch.full((1, 1, 4), 1e-6)
-    config = replace(ALUM, step_size=1e-3, grad_eps=1e-6)
-    out = ascent_update(torch.zeros(1, 1, 4), grad, config)
+    config = replace(ALUM, scale="absolute", step_size=1e-3, grad_eps=1e-6)
+    out = ascent_update(torch.zeros(1, 1, 4), grad, ONE, config)
     assert torch.allclose(out, torch.full((1, 1, 4), 5e-4))
 
 
@@ -323,6 +320,12 @@ def test_step_without_masked_tokens_runs():
         ({"step_size": float("nan")}, "adversarial.step_size"),
         ({"noise_std": -1.0}, "adversarial.noise_std"),
         ({"grad_eps": 0.0}, "adversarial.grad_eps"),
+        ({"update": "sgd"}, "adversarial.update"),
+        ({"scale": "percent"}, "adversarial.scale"),
+        ({"kl_grad": "half"}, "adversarial.kl_grad"),
+        ({"on_vanish": "ignore"}, "adversarial.on_vanish"),
+        ({"vanish_steps": 0}, "adversarial.vanish_steps"),
+        ({"vanish_ratio": -1.0}, "adversarial.vanish_ratio"),
     ],
 )
 def test_validate_names_the_bad_key(changes, key):
@@ -333,6 +336,7 @@ def test_validate_names_the_bad_key(changes, key):
 def test_validate_accepts_the_defaults_and_paper_values():
     AdversarialConfig().validate()
     replace(ALUM, eps=1e-5, norm="l2", perturb_at="word_embeddings", steps=3, alpha=1).validate()
+    replace(ALUM, update="official", scale="absolute", kl_grad="full", on_vanish="error", vanish_steps=1).validate()
 
 
 def test_validate_message_lists_the_choices():

@@ -1,0 +1,94 @@
+"""Embedding-space perturbations: how big delta starts, how an ascent step moves it, and
+whether it survives being added to the embeddings.
+
+Sizes (`noise_std`, `step_size`, `eps`) are in one of two units (`scale`):
+
+- ``relative`` (the default): multiples of each token's embedding RMS,
+  ``r_t = ||e_t||_2 / sqrt(H)``. At a LayerNorm output r_t is about 1, so the numbers read as
+  they would there; on raw word embeddings (std 0.02 at initialisation) the perturbation
+  shrinks with them. The same config therefore means the same thing at either
+  `perturb_at`, for any model width, and at any weight scale a checkpoint has grown to.
+- ``absolute``: plain numbers, as the paper and the official code write them.
+
+Whatever the unit, a perturbation smaller than the embeddings' rounding step is lost when
+added: bf16 keeps 8 significant bits, so an element of size 1 absorbs anything below
+about 4e-3. `lost_fraction` measures that on the real tensors, so a run can report it.
+
+Update rules (`update`), per token, with ||.|| the configured norm (linf or l2):
+
+- ``paper``: ``delta + step_size * r_t * g / (||g|| + grad_eps)`` (Liu et al. 2020, Alg. 1):
+  the step has length step_size whatever the gradient's magnitude.
+- ``official``: ``r_t * normalise(delta + step_size * g)``, i.e. the sum is rescaled to unit
+  length (times r_t): what mt-dnn's pretraining plugin (v0.2 `alum/`) and its fine-tuning
+  `SmartPerturbation` do. Delta then always has the length of the embeddings' RMS, and
+  when ``step_size * g`` is much smaller than delta its direction is mostly the initial
+  noise's.
+
+`eps`, when set, projects delta onto the per-token ball of radius eps * r_t afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NORMS = ("linf", "l2")
+SCALES = ("relative", "absolute")
+UPDATES = ("paper", "official")
+
+
+def token_norm(x: Tensor, norm: str) -> Tensor:
+    """Per-token norm over the last (hidden) dimension: max |x| for linf, the L2 norm for l2."""
+    if norm == "linf":
+        return x.abs().amax(dim=-1)
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Perturbations and losses are computed in float32, or float64 for a float64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def token_scale(embedded: Tensor, scale: str) -> Tensor:
+    """The unit of perturbation sizes for each token, shaped [B, T, 1] (no gradient)."""
+    dtype = work_dtype(embedded.dtype)
+    if scale == "absolute":
+        return torch.ones(*embedded.shape[:-1], 1, dtype=dtype, device=embedded.device)
+    return embedded.detach().to(dtype).pow(2).mean(dim=-1, keepdim=True).sqrt()
+
+
+def initial_noise(embedded: Tensor, unit: Tensor, noise_std: float) -> Tensor:
+    """delta ~ N(0, (noise_std * r_t)^2), in float32 even when the model runs in bf16 (drawn in
+    float32 for a float64 model too, so both start from the same noise)."""
+    return torch.randn(embedded.shape, device=embedded.device).to(unit.dtype) * (noise_std * unit)
+
+
+def ascent_update(delta: Tensor, grad: Tensor, unit: Tensor, config) -> Tensor:
+    """One ascent step on delta by `config.update`, then the optional eps-ball projection."""
+    if config.update == "paper":
+        step = grad / (token_norm(grad, config.norm).unsqueeze(-1) + config.grad_eps)
+        delta = delta + config.step_size * unit * step
+    else:
+        raw = delta + config.step_size * grad
+        delta = unit * raw / (token_norm(raw, config.norm).unsqueeze(-1) + config.grad_eps)
+    if config.eps is None:
+        return delta
+    radius = config.eps * unit
+    if config.norm == "linf":
+        return torch.maximum(torch.minimum(delta, radius), -radius)
+    norms = token_norm(delta, "l2").unsqueeze(-1)
+    return delta * (radius / torch.maximum(norms, radius))
+
+
+def lost_fraction(embedded: Tensor, delta: Tensor, real: Tensor) -> Tensor:
+    """Fraction of delta's non-zero elements on real tokens that vanish in ``embedded + delta``
+    computed as the model computes it (delta cast to the embeddings' dtype, then added)."""
+    e = embedded.detach()
+    counted = (delta != 0) & real.unsqueeze(-1)
+    lost = ((e + delta.to(e.dtype)) == e) & counted
+    return lost.sum() / counted.sum().clamp(min=1)
+
+
+def real_mean(values: Tensor, real: Tensor) -> Tensor:
+    """Mean of per-token values [B, T] over real tokens only (padding excluded)."""
+    return (values * real).sum() / real.sum().clamp(min=1)

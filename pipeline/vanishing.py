@@ -1,0 +1,44 @@
+"""The guard against an adversarial term that is numerically zero.
+
+An ALUM step costs about 2.7 standard steps. If delta is below the embeddings' rounding
+step (bf16 keeps 8 significant bits) or the ascent never moves it, the adversarial logits
+equal the clean ones and the term is zero: the job pays for nothing. The trainer logs
+``train/adv_ratio`` (alpha * L_adv / L_mlm, over all ranks) and ``train/delta_lost``; a step
+whose ratio is below ``adversarial.vanish_ratio`` counts as vanished, and after
+``adversarial.vanish_steps`` such active steps in a row the run says so once, in one line
+naming the keys to change, or stops with exit code 2 (``adversarial.on_vanish: error``).
+
+The default floor, 1e-5, comes from bench/alum_term.py (docs/alum-term.md): the official
+magnitudes gave ratios of 1e-8 and below (exact zeros in bf16), the defaults 1e-3 and above.
+"""
+
+from __future__ import annotations
+
+from data_prep.errors import UserError
+
+
+def vanished(config, ratio: float) -> bool:
+    """Whether an active step's adversarial term counts as numerically zero."""
+    return not ratio >= config.vanish_ratio
+
+
+def message(config, step: int, ratio: float, lost: float) -> str:
+    """The one line a user reads: what was measured, and which keys change it."""
+    if lost >= 0.5:
+        cause = (f"{lost:.1%} of delta's elements vanish when added to the embeddings (below their precision): "
+                 "raise adversarial.noise_std and adversarial.step_size, or use adversarial.scale=relative")
+    else:
+        cause = ("the perturbation barely changes the predictions: raise adversarial.step_size or adversarial.noise_std, "
+                 "lower adversarial.grad_eps, or use adversarial.scale=relative")
+    return (f"step {step}: the adversarial term has been numerically zero for {config.vanish_steps} active steps in a row "
+            f"(alpha * L_adv / L_mlm = {ratio:.2e} < adversarial.vanish_ratio {config.vanish_ratio:g}); {cause}")
+
+
+def check(config, streak: int, step: int, ratio: float, lost: float, announce) -> None:
+    """Act once a streak reaches vanish_steps: `announce` the line, or stop with it (exit 2)."""
+    if streak != config.vanish_steps:
+        return
+    line = message(config, step, ratio, lost)
+    if config.on_vanish == "error":
+        raise UserError(f"{line} (adversarial.on_vanish=error)")
+    announce(f"warning: {line} (adversarial.on_vanish=error stops the run instead)")
