@@ -229,8 +229,9 @@ def _loop(run: Run, state: TrainState, logger) -> None:
         adv = config.adversarial
         adv_active = adv.active(state.step - 1)
         adv_ratio = adv.alpha * stats["loss_adv"] / stats["loss_mlm"] if stats["loss_mlm"] > 0 else 0.0
+        delta_lost = stats["delta_lost"] / stats["micro_batches"]
         if adv_active:
-            counts = stats["adv_skipped"] == 0 and vanishing.vanished(adv, adv_ratio)
+            counts = stats["adv_skipped"] == 0 and vanishing.vanished(adv, adv_ratio, delta_lost)
             state.vanish_streak = state.vanish_streak + 1 if counts else 0
 
         evaluate_now = run.val is not None and state.step % config.eval.every_steps == 0
@@ -249,7 +250,7 @@ def _loop(run: Run, state: TrainState, logger) -> None:
                 "train/delta_norm": stats["delta_norm"] / micro,
                 "train/adv_grad_norm": stats["adv_grad_norm"] / micro,
                 "train/adv_ratio": adv_ratio,
-                "train/delta_lost": stats["delta_lost"] / micro,
+                "train/delta_lost": delta_lost,
                 "train/nonfinite_steps": state.bad_streak,
                 "perf/tokens_per_s": train.global_batch_size * dataset.seq_len / max(elapsed, 1e-9),
                 "perf/step_seconds": elapsed,
@@ -262,7 +263,7 @@ def _loop(run: Run, state: TrainState, logger) -> None:
             logger.log(state.step, record)
             if rank == 0:
                 print(_progress_line(state.step, train.max_steps, record), flush=True)
-        vanishing.check(adv, state.vanish_streak, state.step, adv_ratio, stats["delta_lost"] / stats["micro_batches"], _report)
+        vanishing.check(adv, state.vanish_streak, state.step, adv_ratio, delta_lost, _report)
         if state.bad_streak > train.max_bad_steps:
             last, _ = checkpoint.latest_complete(run_dir)
             raise TrainingAborted(

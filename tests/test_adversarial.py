@@ -342,3 +342,19 @@ def test_validate_accepts_the_defaults_and_paper_values():
 def test_validate_message_lists_the_choices():
     with pytest.raises(ValueError, match=r"adversarial.norm: expected linf or l2, got 'l1'"):
         replace(ALUM, norm="l1").validate()
+
+
+# 9. Logged sizes count real tokens only
+
+
+def test_logged_norms_average_over_real_tokens_only():
+    ids, mask, labels = batch()
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[1, 8:] = False  # the tail of the second sequence is padding
+    closures = Closures(tiny_bert(), ids, mask)
+    torch.manual_seed(7)
+    result = compute_losses(closures.forward, closures.ascent_forward, labels, ALUM, 0, real=real)
+    (delta,) = closures.deltas
+    per_token = token_norm(delta, ALUM.norm)
+    assert result.delta_norm.item() == pytest.approx(per_token[real].mean().item(), rel=1e-6)
+    assert result.delta_norm.item() != pytest.approx(per_token.mean().item(), rel=1e-3)

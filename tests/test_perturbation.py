@@ -175,7 +175,8 @@ def test_guard_error_stops_with_a_user_error_naming_the_keys():
         vanishing.check(config, 2, 6, 0.0, 0.0, print)
 
 
-def test_a_ratio_at_or_above_the_floor_has_not_vanished():
-    assert not vanishing.vanished(ALUM, ALUM.vanish_ratio)
-    assert vanishing.vanished(ALUM, ALUM.vanish_ratio / 2)
-    assert vanishing.vanished(ALUM, float("nan"))
+def test_a_ratio_below_the_floor_or_a_delta_mostly_lost_has_vanished():
+    assert not vanishing.vanished(ALUM, ALUM.vanish_ratio, 0.05)
+    assert vanishing.vanished(ALUM, ALUM.vanish_ratio / 2, 0.0)
+    assert vanishing.vanished(ALUM, float("nan"), 0.0)
+    assert vanishing.vanished(ALUM, 1e-3, 0.96)  # what is left is rounding noise

@@ -37,6 +37,9 @@ def test_alum_run_shows_both_stages(reference):
     for r in alum:
         assert r["train/loss"] == pytest.approx(r["train/loss_mlm"] + 10.0 * r["train/loss_adv"], rel=1e-6)
         assert r["train/loss_adv"] > 1e-6
+        assert r["train/adv_ratio"] == pytest.approx(10.0 * r["train/loss_adv"] / r["train/loss_mlm"], rel=1e-6)
+        assert 0.0 <= r["train/delta_lost"] < 0.01  # fp32 keeps a delta of this size
+    assert all(r["train/adv_ratio"] == 0.0 and r["train/delta_lost"] == 0.0 for r in standard)
     assert [r["data/consumed_samples"] for r in records] == [16 * s for s in range(1, 9)]
     assert len({r["data/sample_digest"] for r in records}) == 8
     assert all(r["train/mask_rate"] == 0.05 for r in records)  # 128 samples of ~1,800: the first 20% of the epoch
