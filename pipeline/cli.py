@@ -7,6 +7,7 @@ start quickly (no torch import). A `UserError` becomes one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from data_prep.errors import UserError
@@ -150,11 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    # Listed for `alum --help`; `main` hands `alum pretrain ...` to pipeline.pretrain unparsed.
-    sub.add_parser("pretrain", help="train in this process (same as python -m pipeline.pretrain --help)")
-    # Likewise `alum supervise ...` goes to pipeline.supervise unparsed.
-    sub.add_parser("supervise", help="run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure "
-                   "(same as python -m pipeline.supervise --help)")
+    # Listed for `alum --help`; `main` hands these commands' arguments to their modules unparsed.
+    for name, (module, text) in PASSED_THROUGH.items():
+        sub.add_parser(name, help=f"{text} (same as python -m {module} --help)")
 
     p = sub.add_parser("demo", help="the whole pipeline on a corpus built from Python's docstrings")
     p.add_argument("--out", default="runs/demo")
@@ -163,16 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose module parses its own arguments: `alum NAME ARGS` is `python -m MODULE ARGS`.
+PASSED_THROUGH = {
+    "pretrain": ("pipeline.pretrain", "train in this process"),
+    "supervise": ("pipeline.supervise", "run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure"),
+    "eval": ("pipeline.mlm_eval", "MLM loss, perplexity, accuracy and robustness of an HF model on a shard split"),
+    "finetune": ("pipeline.finetune", "fine-tune a BERT/RoBERTa classifier (SST-2, RTE, your own data), standard or ALUM"),
+    "plot": ("pipeline.plot", "loss components, mask rate, learning rate and eval perplexity of runs, as a PNG"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["pretrain"]:
-        from pipeline.pretrain import main as pretrain_main
-
-        return pretrain_main(argv[1:])
-    if argv[:1] == ["supervise"]:
-        from pipeline.supervise import main as supervise_main
-
-        return supervise_main(argv[1:])
+    if argv[:1] and argv[0] in PASSED_THROUGH:
+        module = importlib.import_module(PASSED_THROUGH[argv[0]][0])
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -7,9 +7,7 @@ tokenizer and sequence length. `MaskedLM` wraps it for training:
 - the LM head (a hidden x vocab projection, the biggest matmul of a small model) runs only
   on the masked positions, in every pass, instead of on all B x T positions;
 - `forward(..., delta)` adds an ALUM perturbation to the word embeddings or to the
-  embedding output through a forward hook, so every pass runs the whole model in the same
-  order (which the dropout replay of `pipeline.adversarial` relies on) and the same call
-  works through a DeepSpeed engine and through `engine.module`.
+  embedding output (`Perturbation`, shared with the fine-tuning classifier).
 """
 
 from __future__ import annotations
@@ -91,23 +89,45 @@ def build_model(config, init_from: str | None, activation_checkpointing: bool) -
     return model
 
 
+class Perturbation:
+    """Adds a perturbation delta to the embeddings through a forward hook, and keeps the
+    unperturbed tensor: on the word embeddings, or on the embedding layer's output (after its
+    LayerNorm and dropout). A hook, rather than feeding cached embeddings to the encoder,
+    keeps every pass running the whole model in the same order, which the dropout replay of
+    `pipeline.adversarial` relies on, and works through a DeepSpeed engine and through
+    `engine.module` alike."""
+
+    def __init__(self, base_model: nn.Module, perturb_at: str):
+        embeddings = base_model.embeddings
+        target = embeddings.word_embeddings if perturb_at == "word_embeddings" else embeddings
+        target.register_forward_hook(self._add)
+        self._delta: torch.Tensor | None = None
+        self._embedded: torch.Tensor | None = None
+
+    def _add(self, module, inputs, output):
+        self._embedded = output
+        if self._delta is not None:
+            return output + self._delta.to(output.dtype)
+        return None
+
+    def run(self, delta, fn):
+        """(fn() computed with delta added, the unperturbed embeddings [B, T, H])."""
+        self._delta = delta
+        try:
+            result = fn()
+        finally:
+            self._delta = None
+        embedded, self._embedded = self._embedded, None
+        return result, embedded
+
+
 class MaskedLM(nn.Module):
     """A training view of an HF masked LM: masked-position logits, optional perturbation."""
 
     def __init__(self, hf_model: nn.Module, perturb_at: str = "embedding_output"):
         super().__init__()
         self.hf = hf_model
-        base = getattr(hf_model, hf_model.base_model_prefix)
-        target = base.embeddings.word_embeddings if perturb_at == "word_embeddings" else base.embeddings
-        target.register_forward_hook(self._perturb)
-        self._delta: torch.Tensor | None = None
-        self._embedded: torch.Tensor | None = None
-
-    def _perturb(self, module, inputs, output):
-        self._embedded = output
-        if self._delta is not None:
-            return output + self._delta.to(output.dtype)
-        return None
+        self.perturbation = Perturbation(self.encoder(), perturb_at)
 
     def encoder(self) -> nn.Module:
         return getattr(self.hf, self.hf.base_model_prefix)
@@ -117,10 +137,8 @@ class MaskedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, positions, delta=None):
         """(logits [N, V] at the masked positions, the perturbable embeddings [B, T, H])."""
-        self._delta = delta
-        try:
-            hidden = self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        finally:
-            self._delta = None
-        embedded, self._embedded = self._embedded, None
-        return self.head()(hidden[positions]), embedded
+        def hidden():
+            return self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        states, embedded = self.perturbation.run(delta, hidden)
+        return self.head()(states[positions]), embedded

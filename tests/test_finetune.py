@@ -1,0 +1,187 @@
+"""`alum finetune`: GLUE/AdvGLUE loading against known rows, the ALUM fine-tuning loss by hand,
+a short real fine-tuning run on SST-2 with two seeds, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
+
+from conftest import data_file
+from data_prep.errors import UserError
+from data_prep.tokenizer import load_tokenizer
+from pipeline import finetune
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.glue import load_task, read_advglue, read_tsv
+
+SST2_COLUMNS, SST2_LABELS = ("sentence",), ("0", "1")
+
+
+@pytest.fixture(scope="module")
+def sst2() -> Path:
+    return data_file("sst2/train.tsv").parent
+
+
+@pytest.fixture(scope="module")
+def advglue() -> Path:
+    return data_file("advglue/dev.json")
+
+
+# 1. Loading
+
+
+def test_sst2_rows_labels_and_quotes(sst2):
+    train = read_tsv(sst2 / "train.tsv", SST2_COLUMNS, SST2_LABELS)
+    dev = read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS)
+    assert (len(train), len(dev)) == (67_349, 872)
+    assert (train[0].text, train[0].text_pair, train[0].label) == ("hide new secretions from the parental units", None, 0)
+    assert (dev[0].text, dev[0].label) == ("it 's a charming and often affecting journey .", 1)
+    assert sum(e.label for e in dev) == 444  # GLUE SST-2 dev: 444 positive, 428 negative
+
+
+def test_rte_string_labels_map_to_glue_ids(tmp_path):
+    rte = data_file("rte/train.tsv").parent
+    task = load_task("rte", rte)
+    assert (len(task.train), len(task.dev)) == (2_490, 277)
+    first = task.train[0]
+    assert first.text == "No Weapons of Mass Destruction Found in Iraq Yet."
+    assert first.text_pair == "Weapons of Mass Destruction Found in Iraq."
+    assert first.label == 1 and task.labels[1] == "not_entailment"
+    assert sum(e.label == 0 for e in task.train) == 1_249  # entailment
+    # Split on tabs without CSV quoting: the quotes stay part of the text.
+    assert task.train[12].text == 'Valero Energy Corp., on Monday, said it found "extensive" additional damage at its 250,000-barrel-per-day Port Arthur refinery.'
+    assert sum('"' in e.text or '"' in e.text_pair for e in task.train) > 100
+
+
+def test_advglue_subsets(advglue):
+    sst = read_advglue(advglue, "sst2", SST2_COLUMNS, 2)
+    rte = read_advglue(advglue, "rte", ("sentence1", "sentence2"), 2)
+    assert (len(sst), len(rte)) == (148, 81)
+    assert sst[0].text.startswith("it 's an uneven treat that bores fun at the democratic exercise") and sst[0].label == 1
+    assert rte[0].text_pair == "Doctors Without Borders is an international aid organization ." and rte[0].label == 0
+
+
+def test_own_jsonl_task_takes_sorted_labels(tmp_path):
+    rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "fine", "text_pair": "ok", "label": "pos"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"text": "meh", "label": "neg"}) + "\n")
+    task = load_task(str(tmp_path), None)
+    assert task.labels == ("neg", "pos")
+    assert [e.label for e in task.train] == [1, 0, 1] and task.train[2].text_pair == "ok"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("sentence\tlabel\ngood movie\t2\n", r"train.tsv:2: label '2' is not in the label set \(0, 1\)"),
+        ("text\tlabel\ngood movie\t1\n", r"train.tsv: no column 'sentence' in the header"),
+        ("sentence\tlabel\ngood movie\n", r"train.tsv:2: 1 tab-separated fields, the header has 2"),
+    ],
+)
+def test_bad_tsv_rows_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "train.tsv").write_text(content)
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(UserError, match=message):
+        load_task("sst2", tmp_path)
+
+
+def test_missing_files_and_bad_model_dirs(tmp_path, sst2):
+    with pytest.raises(UserError, match=r"dev.tsv: no such file"):
+        shutil.copy(sst2 / "train.tsv", tmp_path / "train.tsv")
+        load_task("sst2", tmp_path)
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserError, match=r"model type 'gpt2' is not BERT or RoBERTa"):
+        finetune.check_model_dir(tmp_path / "gpt")
+    with pytest.raises(UserError, match=r"no readable config.json"):
+        finetune.check_model_dir(tmp_path / "nothing")
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path, sst2, capsys):
+    code = finetune.main(["--model", str(tmp_path / "missing"), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("finetune: error: --model:")
+    assert not (tmp_path / "out").exists()
+
+
+# 2. A small model in the layout `alum export` writes
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, bert_tokenizer) -> Path:
+    """A 64-wide, 2-layer BERT (random weights) saved with the project's tokenizer files."""
+    tokenizer = load_tokenizer(bert_tokenizer)
+    ids = tokenizer.special_token_ids
+    config = BertConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=256, max_position_embeddings=256, pad_token_id=ids["pad"])
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "hf"
+    BertForMaskedLM(config).save_pretrained(out)
+    for path in Path(bert_tokenizer).iterdir():
+        shutil.copy(path, out / path.name)
+    return out
+
+
+def test_alum_loss_is_cross_entropy_plus_alpha_times_symmetric_kl(small_model, sst2):
+    model, tokenizer = finetune.load_model(small_model, 2, seed=0)
+    model.eval()  # no dropout, so the hand computation sees the same predictions
+    examples = read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS)[:8]
+    ids, labels = finetune.encode(tokenizer, examples, 64)
+    input_ids, mask = finetune.padded(ids, tokenizer.pad_token_id)
+    deltas = []
+
+    def forward(delta):
+        deltas.append(delta)
+        return model(input_ids, mask, delta)
+
+    config = AdversarialConfig(method="alum", alpha=1.0)
+    out = compute_losses(forward, lambda d: model(input_ids, mask, d)[0], labels, config, step=0, real=mask)
+    with torch.no_grad():
+        clean = model(input_ids, mask)[0].double()
+        perturbed = model(input_ids, mask, deltas[-1])[0].double()
+    log_p, log_q = clean.log_softmax(-1), perturbed.log_softmax(-1)
+    ce = -log_p[torch.arange(8), labels].mean()
+    kl = ((log_p.exp() * (log_p - log_q)).sum(-1) + (log_q.exp() * (log_q - log_p)).sum(-1)).mean()
+    assert kl > 0
+    assert out.loss.item() == pytest.approx((ce + 1.0 * kl).item(), rel=1e-5)
+    assert out.loss_adv.item() == pytest.approx(kl.item(), rel=1e-4)
+
+
+# 3. A real run: two seeds, standard fine-tuning, SST-2 dev and AdvGLUE
+
+
+def args(model: Path, data: Path, advglue: Path, out: Path, **changes) -> list[str]:
+    options = {"--model": model, "--task": "sst2", "--data": data, "--advglue": advglue, "--out": out, "--seeds": "1,2",
+               "--max-steps": 150, "--eval-every": 75, "--lr": 1e-3, "--batch-size": 32, **changes}
+    return [str(item) for pair in options.items() for item in pair]
+
+
+@pytest.mark.slow
+def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2, advglue, tmp_path):
+    out = tmp_path / "sst2"
+    assert finetune.main(args(small_model, sst2, advglue, out)) == 0
+    summary = json.loads((out / "results.json").read_text())
+    dev = [s["dev_accuracy"] for s in summary["seeds"]]
+    assert [s["seed"] for s in summary["seeds"]] == [1, 2]
+    assert all(acc > 0.6 for acc in dev), dev  # majority class: 0.509
+    assert summary["dev_majority_baseline"] == pytest.approx(444 / 872)
+    assert summary["dev_accuracy"]["mean"] == pytest.approx(statistics.mean(dev))
+    assert summary["dev_accuracy"]["std"] == pytest.approx(statistics.stdev(dev))
+    assert all(0 <= s["advglue_accuracy"] <= 1 for s in summary["seeds"]) and summary["advglue_accuracy"]["n"] == 2
+    assert [h["step"] for h in summary["seeds"][0]["history"]] == [75, 150]
+    # The saved model is an HF classifier with named labels that reproduces the dev accuracy.
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "seed-1")
+    assert saved.config.id2label == {0: "0", 1: "1"}
+    model, tokenizer = finetune.load_model(out / "seed-1", 2, seed=0)
+    ids, labels = finetune.encode(tokenizer, read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS), 128)
+    assert finetune.accuracy(model, ids, labels, tokenizer.pad_token_id) == pytest.approx(dev[0])
+    # A re-run skips the finished seeds.
+    stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
+    assert finetune.main(args(small_model, sst2, advglue, out)) == 0
+    assert (out / "seed-1" / "result.json").stat().st_mtime_ns == stamp
