@@ -1,0 +1,181 @@
+"""`alum eval` (pipeline.mlm_eval) on a real, briefly trained tiny BERT and real WikiText-2 shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from pipeline.data import Masking, ShardDataset, masked_batch
+from pipeline.evaluate import EVAL_SEED_OFFSET
+from pipeline.mlm_eval import evaluate_model, main
+
+SMALL = {"batches": 3, "batch_size": 8}  # 24 val rows of 64 tokens
+
+
+def _masking(tokenizer_dir) -> Masking:
+    info = load_tokenizer(tokenizer_dir)
+    specials = info.special_token_ids
+    return Masking(tuple(specials.values()), specials["mask"], specials["pad"], info.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bert_tokenizer, train_shards):
+    """A tiny BERT that has memorised the first 32 val rows under ever-changing masks (a few
+    seconds), so its predictions depend on the context, as a real model's do; saved with the
+    tokenizer files the way `alum export` writes them."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForMaskedLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dataset, masking = ShardDataset(train_shards, "val"), _masking(bert_tokenizer)
+    for step in range(150):
+        batch = masked_batch(dataset, np.arange(32), step + 1, 1, 0.25, masking)
+        states = model.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        optimizer.zero_grad()
+        F.cross_entropy(model.cls(states[batch.positions]), batch.labels).backward()
+        optimizer.step()
+    out = tmp_path_factory.mktemp("mlm-eval") / "model"
+    model.save_pretrained(str(out))
+    for path in bert_tokenizer.iterdir():
+        shutil.copy2(path, out / path.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(model_dir, train_shards):
+    return evaluate_model(model_dir, train_shards, radii=(0.05, 0.2, 0.5), substitution_rates=(0.0, 0.3), **SMALL)
+
+
+def test_clean_metrics_equal_a_direct_hf_computation(results, model_dir, train_shards, bert_tokenizer):
+    from transformers import BertForMaskedLM
+
+    hf = BertForMaskedLM.from_pretrained(str(model_dir)).eval()
+    dataset, masking = ShardDataset(train_shards, "val"), _masking(bert_tokenizer)
+    loss = correct = 0.0
+    labels, predictions = [], []
+    with torch.no_grad():
+        for start in range(0, SMALL["batches"] * SMALL["batch_size"], SMALL["batch_size"]):
+            batch = masked_batch(dataset, np.arange(start, start + SMALL["batch_size"]), 0, EVAL_SEED_OFFSET, 0.15, masking)
+            logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.positions]
+            loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == batch.labels).sum().item()
+            labels.append(batch.labels)
+            predictions.append(logits.argmax(-1))
+    labels = torch.cat(labels)
+    n = len(labels)
+    clean = results["clean"]
+    assert clean["tokens"] == n and results["rows"] == 24
+    assert clean["loss"] == pytest.approx(loss / n, abs=1e-5)
+    assert clean["ppl"] == pytest.approx(math.exp(loss / n), rel=1e-5)
+    assert clean["accuracy"] == pytest.approx(correct / n, abs=1e-5)
+    assert clean["commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / n, abs=1e-12)
+    # Trained: better than guessing the commonest token, and not always the same guess.
+    assert clean["accuracy"] > clean["commonest_token_accuracy"] + 0.1
+    assert len(set(torch.cat(predictions).tolist())) > 1
+
+
+def test_pgd_loss_exceeds_the_clean_loss_and_grows_with_the_radius(results):
+    losses = [p["loss"] for p in results["perturbation"]]
+    assert [p["radius"] for p in results["perturbation"]] == [0.05, 0.2, 0.5]
+    assert results["clean"]["loss"] < losses[0] < losses[1] < losses[2]
+    assert results["perturbation"][2]["accuracy"] < results["clean"]["accuracy"]
+
+
+def test_substitution_at_rate_zero_is_clean_and_at_a_positive_rate_hurts(results):
+    zero, some = results["substitution"]
+    assert zero["substituted_share"] == 0 and 0.25 < some["substituted_share"] < 0.35
+    assert zero["loss"] == results["clean"]["loss"] and zero["accuracy"] == results["clean"]["accuracy"]
+    assert some["loss"] > results["clean"]["loss"]
+
+
+def same(a, b, rel: float = 1e-12) -> bool:
+    """Equal nested results, floats equal to a relative tolerance."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=rel)
+    return a == b
+
+
+def test_results_are_deterministic_and_need_not_batch_alike(results, model_dir, train_shards):
+    """Same rows and masks whatever the batch size: masking and substitution are keyed by row."""
+    again = evaluate_model(model_dir, train_shards, batches=2, batch_size=12, radii=(), substitution_rates=(0.0, 0.3))
+    assert same(again["clean"], results["clean"], rel=1e-5)
+    assert same(again["substitution"], results["substitution"], rel=1e-5)
+
+
+def refused(capsys, argv, out, *fragments) -> str:
+    """main() returned 2, printed exactly one `eval: error:` line holding every fragment, wrote nothing."""
+    assert main([*map(str, argv), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("eval: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not out.exists()
+    return err
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(capsys, tmp_path, model_dir, train_shards, bert_tokenizer, wikitext_valid):
+    out = tmp_path / "eval.json"
+    base = ["--model", model_dir, "--shards", train_shards]
+    refused(capsys, ["--model", tmp_path / "no-model", "--shards", train_shards], out, str(tmp_path / "no-model"), "no config.json")
+    refused(capsys, ["--model", model_dir, "--shards", tmp_path / "no-shards"], out, "--shards", str(tmp_path / "no-shards"))
+    refused(capsys, [*base, "--split", "test"], out, "'test'")
+    # Options are checked first: these name the option even though the model directory is missing.
+    missing = ["--model", tmp_path / "no-model", "--shards", train_shards]
+    for option, value in (("--mask-rate", "0"), ("--mask-rate", "1.5"), ("--radius", "-0.1"), ("--radius", "nan"),
+                          ("--substitution-rate", "2"), ("--pgd-steps", "0"), ("--batches", "0")):
+        refused(capsys, [*missing, option, value], out, option, value)
+
+    other = tmp_path / "other-shards"
+    shutil.copytree(train_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    real = manifest["tokenizer"]["sha256"]
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    refused(capsys, ["--model", model_dir, "--shards", other], out, f"{other}: shards were built with another tokenizer",
+            "000000000000", real[:12])
+
+    plain = tmp_path / "plain-hf"  # weights only: the tokenizer must come from --tokenizer
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(model_dir / name, plain / name)
+    refused(capsys, ["--model", plain, "--shards", train_shards], out, "--tokenizer", "alum_tokenizer.json")
+    another = tmp_path / "another-tokenizer"
+    train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), another, vocab_size=800, threads=2)
+    refused(capsys, [*base, "--tokenizer", another], out, f"--tokenizer: {another}", f"is not the tokenizer of --model {model_dir}")
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    refused(capsys, ["--model", gpt, "--shards", train_shards, "--tokenizer", bert_tokenizer], out, str(gpt), "'gpt2'")
+
+
+def test_main_writes_the_numbers_of_evaluate_model(capsys, tmp_path, model_dir, train_shards, bert_tokenizer):
+    plain = tmp_path / "plain-hf"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(model_dir / name, plain / name)
+    argv = ["--model", plain, "--tokenizer", bert_tokenizer, "--shards", train_shards, "--batches", "2", "--batch-size", "4",
+            "--radius", "0.1", "--substitution-rate", "0.2", "--seed", "3"]
+    assert main(list(map(str, argv))) == 0
+    stdout = capsys.readouterr().out
+    written = json.loads((plain / "eval-val.json").read_text())  # the default --out
+    expected = evaluate_model(plain, train_shards, batches=2, batch_size=4, seed=3, radii=[0.1], substitution_rates=[0.2],
+                              tokenizer=bert_tokenizer)
+    assert same(written, expected)
+    assert {k: written[k] for k in ("rows", "split", "seed", "mask_rate")} == {"rows": 8, "split": "val", "seed": 3, "mask_rate": 0.15}
+    assert "commonest token" in stdout and "embedding PGD r=0.1 (3 steps)" in stdout and "token substitution p=0.2" in stdout
+    assert f"{expected['clean']['loss']:8.4f}" in stdout
