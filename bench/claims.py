@@ -1,0 +1,220 @@
+"""The paper's claims at small scale: does ALUM pretraining (from scratch, and continual) or
+ALUM fine-tuning buy generalization or robustness? One command, resumable.
+
+    python bench/claims.py                          # the full experiment (about 1 to 1.5 hours here)
+    python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 --finetune-steps 20 --seeds 1,2   # a smoke run
+
+Every stage runs the project's own commands as a user would (`python -m pipeline.pretrain`,
+`alum export`, `alum eval`, `alum finetune`) in --work, and is skipped when its output is
+already there, so a re-run continues where the last one stopped.
+
+1. Data: a sentencepiece tokenizer and 128-token shards of WikiText-2 train (2% of the
+   documents held out as the val split).
+2. Pretraining, the tiny BERT of configs/models/tiny.yaml with the mask curriculum, batch 32:
+   - `standard`: standard MLM for S steps;
+   - `alum`: the paper's two stages: the standard run's step-S/2 checkpoint (weights,
+     optimizer, schedule, data position) continued with ALUM to step S (equal steps);
+   - `standard-compute`: standard MLM from scratch for S/2 + r * S/2 steps, where r is the
+     measured time of an ALUM step over a standard one (equal compute);
+   - `continual-standard` and `continual-alum`: the `standard` model continued for C more
+     steps, a new schedule at a fifth of the learning rate, without and with ALUM.
+3. `alum eval` of every model on the held-out split: perplexity, accuracy (beside the
+   commonest-token baseline), loss under embedding PGD and token substitution.
+4. `alum finetune` of every model on SST-2, standard and ALUM (alpha 1), one run per seed,
+   with SST-2 dev and AdvGLUE-SST2 accuracy.
+5. docs/results/claims.{json,md,png}: the table (mean +- std over seeds; a difference from
+   the `standard` model counts only if it exceeds the sum of the two spreads) and a figure;
+   docs/results/pretraining.png: the pretraining curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data"))
+OUT = REPO / "docs" / "results"
+PRETRAINED = ("standard", "alum", "standard-compute", "continual-standard", "continual-alum")
+
+
+def command(*args: str, what: str) -> float:
+    """Run one of the project's commands from the repository root; its wall time in seconds."""
+    started = time.perf_counter()
+    print(f"[claims] {what}", flush=True)
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"})
+    if result.returncode != 0:
+        raise SystemExit(f"claims: {what} failed with exit code {result.returncode}; fix it and re-run to continue")
+    return time.perf_counter() - started
+
+
+def prepare_data(work: Path) -> tuple[Path, Path]:
+    tokenizer, shards = work / "tokenizer", work / "shards"
+    train = str(DATA / "wikitext-2" / "train.txt")
+    if not (tokenizer / "alum_tokenizer.json").is_file():
+        command("-m", "pipeline.cli", "tokenizer", "--input", train, "--vocab-size", "8000", "--out", str(tokenizer), what="tokenizer")
+    if not (shards / "manifest.json").is_file():
+        command("-m", "pipeline.cli", "shard", "--input", train, "--tokenizer", str(tokenizer), "--seq-len", "128",
+                "--val-fraction", "0.02", "--out", str(shards), what="shards")
+    return tokenizer, shards
+
+
+def pretrain(work: Path, name: str, steps: int, *overrides: str) -> None:
+    """One pretraining run in work/pretrain/NAME (resumes if interrupted, skipped if finished)."""
+    run_dir = work / "pretrain" / name
+    if finished(run_dir, steps):
+        return
+    command("-m", "pipeline.pretrain", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+            f"data.shards={work / 'shards'}", f"data.tokenizer={work / 'tokenizer'}", "deepspeed=configs/deepspeed/zero0.json",
+            f"train.max_steps={steps}", "train.global_batch_size=32", "train.micro_batch_size=32", "train.lr=2e-3",
+            "train.warmup_steps=100", "train.log_every=50", f"eval.every_steps={max(1, steps // 10)}", "eval.batches=8",
+            f"checkpoint.every_steps={max(1, steps // 2)}", "checkpoint.keep_last=2", "wandb.mode=disabled",
+            "adversarial.method=none", *overrides, what=f"pretrain {name} ({steps} steps)")
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    latest = run_dir / "checkpoints" / "latest"
+    return latest.is_file() and latest.read_text().strip() == f"step{steps:08d}"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def step_time_ratio(work: Path, half: int) -> float:
+    """Median logged seconds of an ALUM step over a standard step, both from the runs above
+    (perf/step_seconds is the step alone: validation and checkpoints are timed apart)."""
+    standard = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / "standard")]
+    alum = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / "alum") if r["step"] > half]
+    return statistics.median(alum) / statistics.median(standard)
+
+
+def pretrain_all(work: Path, steps: int, continual: int) -> dict:
+    half = steps // 2
+    pretrain(work, "standard", steps)
+    pretrain(work, "alum", steps, f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
+             "checkpoint.init_optimizer=true", "adversarial.method=alum", f"adversarial.start_step={half}")
+    ratio = step_time_ratio(work, half)
+    compute_steps = half + round(ratio * half)
+    pretrain(work, "standard-compute", compute_steps)
+    for name, method in (("continual-standard", "none"), ("continual-alum", "alum")):
+        pretrain(work, name, continual, f"checkpoint.init_from={work / 'pretrain' / 'standard'}", "train.lr=4e-4",
+                 f"adversarial.method={method}", "adversarial.start_step=0")
+    return {"steps": steps, "continual_steps": continual, "alum_step_time_ratio": ratio, "standard_compute_steps": compute_steps}
+
+
+def export_and_eval(work: Path, name: str) -> dict:
+    model = work / "models" / name
+    if not (model / "config.json").is_file():
+        command("-m", "pipeline.cli", "export", "--run-dir", str(work / "pretrain" / name), "--out", str(model), what=f"export {name}")
+    result = model / "eval-val.json"
+    if not result.is_file():
+        command("-m", "pipeline.cli", "eval", "--model", str(model), "--shards", str(work / "shards"), "--batches", "20",
+                what=f"eval {name}")
+    return json.loads(result.read_text())
+
+
+def finetune(work: Path, name: str, method: str, args) -> dict:
+    out = work / "finetune" / f"{name}-{method}"
+    expected = {int(s) for s in args.seeds.split(",")}
+    done = out / "results.json"
+    if not (done.is_file() and {s["seed"] for s in json.loads(done.read_text())["seeds"]} == expected):
+        command("-m", "pipeline.cli", "finetune", "--model", str(work / "models" / name), "--task", "sst2",
+                "--data", str(DATA / "sst2"), "--advglue", str(DATA / "advglue" / "dev.json"), "--out", str(out),
+                "--method", method, "--seeds", args.seeds, "--max-steps", str(args.finetune_steps),
+                "--eval-every", str(args.finetune_steps), "--lr", "5e-4", what=f"finetune {name} ({method})")
+    return json.loads(done.read_text())
+
+
+def exceeds(a: dict, b: dict) -> bool:
+    """Whether two mean +- std figures differ by more than their spreads together."""
+    return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+
+
+def table(study: dict) -> str:
+    setup = study["setup"]
+    lines = [
+        "# ALUM's claims at small scale (bench/claims.py)",
+        "",
+        f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; standard for {setup['steps']} steps, "
+        f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), standard for {setup['standard_compute_steps']} steps "
+        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), and the standard model "
+        f"continued {setup['continual_steps']} steps without and with ALUM. SST-2 fine-tuning {setup['finetune_steps']} steps, "
+        f"seeds {setup['seeds']}; mean +- std over seeds. * = differs from the `standard` model by more than both spreads together. "
+        f"Wall time {setup['wall_seconds'] / 60:.0f} min. Regenerate: `python bench/claims.py`.",
+        "",
+        "| model | val ppl | val acc (commonest {:.3f}) | PGD r=0.1 loss | PGD r=0.3 loss | subst. 0.1 loss | FT | SST-2 dev | AdvGLUE-SST2 |".format(
+            study["models"]["standard"]["eval"]["clean"]["commonest_token_accuracy"]),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, model in study["models"].items():
+        ev = model["eval"]
+        for method in ("standard", "alum"):
+            ft, ref = model["finetune"][method], study["models"]["standard"]["finetune"][method]
+            marks = {key: "*" if name != "standard" and exceeds(ft[key], ref[key]) else "" for key in ("dev_accuracy", "advglue_accuracy")}
+            pgd = {p["radius"]: p["loss"] for p in ev["perturbation"]}
+            lines.append(
+                f"| {name} | {ev['clean']['ppl']:.1f} | {ev['clean']['accuracy']:.4f} | {pgd.get(0.1, float('nan')):.3f} | "
+                f"{pgd.get(0.3, float('nan')):.3f} | {ev['substitution'][0]['loss']:.3f} | {method} | "
+                f"{ft['dev_accuracy']['mean']:.4f} +- {ft['dev_accuracy']['std']:.4f}{marks['dev_accuracy']} | "
+                f"{ft['advglue_accuracy']['mean']:.4f} +- {ft['advglue_accuracy']['std']:.4f}{marks['advglue_accuracy']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def figure(study: dict, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    names = list(study["models"])
+    for column, key in enumerate(("dev_accuracy", "advglue_accuracy")):
+        ax = fig.add_subplot(1, 2, column + 1)
+        for offset, method in ((-0.2, "standard"), (0.2, "alum")):
+            values = [study["models"][n]["finetune"][method][key] for n in names]
+            ax.bar([i + offset for i in range(len(names))], [v["mean"] for v in values], 0.4, yerr=[v["std"] for v in values],
+                   capsize=3, label=f"{method} fine-tuning")
+        ax.set_xticks(range(len(names)), names, rotation=15)
+        ax.set_title(("SST-2 dev" if column == 0 else "AdvGLUE-SST2") + " accuracy (mean +- std over seeds)")
+        ax.set_ylim(0.3, 1.0)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "claims")
+    parser.add_argument("--pretrain-steps", type=int, default=2400, help="S: the standard run's steps")
+    parser.add_argument("--continual-steps", type=int, default=1200, help="C: continual pretraining steps")
+    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    prepare_data(args.work)
+    setup = pretrain_all(args.work, args.pretrain_steps, args.continual_steps)
+    models = {}
+    for name in PRETRAINED:
+        models[name] = {"eval": export_and_eval(args.work, name), "finetune": {m: finetune(args.work, name, m, args) for m in ("standard", "alum")}}
+    setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=time.perf_counter() - started)
+    study = {"setup": setup, "models": models}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
+    (args.out / "claims.md").write_text(table(study))
+    figure(study, args.out / "claims.png")
+    command("-m", "pipeline.plot", *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
+            "--labels", ",".join(PRETRAINED), "--out", str(args.out / "pretraining.png"), what="pretraining curves")
+    print(table(study))
+
+
+if __name__ == "__main__":
+    main()
