@@ -3,6 +3,7 @@ ALUM fine-tuning buy generalization or robustness? One command, resumable.
 
     python bench/claims.py                          # the full experiment (about 1 to 1.5 hours here)
     python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 --finetune-steps 20 --seeds 1,2   # a smoke run
+    python bench/claims.py --render                 # the table and figure again, from docs/results/claims.json
 
 Every stage runs the project's own commands as a user would (`python -m pipeline.pretrain`,
 `alum export`, `alum eval`, `alum finetune`) in --work, and is skipped when its output is
@@ -181,6 +182,9 @@ def figure(study: dict, out: Path) -> None:
             values = [study["models"][n]["finetune"][method][key] for n in names]
             ax.bar([i + offset for i in range(len(names))], [v["mean"] for v in values], 0.4, yerr=[v["std"] for v in values],
                    capsize=3, label=f"{method} fine-tuning")
+        split = key.split("_")[0]
+        baseline = study["models"][names[0]]["finetune"]["standard"][f"{split}_majority_baseline"]
+        ax.axhline(baseline, linestyle="--", color="gray", label=f"majority class ({baseline:.3f})")
         ax.set_xticks(range(len(names)), names, rotation=15)
         ax.set_title(("SST-2 dev" if column == 0 else "AdvGLUE-SST2") + " accuracy (mean +- std over seeds)")
         ax.set_ylim(0.3, 1.0)
@@ -198,7 +202,14 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=1000)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--render", action="store_true", help="only rewrite claims.md and claims.png from OUT/claims.json")
     args = parser.parse_args()
+    if args.render:
+        study = json.loads((args.out / "claims.json").read_text())
+        (args.out / "claims.md").write_text(table(study))
+        figure(study, args.out / "claims.png")
+        print(table(study))
+        return
     started = time.perf_counter()
     prepare_data(args.work)
     setup = pretrain_all(args.work, args.pretrain_steps, args.continual_steps)
