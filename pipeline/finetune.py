@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -31,8 +32,10 @@ from tqdm import tqdm
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
 from pipeline.glue import Task, load_task
 from pipeline.model import ARCHS, Perturbation
+from pipeline.pretrain import init_distributed, shutdown_distributed
 
 RESULTS = "results.json"
 
@@ -106,42 +109,84 @@ def accuracy(model: Classifier, ids, labels: torch.Tensor, pad_id: int, batch_si
 
 
 def finetune_seed(args, task: Task, seed: int) -> dict:
-    """Fine-tune one seed; returns its result (accuracies, history) and saves the model."""
+    """Fine-tune one seed; returns its result (accuracies, history) and saves the model.
+
+    Under DeepSpeed (`--deepspeed`) every rank draws the same global batch of --batch-size
+    examples and takes its own contiguous share, so the examples an optimizer step sees do
+    not depend on the number of ranks."""
     model, tokenizer = load_model(args.model, len(task.labels), seed)
     pad_id = tokenizer.pad_token_id
     train_ids, train_labels = encode(tokenizer, task.train, args.max_length)
     dev_ids, dev_labels = encode(tokenizer, task.dev, args.max_length)
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     total = args.max_steps or args.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = max(1, int(0.1 * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    rank, world = _ranks()
+    schedule_config = SimpleNamespace(lr=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                                      warmup_steps=max(1, int(0.1 * total)), max_steps=total, min_lr_ratio=0.0)
+    ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
+    optimizer = make_optimizer(model, schedule_config, ds_config)
+    schedule = make_scheduler(optimizer, schedule_config)
+    engine = None
+    if args.deepspeed:
+        import deepspeed
+
+        engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     adversarial = AdversarialConfig(method="alum" if args.method == "alum" else "none", alpha=args.alpha)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed * 1000 + 1)  # the dropout stream
+    torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
-    progress = tqdm(range(total), desc=f"seed {seed} ({args.method})", unit="step", disable=None)
+    progress = tqdm(range(total), desc=f"seed {seed} ({args.method})", unit="step", disable=None if rank == 0 else True)
     for step in progress:
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train_ids), generator=generator)
         chosen = order[(step % steps_per_epoch) * args.batch_size :][: args.batch_size].tolist()
-        input_ids, mask = padded([train_ids[i] for i in chosen], pad_id)
-        out = compute_losses(lambda d: model(input_ids, mask, d), lambda d: model(input_ids, mask, d)[0],
-                             train_labels[chosen], adversarial, step, real=mask)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        share = math.ceil(len(chosen) / world)
+        mine = chosen[rank * share : (rank + 1) * share]
+        input_ids, mask = padded([train_ids[i] for i in mine], pad_id)
+        forward, ascent = (engine, engine.module) if engine else (model, model)
+        out = compute_losses(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0],
+                             train_labels[mine], adversarial, step, real=mask)
+        if engine:
+            engine.backward(out.loss)
+            engine.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id)})
             progress.set_postfix(loss=f"{out.loss.item():.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
-    result = {"seed": seed, "steps": total, "seconds": time.perf_counter() - started, "dev_accuracy": history[-1]["dev_accuracy"], "history": history}
+    result = {"seed": seed, "steps": total, "ranks": world, "seconds": time.perf_counter() - started,
+              "dev_accuracy": history[-1]["dev_accuracy"], "history": history}
     if task.adversarial:
         adv_ids, adv_labels = encode(tokenizer, task.adversarial, args.max_length)
         result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id)
-    _save(model, tokenizer, task, Path(args.out) / f"seed-{seed}", result)
+    if rank == 0:
+        _save(model, tokenizer, task, Path(args.out) / f"seed-{seed}", result)
+    if engine:
+        import deepspeed.comm as dist
+
+        dist.barrier()  # the seed's files exist before any rank moves on
     return result
+
+
+def _ranks() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _deepspeed_config(args, world: int) -> dict:
+    """The ZeRO settings of --deepspeed's JSON, with the batch split over the ranks (fp32 on CPU)."""
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    run = SimpleNamespace(deepspeed=args.deepspeed, train=SimpleNamespace(global_batch_size=args.batch_size,
+                          micro_batch_size=args.batch_size // world, grad_clip=1.0, precision="auto"))
+    return deepspeed_config(run, world)
 
 
 def _save(model: Classifier, tokenizer, task: Task, out: Path, result: dict) -> None:
@@ -196,6 +241,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=500, help="dev accuracy every N steps (and at the end)")
+    p.add_argument("--deepspeed", metavar="JSON", help="train with DeepSpeed (ZeRO settings from this file, e.g. "
+                   "configs/deepspeed/zero2.json), one rank per process: deepspeed --num_gpus N --module pipeline.finetune ...")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args) -> dict:
@@ -207,21 +255,26 @@ def run(args) -> dict:
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)
     task = load_task(args.task, args.data, args.advglue)
+    if args.deepspeed:
+        init_distributed(600.0)
     out = Path(args.out)
+    rank, _ = _ranks()
+    say = print if rank == 0 else (lambda *a, **k: None)
     results = []
     for seed in seeds:
         done = out / f"seed-{seed}" / "result.json"
         results.append(json.loads(done.read_text()) if done.is_file() else finetune_seed(args, task, seed))
         line = f"seed {seed}: dev accuracy {results[-1]['dev_accuracy']:.4f}"
-        print(line + (f", AdvGLUE {results[-1]['advglue_accuracy']:.4f}" if "advglue_accuracy" in results[-1] else ""), flush=True)
+        say(line + (f", AdvGLUE {results[-1]['advglue_accuracy']:.4f}" if "advglue_accuracy" in results[-1] else ""), flush=True)
     summary = summarise(task, args, results)
-    atomic.write_bytes(out / RESULTS, (json.dumps(summary, indent=1) + "\n").encode())
+    if rank == 0:
+        atomic.write_bytes(out / RESULTS, (json.dumps(summary, indent=1) + "\n").encode())
     for split in ("dev", "advglue"):
         if summary[f"{split}_accuracy"]:
             numbers = summary[f"{split}_accuracy"]
-            print(f"{split} accuracy: {numbers['mean']:.4f} +- {numbers['std']:.4f} over {numbers['n']} seeds "
-                  f"(majority-class baseline {summary[f'{split}_majority_baseline']:.4f})")
-    print(f"results: {out / RESULTS}")
+            say(f"{split} accuracy: {numbers['mean']:.4f} +- {numbers['std']:.4f} over {numbers['n']} seeds "
+                f"(majority-class baseline {summary[f'{split}_majority_baseline']:.4f})")
+    say(f"results: {out / RESULTS}")
     return summary
 
 
@@ -233,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"pretrain: stopped: {e}")
         return 3
     finally:
-        _shutdown_distributed()
+        shutdown_distributed()
     return 0
 
 
@@ -88,7 +88,7 @@ def _distributed_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _shutdown_distributed() -> None:
+def shutdown_distributed() -> None:
     """Leave the process group before exit: tearing it down during interpreter shutdown can
     abort the process ("terminate called without an active exception") after a clean error."""
     import torch.distributed
@@ -141,7 +141,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
         config, config_error = resolve_run_config(config_path, overrides, run_dir), None
     except UserError as e:
         config, config_error = None, e
-    rank, world_size = _init_distributed(config.train.dist_timeout_s if config else TrainConfig.dist_timeout_s)
+    rank, world_size = init_distributed(config.train.dist_timeout_s if config else TrainConfig.dist_timeout_s)
 
     def checks():
         if config_error:
@@ -437,7 +437,7 @@ def _config_dict(config) -> dict:
     return to_dict(config)
 
 
-def _init_distributed(timeout_s: float) -> tuple[int, int]:
+def init_distributed(timeout_s: float) -> tuple[int, int]:
     """Join (or, started alone, create) the process group on the accelerator's backend."""
     import deepspeed
     import deepspeed.comm as dist

@@ -185,3 +185,43 @@ def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2,
     stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
     assert finetune.main(args(small_model, sst2, advglue, out)) == 0
     assert (out / "seed-1" / "result.json").stat().st_mtime_ns == stamp
+
+
+# 4. Under DeepSpeed
+
+
+@pytest.fixture(scope="module")
+def dropout_free_model(tmp_path_factory, small_model) -> Path:
+    """The small model without dropout: then 1 process and 2 ranks compute the same steps."""
+    out = tmp_path_factory.mktemp("model") / "no-dropout"
+    shutil.copytree(small_model, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.slow
+def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from pipeline.pretrain import free_port
+
+    options = args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "one", **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75})
+    assert finetune.main(options) == 0
+    two = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "pipeline.finetune", *args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "two",
+                                      **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75, "--deepspeed": "configs/deepspeed/zero2.json"})]
+    result = subprocess.run(two, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_result = json.loads((tmp_path / "one" / "results.json").read_text())["seeds"][0]
+    two_result = json.loads((tmp_path / "two" / "results.json").read_text())["seeds"][0]
+    assert two_result["ranks"] == 2 and one_result["ranks"] == 1
+    assert one_result["dev_accuracy"] > 0.6  # past the majority class (0.509): the comparison means something
+    for a, b in zip(one_result["history"], two_result["history"]):
+        # Rank 0's last micro-batch loss is half of the global batch: compare accuracies, the global quantity.
+        assert abs(a["dev_accuracy"] - b["dev_accuracy"]) <= 2 / 872, (a, b)
+    assert abs(one_result["advglue_accuracy"] - two_result["advglue_accuracy"]) <= 2 / 148
