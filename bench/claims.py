@@ -1,7 +1,7 @@
 """The paper's claims at small scale: does ALUM pretraining (from scratch, and continual) or
 ALUM fine-tuning buy generalization or robustness? One command, resumable.
 
-    python bench/claims.py                          # the full experiment (about 1 to 1.5 hours here)
+    python bench/claims.py                          # the full experiment (about 1.5 hours here)
     python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 --finetune-steps 20 --seeds 1,2   # a smoke run
     python bench/claims.py --render                 # the table and figure again, from docs/results/claims.json
 
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "claims")
     parser.add_argument("--pretrain-steps", type=int, default=2400, help="S: the standard run's steps")
     parser.add_argument("--continual-steps", type=int, default=1200, help="C: continual pretraining steps")
-    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--finetune-steps", type=int, default=500, help="per seed: about a quarter of an SST-2 epoch")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--render", action="store_true", help="only rewrite claims.md and claims.png from OUT/claims.json")
