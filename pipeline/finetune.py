@@ -157,7 +157,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             schedule.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id)})
-            progress.set_postfix(loss=f"{out.loss.item():.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
+            progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
     result = {"seed": seed, "steps": total, "ranks": world, "seconds": time.perf_counter() - started,
               "dev_accuracy": history[-1]["dev_accuracy"], "history": history}
     if task.adversarial:

@@ -62,13 +62,13 @@ def load_task(task: str, data: str | Path | None, advglue: str | Path | None = N
     else:
         raw_train, raw_dev = _own_tsv(train_path), _own_tsv(dev_path)
     labels = tuple(sorted({label for _, _, label, _ in raw_train}))
-    return Task(directory.name, labels, _with_ids(raw_train, labels), _with_ids(raw_dev, labels), None)
+    return Task(directory.name, labels, _with_ids(raw_train, labels, train_path), _with_ids(raw_dev, labels, dev_path), None)
 
 
 def read_tsv(path: Path, columns: tuple[str, ...], labels: tuple[str, ...]) -> list[Example]:
     """A GLUE TSV: tab-separated, a header line, string labels mapped to their index in `labels`."""
     rows = _tsv_rows(path, (*columns, "label"))
-    return _with_ids([(r[0], r[1] if len(columns) > 1 else None, r[-1], where) for r, where in rows], labels)
+    return _with_ids([(r[0], r[1] if len(columns) > 1 else None, r[-1], where) for r, where in rows], labels, path)
 
 
 def read_advglue(path: Path, subset: str, columns: tuple[str, ...], num_labels: int) -> list[Example]:
@@ -142,14 +142,14 @@ def _header(path: Path) -> list[str]:
         return f.readline().rstrip("\n").rstrip("\r").split("\t")
 
 
-def _with_ids(rows, labels: tuple[str, ...]) -> list[Example]:
+def _with_ids(rows, labels: tuple[str, ...], source: Path) -> list[Example]:
     examples = []
     for text, pair, label, where in rows:
         if label not in labels:
             raise UserError(f"{where}: label {label!r} is not in the label set ({', '.join(labels)})")
         examples.append(Example(text, pair, labels.index(label)))
     if not examples:
-        raise UserError(f"{rows and rows[0][3] or 'the task'}: no examples")
+        raise UserError(f"{source}: no examples")
     return examples
 
 

@@ -67,6 +67,13 @@ def test_advglue_subsets(advglue):
     assert rte[0].text_pair == "Doctors Without Borders is an international aid organization ." and rte[0].label == 0
 
 
+def test_an_empty_dev_file_is_named(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "good", "label": "pos"}) + "\n")
+    (tmp_path / "dev.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"dev.jsonl: no examples"):
+        load_task(str(tmp_path), None)
+
+
 def test_own_jsonl_task_takes_sorted_labels(tmp_path):
     rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "fine", "text_pair": "ok", "label": "pos"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -92,8 +99,8 @@ def test_bad_tsv_rows_name_file_and_line(tmp_path, content, message):
 
 
 def test_missing_files_and_bad_model_dirs(tmp_path, sst2):
+    shutil.copy(sst2 / "train.tsv", tmp_path / "train.tsv")
     with pytest.raises(UserError, match=r"dev.tsv: no such file"):
-        shutil.copy(sst2 / "train.tsv", tmp_path / "train.tsv")
         load_task("sst2", tmp_path)
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
