@@ -143,6 +143,7 @@ class Job:
         self.stop: int | None = None  # the first stop signal received
         self.asked: set[int] = set()  # training ranks the stop was sent to
         self.launcher_stopped = False  # no rank was running: the launcher got SIGTERM
+        self.ranks_seen = False  # a training rank has run: no rank now means they are done
         self.deadline = math.inf
         self.next_forward = math.inf
         # preexec_fn is unsafe only with threads, and the supervisor has none.
@@ -153,6 +154,8 @@ class Job:
         while True:
             # Signals first: a scheduler that signals every process of the job can kill the
             # launcher before the supervisor looks, and that is a stop, not a failure.
+            if not self.ranks_seen:
+                self.ranks_seen = bool(training_processes())
             self._handle_signals()
             if self._over():
                 return self.process.returncode
@@ -181,12 +184,14 @@ class Job:
         """Send the stop to each training rank once, as soon as it catches the signal: a rank
         still starting up has no stop handler yet (SIGTERM would kill it, SIGUSR1 is ignored),
         and one already exiting has given its handler up (Python restores the default
-        handlers while it shuts down). With no rank at all there is nothing to save: the
-        launcher gets SIGTERM."""
+        handlers while it shuts down). With no rank yet there is nothing to save: the
+        launcher gets SIGTERM. Ranks that have come and gone (a scheduler that signals every
+        process reaches them first, and they may have saved and exited before the supervisor
+        looks) leave the launcher to exit with their status."""
         self.next_forward = time.monotonic() + FORWARD_EVERY_S
         name, signum = signal.Signals(self.stop).name, signal.SIGTERM if self.stop == signal.SIGINT else self.stop
         ranks = training_processes()
-        if not ranks and not self.asked and not self.launcher_stopped:
+        if not ranks and not self.asked and not self.ranks_seen and not self.launcher_stopped:
             say(f"{name} before any training process started (nothing to save): stopping the launcher")
             _send([self.process], signal.SIGTERM)
             self.launcher_stopped = True

@@ -271,6 +271,35 @@ def test_a_rank_that_does_not_stop_is_killed_after_the_stop_timeout(tmp_path, la
     assert len(job) == 2 and alive(job) == []
 
 
+def test_ranks_that_saved_before_the_supervisor_looked_leave_the_launcher_to_finish(tmp_path, launches):
+    """The race a scheduler's signal to every process can cause: the ranks save and exit
+    before the supervisor handles its own copy; the launcher, still tidying up, must not be
+    stopped as if nothing had run (CI saw exit 138 there)."""
+    rank, ready = tmp_path / "pipeline" / "pretrain.py", tmp_path / "ready"
+    rank.parent.mkdir()
+    rank.write_text("import pathlib, signal, sys, time\n"
+                    "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))\n"
+                    "pathlib.Path(sys.argv[1]).touch()\n"
+                    "time.sleep(300)\n")
+    launcher = (f"import subprocess, sys, time; code = subprocess.call([sys.executable, {str(rank)!r}, {str(ready)!r}]); "
+                "time.sleep(3); sys.exit(code)")
+    process = subprocess.Popen([*SUPERVISE, "--", sys.executable, "-c", launcher], stderr=subprocess.PIPE, text=True)
+    launches.append(process)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # the supervisor has seen the rank
+    job = descendants(process.pid)
+    rank_process = psutil.Process(_pid_of(job, str(rank)))
+    rank_process.send_signal(signal.SIGUSR1)
+    rank_process.wait(timeout=30)
+    process.send_signal(signal.SIGUSR1)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert errors == ""
+    assert alive(job) == []
+
+
 def _pid_of(processes: list[psutil.Process], program: str) -> int:
     return next(p.pid for p in processes if program in _cmdline(p))
 
