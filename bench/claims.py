@@ -133,6 +133,15 @@ def finetune(work: Path, name: str, method: str, args) -> dict:
     return json.loads(done.read_text())
 
 
+def wall_times(work: Path, seconds: float) -> list[float]:
+    """The wall time of every invocation on this work directory, this one added: a resumed
+    experiment reports what it cost in all, not only its last part."""
+    path = work / "wall-seconds.json"
+    times = [*json.loads(path.read_text()), seconds] if path.is_file() else [seconds]
+    path.write_text(json.dumps(times) + "\n")
+    return times
+
+
 def exceeds(a: dict, b: dict) -> bool:
     """Whether two mean +- std figures differ by more than their spreads together."""
     return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
@@ -148,7 +157,8 @@ def table(study: dict) -> str:
         f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), and the standard model "
         f"continued {setup['continual_steps']} steps without and with ALUM. SST-2 fine-tuning {setup['finetune_steps']} steps, "
         f"seeds {setup['seeds']}; mean +- std over seeds. * = differs from the `standard` model by more than both spreads together. "
-        f"Wall time {setup['wall_seconds'] / 60:.0f} min. Regenerate: `python bench/claims.py`.",
+        f"Wall time {setup['wall_seconds'] / 60:.0f} min over {setup['invocations']} invocation(s) of the command. "
+        "Regenerate: `python bench/claims.py`.",
         "",
         "| model | val ppl | val acc (commonest {:.3f}) | PGD r=0.1 loss | PGD r=0.3 loss | subst. 0.1 loss | FT | SST-2 dev | AdvGLUE-SST2 |".format(
             study["models"]["standard"]["eval"]["clean"]["commonest_token_accuracy"]),
@@ -216,7 +226,8 @@ def main() -> None:
     models = {}
     for name in PRETRAINED:
         models[name] = {"eval": export_and_eval(args.work, name), "finetune": {m: finetune(args.work, name, m, args) for m in ("standard", "alum")}}
-    setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=time.perf_counter() - started)
+    invocations = wall_times(args.work, time.perf_counter() - started)
+    setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=sum(invocations), invocations=len(invocations))
     study = {"setup": setup, "models": models}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
