@@ -43,7 +43,8 @@ import torch
 
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
+from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss, symmetric_kl
 from pipeline.data import Masking, ShardDataset, masked_batch, step_batches
 from pipeline.model import MaskedLM, build_model, hf_config

@@ -70,6 +70,7 @@ class Piece:
     file: InputFile
     start: int = 0
     end: int = -1  # -1: to the end of the file
+    size: int = 0  # bytes of input it covers (a row group: its uncompressed size), to balance work
 
 
 @dataclass
@@ -156,11 +157,11 @@ def plan_pieces(files: list[InputFile], options: ReadOptions, piece_bytes: int |
             pieces.extend(_parquet_pieces(f, options))
         elif f.kind == "arrow":
             _check_arrow(f, options)
-            pieces.append(Piece(f))
+            pieces.append(Piece(f, size=os.path.getsize(f.path)))
         else:
             _check_not_binary(f)
             if f.compression or piece_bytes is None:
-                pieces.append(Piece(f))
+                pieces.append(Piece(f, size=os.path.getsize(f.path)))
             else:
                 pieces.extend(_text_pieces(f, options, piece_bytes))
     return pieces
@@ -177,7 +178,7 @@ def _text_pieces(f: InputFile, options: ReadOptions, piece_bytes: int) -> list[P
                 bounds.append(b)
             offset = max(offset + piece_bytes, b + 1)
     bounds.append(size)
-    return [Piece(f, s, e) for s, e in zip(bounds, bounds[1:])]
+    return [Piece(f, s, e, e - s) for s, e in zip(bounds, bounds[1:])]
 
 
 def _next_document_boundary(fh, offset: int, blank: bool) -> int:
@@ -208,7 +209,8 @@ def _parquet_pieces(f: InputFile, options: ReadOptions) -> list[Piece]:
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"{f.path}: not a readable Parquet file ({e})") from None
     _check_text_column(f, meta.schema_arrow, options)
-    return [Piece(f, g, g + 1) for g in range(meta.metadata.num_row_groups)]
+    groups = meta.metadata
+    return [Piece(f, g, g + 1, groups.row_group(g).total_byte_size) for g in range(groups.num_row_groups)]
 
 
 def _check_arrow(f: InputFile, options: ReadOptions) -> None:

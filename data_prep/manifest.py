@@ -5,7 +5,7 @@ column `input_ids`, a fixed-size list of `seq_len` token ids, uint16 when the vo
 fits, else int32) and `manifest.json`:
 
     format_version, seq_len, dtype, num_sequences, num_tokens (non-padding tokens),
-    tokenizer {sha256, vocab_size, style}, special_token_ids {pad, unk, cls, sep, mask},
+    tokenizer {sha256 (the fingerprint), kind (sentencepiece | hf), vocab_size, style}, special_token_ids {pad, unk, cls, sep, mask},
     splits {name: {num_sequences, num_tokens, shards: [{path, num_rows, num_tokens, bytes, sha256}]}},
     stats {documents, empty_documents, val_documents, replaced_characters, tokens, padding_tokens},
     settings (everything that determined the bytes: what a re-run is compared against).
@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from data_prep.work_units import UNIT_BYTES
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,8 +53,9 @@ def dataset_identity(settings, tokenizer, files, num_pieces: int) -> dict:
         "dtype": token_dtype(tokenizer.vocab_size),
         "val_fraction": settings.val_fraction,
         "piece_bytes": settings.piece_bytes,
+        "unit_bytes": min(UNIT_BYTES, settings.piece_bytes),
         "read": {"text_field": settings.read.text_field, "txt_docs": settings.read.txt_docs, "utf8_errors": settings.read.utf8_errors},
-        "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "style": tokenizer.style},
+        "tokenizer": {"sha256": tokenizer.sha256, "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "style": tokenizer.style},
         "special_token_ids": tokenizer.special_token_ids,
         "inputs": [{"path": f.path, "bytes": Path(f.path).stat().st_size} for f in files],
         "num_pieces": num_pieces,

@@ -8,8 +8,6 @@ So `rows[:, 1:-1]` concatenated and split on `[SEP]` gives back the documents' t
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 
@@ -23,14 +21,10 @@ class Packer:
         self.carry = np.empty(0, dtype=self.dtype)
         self.padding = 0
 
-    def add(self, documents: list[list[int]]) -> np.ndarray:
-        """Append documents (token id lists, extended in place with the separator);
-        returns the rows they completed, shape (n, seq_len)."""
-        for doc in documents:
-            doc.append(self.sep_id)
-        total = sum(map(len, documents))
-        stream = np.fromiter(itertools.chain.from_iterable(documents), dtype=self.dtype, count=total)
-        stream = np.concatenate([self.carry, stream])
+    def add(self, stream: np.ndarray) -> np.ndarray:
+        """Append a token stream (documents, each followed by the separator); returns the
+        rows it completed, shape (n, seq_len)."""
+        stream = np.concatenate([self.carry, stream.astype(self.dtype, copy=False)])
         full = len(stream) // self.content_len * self.content_len
         self.carry = stream[full:]
         return self._frame(stream[:full].reshape(-1, self.content_len))

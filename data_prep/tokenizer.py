@@ -1,6 +1,12 @@
-"""Sentencepiece BPE tokenizers that Hugging Face loads with identical ids.
+"""`alum tokenizer`: train a tokenizer on a corpus sample; every kind loads with AutoTokenizer.
 
-The tokenizer directory holds:
+Three kinds (`--kind`):
+- `bpe` (the default): sentencepiece BPE, below;
+- `byte-level-bpe` (RoBERTa/GPT-2 style) and `wordpiece` (BERT style), trained with the
+  `tokenizers` library (`data_prep.hf_training`) and written as Hugging Face tokenizer files.
+All three train on the same sample (below) and are read back by `data_prep.tokenizer_dir`.
+
+A sentencepiece tokenizer directory holds:
 - `spm.model`: the sentencepiece model, used to tokenize training data;
 - `tokenizer.json` + `tokenizer_config.json`: the same tokenizer for
   `transformers.AutoTokenizer.from_pretrained(DIR)`, built with the `tokenizers` library;
@@ -28,7 +34,6 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
@@ -36,9 +41,10 @@ from tqdm import tqdm
 
 from data_prep.corpus import InputFile, ReadOptions, ReadStats, plan_pieces, read_documents
 from data_prep.errors import UserError
+from data_prep.tokenizer_dir import ALUM_META as META_FILE
+from data_prep.tokenizer_dir import SENTENCEPIECE_MODEL as MODEL_FILE
 
-MODEL_FILE = "spm.model"
-META_FILE = "alum_tokenizer.json"
+KINDS = ("bpe", "byte-level-bpe", "wordpiece")
 MAX_LINE_CHARS = 4096
 META = "\u2581"  # sentencepiece's word-boundary marker "▁"
 
@@ -49,43 +55,13 @@ SPECIAL_TOKENS = {
 }
 
 
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What data preparation and training need to know about a tokenizer directory."""
-
-    path: Path
-    sha256: str
-    vocab_size: int
-    style: str
-    special_token_ids: dict[str, int]
-
-    def processor(self) -> spm.SentencePieceProcessor:
-        return spm.SentencePieceProcessor(model_file=str(self.path / MODEL_FILE))
-
-
-def load_tokenizer(directory: str | Path) -> TokenizerInfo:
-    directory = Path(directory)
-    model = directory / MODEL_FILE
-    if not directory.is_dir():
-        raise UserError(f"{directory}: tokenizer directory does not exist")
-    if not model.is_file():
-        raise UserError(f"{directory}: no sentencepiece model ({MODEL_FILE}); create one with `alum tokenizer`")
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"{directory}: no {META_FILE}; this directory was not written by `alum tokenizer`")
-    meta = json.loads(meta_path.read_text())
-    sha = hashlib.sha256(model.read_bytes()).hexdigest()
-    if sha != meta["sha256"]:
-        raise UserError(f"{model}: sha256 {sha[:12]} does not match {META_FILE} ({meta['sha256'][:12]}); the model was altered")
-    return TokenizerInfo(directory, sha, meta["vocab_size"], meta["style"], meta["special_token_ids"])
-
-
 def train_tokenizer(
     files: list[InputFile],
     options: ReadOptions,
     out: str | Path,
     vocab_size: int,
-    style: str = "bert",
+    kind: str = "bpe",
+    style: str | None = None,
     character_coverage: float = 0.9995,
     byte_fallback: bool = True,
     seed: int = 0,
@@ -93,8 +69,11 @@ def train_tokenizer(
     sample_lines: int = 1_000_000,
     overwrite: bool = False,
 ) -> dict:
-    """Train a BPE model on a sample of the corpus and write a complete tokenizer directory."""
+    """Train a tokenizer of `kind` on a sample of the corpus and write a complete tokenizer directory."""
     out = Path(out)
+    if kind not in KINDS:
+        raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    style = style or ("roberta" if kind == "byte-level-bpe" else "bert")
     if style not in SPECIAL_TOKENS:
         raise UserError(f"--style: expected one of {', '.join(SPECIAL_TOKENS)}, got {style!r}")
     if out.exists() and not overwrite:
@@ -103,8 +82,8 @@ def train_tokenizer(
     sample, stats, lines_seen = reservoir_sample(files, options, sample_lines, seed)
     if not sample:
         raise UserError(f"{' '.join(f.path for f in files)}: the corpus holds no text")
-    model = _train_model(sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1)
     settings = {
+        "kind": kind,
         "vocab_size": vocab_size,
         "style": style,
         "character_coverage": character_coverage,
@@ -112,13 +91,23 @@ def train_tokenizer(
         "seed": seed,
         "sample_lines": sample_lines,
     }
-    _write_directory(out, model, style, settings, overwrite)
+    if kind != "bpe":
+        del settings["character_coverage"], settings["byte_fallback"]  # sentencepiece's alone
+    if kind == "bpe":
+        model = _train_model(sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1)
+        written = _write_directory(out, lambda tmp: _write_sentencepiece(tmp, model, style, settings), overwrite)
+    else:
+        from data_prep.hf_training import train_hf_tokenizer
+
+        tokenizer = train_hf_tokenizer(sample, kind, vocab_size, SPECIAL_TOKENS[style])
+        written = _write_directory(out, lambda tmp: _write_hf(tmp, tokenizer, settings), overwrite)
     return {
         "out": str(out),
         "documents": stats.documents,
         "lines_seen": lines_seen,
         "lines_sampled": len(sample),
-        "vocab_size": vocab_size,
+        "kind": kind,
+        "vocab_size": written,
         "seconds": time.perf_counter() - started,
     }
 
@@ -187,31 +176,47 @@ def _explain_training_error(message: str, vocab_size: int) -> str:
     return f"--vocab-size {vocab_size}: sentencepiece could not train: {message}"
 
 
-def _write_directory(out: Path, model: bytes, style: str, settings: dict, overwrite: bool) -> None:
-    """Write every file under a temporary directory, then move it into place."""
+def _write_directory(out: Path, write, overwrite: bool) -> int:
+    """Write every file under a temporary directory, then move it into place; returns what
+    `write(tmp)` returns (the vocabulary size)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    from sentencepiece import sentencepiece_model_pb2
-
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        (tmp / MODEL_FILE).write_bytes(model)
-        hf_tokenizer(model, style).save_pretrained(str(tmp))
-        proto = sentencepiece_model_pb2.ModelProto.FromString(model)
-        meta = {
-            "style": style,
-            "vocab_size": len(proto.pieces),
-            "sha256": hashlib.sha256(model).hexdigest(),
-            "special_tokens": SPECIAL_TOKENS[style],
-            "special_token_ids": {role: i for i, role in enumerate(SPECIAL_TOKENS[style])},
-            "training": settings,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        written = write(tmp)
         if out.exists() and overwrite:
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return written
+
+
+def _write_sentencepiece(tmp: Path, model: bytes, style: str, settings: dict) -> int:
+    from sentencepiece import sentencepiece_model_pb2
+
+    (tmp / MODEL_FILE).write_bytes(model)
+    hf_tokenizer(model, style).save_pretrained(str(tmp))
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    meta = {
+        "style": style,
+        "vocab_size": len(proto.pieces),
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "special_tokens": SPECIAL_TOKENS[style],
+        "special_token_ids": {role: i for i, role in enumerate(SPECIAL_TOKENS[style])},
+        "training": settings,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return len(proto.pieces)
+
+
+def _write_hf(tmp: Path, tokenizer, settings: dict) -> int:
+    """The Hugging Face files (tokenizer.json and the vocabulary files of the kind, as
+    published models ship them) and the training settings, for the record."""
+    tokenizer.save_pretrained(str(tmp))
+    tokenizer.backend_tokenizer.model.save(str(tmp))
+    (tmp / "alum_training.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return len(tokenizer)
 
 
 def hf_tokenizer(model: bytes, style: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from data_prep.errors import UserError
@@ -43,6 +44,7 @@ def cmd_tokenizer(args) -> None:
         _read_options(args),
         args.out,
         vocab_size=args.vocab_size,
+        kind=args.kind,
         style=args.style,
         character_coverage=args.character_coverage,
         byte_fallback=args.byte_fallback,
@@ -106,17 +108,25 @@ def cmd_demo(args) -> None:
     run_demo(args.out, workers=args.workers)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alum", description="ALUM adversarial pretraining pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on a corpus sample")
+    p = sub.add_parser("tokenizer", help="train a tokenizer (sentencepiece BPE, byte-level BPE or WordPiece) on a corpus sample")
     _add_read_options(p)
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="tokenizer directory to create")
-    p.add_argument("--style", choices=["bert", "roberta"], default="bert", help="special tokens: [CLS]/[SEP]/... or <s>/</s>/...")
-    p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false", help="map unknown characters to [UNK] instead of bytes")
+    p.add_argument("--kind", choices=["bpe", "byte-level-bpe", "wordpiece"], default="bpe",
+                   help="bpe: sentencepiece BPE (default); byte-level-bpe: RoBERTa/GPT-2 style; wordpiece: BERT style")
+    p.add_argument("--style", choices=["bert", "roberta"], default=None,
+                   help="special tokens: [CLS]/[SEP]/... or <s>/</s>/... (default: roberta for byte-level-bpe, else bert)")
+    p.add_argument("--character-coverage", type=float, default=0.9995, help="--kind bpe only")
+    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
+                   help="--kind bpe only: map unknown characters to [UNK] instead of bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
     p.add_argument("--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)")
@@ -125,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard", help="tokenize and pack a corpus into Arrow shards")
     _add_read_options(p)
-    p.add_argument("--tokenizer", required=True, help="directory written by `alum tokenizer`")
+    p.add_argument("--tokenizer", required=True,
+                   help="a directory written by `alum tokenizer`, or any Hugging Face (fast) tokenizer or model directory")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output does not depend on it)")
+    p.add_argument("--workers", type=int, default=_cores(), help=f"tokenizer processes (default: every core, {_cores()} here; output does not depend on it)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents (by content hash) in the val split")
-    p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per unit of parallel work (and per shard)")
+    p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per shard file (and per unit of resume and of --num-nodes)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the work")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's rank in [0, num-nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")

@@ -27,7 +27,7 @@ from pipeline.curriculum import MaskSchedule
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""  # a directory written by `alum shard`
-    tokenizer: str = ""  # the tokenizer directory the shards were made with (checked by fingerprint)
+    tokenizer: str = ""  # the tokenizer directory the shards were made with (checked by fingerprint); default: model.init_from
     train_split: str = "train"
     val_split: str = "val"
 
@@ -35,7 +35,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     config: str = "configs/models/tiny.yaml"  # a model-size YAML, or an HF config/model directory
-    init_from: str | None = None  # an HF model directory: continual pretraining from its weights (and its config)
+    init_from: str | None = None  # an HF model directory (as published, or `alum export`): continual pretraining from its weights, config and tokenizer
     activation_checkpointing: bool = False
 
 
@@ -108,6 +108,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for item in overrides:
         _apply_override(data, item)
     config = _build(RunConfig, data, "")
+    if not config.data.tokenizer and config.model.init_from:
+        # A published model directory holds its tokenizer: the shards must be made with it.
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=config.model.init_from))
     _validate(config)
     return config
 
@@ -214,7 +217,7 @@ def _validate(config: RunConfig) -> None:
     if not config.data.shards:
         raise UserError("data.shards: must be set to a directory written by `alum shard`")
     if not config.data.tokenizer:
-        raise UserError("data.tokenizer: must be set to the tokenizer directory the shards were made with")
+        raise UserError("data.tokenizer: must be set to the tokenizer directory the shards were made with (or set model.init_from)")
 
 
 def to_dict(config: RunConfig) -> dict:

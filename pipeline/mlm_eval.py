@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data_prep import atomic
 from data_prep.errors import UserError
-from data_prep.tokenizer import META_FILE, TokenizerInfo, load_tokenizer
+from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokenizer
 from pipeline.data import Masking, ShardDataset, masked_batch
 from pipeline.evaluate import EVAL_SEED_OFFSET
 from pipeline.perturbation import token_scale
@@ -130,11 +130,11 @@ def _check_options(batches, batch_size, mask_rate, radii, pgd_steps, substitutio
 def _tokenizer(model_dir: Path, tokenizer_dir: str | Path | None) -> TokenizerInfo:
     """The tokenizer `alum export` copied into the model directory, else --tokenizer; when
     both exist they must be the same tokenizer, so a stray --tokenizer cannot go unnoticed."""
-    own = load_tokenizer(model_dir) if (model_dir / META_FILE).is_file() else None
+    own = load_tokenizer(model_dir) if holds_tokenizer(model_dir) else None
     given = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if own is None and given is None:
-        raise UserError(f"--model: {model_dir}: holds no {META_FILE} (not written by `alum export`); "
-                        "pass --tokenizer, the `alum tokenizer` directory the model was trained with")
+        raise UserError(f"--model: {model_dir}: holds no tokenizer files; "
+                        "pass --tokenizer, the tokenizer directory the model was trained with")
     if own is not None and given is not None and own.sha256 != given.sha256:
         raise UserError(f"--tokenizer: {given.path} (sha256 {given.sha256[:12]}) is not the tokenizer of "
                         f"--model {model_dir} ({own.sha256[:12]})")
@@ -204,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an `alum export` (or any HF BERT/RoBERTa masked-LM) directory")
     p.add_argument("--shards", required=True, help="a shard directory made with the model's tokenizer")
     p.add_argument("--split", default="val")
-    p.add_argument("--tokenizer", default=None, help="the `alum tokenizer` directory, for a model directory without alum_tokenizer.json")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer directory, for a model directory without tokenizer files")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mask-rate", type=float, default=0.15)

@@ -41,6 +41,9 @@ def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len
         raise UserError(f"model.config: {source}: no such model-size YAML or HF model directory")
     if config.model_type not in ARCHS:
         raise UserError(f"{source}: model type {config.model_type!r} is not supported (bert or roberta)")
+    if config.pad_token_id is not None and config.pad_token_id != special_ids["pad"]:
+        # RoBERTa numbers positions from pad_token_id + 1; BERT's pad embedding is the tokenizer's pad.
+        raise UserError(f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id {special_ids['pad']}")
     if config.vocab_size < vocab_size:
         raise UserError(f"{source}: model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
     positions = config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
@@ -75,13 +78,26 @@ def _config_from_yaml(path: Path, vocab_size: int, special_ids: dict[str, int]):
         raise UserError(f"{path}: not a valid {arch} config ({e})") from None
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_init_from(init_from: str) -> None:
+    """A model directory to continue from has a config and weights (checked before any set-up)."""
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.init_from: {init_from}: not an HF model directory (no config.json)")
+    if not any((path / name).is_file() for name in WEIGHTS):
+        raise UserError(f"model.init_from: {init_from}: no weights ({' or '.join(WEIGHTS[::2])})")
+
+
 def build_model(config, init_from: str | None, activation_checkpointing: bool) -> nn.Module:
-    """An HF masked LM: loaded from `init_from` (continual pretraining) or freshly initialised."""
+    """An HF masked LM: loaded from `init_from` (continual pretraining) or freshly initialised.
+    Loaded in float32 whatever dtype the checkpoint was saved in: the engine keeps fp32
+    master weights and casts for bf16/fp16 itself."""
     _, model_class = model_classes(config.model_type)
     if init_from:
-        if not (Path(init_from) / "config.json").is_file():
-            raise UserError(f"model.init_from: {init_from}: not an HF model directory (no config.json)")
-        model = model_class.from_pretrained(init_from, config=config, attn_implementation="sdpa")
+        check_init_from(init_from)
+        model = model_class.from_pretrained(init_from, config=config, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True)
     else:
         model = model_class(config)
     if activation_checkpointing:

@@ -128,11 +128,11 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     import deepspeed
     import deepspeed.comm as dist
 
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer_dir import load_tokenizer
     from pipeline.config import TrainConfig
     from pipeline.data import Masking, ShardDataset
     from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
-    from pipeline.model import MaskedLM, build_model, hf_config
+    from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
     from pipeline.rundir import resolve_run_config, write_run_files
 
     # Read once, before the process group exists (its timeout is a config value); a config
@@ -152,6 +152,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
         dataset.verify_checksums(rank, world_size)
         val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
         # A model to continue from brings its own architecture.
+        if config.model.init_from:
+            check_init_from(config.model.init_from)
         source = config.model.init_from or config.model.config
         model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
         return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size), _start_point(run_dir, config)

@@ -2,7 +2,7 @@
 
     RUN/config.yaml        the fully resolved config (written once; a re-run must agree with it)
     RUN/model/config.json  the HF config of the trained model
-    RUN/model/tokenizer/   a copy of the tokenizer directory
+    RUN/model/tokenizer/   a copy of the tokenizer's files
     RUN/metrics.jsonl, RUN/checkpoints/, RUN/wandb/
 
 Re-running a command on an existing run directory resumes it. Only settings that do not
@@ -55,5 +55,7 @@ def write_run_files(run_dir: Path, config: RunConfig, model_config, tokenizer) -
     if not (model_dir / "tokenizer").is_dir():
         tmp = model_dir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(tokenizer.path, tmp)
+        tmp.mkdir()
+        for name in tokenizer.files:  # the tokenizer's own files, not a model directory's weights
+            shutil.copy2(tokenizer.path / name, tmp / name)
         tmp.rename(model_dir / "tokenizer")

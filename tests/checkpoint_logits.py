@@ -1,8 +1,9 @@
 """Test helper, run under the DeepSpeed launcher: the training model's logits at a checkpoint.
 
 Builds the engine exactly as training does (`pipeline.pretrain.prepare`, the run's stored
-config), loads a checkpoint, and has rank 0 save the masked-position logits of a fixed
-batch, so a test can compare them with the exported Hugging Face model's.
+config), loads a checkpoint (TAG "start": none, the weights training starts from), and has
+rank 0 save the masked-position logits of a fixed batch, so a test can compare them with a
+Hugging Face model's (the export, or the model a run continued from).
 
     deepspeed --num_gpus 2 --module checkpoint_logits RUN_DIR TAG OUT.pt
 """
@@ -21,7 +22,8 @@ def main() -> None:
     from pipeline.pretrain import prepare
 
     run = prepare(None, run_dir, [])
-    checkpoint.load(run.engine, run_dir, tag)
+    if tag != "start":
+        checkpoint.load(run.engine, run_dir, tag)
     batch = masked_batch(run.dataset, np.arange(4), step=0, seed=123, rate=0.15, masking=run.masking)
     run.engine.eval()
     with torch.no_grad():

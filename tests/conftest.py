@@ -80,13 +80,15 @@ TRAIN_OVERRIDES = (
 )
 
 
-def pretrain(run_dir: Path, shards: Path, tokenizer: Path, *overrides: str, world: int = 2, stage: int = 2,
+def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, world: int = 2, stage: int = 2,
              launcher: str | None = None, config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run, **kwargs):
     """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
-    `python -m pipeline.pretrain` (default for one) or `alum pretrain`."""
+    `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
+    run's default (model.init_from's)."""
     from pipeline.pretrain import free_port
 
-    args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
+    args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
+            *([f"data.tokenizer={tokenizer}"] if tokenizer else []),
             f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
     launcher = launcher or ("deepspeed" if world > 1 else "python")
     commands = {

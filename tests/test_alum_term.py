@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer_dir import load_tokenizer
 from pipeline import vanishing
 from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
 from pipeline.config import load_config

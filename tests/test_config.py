@@ -114,14 +114,15 @@ def test_bert_large_uses_zero3_and_activation_checkpointing():
     assert ds["gradient_accumulation_steps"] == 1
 
 
-def test_roberta_continual_follows_the_paper():
-    config = load_config(REPO / "configs" / "roberta-base-continual.yaml")
-    assert config.model.init_from == "models/roberta-base"
-    assert config.model.config == config.model.init_from
+@pytest.mark.parametrize("name, beta2", [("roberta-base", 0.98), ("bert-base-cased", 0.999)])
+def test_continual_configs_follow_the_paper(name, beta2):
+    config = load_config(REPO / "configs" / f"{name.split('-')[0]}-base-continual.yaml")
+    assert config.model.init_from == f"models/{name}"
+    assert config.data.tokenizer == config.model.init_from  # the published directory's own tokenizer
     assert (config.train.lr, config.train.max_steps, config.train.global_batch_size) == (4e-5, 100_000, 256)
     assert config.adversarial.start_step == 0
     assert config.adversarial.alpha == 10.0
-    assert config.train.adam_beta2 == 0.98
+    assert config.train.adam_beta2 == beta2
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
@@ -207,10 +208,14 @@ def test_hf_config_reads_an_hf_model_directory(tmp_path):
     from transformers import RobertaConfig
 
     RobertaConfig(vocab_size=8000, hidden_size=32, num_attention_heads=2, max_position_embeddings=514, pad_token_id=1).save_pretrained(tmp_path)
-    config = hf_config(str(tmp_path), 8000, SPECIAL_IDS, 512)
+    roberta_ids = {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
+    config = hf_config(str(tmp_path), 8000, roberta_ids, 512)
     assert (config.model_type, config.vocab_size) == ("roberta", 8000)
     with pytest.raises(UserError, match=re.escape(str(tmp_path))):
-        hf_config(str(tmp_path), 8001, SPECIAL_IDS, 512)
+        hf_config(str(tmp_path), 8001, roberta_ids, 512)
+    # RoBERTa numbers positions from its pad id: a tokenizer with another pad does not fit.
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path}: pad_token_id 1 in its config, but the tokenizer's pad token is id 0")):
+        hf_config(str(tmp_path), 8000, SPECIAL_IDS, 512)
 
 
 def test_hf_config_refuses_an_unknown_arch(tmp_path):

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from conftest import data_file
 from data_prep.errors import UserError
-from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer_dir import load_tokenizer
 from pipeline import finetune
 from pipeline.adversarial import AdversarialConfig, compute_losses
 from pipeline.glue import load_task, read_advglue, read_tsv

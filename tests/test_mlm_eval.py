@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.corpus import ReadOptions, expand_inputs
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
+from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import Masking, ShardDataset, masked_batch
 from pipeline.evaluate import EVAL_SEED_OFFSET
 from pipeline.mlm_eval import evaluate_model, main
@@ -153,7 +154,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(capsys, tmp_path, mode
     plain.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(model_dir / name, plain / name)
-    refused(capsys, ["--model", plain, "--shards", train_shards], out, "--tokenizer", "alum_tokenizer.json")
+    refused(capsys, ["--model", plain, "--shards", train_shards], out, "--tokenizer", "holds no tokenizer files")
     another = tmp_path / "another-tokenizer"
     train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), another, vocab_size=800, threads=2)
     refused(capsys, [*base, "--tokenizer", another], out, f"--tokenizer: {another}", f"is not the tokenizer of --model {model_dir}")

@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import sentencepiece as spm
 
 from conftest import REPO, run_alum
 from data_prep import manifest
 from data_prep.corpus import ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
 from data_prep.errors import UserError
 from data_prep.shard import ShardSettings, shard_corpus
-from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer_dir import load_tokenizer
+from data_prep.work_units import in_validation
 
 SEQ_LEN = 64
 PIECE_MB = "0.1"
@@ -55,7 +57,7 @@ def reference(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
 
 
 def test_rows_decode_back_to_the_documents(reference, wikitext_valid, bert_tokenizer):
-    sp = load_tokenizer(bert_tokenizer).processor()
+    sp = spm.SentencePieceProcessor(model_file=str(bert_tokenizer / "spm.model"))
     data = manifest.read(reference)
     cls, sep, pad = (data["special_token_ids"][k] for k in ("cls", "sep", "pad"))
     docs = [d for d in (line.strip() for line in wikitext_valid.read_text(encoding="utf-8").splitlines()) if d]
@@ -82,16 +84,14 @@ def test_rows_decode_back_to_the_documents(reference, wikitext_valid, bert_token
 
 
 def _is_val(doc: str) -> bool:
-    from data_prep.shard import _in_validation
-
-    return _in_validation(doc, 0.1)
+    return in_validation(doc, 0.1)
 
 
 def test_manifest_contract(reference, bert_tokenizer):
     data = manifest.read(reference)
     tok = load_tokenizer(bert_tokenizer)
     assert data["format_version"] == 1 and data["seq_len"] == SEQ_LEN and data["dtype"] == "uint16"
-    assert data["tokenizer"] == {"sha256": tok.sha256, "vocab_size": 2000, "style": "bert"}
+    assert data["tokenizer"] == {"sha256": tok.sha256, "kind": "sentencepiece", "vocab_size": 2000, "style": "bert"}
     assert data["special_token_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     assert set(data["splits"]) == {"train", "val"}
     assert data["num_sequences"] == sum(s["num_sequences"] for s in data["splits"].values()) == len(rows(reference)) + len(rows(reference, "val"))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from conftest import data_file, run_alum
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.errors import UserError
-from data_prep.tokenizer import load_tokenizer, reservoir_sample, train_tokenizer
+from data_prep.tokenizer import reservoir_sample, train_tokenizer
+from data_prep.tokenizer_dir import load_tokenizer
 
 
 def real_texts() -> list[str]:
@@ -27,7 +29,7 @@ def real_texts() -> list[str]:
 
 
 def test_hf_tokenizer_gives_sentencepiece_ids_on_real_text(bert_tokenizer):
-    sp = load_tokenizer(bert_tokenizer).processor()
+    sp = spm.SentencePieceProcessor(model_file=str(bert_tokenizer / "spm.model"))
     hf = AutoTokenizer.from_pretrained(str(bert_tokenizer))
     texts = real_texts()
     assert len(texts) > 6000
@@ -43,7 +45,7 @@ def test_bert_special_tokens(bert_tokenizer):
     hf = AutoTokenizer.from_pretrained(str(bert_tokenizer))
     assert (hf.pad_token, hf.unk_token, hf.cls_token, hf.sep_token, hf.mask_token) == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
     assert [hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id] == [0, 1, 2, 3, 4]
-    sp = info.processor()
+    sp = spm.SentencePieceProcessor(model_file=str(info.path / "spm.model"))
     assert hf("a [MASK] b", add_special_tokens=False)["input_ids"] == [*sp.encode("a"), 4, *sp.encode("b")]
     # The sentencepiece model never produces a special id from text: a corpus cannot inject [MASK].
     assert 4 not in sp.encode("a [MASK] b")
@@ -57,7 +59,7 @@ def test_roberta_style_tokenizer(tmp_path, wikitext_valid):
     assert info.special_token_ids == {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
     hf = AutoTokenizer.from_pretrained(str(out))
     assert (hf.cls_token, hf.sep_token, hf.pad_token, hf.mask_token, hf.bos_token) == ("<s>", "</s>", "<pad>", "<mask>", "<s>")
-    sp = info.processor()
+    sp = spm.SentencePieceProcessor(model_file=str(info.path / "spm.model"))
     # WikiText spells unknown words "<unk>", RoBERTa's unk token: HF maps special-token strings
     # to their ids, sentencepiece never does (documented in data_prep.tokenizer).
     texts = [t for t in real_texts() if not any(special in t for special in hf.all_special_tokens)]
@@ -104,7 +106,7 @@ def test_tokenizer_dir_without_model(tmp_path, wikitext_valid):
     empty.mkdir()
     result = run_alum("shard", "--input", wikitext_valid, "--tokenizer", empty, "--seq-len", "64", "--out", tmp_path / "out")
     assert result.returncode == 2
-    assert f"{empty}: no sentencepiece model (spm.model)" in result.stderr
+    assert f"{empty}: not a tokenizer directory (no spm.model from `alum tokenizer`" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
