@@ -83,9 +83,9 @@ def shard_corpus(
 
     if _already_complete(out, identity, overwrite):
         return {"out": str(out), "already_complete": True, **manifest.read(out)["stats"]}
-    created = _prepare_output(out, identity, overwrite)
-
     mine = [i for i in range(len(groups)) if i % num_nodes == node_rank]
+    created = _prepare_output(out, identity, overwrite, set(mine))
+
     done = set(_finished_pieces(out))
     todo = [i for i in mine if i not in done]
     resumed = len(mine) - len(todo)
@@ -119,6 +119,8 @@ def finalize(out: str | Path, created_out: bool = False) -> Path:
     identity = manifest.load_json(state_path)
     records = _finished_pieces(out)
     missing = sorted(set(range(identity["num_pieces"])) - set(records))
+    if missing and (out / manifest.MANIFEST).is_file():
+        return out / manifest.MANIFEST  # another node finished at the same time and is tidying up
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise UserError(f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining nodes")
@@ -145,11 +147,13 @@ def _already_complete(out: Path, identity: dict, overwrite: bool) -> bool:
     return True
 
 
-def _prepare_output(out: Path, identity: dict, overwrite: bool) -> bool:
-    """Create or adopt the output directory; True when this run created it."""
+def _prepare_output(out: Path, identity: dict, overwrite: bool, mine: set[int]) -> bool:
+    """Create or adopt the output directory; True when this run created it. Nodes may start
+    on a shared directory at the same time: the state file is written first, and a directory
+    holding only another node's temporary files is still new."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not atomic.is_temporary(p) for p in out.iterdir()):
         state = out / STATE_FILE
         ours = state.is_file() or (out / manifest.MANIFEST).is_file()
         if not ours:
@@ -159,20 +163,24 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool) -> bool:
         elif manifest.load_json(state) != identity:
             raise UserError(f"{out}: holds a different unfinished dataset ({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it")
         else:
-            _remove_temporaries(out)
+            _remove_temporaries(out, mine)
+            (out / PROGRESS_DIR).mkdir(exist_ok=True)
             return False
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / PROGRESS_DIR).mkdir(exist_ok=True)
     atomic.write_json(out / STATE_FILE, identity)
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
     return created
 
 
-def _remove_temporaries(out: Path) -> None:
-    """Leftovers of an interrupted run: never complete, never used."""
-    for path in out.rglob("*"):
-        if path.is_file() and atomic.is_temporary(path):
-            path.unlink()
+def _remove_temporaries(out: Path, mine: set[int]) -> None:
+    """Leftovers of this node's interrupted run: never complete, never used. Only files of
+    its own pieces: other nodes may be writing theirs into the same directory right now."""
+    for directory in (*SPLITS, PROGRESS_DIR):
+        for path in (out / directory).glob(f"*{atomic.TMP_MARK}*"):
+            digits = path.name.removeprefix("piece-")[:6]
+            if digits.isdigit() and int(digits) in mine:
+                path.unlink(missing_ok=True)
 
 
 def _remove_outputs(out: Path, created_out: bool) -> None:

@@ -13,7 +13,10 @@ Either way a `TokenizerInfo` names the five roles masked-LM training needs (pad,
 sep, mask: cls/sep fall back to bos/eos, so RoBERTa's `<s> ... </s>` frames rows) and a
 fingerprint, the sha256 of the tokenizer's files, that shard manifests and runs compare.
 A model directory that also holds config.json and weights is fingerprinted over its
-tokenizer files only, so an exported model and its source tokenizer agree.
+tokenizer files only, so an exported model and its source tokenizer agree. The resolved
+form of a Hugging Face tokenizer (roles, vocabulary size, backend) is cached under
+~/.cache/alum/tokenizers by fingerprint and library versions: resolving it imports
+transformers, which takes seconds, and every later shard or training run skips that.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ def _hugging_face(directory: Path) -> TokenizerInfo:
     if not files:
         raise UserError(f"{directory}: not a tokenizer directory (no {SENTENCEPIECE_MODEL} from `alum tokenizer`, no Hugging Face "
                         "tokenizer files: tokenizer.json, vocab.json + merges.txt or vocab.txt)")
+    sha = fingerprint(directory, files)
+    cached = _cache_path(sha)
+    if cached is not None and cached.is_file():
+        meta = json.loads(cached.read_text())
+        return TokenizerInfo(directory, "hf", sha, meta["vocab_size"], meta["style"], meta["special_token_ids"], files, meta["backend"])
     tokenizer = _auto_tokenizer(directory)
     if not tokenizer.is_fast:
         raise UserError(f"{directory}: transformers loads only a slow tokenizer ({type(tokenizer).__name__}) from it; "
@@ -103,7 +111,36 @@ def _hugging_face(directory: Path) -> TokenizerInfo:
     backend = tokenizer.backend_tokenizer
     backend.no_truncation()
     backend.no_padding()
-    return TokenizerInfo(directory, "hf", fingerprint(directory, files), len(tokenizer), type(tokenizer).__name__, ids, files, backend.to_str())
+    info = TokenizerInfo(directory, "hf", sha, len(tokenizer), type(tokenizer).__name__, ids, files, backend.to_str())
+    _store(cached, info)
+    return info
+
+
+def _cache_path(sha: str) -> Path | None:
+    """Where the resolved form of a tokenizer is kept: importing transformers (and torch) to
+    resolve it costs seconds, a real share of sharding a corpus of tens of MB. Keyed by the
+    files' fingerprint and the library versions that resolve them."""
+    try:
+        from importlib.metadata import version
+
+        key = hashlib.sha256(f"{sha} {version('transformers')} {version('tokenizers')}".encode()).hexdigest()[:32]
+    except Exception:  # a library without metadata: resolve every time
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "alum" / "tokenizers" / f"{key}.json"
+
+
+def _store(path: Path | None, info: TokenizerInfo) -> None:
+    if path is None:
+        return
+    meta = {"vocab_size": info.vocab_size, "style": info.style, "special_token_ids": info.special_token_ids, "backend": info.backend}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: resolve again next time
 
 
 def _auto_tokenizer(directory: Path):

@@ -36,6 +36,14 @@ def run_alum(*args: str, cwd: Path | None = None, check: bool = False) -> subpro
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_cache(tmp_path_factory) -> Path:
+    """A cache directory of the session's own (resolved tokenizers), for every process it starts."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def wikitext_train() -> Path:
     return data_file("wikitext-2/train.txt")

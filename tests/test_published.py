@@ -90,6 +90,14 @@ def test_hf_tokenizer_shards_do_not_depend_on_the_worker_count(name, tmp_path, p
     assert len(manifest.read(out)["splits"]["train"]["shards"]) > 1
 
 
+def test_a_cached_resolution_equals_a_fresh_one(tmp_path, published, monkeypatch):
+    for directory in published.values():
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / directory.name))
+        fresh = load_tokenizer(directory)
+        assert len(list((tmp_path / directory.name / "alum" / "tokenizers").glob("*.json"))) == 1
+        assert load_tokenizer(directory) == fresh
+
+
 def test_special_token_strings_in_the_corpus_stay_text(tmp_path, published):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a <mask> and a </s> in the text\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,24 @@ def test_node_partition_merges_to_the_single_machine_output(tmp_path, reference,
     shutil.copytree(tmp_path / "node1", merged, dirs_exist_ok=True)
     run_alum("merge", merged, check=True)
     assert tree_digest(merged) == tree_digest(reference)
+
+
+def test_slurm_array_tasks_running_at_once_write_the_single_machine_output(tmp_path, reference, wikitext_valid, bert_tokenizer):
+    """launch/shard.sbatch as SLURM runs an array of two (--array=3-4): both tasks at once on one directory."""
+    out = tmp_path / "shared-fs"
+    args = ["bash", str(REPO / "launch" / "shard.sbatch"), "--input", str(wikitext_valid), "--tokenizer", str(bert_tokenizer),
+            "--seq-len", str(SEQ_LEN), "--out", str(out), "--piece-mb", PIECE_MB, "--val-fraction", "0.1"]
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "1",
+           "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "4", "SLURM_ARRAY_TASK_COUNT": "2"}
+    tasks = [subprocess.Popen(args, env={**env, "SLURM_ARRAY_TASK_ID": task}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for task in ("3", "4")]
+    results = [(task.wait(timeout=300), task.stderr.read()) for task in tasks]
+    assert all(code == 0 for code, _ in results), results
+    assert tree_digest(out) == tree_digest(reference)
+
+    not_an_array = subprocess.run(args, env={k: v for k, v in env.items() if not k.startswith("SLURM_ARRAY")}, capture_output=True, text=True)
+    assert not_an_array.returncode == 2
+    assert not_an_array.stderr == "shard.sbatch: not an array task; submit with sbatch --array=0-<N-1> launch/shard.sbatch ...\n"
 
 
 @pytest.mark.slow
