@@ -62,14 +62,29 @@ def dataset_identity(settings, tokenizer, files, num_pieces: int) -> dict:
     }
 
 
+FLAGS = {"seq_len": "--seq-len", "val_fraction": "--val-fraction", "piece_bytes": "--piece-mb", "unit_bytes": "--piece-mb",
+         "read.text_field": "--text-field", "read.txt_docs": "--txt-docs", "read.utf8_errors": "--utf8-errors",
+         "tokenizer": "--tokenizer", "special_token_ids": "--tokenizer", "dtype": "--tokenizer", "inputs": "--input",
+         "num_pieces": "--input or --piece-mb"}
+
+
 def describe_difference(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not keys:
+    """The first setting two dataset identities differ in, with the `alum shard` flag that sets it."""
+    key, was, now = _first_difference(old, new, "")
+    if key is None:
         return "same settings"
-    key = keys[0]
-    if isinstance(old.get(key), (dict, list)):
-        return f"{key} differs"
-    return f"{key} {old.get(key)!r} vs {new.get(key)!r} now"
+    flag = FLAGS.get(key) or FLAGS.get(key.split(".")[0], "")
+    values = f"{was!r} then, {now!r} now" if not isinstance(was, (dict, list)) and not isinstance(now, (dict, list)) else "differs"
+    return f"{key} {values}" + (f": {flag}" if flag else "")
+
+
+def _first_difference(old, new, prefix: str):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+        return None, None, None
+    return prefix.rstrip("."), old, new
 
 
 def build(identity: dict, records: list[dict]) -> dict:

@@ -45,7 +45,7 @@ class ShardSettings:
     """Everything that determines the output bytes (workers and node count do not)."""
 
     seq_len: int
-    val_fraction: float = 0.0
+    val_fraction: float = 0.01
     piece_bytes: int = 64 << 20
     read: ReadOptions = ReadOptions()
 

@@ -17,8 +17,11 @@ Training reads the corpus once as a stream and keeps a seeded reservoir sample o
 so memory is bounded by `sample_lines`, not by corpus size.
 
 Parity between the two: sentencepiece is trained with `remove_extra_whitespaces=False`
-(the Llama convention), which the `tokenizers` pipeline reproduces exactly (NFKC charsmap,
-a prepended "▁", spaces to "▁", byte fallback). The one deliberate difference: the special
+(the Llama convention), which the `tokenizers` pipeline reproduces exactly on text without
+leading whitespace, which is all training ever sees (`alum shard` strips documents): NFKC
+charsmap, spaces to "▁", one "▁" before the text (only before the text, not after each
+special token), byte fallback. Text that starts with a space gets "▁▁" from sentencepiece
+and "▁" from the HF pipeline. The one deliberate difference: the special
 tokens are control symbols that sentencepiece never produces from text (so a corpus cannot
 inject [MASK] into training data), while the HF tokenizer maps their literal strings to
 their ids (so `fill-mask` works with "[MASK]" in text).
@@ -235,19 +238,22 @@ def hf_tokenizer(model: bytes, style: str):
         byte_fallback=proto.trainer_spec.byte_fallback,
     )
     tok = Tokenizer(bpe)
-    steps = [normalizers.Prepend(META), normalizers.Replace(" ", META)]
+    steps = [normalizers.Replace(" ", META)]
     if proto.normalizer_spec.precompiled_charsmap:
         steps.insert(0, normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
     tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="never", split=True)
+    # "first": the "▁" sentencepiece puts before the text goes before the text only, not
+    # before every stretch of text between special tokens ("[MASK];" must give ";", not "▁;").
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="first", split=True)
     tok.decoder = decoders.Sequence(
         [decoders.Replace(META, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tokens = SPECIAL_TOKENS[style]
-    # The mask token absorbs the spaces around it, so "a [MASK] b" reads like training data
-    # ("▁a", mask, "▁b") and not ("▁a", "▁", mask, "▁▁b").
+    # The mask stands for a whole piece with its leading "▁": it absorbs the space before it,
+    # and the text after it keeps its own, so "a [MASK] b" and "a [MASK]; b" read like
+    # training data ("▁a", mask, "▁b" and "▁a", mask, ";", "▁b").
     tok.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True, lstrip=(role == "mask"), rstrip=(role == "mask")) for role, t in tokens.items()]
+        [AddedToken(t, normalized=False, special=True, lstrip=(role == "mask"), rstrip=False) for role, t in tokens.items()]
     )
     cls, sep = tokens["cls"], tokens["sep"]
     pair = f"{cls} $A {sep} $B:1 {sep}:1" if style == "bert" else f"{cls} $A {sep} {sep} $B {sep}"

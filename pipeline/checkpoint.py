@@ -45,6 +45,10 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step"))
+
+
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / COMPLETE).is_file()
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from data_prep.errors import UserError
+from pipeline.help_format import DefaultsHelpFormatter
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
@@ -79,6 +80,13 @@ def cmd_shard(args) -> None:
         print(f"{args.out}: already complete with these settings; nothing to do")
         return
     tokens = summary["tokens"]
+    # Two counts that differ by the framing: the documents' own tokens, and the rows'
+    # non-padding tokens ([CLS], [SEP] and separators included), which `alum verify` reports.
+    summary["tokens (documents)"] = summary.pop("tokens")
+    if "manifest" in summary:
+        from data_prep.manifest import read
+
+        summary["tokens (rows, with [CLS]/[SEP] framing)"] = read(args.out)["num_tokens"]
     summary["padding_fraction"] = summary.pop("padding_tokens") / max(1, summary["sequences"] * args.seq_len)
     summary["tokens_per_s"] = tokens / max(summary["seconds"], 1e-9)
     _print_summary("shards written" if "manifest" in summary else "this node's shards written", summary)
@@ -87,7 +95,9 @@ def cmd_shard(args) -> None:
 def cmd_verify(args) -> None:
     from data_prep.manifest import verify
 
-    _print_summary(f"{args.dir}: OK", verify(args.dir))
+    result = verify(args.dir)
+    result["tokens (rows, with [CLS]/[SEP] framing)"] = result.pop("num_tokens")
+    _print_summary(f"{args.dir}: OK", result)
 
 
 def cmd_merge(args) -> None:
@@ -113,49 +123,49 @@ def _cores() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alum", description="ALUM adversarial pretraining pipeline")
+    parser = argparse.ArgumentParser(prog="alum", description="ALUM adversarial pretraining pipeline", formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tokenizer", help="train a tokenizer (sentencepiece BPE, byte-level BPE or WordPiece) on a corpus sample")
+    p = sub.add_parser("tokenizer", formatter_class=DefaultsHelpFormatter, help="train a tokenizer (sentencepiece BPE, byte-level BPE or WordPiece) on a corpus sample")
     _add_read_options(p)
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="tokenizer directory to create")
     p.add_argument("--kind", choices=["bpe", "byte-level-bpe", "wordpiece"], default="bpe",
-                   help="bpe: sentencepiece BPE (default); byte-level-bpe: RoBERTa/GPT-2 style; wordpiece: BERT style")
+                   help="bpe: sentencepiece BPE; byte-level-bpe: RoBERTa/GPT-2 style; wordpiece: BERT style")
     p.add_argument("--style", choices=["bert", "roberta"], default=None,
                    help="special tokens: [CLS]/[SEP]/... or <s>/</s>/... (default: roberta for byte-level-bpe, else bert)")
     p.add_argument("--character-coverage", type=float, default=0.9995, help="--kind bpe only")
     p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
                    help="--kind bpe only: map unknown characters to [UNK] instead of bytes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
     p.add_argument("--threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
     p.add_argument("--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_tokenizer)
 
-    p = sub.add_parser("shard", help="tokenize and pack a corpus into Arrow shards")
+    p = sub.add_parser("shard", formatter_class=DefaultsHelpFormatter, help="tokenize and pack a corpus into Arrow shards")
     _add_read_options(p)
     p.add_argument("--tokenizer", required=True,
                    help="a directory written by `alum tokenizer`, or any Hugging Face (fast) tokenizer or model directory")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=_cores(), help=f"tokenizer processes (default: every core, {_cores()} here; output does not depend on it)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents (by content hash) in the val split")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents (by content hash) in the val split that training validates on")
     p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per shard file (and per unit of resume and of --num-nodes)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the work")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's rank in [0, num-nodes)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("verify", help="check a shard directory's schema, counts and checksums")
+    p = sub.add_parser("verify", formatter_class=DefaultsHelpFormatter, help="check a shard directory's schema, counts and checksums")
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("merge", help="write the manifest once every node's shards are in one directory")
+    p = sub.add_parser("merge", formatter_class=DefaultsHelpFormatter, help="write the manifest once every node's shards are in one directory")
     p.add_argument("dir")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="turn a checkpoint (any ZeRO stage) into a Hugging Face model directory")
+    p = sub.add_parser("export", formatter_class=DefaultsHelpFormatter, help="turn a checkpoint (any ZeRO stage) into a Hugging Face model directory")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--out", required=True)
@@ -164,11 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for `alum --help`; `main` hands these commands' arguments to their modules unparsed.
     for name, (module, text) in PASSED_THROUGH.items():
-        sub.add_parser(name, help=f"{text} (same as python -m {module} --help)")
+        sub.add_parser(name, formatter_class=DefaultsHelpFormatter, help=f"{text} (same as python -m {module} --help)")
 
-    p = sub.add_parser("demo", help="the whole pipeline on a corpus built from Python's docstrings")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--workers", type=int, default=2)
+    p = sub.add_parser("demo", formatter_class=DefaultsHelpFormatter, help="the whole pipeline on a corpus built from Python's docstrings")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes corpus, tokenizer, shards, run and export")
+    p.add_argument("--workers", type=int, default=2, help="sharding processes and CPU training ranks")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -5,11 +5,16 @@ A run is described by one YAML file (see configs/) plus `key=value` overrides su
 key is checked against the dataclasses below, and an unknown key or a wrong type is a
 `UserError` naming the key. The fully resolved config is written to the run directory
 and logged to W&B, so a run can always be reproduced from its own directory.
+
+Paths (PATH_KEYS) work from any folder: relative ones in a YAML file are relative to that
+file, on the command line to the current folder, and the defaults point into the shipped
+configs/; the resolved config holds them absolute. `--config tiny` names a shipped config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import types
 import typing
@@ -23,6 +28,9 @@ from data_prep.errors import UserError
 from pipeline.adversarial import AdversarialConfig
 from pipeline.curriculum import MaskSchedule
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PATH_KEYS = ("data.shards", "data.tokenizer", "model.config", "model.init_from", "checkpoint.init_from", "deepspeed")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -34,7 +42,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    config: str = "configs/models/tiny.yaml"  # a model-size YAML, or an HF config/model directory
+    config: str = str(CONFIGS / "models" / "tiny.yaml")  # a model-size YAML, or an HF config/model directory
     init_from: str | None = None  # an HF model directory (as published, or `alum export`): continual pretraining from its weights, config and tokenizer
     activation_checkpointing: bool = False
 
@@ -46,7 +54,8 @@ class TrainConfig:
     micro_batch_size: int = 8
     lr: float = 5e-4
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio at decay_steps
+    decay_steps: int = 0  # where the decay ends (0: train.max_steps, which then moves if max_steps is raised on resume)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -98,13 +107,26 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-    deepspeed: str | dict = "configs/deepspeed/zero2.json"  # a DeepSpeed JSON file or an inline mapping
+    deepspeed: str | dict = str(CONFIGS / "deepspeed" / "zero2.json")  # a DeepSpeed JSON file or an inline mapping
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file's path; a bare name (`tiny`) that is not a file names a shipped config."""
+    path = Path(name)
+    shipped = CONFIGS / f"{name}.yaml"
+    if not path.exists() and path.name == str(name) and not path.suffix and shipped.is_file():
+        return shipped
+    return path
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file, apply `key=value` overrides, and check every key and type."""
-    data = read_yaml_mapping(Path(path), "config sections") if path is not None else {}
+    data = {}
+    if path is not None:
+        path = find_config(path)
+        data = read_yaml_mapping(path, "config sections")
+        _absolute_paths(data, path.resolve().parent)
     for item in overrides:
         _apply_override(data, item)
     config = _build(RunConfig, data, "")
@@ -128,6 +150,29 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     return data
 
 
+def _absolute_paths(data: dict, base: Path) -> None:
+    """Relative paths of PATH_KEYS made absolute against `base`, in place."""
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        target = data
+        for section in sections:
+            target = target.get(section) if isinstance(target, dict) else None
+        if isinstance(target, dict) and isinstance(target.get(name), str) and target[name]:
+            target[name] = os.path.abspath(os.path.join(base, os.path.expanduser(target[name])))
+
+
+def missing_paths(config: "RunConfig") -> None:
+    """Every path of the config that does not exist, in one error (before any set-up)."""
+    paths = {"data.shards": config.data.shards, "data.tokenizer": config.data.tokenizer,
+             "model.config": None if config.model.init_from else config.model.config, "model.init_from": config.model.init_from,
+             "checkpoint.init_from": config.checkpoint.init_from,
+             "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else None}
+    missing = [f"{key}: {value}" for key, value in paths.items() if value and not Path(value).exists()]
+    if missing:
+        raise UserError(f"no such file or directory: {'; '.join(missing)} (paths in a config file are relative to it, "
+                        "on the command line to the current folder)")
+
+
 def _apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
@@ -143,6 +188,8 @@ def _apply_override(data: dict, item: str) -> None:
         if not isinstance(target, dict):
             raise UserError(f"{key}: {part} is not a section")
     target[parts[-1]] = value
+    if key in PATH_KEYS and isinstance(value, str) and value:
+        target[parts[-1]] = os.path.abspath(os.path.expanduser(value))
 
 
 def _build(cls, data: Any, prefix: str):
@@ -201,6 +248,8 @@ def _validate(config: RunConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
         if getattr(train, key) < 1:
             raise UserError(f"train.{key}: must be at least 1, got {getattr(train, key)}")
+    if train.decay_steps < 0:
+        raise UserError(f"train.decay_steps: must be 0 (train.max_steps) or a step count, got {train.decay_steps}")
     if train.global_batch_size % train.micro_batch_size:
         raise UserError(f"train.global_batch_size {train.global_batch_size} is not a multiple of train.micro_batch_size {train.micro_batch_size}")
     if train.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -86,12 +86,15 @@ def make_optimizer(model: torch.nn.Module, train, ds_config: dict) -> torch.opti
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to `train.lr`, then linear decay to `lr * min_lr_ratio` at `max_steps`."""
+    """Linear warmup to `train.lr`, then linear decay to `lr * min_lr_ratio` at `decay_steps`
+    (default `max_steps`), constant after it. With `decay_steps` set, raising `max_steps` on
+    resume extends the run without moving the schedule."""
+    horizon = train.decay_steps or train.max_steps
 
     def factor(step: int) -> float:
         if step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
-        remaining = max(1, train.max_steps - train.warmup_steps)
+        remaining = max(1, horizon - train.warmup_steps)
         progress = min(1.0, (step - train.warmup_steps) / remaining)
         return 1.0 - (1.0 - train.min_lr_ratio) * progress
 

@@ -32,7 +32,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, overwri
             raise UserError(f"{run_dir}: no complete checkpoint to export")
     tag_dir = run_dir / checkpoint.CHECKPOINTS / tag
     if not checkpoint.is_complete(tag_dir):
-        raise UserError(f"{tag_dir}: not a complete checkpoint")
+        root = run_dir / checkpoint.CHECKPOINTS
+        complete = sorted(p.name for p in root.iterdir() if p.is_dir() and checkpoint.is_complete(p)) if root.is_dir() else []
+        raise UserError(f"{tag_dir}: not a complete checkpoint (complete: {', '.join(complete) or 'none'})")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; use --overwrite to replace it")
     model = load_exported_weights(run_dir, tag)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.adversarial import AdversarialConfig, compute_losses
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
 from pipeline.glue import Task, load_task
@@ -232,14 +233,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="for sst2/rte: the GLUE task directory (train.tsv, dev.tsv)")
     p.add_argument("--advglue", help="AdvGLUE dev.json: also report accuracy on the task's adversarial subset")
     p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
-    p.add_argument("--method", choices=["standard", "alum"], default="standard")
+    p.add_argument("--method", choices=["standard", "alum"], default="standard", help="standard cross-entropy, or with the ALUM term")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the ALUM term (the paper fine-tunes with 1)")
     p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (linear warm-up and decay)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over the ranks")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training set")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     p.add_argument("--eval-every", type=int, default=500, help="dev accuracy every N steps (and at the end)")
     p.add_argument("--deepspeed", metavar="JSON", help="train with DeepSpeed (ZeRO settings from this file, e.g. "
                    "configs/deepspeed/zero2.json), one rank per process: deepspeed --num_gpus N --module pipeline.finetune ...")
@@ -279,7 +280,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alum finetune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="alum finetune", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     add_arguments(parser)
     try:
         run(parser.parse_args(argv))

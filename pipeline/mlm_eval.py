@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline.help_format import DefaultsHelpFormatter
 from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokenizer
 from pipeline.data import Masking, ShardDataset, masked_batch
 from pipeline.evaluate import EVAL_SEED_OFFSET
@@ -203,22 +204,22 @@ def format_table(results: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an `alum export` (or any HF BERT/RoBERTa masked-LM) directory")
     p.add_argument("--shards", required=True, help="a shard directory made with the model's tokenizer")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the shard split to evaluate on")
     p.add_argument("--tokenizer", default=None, help="the tokenizer directory, for a model directory without tokenizer files")
-    p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--mask-rate", type=float, default=0.15)
+    p.add_argument("--batches", type=int, default=50, help="batches evaluated (fewer if the split is smaller)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per batch")
+    p.add_argument("--mask-rate", type=float, default=0.15, help="share of tokens masked")
     p.add_argument("--seed", type=int, default=0, help="masking seed; a run's train.seed masks like its validation")
     p.add_argument("--radius", type=float, nargs="*", default=[0.1, 0.3], metavar="R",
                    help="linf radii of the embedding PGD, in units of each token's embedding RMS (none: skip)")
-    p.add_argument("--pgd-steps", type=int, default=3)
+    p.add_argument("--pgd-steps", type=int, default=3, help="ascent steps of the embedding attack")
     p.add_argument("--substitution-rate", type=float, nargs="*", default=[0.1], metavar="P",
                    help="shares of unmasked tokens replaced by random ones (none: skip)")
     p.add_argument("--out", default=None, help="results JSON (default: MODEL/eval-SPLIT.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alum eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="alum eval", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{args.split}.json"

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.metrics import METRICS, _parse
 
 # What `metrics._plain` writes for non-finite floats (JSON has no NaN/inf).
@@ -150,7 +151,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     """`alum plot`: exit 0 with the picture written, or 2 with a one-line error on stderr."""
-    parser = argparse.ArgumentParser(prog="alum plot", description="Plot training curves of runs from their metrics.jsonl.")
+    parser = argparse.ArgumentParser(prog="alum plot", description="Plot training curves of runs from their metrics.jsonl.", formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--run-dir", action="append", required=True, type=Path, help="a run directory; repeat to overlay runs")
     parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
     parser.add_argument("--labels", help="comma-separated legend names, one per --run-dir (default: directory names)")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError
+from pipeline.help_format import DefaultsHelpFormatter
 
 
 class StopRequest:
@@ -52,6 +53,10 @@ class TrainingAborted(Exception):
     """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
+class AlreadyFinished(Exception):
+    """The run's latest checkpoint is at train.max_steps: nothing to train, no engine, no W&B run."""
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -62,13 +67,31 @@ class TrainState:
     wandb_id: str | None = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; `key=value` overrides may come anywhere, before or after the options."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
     parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and W&B files go")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def _quiet_libraries() -> None:
+    """DeepSpeed's engine set-up INFO lines and torch's deprecation warning for the collective
+    DeepSpeed calls would interleave with the progress lines on every rank; warnings stay."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+    logger.setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _quiet_libraries()
     try:
         train(args.config, Path(args.run_dir), args.overrides)
     except UserError as e:
@@ -77,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:
         _report(f"pretrain: stopped: {e}")
         return 3
+    except AlreadyFinished as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, flush=True)
     finally:
         shutdown_distributed()
     return 0
@@ -129,9 +155,10 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     import deepspeed.comm as dist
 
     from data_prep.tokenizer_dir import load_tokenizer
-    from pipeline.config import TrainConfig
+    from pipeline.config import TrainConfig, missing_paths
     from pipeline.data import Masking, ShardDataset
     from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
+    from pipeline.checkpoint import step_of as checkpoint_step
     from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
     from pipeline.rundir import resolve_run_config, write_run_files
 
@@ -146,10 +173,14 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
     def checks():
         if config_error:
             raise config_error
+        missing_paths(config)
         tokenizer = load_tokenizer(config.data.tokenizer)
         dataset = ShardDataset(config.data.shards, config.data.train_split)
         _check_data(dataset, tokenizer, config)
         dataset.verify_checksums(rank, world_size)
+        if config.eval.every_steps and config.data.val_split not in dataset.manifest["splits"]:
+            raise UserError(f"{config.data.shards}: no {config.data.val_split!r} split to validate on (splits: {', '.join(dataset.manifest['splits'])}); "
+                            "shard with `alum shard --val-fraction 0.01`, or set eval.every_steps=0 to train without validation")
         val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
         # A model to continue from brings its own architecture.
         if config.model.init_from:
@@ -159,6 +190,9 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
         return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size), _start_point(run_dir, config)
 
     config, tokenizer, dataset, val, model_config, ds_config, start = _on_every_rank(checks)
+    if start is not None and start.resume and checkpoint_step(start.tag) >= config.train.max_steps:
+        raise AlreadyFinished(f"{run_dir}: already at train.max_steps={config.train.max_steps} ({start.tag}); "
+                              "nothing to do (raise train.max_steps to continue)")
     _check_same_config(config)
     if start is not None and start.world_size != world_size and zero_stage(ds_config) > 0:
         # ZeRO's partitioned optimizer state only loads on the world size that wrote it.

@@ -44,6 +44,8 @@ from typing import ClassVar
 
 import psutil
 
+from pipeline.help_format import DefaultsHelpFormatter
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Exit codes of pipeline.pretrain that a relaunch would only repeat.
 FINAL = {
@@ -76,7 +78,7 @@ class Signals:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.supervise", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.supervise", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--restarts", type=int, default=0, help="relaunch a failed job up to N times (default 0)")
     parser.add_argument("--stop-timeout", type=float, default=600.0,
                         help="seconds the ranks get to save and exit after a stop signal before the job is killed (default 600)")

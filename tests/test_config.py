@@ -96,7 +96,7 @@ def test_the_big_runs_log_online_and_use_batch_256(name):
 
 def test_bert_base_recipe():
     config = load_config(REPO / "configs" / "bert-base.yaml")
-    assert config.model.config == "configs/models/bert-base.yaml"
+    assert config.model.config == str(REPO / "configs/models/bert-base.yaml")
     assert config.model.init_from is None
     assert (config.train.max_steps, config.train.micro_batch_size) == (1_000_000, 32)
     assert (config.train.lr, config.train.warmup_steps) == (1e-4, 10_000)
@@ -106,7 +106,7 @@ def test_bert_base_recipe():
 
 def test_bert_large_uses_zero3_and_activation_checkpointing():
     config = load_config(REPO / "configs" / "bert-large.yaml")
-    assert config.model.config == "configs/models/bert-large.yaml"
+    assert config.model.config == str(REPO / "configs/models/bert-large.yaml")
     assert config.model.activation_checkpointing is True
     assert 0 < config.adversarial.start_step < config.train.max_steps
     ds = deepspeed_config(config, 16)
@@ -117,7 +117,7 @@ def test_bert_large_uses_zero3_and_activation_checkpointing():
 @pytest.mark.parametrize("name, beta2", [("roberta-base", 0.98), ("bert-base-cased", 0.999)])
 def test_continual_configs_follow_the_paper(name, beta2):
     config = load_config(REPO / "configs" / f"{name.split('-')[0]}-base-continual.yaml")
-    assert config.model.init_from == f"models/{name}"
+    assert config.model.init_from == f"/path/to/{name}"  # a placeholder, obviously one
     assert config.data.tokenizer == config.model.init_from  # the published directory's own tokenizer
     assert (config.train.lr, config.train.max_steps, config.train.global_batch_size) == (4e-5, 100_000, 256)
     assert config.adversarial.start_step == 0
@@ -419,3 +419,70 @@ def test_explicit_precision_is_written_into_the_deepspeed_config(tmp_path, preci
     config = load_config(minimal(tmp_path), [f"train.precision={precision}"])
     ds = deepspeed_config(config, 1)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
+
+
+def test_overrides_may_come_before_and_after_the_options():
+    from pipeline.pretrain import parse_args
+
+    args = parse_args(["--config", "configs/tiny.yaml", "train.max_steps=3", "--run-dir", "runs/x", "train.lr=1e-4", "--local_rank=1"])
+    assert (args.config, args.run_dir, args.local_rank) == ("configs/tiny.yaml", "runs/x", 1)
+    assert args.overrides == ["train.max_steps=3", "train.lr=1e-4"]
+
+
+def test_every_option_shows_its_default_in_help():
+    from pipeline.cli import build_parser
+
+    shard = build_parser()._subparsers._group_actions[0].choices["shard"].format_help()
+    assert "(default: line)" in shard and "(default: 0.01)" in " ".join(shard.split())
+
+
+def test_decay_steps_keeps_the_schedule_when_max_steps_is_raised():
+    import dataclasses
+
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.engine import make_scheduler
+
+    def lrs(train, steps):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr)
+        scheduler = make_scheduler(optimizer, train)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    base = TrainConfig(max_steps=40, warmup_steps=4, lr=1e-3, min_lr_ratio=0.1)
+    assert lrs(base, 45)[40:] != lrs(dataclasses.replace(base, max_steps=80), 45)[40:]  # the decay moves
+    fixed = dataclasses.replace(base, decay_steps=40)
+    extended = lrs(dataclasses.replace(fixed, max_steps=80), 60)
+    assert extended[:41] == lrs(fixed, 41)
+    assert extended[40:] == pytest.approx([1e-4] * 20)
+
+
+def test_config_paths_work_from_any_folder(tmp_path, monkeypatch):
+    """Paths in a YAML file are relative to it, on the command line to the current folder;
+    a shipped config can be named; every missing path is reported at once."""
+    from pipeline.config import missing_paths
+
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("tiny", ["data.shards=shards", "data.tokenizer=tok"])
+    by_path = load_config(REPO / "configs" / "tiny.yaml", ["data.shards=shards", "data.tokenizer=tok"])
+    assert by_name == by_path
+    assert by_name.model.config == str(REPO / "configs" / "models" / "tiny.yaml")
+    assert by_name.deepspeed == str(REPO / "configs" / "deepspeed" / "zero2.json")
+    assert by_name.data.shards == str(tmp_path / "shards")
+
+    mine = tmp_path / "project" / "run.yaml"
+    mine.parent.mkdir()
+    mine.write_text("data: {shards: data/shards, tokenizer: data/tok}\nmodel: {config: nope.yaml}\ndeepspeed: ds.json\n")
+    config = load_config(mine)
+    assert config.data.shards == str(mine.parent / "data" / "shards")
+    with pytest.raises(UserError) as error:
+        missing_paths(config)
+    message = str(error.value)
+    for key, path in (("data.shards", "data/shards"), ("data.tokenizer", "data/tok"), ("model.config", "nope.yaml"), ("deepspeed", "ds.json")):
+        assert f"{key}: {mine.parent / path}" in message
+    assert "\n" not in message

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.pretrain import free_port
 from conftest import REPO, RUN, comparable, kill_when, ok, pretrain, read_metrics, wandb_history, wandb_records
+from data_prep.errors import UserError
+from pipeline.pretrain import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +94,20 @@ def test_resume_equals_the_uninterrupted_run(reference, tmp_path, train_shards, 
     assert set(range(5, 9)) <= set(wandb_history(run_dir))
 
 
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_finished_run_relaunched_does_nothing(reference, tmp_path, train_shards, bert_tokenizer):
+    import shutil
+
+    _, run_dir = reference
+    finished = tmp_path / "run"
+    shutil.copytree(run_dir, finished)
+    before = sorted(p.name for p in (finished / "wandb").iterdir())
+    result = ok(pretrain(finished, train_shards, bert_tokenizer, *RUN, world=1, stage=2))
+    assert f"{finished}: already at train.max_steps=8 (step00000008); nothing to do (raise train.max_steps to continue)" in result.stdout
+    assert "resumed from" not in result.stdout and "step 8/8" not in result.stdout
+    assert sorted(p.name for p in (finished / "wandb").iterdir()) == before  # no new W&B run
+
+
 def test_export_matches_the_training_model(reference, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -113,6 +128,10 @@ def test_export_matches_the_training_model(reference, tmp_path):
     torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert tokenizer.mask_token_id == 4 and len(tokenizer) == 2000
+    # A tag that is not there: the error lists those that are.
+    with pytest.raises(UserError, match=r"step00000099: not a complete checkpoint \(complete: .*step00000008\)"):
+        export(run_dir, tmp_path / "wrong-tag", tag="step00000099")
+    assert not (tmp_path / "wrong-tag").exists()
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])

@@ -50,6 +50,16 @@ def test_sequence_longer_than_the_model_positions(tmp_path, train_shards, bert_t
     refused(result, f"{model}: shards have seq_len 64 but the model has 32 positions")
 
 
+def test_shards_without_a_val_split_name_both_ways_out(tmp_path, bert_tokenizer, wikitext_valid):
+    from data_prep.shard import ShardSettings, shard_corpus
+
+    shards = tmp_path / "no-val"
+    shard_corpus([str(wikitext_valid)], bert_tokenizer, shards, ShardSettings(seq_len=64, val_fraction=0.0))
+    result = pretrain(tmp_path / "run", shards, bert_tokenizer, "eval.every_steps=2", world=1, stage=0)
+    refused(result, f"{shards}: no 'val' split to validate on (splits: train)", "`alum shard --val-fraction 0.01`", "eval.every_steps=0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_global_batch_not_divisible_by_micro_batch_times_world_size(tmp_path, train_shards, bert_tokenizer):
     result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "train.global_batch_size=12", world=2, stage=2)
     refused(result, "train.global_batch_size 12 is not divisible by train.micro_batch_size 4 x world size 2")

@@ -215,7 +215,9 @@ def test_output_holding_a_different_dataset_is_refused(tmp_path, reference, wiki
     before = tree_digest(copy)
     result = shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.2", check=False)
     assert result.returncode == 2
-    assert "already holds a different dataset (val_fraction 0.1 vs 0.2 now); use --overwrite" in result.stderr
+    assert "already holds a different dataset (val_fraction 0.1 then, 0.2 now: --val-fraction); use --overwrite" in result.stderr
+    result = shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--txt-docs", "blank", check=False)
+    assert "already holds a different dataset (read.txt_docs 'line' then, 'blank' now: --txt-docs); use --overwrite" in result.stderr
     assert tree_digest(copy) == before
     shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.2", "--overwrite")
     assert manifest.read(copy)["settings"]["val_fraction"] == 0.2
@@ -271,3 +273,16 @@ def test_summary_reports_counts(tmp_path, wikitext_valid, bert_tokenizer):
     docs = [d for p in plan_pieces(expand_inputs([str(wikitext_valid)]), options, None) for d in read_documents(p, options, stats)]
     assert data["stats"]["documents"] == len(docs) == stats.documents
     assert data["stats"]["empty_documents"] == stats.empty_documents
+
+
+def test_shard_and_verify_token_counts_reconcile(tmp_path, wikitext_valid, bert_tokenizer):
+    """`alum shard` prints the documents' tokens and the rows' (framing included); `alum verify` the rows'."""
+    out = tmp_path / "s"
+    printed = shard(out, [wikitext_valid], bert_tokenizer).stdout
+    verified = run_alum("verify", out, check=True).stdout
+    label = "tokens (rows, with [CLS]/[SEP] framing)"
+    rows_line = next(line for line in printed.splitlines() if label in line)
+    assert rows_line.split()[-1] == next(line for line in verified.splitlines() if label in line).split()[-1]
+    data = manifest.read(out)
+    documents = int(next(line for line in printed.splitlines() if "tokens (documents)" in line).split()[-1].replace(",", ""))
+    assert documents == data["stats"]["tokens"] and int(rows_line.split()[-1].replace(",", "")) == data["num_tokens"] > documents

@@ -24,8 +24,10 @@ def real_texts() -> list[str]:
         for example in examples:
             texts += [v for k, v in example.items() if isinstance(v, str) and k != "idx"]
     # Whitespace and Unicode edge cases the normalisers must agree on.
-    texts += ["", " ", "  two  spaces ", "tab\there", "line\nbreak", "ﬁ ligature ① ｆｕｌｌ", "emoji 😀 中文 ü"]
-    return texts
+    texts += ["", "two  spaces", "tab\there", "line\nbreak", "ﬁ ligature ① ｆｕｌｌ", "emoji 😀 中文 ü"]
+    # Stripped, as `alum shard` strips every document: sentencepiece puts a second "▁"
+    # before text that starts with a space, the HF pipeline one (data_prep.tokenizer).
+    return [t.strip() for t in texts]
 
 
 def test_hf_tokenizer_gives_sentencepiece_ids_on_real_text(bert_tokenizer):
@@ -50,6 +52,26 @@ def test_bert_special_tokens(bert_tokenizer):
     # The sentencepiece model never produces a special id from text: a corpus cannot inject [MASK].
     assert 4 not in sp.encode("a [MASK] b")
     assert info.vocab_size == 2000 == len(hf)
+
+
+@pytest.mark.parametrize("masked, filled", [
+    ("free [MASK]; you", "free the; you"),      # before punctuation
+    ("[MASK] is a", "the is a"),                # at the start
+    ("one of [MASK]", "one of the"),            # at the end
+    ("one of [MASK].", "one of the."),          # at the end, before punctuation
+    ("of [MASK] [MASK] and", "of the the and"),  # two in a row
+])
+def test_fill_mask_inputs_read_like_training_data(bert_tokenizer, masked, filled):
+    """The mask stands for one training piece ("▁the"): the pieces around it are the ones
+    sentencepiece gives the filled-in text."""
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(bert_tokenizer / "spm.model"))
+    hf = AutoTokenizer.from_pretrained(str(bert_tokenizer))
+    the = sp.piece_to_id("▁the")
+    expected = [4 if i == the else i for i in sp.encode(filled)]
+    assert expected.count(4) == masked.count("[MASK]")
+    assert hf(masked, add_special_tokens=False)["input_ids"] == expected
 
 
 def test_roberta_style_tokenizer(tmp_path, wikitext_valid):
