@@ -149,8 +149,10 @@ class Run:
     start: StartPoint | None
 
 
-def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run:
-    """Process group, config, data checks, model and DeepSpeed engine (no checkpoint loaded)."""
+def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finished_ok: bool = False) -> Run:
+    """Process group, config, data checks, model and DeepSpeed engine (no checkpoint loaded).
+    A run already at train.max_steps raises AlreadyFinished first, unless `finished_ok` (a
+    caller that wants the engine of a finished run, not more training)."""
     import deepspeed
     import deepspeed.comm as dist
 
@@ -190,7 +192,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str]) -> Run
         return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size), _start_point(run_dir, config)
 
     config, tokenizer, dataset, val, model_config, ds_config, start = _on_every_rank(checks)
-    if start is not None and start.resume and checkpoint_step(start.tag) >= config.train.max_steps:
+    if not finished_ok and start is not None and start.resume and checkpoint_step(start.tag) >= config.train.max_steps:
         raise AlreadyFinished(f"{run_dir}: already at train.max_steps={config.train.max_steps} ({start.tag}); "
                               "nothing to do (raise train.max_steps to continue)")
     _check_same_config(config)

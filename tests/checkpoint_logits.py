@@ -21,7 +21,7 @@ def main() -> None:
     from pipeline.data import masked_batch
     from pipeline.pretrain import prepare
 
-    run = prepare(None, run_dir, [])
+    run = prepare(None, run_dir, [], finished_ok=True)
     if tag != "start":
         checkpoint.load(run.engine, run_dir, tag)
     batch = masked_batch(run.dataset, np.arange(4), step=0, seed=123, rate=0.15, masking=run.masking)
