@@ -123,7 +123,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     total = args.max_steps or args.epochs * steps_per_epoch
     rank, world = _ranks()
     schedule_config = SimpleNamespace(lr=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-                                      warmup_steps=max(1, int(0.1 * total)), max_steps=total, min_lr_ratio=0.0)
+                                      warmup_steps=max(1, int(0.1 * total)), max_steps=total, decay_steps=0, min_lr_ratio=0.0)
     ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
     optimizer = make_optimizer(model, schedule_config, ds_config)
     schedule = make_scheduler(optimizer, schedule_config)
