@@ -296,6 +296,9 @@ def _loop(run: Run, state: TrainState, logger) -> None:
                 "data/epoch": state.consumed_samples // len(dataset),
                 "data/sample_digest": sample_digest(global_indices),
             }
+            if record["train/adv_grad_norm"] > 0:
+                # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.
+                record["train/adv_grad_norm_log10"] = math.log10(record["train/adv_grad_norm"])
             if evaluate_now:
                 record.update(evaluate(engine, run.val, config, run.masking))
             logger.log(state.step, record)
@@ -325,7 +328,7 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
         f"{record['perf/tokens_per_s']:,.0f} tok/s"
     )
     if "eval/loss" in record:
-        line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f}"
+        line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} (commonest token {record['eval/commonest_token_accuracy']:.3f})"
     return line
 
 

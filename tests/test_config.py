@@ -60,9 +60,9 @@ def expected_bf16() -> bool:
 
 def test_the_shipped_configs_are_all_found():
     names = {p.name for p in RUN_CONFIGS}
-    assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml", "roberta-base-continual.yaml"} <= names
+    assert {"demo.yaml", "tiny.yaml", "bert-base.yaml", "bert-large.yaml", "roberta-base-continual.yaml"} <= names
     assert {"zero2-offload.json", "zero3-offload.json"} <= {p.name for p in DEEPSPEED_JSONS}
-    assert {"tiny.yaml", "bert-base.yaml", "bert-large.yaml"} <= {p.name for p in MODEL_SIZES}
+    assert {"tiny.yaml", "tiny-no-dropout.yaml", "bert-base.yaml", "bert-large.yaml"} <= {p.name for p in MODEL_SIZES}
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

@@ -16,6 +16,7 @@ from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import Masking, ShardDataset, masked_batch
 from pipeline.evaluate import EVAL_SEED_OFFSET
+from pipeline.fill_mask import fill_mask_examples, format_examples
 from pipeline.mlm_eval import evaluate_model, main
 
 SMALL = {"batches": 3, "batch_size": 8}  # 24 val rows of 64 tokens
@@ -180,3 +181,28 @@ def test_main_writes_the_numbers_of_evaluate_model(capsys, tmp_path, model_dir, 
     assert {k: written[k] for k in ("rows", "split", "seed", "mask_rate")} == {"rows": 8, "split": "val", "seed": 3, "mask_rate": 0.15}
     assert "commonest token" in stdout and "embedding PGD r=0.1 (3 steps)" in stdout and "token substitution p=0.2" in stdout
     assert f"{expected['clean']['loss']:8.4f}" in stdout
+
+
+def test_fill_mask_masks_a_whole_word_of_held_out_text_and_shows_the_models_guesses(model_dir, train_shards):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    examples = fill_mask_examples(model_dir, train_shards, rows=3)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    hf = BertForMaskedLM.from_pretrained(str(model_dir)).eval()
+    rows = ShardDataset(train_shards, "val").rows(np.arange(32))
+    assert len(examples) == 3 and [e.row for e in examples] == sorted({e.row for e in examples})
+    for example in examples:
+        row = rows[example.row]
+        assert tokenizer.convert_ids_to_tokens(int(row[example.position])) == "▁" + example.truth
+        assert example.truth.isalpha() and len(example.truth) >= 4, example
+        before, after = example.text.split(tokenizer.mask_token)
+        assert f"{before}{example.truth}{after}" in tokenizer.decode(row.tolist()), example
+        masked = torch.from_numpy(row.copy())[None]
+        masked[0, example.position] = tokenizer.mask_token_id
+        with torch.no_grad():
+            logits = hf(input_ids=masked, attention_mask=(masked != tokenizer.pad_token_id).long()).logits[0, example.position]
+        top = tokenizer.convert_ids_to_tokens(logits.topk(3).indices.tolist())
+        assert example.guesses == tuple(t.removeprefix("▁") or t for t in top)
+    assert len({e.guesses for e in examples}) == 3  # this model has learned its rows: the guesses depend on the text
+    lines = format_examples(examples)
+    assert lines[0] == f'"... {examples[0].text} ..."  ->  {", ".join(examples[0].guesses)}   [{examples[0].truth}]'

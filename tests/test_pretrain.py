@@ -15,16 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, RUN, comparable, kill_when, ok, pretrain, read_metrics, wandb_history, wandb_records
 from data_prep.errors import UserError
+from data_prep.tokenizer_dir import load_tokenizer
+from pipeline.data import Masking, ShardDataset, masked_batch
+from pipeline.evaluate import EVAL_SEED_OFFSET
 from pipeline.pretrain import free_port
 
 pytestmark = pytest.mark.slow
 
-def test_alum_run_shows_both_stages(reference):
+def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     _, run_dir = reference
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -40,13 +44,23 @@ def test_alum_run_shows_both_stages(reference):
         assert r["train/loss_adv"] > 1e-6
         assert r["train/adv_ratio"] == pytest.approx(10.0 * r["train/loss_adv"] / r["train/loss_mlm"], rel=1e-6)
         assert 0.0 <= r["train/delta_lost"] < 0.01  # fp32 keeps a delta of this size
+        assert r["train/adv_grad_norm_log10"] == pytest.approx(math.log10(r["train/adv_grad_norm"]))
+    assert not any("train/adv_grad_norm_log10" in r for r in standard)
     assert all(r["train/adv_ratio"] == 0.0 and r["train/delta_lost"] == 0.0 for r in standard)
     assert [r["data/consumed_samples"] for r in records] == [16 * s for s in range(1, 9)]
     assert len({r["data/sample_digest"] for r in records}) == 8
     assert all(r["train/mask_rate"] == 0.05 for r in records)  # 128 samples of ~1,800: the first 20% of the epoch
     assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in records)
     assert records[3]["eval/ppl"] == pytest.approx(math.exp(records[3]["eval/loss"]))
-    assert 0.0 <= records[7]["eval/accuracy"] <= 1.0
+    # The validation rows (2 micro-batches of 4 per rank) masked here as evaluate does: the
+    # commonest-token baseline beside the accuracy, and an accuracy that counts whole tokens.
+    specials = load_tokenizer(bert_tokenizer).special_token_ids
+    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], load_tokenizer(bert_tokenizer).vocab_size)
+    val = ShardDataset(train_shards, "val")
+    labels = masked_batch(val, np.arange(16) % len(val), 0, EVAL_SEED_OFFSET, 0.15, masking).labels
+    for r in (records[3], records[7]):
+        assert r["eval/commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / labels.numel(), abs=1e-12)
+        assert r["eval/accuracy"] * labels.numel() == pytest.approx(round(r["eval/accuracy"] * labels.numel()), abs=1e-6)
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
 
@@ -69,6 +83,7 @@ def test_wandb_offline_run_has_the_same_metrics(reference):
         row = logged[metrics["step"]]
         for key in ("train/loss", "train/loss_mlm", "train/loss_adv", "train/mask_rate", "data/sample_digest"):
             assert row[key] == metrics[key], key
+        assert row.get("train/adv_grad_norm_log10") == metrics.get("train/adv_grad_norm_log10")
     records = wandb_records(run_dir)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
