@@ -34,7 +34,6 @@ import argparse
 import copy
 import itertools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -49,9 +48,9 @@ from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss, sy
 from pipeline.data import Masking, ShardDataset, masked_batch, step_batches
 from pipeline.model import MaskedLM, build_model, hf_config
 from pipeline.perturbation import token_norm
+from data_dir import wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data"))
 SEED = 0
 # (step_size, noise_std, grad_eps): the official code's magnitudes first, then larger ones.
 MAGNITUDES = [(1e-3, 1e-5, 1e-6), (1e-3, 1e-5, 1e-12), (1e-2, 1e-3, 1e-12), (3e-2, 1e-2, 1e-12), (1e-1, 1e-2, 1e-12), (3e-1, 3e-2, 1e-12)]
@@ -65,9 +64,9 @@ def prepare_data(work: Path, vocab: int, seq_len: int):
     """A tokenizer trained on WikiText-2 train, and train/valid sharded at seq_len (cached in work)."""
     tokenizer_dir, shards = work / "tokenizer", work / "shards"
     if not (tokenizer_dir / "alum_tokenizer.json").is_file():
-        train_tokenizer(expand_inputs([str(DATA / "wikitext-2" / "train.txt")]), ReadOptions(), tokenizer_dir, vocab_size=vocab, threads=2)
+        train_tokenizer(expand_inputs([str(wikitext_train())]), ReadOptions(), tokenizer_dir, vocab_size=vocab, threads=2)
     if not (shards / "manifest.json").is_file():
-        shard_corpus([str(DATA / "wikitext-2" / "train.txt")], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2)
+        shard_corpus([str(wikitext_train())], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2)
     tokenizer = load_tokenizer(tokenizer_dir)
     specials = tokenizer.special_token_ids
     masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)

@@ -35,14 +35,15 @@ from pathlib import Path
 import psutil
 import sentencepiece as spm
 
+from data_dir import wikitext_train
+
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data")) / "wikitext-2" / "train.txt"
 
 
 def single_file_corpus(directory: Path, megabytes: float) -> list[Path]:
     """One file of WikiText-2 train (10.8 MB) repeated until it reaches `megabytes`."""
     directory.mkdir(parents=True, exist_ok=True)
-    text = SOURCE.read_bytes()
+    text = wikitext_train().read_bytes()
     path = directory / "corpus.txt"
     with open(path, "wb") as f:
         for _ in range(max(1, round(megabytes * 1e6 / len(text)))):
@@ -53,8 +54,8 @@ def single_file_corpus(directory: Path, megabytes: float) -> list[Path]:
 def many_files_corpus(directory: Path, megabytes: float, file_kb: int = 40) -> list[Path]:
     """The same text as a directory of small files (about `file_kb` KB each, whole lines)."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = SOURCE.read_bytes().splitlines(keepends=True)
-    copies = max(1, round(megabytes * 1e6 / SOURCE.stat().st_size))
+    lines = wikitext_train().read_bytes().splitlines(keepends=True)
+    copies = max(1, round(megabytes * 1e6 / wikitext_train().stat().st_size))
     chunk, size, n = [], 0, 0
     for line in lines * copies:
         chunk.append(line)
@@ -70,11 +71,11 @@ def many_files_corpus(directory: Path, megabytes: float, file_kb: int = 40) -> l
 def build_corpus(directory: Path, megabytes: float) -> list[Path]:
     """Copies of WikiText-2 train (10.8 MB each) until the corpus reaches `megabytes` (memory runs)."""
     directory.mkdir(parents=True, exist_ok=True)
-    copies = max(1, round(megabytes * 1e6 / SOURCE.stat().st_size))
+    copies = max(1, round(megabytes * 1e6 / wikitext_train().stat().st_size))
     files = []
     for i in range(copies):
         path = directory / f"part-{i:03d}.txt"
-        shutil.copyfile(SOURCE, path)
+        shutil.copyfile(wikitext_train(), path)
         files.append(path)
     return files
 
@@ -175,7 +176,7 @@ def main() -> None:
         tokenizers = {}
         for kind in ("bpe", "byte-level-bpe"):
             tokenizers[kind] = work / f"tokenizer-{kind}"
-            subprocess.run(alum("tokenizer", "--input", SOURCE, "--vocab-size", 8000, "--kind", kind, "--out", tokenizers[kind]),
+            subprocess.run(alum("tokenizer", "--input", wikitext_train(), "--vocab-size", 8000, "--kind", kind, "--out", tokenizers[kind]),
                            cwd=REPO, check=True, capture_output=True)
         files = sum(1 for _ in (work / "many").iterdir())
         print(f"corpus: {args.mb:.0f} MB of WikiText-2 train, as one file and as {files} files; {cores} cores; "

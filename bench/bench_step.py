@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import os
 import statistics
 import tempfile
 import time
@@ -58,16 +57,16 @@ from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
 from pipeline.data import Masking, ShardDataset, step_batches
 from pipeline.engine import make_optimizer
 from pipeline.model import MaskedLM, build_model, hf_config
+from data_dir import wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data")) / "wikitext-2" / "train.txt"
 SEED = 0
 
 
 def build_shards(work: Path, vocab_size: int, seq_len: int, threads: int) -> Path:
     """A tokenizer trained on WikiText-2 train, and that file sharded at `seq_len`."""
     tokenizer = work / "tokenizer"
-    inputs = [str(SOURCE)]
+    inputs = [str(wikitext_train())]
     train_tokenizer(expand_inputs(inputs), ReadOptions(), tokenizer, vocab_size=vocab_size, threads=threads)
     shard_corpus(inputs, tokenizer, work / "shards", ShardSettings(seq_len=seq_len), workers=threads)
     return tokenizer

@@ -38,8 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_dir import data_dir, wikitext_train
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data"))
 OUT = REPO / "docs" / "results"
 PRETRAINED = ("standard", "alum", "standard-compute", "continual-standard", "continual-alum")
 
@@ -56,7 +57,7 @@ def command(*args: str, what: str) -> float:
 
 def prepare_data(work: Path) -> tuple[Path, Path]:
     tokenizer, shards = work / "tokenizer", work / "shards"
-    train = str(DATA / "wikitext-2" / "train.txt")
+    train = str(wikitext_train())
     if not (tokenizer / "alum_tokenizer.json").is_file():
         command("-m", "pipeline.cli", "tokenizer", "--input", train, "--vocab-size", "8000", "--out", str(tokenizer), what="tokenizer")
     if not (shards / "manifest.json").is_file():
@@ -127,7 +128,7 @@ def finetune(work: Path, name: str, method: str, args) -> dict:
     done = out / "results.json"
     if not (done.is_file() and {s["seed"] for s in json.loads(done.read_text())["seeds"]} == expected):
         command("-m", "pipeline.cli", "finetune", "--model", str(work / "models" / name), "--task", "sst2",
-                "--data", str(DATA / "sst2"), "--advglue", str(DATA / "advglue" / "dev.json"), "--out", str(out),
+                "--data", str(data_dir() / "sst2"), "--advglue", str(data_dir() / "advglue" / "dev.json"), "--out", str(out),
                 "--method", method, "--seeds", args.seeds, "--max-steps", str(args.finetune_steps),
                 "--eval-every", str(args.finetune_steps), "--lr", "5e-4", what=f"finetune {name} ({method})")
     return json.loads(done.read_text())

@@ -41,7 +41,7 @@ launches left behind; the report must say 0.
 
 The tokenizer (vocab 2000, WikiText-2 train) and shards (WikiText-2 valid, 64-token rows,
 10% val) are built once into the work directory with the project's API, as the tests
-do; `ALUM_SHARED_DATA` (or `--data`) names the data directory (default `../shared/data`).
+do; `ALUM_SHARED_DATA` (or `--data`) names the data directory.
 
     python bench/fault_injection.py                                # 6 faults, seed 0: 16 steps, checkpoint every 3
     python bench/fault_injection.py --faults 9 --seed 3 --json faults.json
@@ -100,7 +100,10 @@ POLL = 0.002  # seconds between looks for a checkpoint being saved
 
 
 def shared_data_dir() -> Path:
-    return Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data"))
+    value = os.environ.get("ALUM_SHARED_DATA")
+    if not value:
+        raise SystemExit("ALUM_SHARED_DATA is not set (or give --data): the test-data directory (wikitext-2/, ...)")
+    return Path(value)
 
 
 def prepare_data(out: Path, data_dir: Path | None = None) -> tuple[Path, Path]:
@@ -736,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (after the harness's)")
     parser.add_argument("--tokenizer", type=Path, help="an existing tokenizer directory (with --shards)")
     parser.add_argument("--shards", type=Path, help="existing shards made with that tokenizer")
-    parser.add_argument("--data", type=Path, help="the shared data directory (default $ALUM_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--data", type=Path, help="the test-data directory (default: $ALUM_SHARED_DATA)")
     parser.add_argument("--work-dir", type=Path, help="where data, runs and logs go (default: a temporary directory, removed unless --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--exit-timeout", type=float, default=120, help="seconds a faulted job may take to exit by itself (default 120)")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data and a tokenizer trained on it once per session."""
+"""Shared fixtures: the real test data (the directory ALUM_SHARED_DATA names) and a tokenizer
+trained on it once per session."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ALUM_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
 
 
 def data_file(relative: str) -> Path:
-    """A file of ../shared/data; a missing one is a broken checkout, so fail rather than skip."""
+    """A file of the test data; a missing one is a broken set-up, so fail rather than skip."""
+    if not os.environ.get("ALUM_SHARED_DATA"):
+        pytest.fail("ALUM_SHARED_DATA is not set: set it to the test-data directory (wikitext-2/, sst2/, ...)")
     path = DATA / relative
     if not path.is_file():
-        pytest.fail(f"{path}: shared test data is missing (set ALUM_SHARED_DATA to the shared/data directory)")
+        pytest.fail(f"{path}: test data is missing (ALUM_SHARED_DATA={DATA})")
     return path
 
 
