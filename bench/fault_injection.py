@@ -140,7 +140,7 @@ class Launch:
     """
 
     def __init__(self, args: list[str], log: Path, world: int = 2):
-        from pipeline.pretrain import free_port
+        from pipeline.distributed import free_port
 
         launcher = Path(sys.executable).parent / "deepspeed"
         self.port = free_port()

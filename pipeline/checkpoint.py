@@ -12,8 +12,9 @@ checkpoint into DeepSpeed's universal format (one file per parameter and optimiz
 
 DeepSpeed writes `latest` from rank 0 before the other ranks are known to have finished,
 and not atomically, so it is not used: every rank fsyncs, all ranks meet at a barrier,
-and only then rank 0 writes `complete.json` and moves `checkpoints/latest` (temporary
-name + rename). A checkpoint without `complete.json` is never loaded.
+and only then rank 0 writes `complete.json` (with every file's size and sha256, see
+`pipeline.integrity`) and moves `checkpoints/latest` (temporary name + rename). A
+checkpoint without `complete.json` is never loaded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from deepspeed.accelerator import get_accelerator
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline.integrity import file_digests
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -67,6 +69,23 @@ def latest_complete(run_dir: Path) -> tuple[str | None, str | None]:
     return complete[-1], f"{pointer} does not name a complete checkpoint; resuming from {complete[-1]}"
 
 
+def recorded_files(run_dir: Path, tag: str) -> dict[str, dict]:
+    """The files `complete.json` lists with their size and sha256 (none for a checkpoint
+    saved before the list existed: it cannot be checked)."""
+    return json.loads((Path(run_dir) / CHECKPOINTS / tag / COMPLETE).read_text()).get("files", {})
+
+
+def previous_complete(run_dir: Path, tag: str) -> str | None:
+    earlier = sorted(p.name for p in (Path(run_dir) / CHECKPOINTS).glob("step*") if is_complete(p) and p.name < tag)
+    return earlier[-1] if earlier else None
+
+
+def set_aside(run_dir: Path, tag: str) -> None:
+    """Make a damaged checkpoint partial (no complete.json), so it is never loaded and the
+    run removes it when it gets past that step again."""
+    (Path(run_dir) / CHECKPOINTS / tag / COMPLETE).unlink()
+
+
 def remove_partial(run_dir: Path, after: str | None) -> list[str]:
     """Delete checkpoint directories newer than `after` that never became complete.
 
@@ -90,7 +109,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
     _fsync_tree(root / tag)
     dist.barrier()
     if rank == 0:
-        atomic.write_json(root / tag / COMPLETE, {"step": step, "world_size": dist.get_world_size()})
+        names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file())
+        record = {"step": step, "world_size": dist.get_world_size(), "files": file_digests(root / tag, names)}
+        atomic.write_json(root / tag / COMPLETE, record)
         atomic.write_bytes(root / LATEST, tag.encode())
         _prune(root, keep_last)
     dist.barrier()

@@ -24,7 +24,7 @@ from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from pipeline.fill_mask import fill_mask_examples, format_examples
 from pipeline.metrics import METRICS
-from pipeline.pretrain import free_port
+from pipeline.distributed import free_port
 
 CORPUS_BYTES = 4 << 20
 VOCAB_SIZE = 4000

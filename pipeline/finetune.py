@@ -36,7 +36,7 @@ from pipeline.adversarial import AdversarialConfig, compute_losses
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
 from pipeline.glue import Task, load_task
 from pipeline.model import ARCHS, Perturbation
-from pipeline.pretrain import init_distributed, shutdown_distributed
+from pipeline.distributed import init_distributed, shutdown_distributed
 
 RESULTS = "results.json"
 

@@ -96,7 +96,7 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
     """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
     `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
     run's default (model.init_from's)."""
-    from pipeline.pretrain import free_port
+    from pipeline.distributed import free_port
 
     args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
             *([f"data.tokenizer={tokenizer}"] if tokenizer else []),

@@ -215,7 +215,7 @@ def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_pat
     import sys
 
     from conftest import REPO
-    from pipeline.pretrain import free_port
+    from pipeline.distributed import free_port
 
     options = args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "one", **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75})
     assert finetune.main(options) == 0

@@ -28,7 +28,7 @@ def node(rank: int | str, hostfile, run_dir, shards, tokenizer, port: int, *extr
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_two_node_rehearsal_equals_one_node(reference, tmp_path, train_shards, bert_tokenizer):
-    from pipeline.pretrain import free_port
+    from pipeline.distributed import free_port
 
     _, one_node = reference
     hostfile = tmp_path / "hostfile"

@@ -24,7 +24,7 @@ from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import Masking, ShardDataset, masked_batch
 from pipeline.evaluate import EVAL_SEED_OFFSET
-from pipeline.pretrain import free_port
+from pipeline.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +121,48 @@ def test_a_finished_run_relaunched_does_nothing(reference, tmp_path, train_shard
     assert f"{finished}: already at train.max_steps=8 (step00000008); nothing to do (raise train.max_steps to continue)" in result.stdout
     assert "resumed from" not in result.stdout and "step 8/8" not in result.stdout
     assert sorted(p.name for p in (finished / "wandb").iterdir()) == before  # no new W&B run
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(reference, tmp_path, train_shards, bert_tokenizer):
+    import shutil
+
+    from pipeline.integrity import problems
+
+    _, uninterrupted = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    step8 = run_dir / "checkpoints" / "step00000008"
+    recorded = json.loads((step8 / "complete.json").read_text())["files"]
+    assert {"mp_rank_00_model_states.pt", "rng_rank00000.pt", "rng_rank00001.pt"} <= set(recorded)
+    largest = max(recorded, key=lambda name: recorded[name]["size"])
+    with open(step8 / largest, "r+b") as f:
+        f.truncate(recorded[largest]["size"] // 2)
+    result = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
+    assert (f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when saved); "
+            "set aside, resuming from step00000004") in result.stdout
+    assert "resumed from" in result.stdout and "(step 4)" in result.stdout
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+    assert problems(step8, json.loads((step8 / "complete.json").read_text())["files"]) == []  # saved again, whole
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_with_every_checkpoint_damaged_the_run_stops_in_one_line(reference, tmp_path, train_shards, bert_tokenizer):
+    import shutil
+
+    _, uninterrupted = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    for tag in ("step00000004", "step00000008"):
+        with open(run_dir / "checkpoints" / tag / "rng_rank00000.pt", "ab") as f:
+            f.write(b"!")
+    result = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, world=1, stage=2)
+    assert result.returncode == 2, result.stderr
+    step4 = run_dir / "checkpoints" / "step00000004"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pretrain: error: {step4}: damaged (rng_rank00000.pt: {step4.joinpath('rng_rank00000.pt').stat().st_size:,} bytes, "
+        f"{step4.joinpath('rng_rank00000.pt').stat().st_size - 1:,} when saved) and no earlier complete checkpoint to resume from; "
+        "restore it, or start another run directory")
 
 
 def test_export_matches_the_training_model(reference, tmp_path):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO, TRAIN_OVERRIDES, pretrain, read_metrics
-from pipeline.pretrain import free_port
+from pipeline.distributed import free_port
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.tokenizer import train_tokenizer
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics, run_alum
 
-from pipeline.pretrain import free_port
+from pipeline.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

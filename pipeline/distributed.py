@@ -1,0 +1,115 @@
+"""The process group: joining it, agreeing across ranks, and leaving it cleanly.
+
+Training and DeepSpeed fine-tuning run the same way under `deepspeed`, `torchrun` or alone
+(a world of one). Errors found on one rank are raised on every rank, so no rank waits for
+a failed one in a collective until the timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed
+from deepspeed.accelerator import get_accelerator
+
+from data_prep.errors import UserError
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int]:
+    """Join (or, started alone, create) the process group on the accelerator's backend."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
+    except torch.distributed.DistError as e:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise UserError(
+            f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: no rendezvous at {where} within {timeout_s:g} s "
+            f"(train.dist_timeout_s): are all nodes started, and is MASTER_ADDR/MASTER_PORT the rank-0 node? ({str(e).splitlines()[0]})"
+        ) from None
+    _release_shm_buffer(get_accelerator().device_name())
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group before exit: tearing it down during interpreter shutdown can
+    abort the process ("terminate called without an active exception") after a clean error."""
+    if distributed_ready():
+        torch.distributed.destroy_process_group()
+
+
+def _release_shm_buffer(device_name: str) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm file per rank and never deletes it,
+    so every launch on a CPU machine would leave them behind, in RAM, even after a clean
+    exit. Once all ranks have passed a barrier, each has mapped every buffer and the
+    names are no longer needed."""
+    if device_name != "cpu":
+        return
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def on_every_rank(check):
+    """Run `check` on every rank; if any rank finds a bad input, every rank raises it.
+
+    Some checks are rank-local (each rank hashes its share of the shards): without this a
+    failing rank would exit while the others wait for it in a collective until timeout.
+    """
+    result, error = None, None
+    try:
+        result = check()
+    except UserError as e:
+        error = str(e)
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UserError(first)
+    return result
+
+
+def check_same_config(flat: dict) -> None:
+    """Every rank must run the same resolved config (`flat`: key path -> value): nodes
+    launched with different files or overrides would otherwise train a silently
+    inconsistent model."""
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, flat)
+    for rank, other in enumerate(every):
+        differing = sorted(key for key in every[0].keys() | other.keys() if every[0].get(key) != other.get(key))
+        if differing:
+            key = differing[0]
+            raise UserError(
+                f"rank {rank} was started with another config than rank 0: {key}={other.get(key)!r} there, "
+                f"{every[0].get(key)!r} on rank 0; launch every node with the same config and overrides"
+            )
+
+
+def report(line: str, every_rank: bool = False) -> None:
+    """Errors agreed by all ranks are printed once, by rank 0; a rank that never reached the
+    others (no process group) can only speak for itself."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_threads(threads_per_rank: int) -> None:
+    """Split the cores among the ranks of this node so they do not oversubscribe them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
