@@ -37,10 +37,15 @@ def publish(tmp: Path, path: Path) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole, or (a full disk, say) leave no trace and raise."""
     path = Path(path)
     tmp = temporary_name(path)
-    tmp.write_bytes(data)
-    publish(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj) -> None:

@@ -99,23 +99,61 @@ def remove_partial(run_dir: Path, after: str | None) -> list[str]:
     return [p.name for p in partial]
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written (a full disk, a lost mount); it was removed and the
+    previous complete checkpoint stays `latest`."""
+
+
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
-    """Save on every rank; returns the tag once it is complete everywhere."""
+    """Save on every rank; returns the tag once it is complete everywhere.
+
+    A write that fails on any rank (OSError) fails the save on every rank: the ranks agree
+    on it, rank 0 removes the partial checkpoint, and each raises SaveFailed with the first
+    failure's message, so the job stops with one line instead of a hang in a collective."""
     root = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, **UNIVERSAL_INFO}, save_latest=False)
     rank = dist.get_rank()
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
-    _fsync_tree(root / tag)
-    dist.barrier()
-    if rank == 0:
+
+    def write_files():
+        try:
+            engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, **UNIVERSAL_INFO}, save_latest=False)
+        except OSError:
+            dist.barrier()  # the one DeepSpeed's save ends with: the other ranks are waiting in it
+            raise
+        torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+        _fsync_tree(root / tag)
+
+    def commit():
         names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file())
         record = {"step": step, "world_size": dist.get_world_size(), "files": file_digests(root / tag, names)}
         atomic.write_json(root / tag / COMPLETE, record)
         atomic.write_bytes(root / LATEST, tag.encode())
+
+    _agreed(write_files, root / tag)
+    _agreed(commit if rank == 0 else lambda: None, root / tag)
+    if rank == 0:
         _prune(root, keep_last)
     dist.barrier()
     return tag
+
+
+def _agreed(action, tag_dir: Path) -> None:
+    """Run `action` on every rank; if it raised OSError anywhere, fail everywhere."""
+    try:
+        action()
+        failure = None
+    except OSError as e:
+        failure = f"{e.filename or tag_dir}: {e.strerror or e}"
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    first = next((f for f in failures if f), None)
+    if first is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    previous, _ = latest_complete(tag_dir.parent.parent)
+    raise SaveFailed(f"checkpoint {tag_dir.name} not saved ({first}); it was removed, and "
+                     f"{previous or 'no checkpoint'} stays the latest complete one")
 
 
 def _repair_zero3_universal_load(optimizer, weight_decay: list[float]) -> None:

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         report(f"pretrain: error: {e}", every_rank=not distributed_ready())
         return 2
-    except TrainingAborted as e:
+    except (TrainingAborted, checkpoint.SaveFailed) as e:
         report(f"pretrain: stopped: {e}")
         return 3
     except AlreadyFinished as e:

@@ -92,10 +92,12 @@ TRAIN_OVERRIDES = (
 
 
 def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, world: int = 2, stage: int = 2,
-             launcher: str | None = None, config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run, **kwargs):
+             launcher: str | None = None, config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run,
+             python_path: tuple[Path, ...] = (), **kwargs):
     """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
     `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
-    run's default (model.init_from's)."""
+    run's default (model.init_from's). `python_path`: folders put first on the processes'
+    PYTHONPATH (a fault injected through a sitecustomize.py)."""
     from pipeline.distributed import free_port
 
     args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
@@ -109,7 +111,7 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
         "alum": [sys.executable, "-m", "pipeline.cli", "pretrain"],
     }
     command = commands[launcher] + args
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "WANDB_SILENT": "true"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
     if start is subprocess.run:
         # Its own session, so a launch that times out is killed whole (launcher, ranks, W&B).
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -165,6 +165,27 @@ def test_with_every_checkpoint_damaged_the_run_stops_in_one_line(reference, tmp_
         "restore it, or start another run directory")
 
 
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previous_checkpoint(
+        reference, tmp_path, train_shards, bert_tokenizer, monkeypatch):
+    _, uninterrupted = reference
+    run_dir = tmp_path / "run"
+    full = run_dir / "checkpoints" / "step00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    monkeypatch.setenv("ALUM_TEST_DISK_FULL", str(full.relative_to(run_dir / "checkpoints")))  # rank 1's share of step 8
+    failed = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2, python_path=(REPO / "tests" / "disk_full",))
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("pretrain:")]
+    assert errors == [f"pretrain: stopped: checkpoint step00000008 not saved ({full}: No space left on device); "
+                      "it was removed, and step00000004 stays the latest complete one"], failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    assert not full.parent.exists() and (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
+
+    monkeypatch.delenv("ALUM_TEST_DISK_FULL")
+    resumed = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
+    assert "(step 4)" in resumed.stdout
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+
+
 def test_export_matches_the_training_model(reference, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
