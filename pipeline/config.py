@@ -96,6 +96,8 @@ class WandbConfig:
     project: str = "alum"
     name: str | None = None
     entity: str | None = None
+    init_timeout_s: float = 90.0  # how long an online run waits for the W&B server at start (W&B's default)
+    fallback: str = "offline"  # online and no server within init_timeout_s: offline (log locally, `wandb sync` later) | error
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,10 @@ def _validate(config: RunConfig) -> None:
             raise UserError(f"train.stop_signals: {name!r} is not a signal name (e.g. SIGTERM,SIGUSR1)")
     if config.wandb.mode not in ("online", "offline", "disabled"):
         raise UserError(f"wandb.mode: expected online, offline or disabled, got {config.wandb.mode!r}")
+    if config.wandb.fallback not in ("offline", "error"):
+        raise UserError(f"wandb.fallback: expected offline or error, got {config.wandb.fallback!r}")
+    if not config.wandb.init_timeout_s > 0:
+        raise UserError(f"wandb.init_timeout_s: must be positive, got {config.wandb.init_timeout_s}")
     if config.checkpoint.every_steps < 1 or config.checkpoint.keep_last < 1:
         raise UserError("checkpoint.every_steps and checkpoint.keep_last: must be at least 1")
     if not 0 < config.eval.mask_rate < 1:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import sys
 from pathlib import Path
 
 from data_prep import atomic
+from data_prep.errors import UserError
 
 METRICS = "metrics.jsonl"
 
@@ -26,18 +29,7 @@ class MetricsLogger:
             return
         self._truncate(resume_step)
         if wandb_settings.mode != "disabled":
-            import wandb
-
-            self.run = wandb.init(
-                project=wandb_settings.project,
-                entity=wandb_settings.entity,
-                name=wandb_settings.name,
-                mode=wandb_settings.mode,
-                dir=str(run_dir),
-                id=wandb_id,
-                resume="allow",
-                config=config,
-            )
+            self.run = _start_wandb(run_dir, wandb_settings, wandb_id, config)
             self.wandb_id = self.run.id
 
     def _truncate(self, resume_step: int) -> None:
@@ -58,6 +50,45 @@ class MetricsLogger:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def check_wandb_login(settings) -> None:
+    """An online run needs an API key: find out before the model and engine are built
+    (minutes on a large model), not when the first metrics are logged."""
+    if settings.mode != "online":
+        return
+    import wandb
+
+    if not wandb.login(verify=False, prompt=False):
+        raise UserError("wandb.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, "
+                        "or train with wandb.mode=offline and upload later with `wandb sync`")
+
+
+def _start_wandb(run_dir: Path, settings, wandb_id: str | None, config: dict):
+    """The W&B run (the same one again on resume). Online with no server reachable within
+    `init_timeout_s` (compute nodes often have no internet): per `fallback`, log offline
+    under the same run id, so `wandb sync` later fills in the intended run, or stop."""
+    import wandb
+
+    run_id = wandb_id or secrets.token_hex(4)  # chosen here so that an offline fallback keeps it
+
+    def start(mode: str):
+        return wandb.init(project=settings.project, entity=settings.entity, name=settings.name, mode=mode, dir=str(run_dir),
+                          id=run_id, resume="allow", config=config, settings=wandb.Settings(init_timeout=settings.init_timeout_s))
+
+    if settings.mode != "online":
+        return start(settings.mode)
+    try:
+        return start("online")
+    except wandb.Error as e:
+        reason = str(e).strip().splitlines()[0]
+        wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
+        if settings.fallback == "error":
+            raise UserError(f"wandb: no W&B server within wandb.init_timeout_s={settings.init_timeout_s:g} s ({reason}); "
+                            "set wandb.mode=offline, or wandb.fallback=offline to log locally when it is unreachable") from None
+    print(f"wandb: no W&B server within {settings.init_timeout_s:g} s ({reason}); logging offline as run {run_id}: "
+          f"`wandb sync {run_dir / 'wandb'}/offline-run-*` uploads it later", file=sys.stderr, flush=True)
+    return start("offline")
 
 
 def _plain(value):

@@ -41,7 +41,7 @@ from pipeline.distributed import (check_same_config, distributed_ready, init_dis
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
 from pipeline.evaluate import evaluate
 from pipeline.help_format import DefaultsHelpFormatter
-from pipeline.metrics import MetricsLogger
+from pipeline.metrics import MetricsLogger, check_wandb_login
 from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
@@ -141,6 +141,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         if config_error:
             raise config_error
         missing_paths(config)
+        if rank == 0:
+            check_wandb_login(config.wandb)
         tokenizer = load_tokenizer(config.data.tokenizer)
         dataset = ShardDataset(config.data.shards, config.data.train_split)
         _check_data(dataset, tokenizer, config)

@@ -155,3 +155,13 @@ def test_unreachable_master(tmp_path, train_shards, bert_tokenizer):
     assert len(lines) == 1, err[-2000:]
     assert lines[0].startswith(f"pretrain: error: rank 1 of 2: no rendezvous at 127.0.0.1:{port} within 5 s (train.dist_timeout_s)")
     assert not run.exists()
+
+
+def test_online_wandb_without_an_api_key_stops_before_any_set_up(tmp_path, train_shards, bert_tokenizer, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings file
+    monkeypatch.delenv("NETRC", raising=False)
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "wandb.mode=online", world=1, stage=0)
+    refused(result, "wandb.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, "
+                    "or train with wandb.mode=offline and upload later with `wandb sync`")
+    assert not (tmp_path / "run").exists()
