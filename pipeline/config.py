@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
     threads_per_rank: int = 0  # torch threads per process; 0 = cores / local ranks
+    peak_tflops: float = 0.0  # per accelerator, for perf/mfu; 0: known GPUs by name (pipeline/flops.py), else no perf/mfu
     stop_signals: str = "SIGTERM,SIGUSR1"  # any of these to any rank: checkpoint at the next step, exit 0
     dist_timeout_s: float = 600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
 
@@ -250,6 +251,8 @@ def _validate(config: RunConfig) -> None:
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
         if getattr(train, key) < 1:
             raise UserError(f"train.{key}: must be at least 1, got {getattr(train, key)}")
+    if train.peak_tflops < 0:
+        raise UserError(f"train.peak_tflops: must be 0 (known GPUs by name) or positive, got {train.peak_tflops}")
     if train.decay_steps < 0:
         raise UserError(f"train.decay_steps: must be 0 (train.max_steps) or a step count, got {train.decay_steps}")
     if train.global_batch_size % train.micro_batch_size:

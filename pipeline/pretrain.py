@@ -40,6 +40,7 @@ from pipeline.distributed import (check_same_config, distributed_ready, init_dis
                                   set_threads, shutdown_distributed)
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
 from pipeline.evaluate import evaluate
+from pipeline.flops import mfu, model_flops_per_token, peak_flops
 from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.metrics import MetricsLogger, check_wandb_login
 from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
@@ -123,6 +124,7 @@ class Run:
     val: ShardDataset | None
     masking: Masking
     start: StartPoint | None
+    peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
 
 
 def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finished_ok: bool = False) -> Run:
@@ -177,7 +179,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     dist.barrier()
     specials = tokenizer.special_token_ids
     masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
-    return Run(config, run_dir, engine, tokenizer, dataset, val, masking, start)
+    device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
+    return Run(config, run_dir, engine, tokenizer, dataset, val, masking, start, peak_flops(device_name, config.train.peak_tflops))
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
@@ -248,6 +251,9 @@ def _loop(run: Run, state: TrainState, logger) -> None:
                 "data/epoch": state.consumed_samples // len(dataset),
                 "data/sample_digest": sample_digest(global_indices),
             }
+            if run.peak_flops:
+                per_token = model_flops_per_token(engine.module.hf.config, dataset.seq_len, rate)
+                record["perf/mfu"] = mfu(per_token, record["perf/tokens_per_s"], run.peak_flops, world_size)
             if record["train/adv_grad_norm"] > 0:
                 # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.
                 record["train/adv_grad_norm_log10"] = math.log10(record["train/adv_grad_norm"])
@@ -279,6 +285,8 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
         f"adv {record['train/loss_adv']:.2e}) | mask {record['train/mask_rate']:.0%} | lr {record['train/lr']:.2e} | "
         f"{record['perf/tokens_per_s']:,.0f} tok/s"
     )
+    if "perf/mfu" in record:
+        line += f" (MFU {record['perf/mfu']:.1%})"
     if "eval/loss" in record:
         line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} (commonest token {record['eval/commonest_token_accuracy']:.3f})"
     return line

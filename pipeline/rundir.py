@@ -25,7 +25,7 @@ from pipeline.config import RunConfig, dump, flatten, load_config, to_dict
 CONFIG = "config.yaml"
 MODEL = "model"
 CHANGEABLE = {
-    "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.stop_signals", "train.dist_timeout_s",
+    "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.peak_tflops", "train.stop_signals", "train.dist_timeout_s",
     "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches",
     "adversarial.vanish_ratio", "adversarial.vanish_steps", "adversarial.on_vanish",
 }

@@ -24,6 +24,7 @@ from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import Masking, ShardDataset, masked_batch
 from pipeline.evaluate import EVAL_SEED_OFFSET
+from pipeline.flops import flops_per_token
 from pipeline.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,11 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     for r in (records[3], records[7]):
         assert r["eval/commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / labels.numel(), abs=1e-12)
         assert r["eval/accuracy"] * labels.numel() == pytest.approx(round(r["eval/accuracy"] * labels.numel()), abs=1e-6)
+    model = json.loads((run_dir / "model" / "config.json").read_text())
+    for r in records:
+        per_token = flops_per_token(model["hidden_size"], model["num_hidden_layers"], model["intermediate_size"],
+                                    model["vocab_size"], 64, r["train/mask_rate"])
+        assert r["perf/mfu"] == pytest.approx(per_token * r["perf/tokens_per_s"] / (0.5e12 * 2), rel=1e-9)
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
 
