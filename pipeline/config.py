@@ -70,6 +70,10 @@ class TrainConfig:
     stop_signals: str = "SIGTERM,SIGUSR1"  # any of these to any rank: checkpoint at the next step, exit 0
     dist_timeout_s: float = 600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
 
+    def signal_names(self) -> list[str]:
+        """`stop_signals` as a list of names."""
+        return [name for name in (n.strip() for n in self.stop_signals.split(",")) if name]
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -259,7 +263,7 @@ def _validate(config: RunConfig) -> None:
         raise UserError(f"train.global_batch_size {train.global_batch_size} is not a multiple of train.micro_batch_size {train.micro_batch_size}")
     if train.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"train.precision: expected auto, fp32, bf16 or fp16, got {train.precision!r}")
-    for name in filter(None, (n.strip() for n in train.stop_signals.split(","))):
+    for name in train.signal_names():
         if not name.startswith("SIG") or not hasattr(signal, name):
             raise UserError(f"train.stop_signals: {name!r} is not a signal name (e.g. SIGTERM,SIGUSR1)")
     if config.wandb.mode not in ("online", "offline", "disabled"):

@@ -16,19 +16,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import masked_batch
+from pipeline.sampling import rank_slice
+
 EVAL_SEED_OFFSET = 7919
 
 
 def evaluate(engine, dataset, config, masking) -> dict:
-    import deepspeed.comm as dist
-
-    from pipeline.data import masked_batch
+    import deepspeed.comm as dist  # here, not at the top: `alum eval` imports this module's constant, and no DeepSpeed
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     micro = config.train.micro_batch_size
     total = config.eval.batches * micro * world_size
     indices = np.arange(total, dtype=np.int64) % len(dataset)
-    mine = indices[rank * total // world_size : (rank + 1) * total // world_size]
+    mine = rank_slice(indices, rank, world_size)
     sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, tokens
     label_counts = torch.zeros(masking.vocab_size, dtype=torch.int64, device=engine.device)
     engine.eval()

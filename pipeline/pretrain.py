@@ -59,8 +59,8 @@ class StopRequest:
     signal_name: str | None = None
 
     @classmethod
-    def install(cls, names: str) -> None:
-        for name in filter(None, (n.strip() for n in names.split(","))):
+    def install(cls, names: list[str]) -> None:
+        for name in names:
             signal.signal(getattr(signal, name), cls._handle)
 
     @classmethod
@@ -186,7 +186,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
     run = prepare(config_path, run_dir, overrides)
     rank = int(os.environ["RANK"])
-    StopRequest.install(run.config.train.stop_signals)
+    StopRequest.install(run.config.train.signal_names())
     state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]))
     logger = MetricsLogger(run_dir, rank == 0, state.step, run.config.wandb, state.wandb_id, to_dict(run.config))
     state.wandb_id = logger.wandb_id
