@@ -63,7 +63,7 @@ def latest_complete(run_dir: Path) -> tuple[str | None, str | None]:
         tag = pointer.read_text().strip()
         if is_complete(root / tag):
             return tag, None
-    complete = sorted(p.name for p in root.glob("step*") if is_complete(p))
+    complete = complete_tags(run_dir)
     if not complete:
         return None, None
     return complete[-1], f"{pointer} does not name a complete checkpoint; resuming from {complete[-1]}"
@@ -75,8 +75,13 @@ def recorded_files(run_dir: Path, tag: str) -> dict[str, dict]:
     return json.loads((Path(run_dir) / CHECKPOINTS / tag / COMPLETE).read_text()).get("files", {})
 
 
+def complete_tags(run_dir: Path) -> list[str]:
+    """The run's complete checkpoints, oldest first."""
+    return sorted(p.name for p in (Path(run_dir) / CHECKPOINTS).glob("step*") if is_complete(p))
+
+
 def previous_complete(run_dir: Path, tag: str) -> str | None:
-    earlier = sorted(p.name for p in (Path(run_dir) / CHECKPOINTS).glob("step*") if is_complete(p) and p.name < tag)
+    earlier = [t for t in complete_tags(run_dir) if t < tag]
     return earlier[-1] if earlier else None
 
 

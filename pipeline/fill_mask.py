@@ -41,7 +41,8 @@ def fill_mask_examples(model_dir: str | Path, shards: str | Path, rows: int = 3,
     model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     dataset = ShardDataset(shards, "val")
     examples = []
-    for index, row in enumerate(dataset.rows(np.arange(len(dataset)))):
+    for index in range(len(dataset)):  # row by row: a val split can be millions of rows
+        row = dataset.rows(np.array([index]))[0]
         pieces = tokenizer.convert_ids_to_tokens(row.tolist())
         target = _target(pieces, set(tokenizer.all_special_ids), row)
         if target is None:

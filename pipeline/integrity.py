@@ -38,8 +38,9 @@ def problems(directory: Path, recorded: dict[str, dict]) -> list[str]:
         path, expected = directory / name, recorded[name]
         if not path.is_file():
             return f"{name}: missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name}: {path.stat().st_size:,} bytes, {expected['size']:,} when saved"
+        size = path.stat().st_size
+        if size != expected["size"]:  # before hashing: a truncated file costs no read
+            return f"{name}: {size:,} bytes, {expected['size']:,} when saved"
         if digest(path)["sha256"] != expected["sha256"]:
             return f"{name}: contents changed since it was saved (sha256)"
         return None
