@@ -45,7 +45,8 @@ from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss, symmetric_kl
-from pipeline.data import Masking, ShardDataset, masked_batch, step_batches
+from pipeline.data import Batches, ShardDataset, masked_batch
+from pipeline.masking import MaskVocab
 from pipeline.model import MaskedLM, build_model, hf_config
 from pipeline.perturbation import token_norm
 from data_dir import wikitext_train
@@ -68,12 +69,10 @@ def prepare_data(work: Path, vocab: int, seq_len: int):
     if not (shards / "manifest.json").is_file():
         shard_corpus([str(wikitext_train())], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2)
     tokenizer = load_tokenizer(tokenizer_dir)
-    specials = tokenizer.special_token_ids
-    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
-    return tokenizer, ShardDataset(shards, "train"), ShardDataset(shards, "val"), masking
+    return tokenizer, ShardDataset(shards, "train"), ShardDataset(shards, "val"), MaskVocab.of(tokenizer)
 
 
-def pretrained_model(work: Path, tokenizer, dataset, masking, args):
+def pretrained_model(work: Path, tokenizer, dataset, vocab, args):
     """The project's tiny BERT (configs/models/tiny.yaml), standard MLM for args.train_steps (cached)."""
     config = hf_config(str(REPO / "configs" / "models" / "tiny.yaml"), tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
     torch.manual_seed(SEED)
@@ -84,13 +83,14 @@ def pretrained_model(work: Path, tokenizer, dataset, masking, args):
         return hf
     model = MaskedLM(hf).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    batches = Batches(dataset, vocab, global_batch_size=32, micro_batch_size=32, seed=SEED)
     started = time.perf_counter()
     for step in range(args.train_steps):
         lr = 2e-3 * min(1.0, (step + 1) / 20) * (1 - step / args.train_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        (batch,) = step_batches(dataset, step * 32, 32, 32, 0, 1, SEED, step, 0.15, masking)[1]
-        logits, _ = model(batch.input_ids, batch.attention_mask, batch.positions)
+        (batch,) = batches.for_step(step, step * 32, 0.15).micro_batches
+        logits, _ = model(batch.input_ids, batch.attention_mask, batch.masked_index)
         loss = mlm_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,7 +115,7 @@ def measure(model: MaskedLM, reference: MaskedLM | None, batches, config: Advers
             "grad_ratio": (grads["adv"].norm() / grads["mlm"].norm()).item(),
             "lost": out.delta_lost.item(),
             "delta_norm": out.delta_norm.item(),
-            "skipped": out.skipped,
+            "skipped": bool(out.skipped),
         }
         if reference is not None:
             ref, _, _ = adversarial_gradient(reference, batch, config, seed=i)
@@ -126,15 +126,15 @@ def measure(model: MaskedLM, reference: MaskedLM | None, batches, config: Advers
 
 def adversarial_gradient(model: MaskedLM, batch, config: AdversarialConfig, seed: int):
     """(flattened parameter gradients of L_mlm and of alpha * L_adv, the step's losses, final delta)."""
-    ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
+    ids, mask, masked_index = batch.input_ids, batch.attention_mask, batch.masked_index
     deltas = []
 
     def forward(delta):
         deltas.append(delta)
-        return model(ids, mask, positions, delta)
+        return model(ids, mask, masked_index, delta)
 
     torch.manual_seed(seed)
-    out = compute_losses(forward, lambda d: model(ids, mask, positions, d)[0], batch.labels, config, step=0, real=mask)
+    out = compute_losses(forward, lambda d: model(ids, mask, masked_index, d)[0], batch.labels, config, step=0, real=mask)
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
     mlm = torch.autograd.grad(out.loss_mlm, params, allow_unused=True)
@@ -144,11 +144,11 @@ def adversarial_gradient(model: MaskedLM, batch, config: AdversarialConfig, seed
 
 def random_direction_loss(model: MaskedLM, batch, delta: torch.Tensor, norm: str, seed: int) -> float:
     """L_adv for a random delta with the same per-token norm: what the ascent is measured against."""
-    ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
+    ids, mask, masked_index = batch.input_ids, batch.attention_mask, batch.masked_index
     noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(1000 + seed)).to(delta.dtype)
     rand = noise * (token_norm(delta, norm) / token_norm(noise, norm)).unsqueeze(-1)
     with torch.no_grad():
-        return symmetric_kl(model(ids, mask, positions)[0], model(ids, mask, positions, rand)[0]).item()
+        return symmetric_kl(model(ids, mask, masked_index)[0], model(ids, mask, masked_index, rand)[0]).item()
 
 
 def run_grid(hf, batches) -> list[dict]:
@@ -196,13 +196,13 @@ def render(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_metrics(hf, val, masking, batches: int, batch: int) -> tuple[float, float]:
+def eval_metrics(hf, val, vocab, batches: int, batch: int) -> tuple[float, float]:
     model = MaskedLM(hf).eval()
     losses, correct, total = [], 0, 0
     with torch.no_grad():
         for b in range(batches):
-            mb = masked_batch(val, torch.arange(b * batch, (b + 1) * batch).numpy() % len(val), 0, SEED + 1, 0.15, masking)
-            logits, _ = model(mb.input_ids, mb.attention_mask, mb.positions)
+            mb = masked_batch(val, torch.arange(b * batch, (b + 1) * batch).numpy() % len(val), 0, SEED + 1, 0.15, vocab)
+            logits, _ = model(mb.input_ids, mb.attention_mask, mb.masked_index)
             losses.append(mlm_loss(logits, mb.labels).item())
             correct += (logits.argmax(-1) == mb.labels).sum().item()
             total += mb.labels.numel()
@@ -219,12 +219,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
-    tokenizer, dataset, val, masking = prepare_data(args.work, vocab=4000, seq_len=128)
-    hf = pretrained_model(args.work, tokenizer, dataset, masking, args)
-    eval_loss, eval_accuracy = eval_metrics(hf, val, masking, 8, 16)
+    tokenizer, dataset, val, vocab = prepare_data(args.work, vocab=4000, seq_len=128)
+    hf = pretrained_model(args.work, tokenizer, dataset, vocab, args)
+    eval_loss, eval_accuracy = eval_metrics(hf, val, vocab, 8, 16)
     print(f"pretrained model: eval MLM loss {eval_loss:.3f}, accuracy {eval_accuracy:.3f}", flush=True)
     indices = torch.arange(args.batches * args.batch).numpy() % len(val)
-    batches = [masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], 0, SEED + 2, 0.15, masking) for i in range(args.batches)]
+    batches = [masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], 0, SEED + 2, 0.15, vocab) for i in range(args.batches)]
     rows = run_grid(hf, batches)
     setup = {
         "model": f"BERT hidden {hf.config.hidden_size}, {hf.config.num_hidden_layers} layers, vocab {hf.config.vocab_size}",

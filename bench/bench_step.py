@@ -14,9 +14,9 @@ same weights, and a check in eval mode confirms HF and the project compute the s
    ratio project / HF (target >= 1.3).
 2. ALUM step: `compute_losses` with adversarial.method=alum, K=1, start_step=0, its
    `forward` / `ascent_forward` closures calling `MaskedLM` directly (as
-   `pipeline.pretrain._train_step` does through the engine), + backward + step. Time ratio
+   `pipeline.step.train_step` does through the engine), + backward + step. Time ratio
    ALUM / standard (target <= 2.8; the FLOP count gives about 2.67).
-3. Data: `pipeline.data.step_batches` (sample order, `ShardDataset` rows, masking, tensors)
+3. Data: `pipeline.data.Batches.for_step` (sample order, `ShardDataset` rows, masking, tensors)
    for one global batch of the benchmark's size, on real shards (a tokenizer trained and
    WikiText-2 train sharded once, into a temporary directory, with the project's API). Its
    time as a fraction of the standard step (target <= 3%) and of the ALUM step.
@@ -54,7 +54,8 @@ from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
-from pipeline.data import Masking, ShardDataset, step_batches
+from pipeline.data import Batches, ShardDataset
+from pipeline.masking import MaskVocab
 from pipeline.engine import make_optimizer
 from pipeline.model import MaskedLM, build_model, hf_config
 from data_dir import wikitext_train
@@ -102,7 +103,7 @@ def check_same_objective(hf, model: MaskedLM, batch) -> float:
     model.eval()
     with torch.no_grad():
         reference = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss
-        logits, _ = model(batch.input_ids, batch.attention_mask, batch.positions)
+        logits, _ = model(batch.input_ids, batch.attention_mask, batch.masked_index)
         ours = mlm_loss(logits, batch.labels)
     hf.train()
     model.train()
@@ -111,7 +112,7 @@ def check_same_objective(hf, model: MaskedLM, batch) -> float:
 
 def hf_labels(batch) -> torch.Tensor:
     labels = torch.full_like(batch.input_ids, -100)
-    labels[batch.positions] = batch.labels
+    labels[batch.masked] = batch.labels
     return labels
 
 
@@ -131,14 +132,14 @@ def make_steps(hf, standard: MaskedLM, alum: MaskedLM) -> dict:
         update("hf", hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)).loss)
 
     def standard_step(batch) -> None:
-        logits, _ = standard(batch.input_ids, batch.attention_mask, batch.positions)
+        logits, _ = standard(batch.input_ids, batch.attention_mask, batch.masked_index)
         update("standard", mlm_loss(logits, batch.labels))
 
     def alum_step(batch) -> None:
-        ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
+        ids, mask, masked_index = batch.input_ids, batch.attention_mask, batch.masked_index
         out = compute_losses(
-            lambda delta: alum(ids, mask, positions, delta),
-            lambda delta: alum(ids, mask, positions, delta)[0],
+            lambda delta: alum(ids, mask, masked_index, delta),
+            lambda delta: alum(ids, mask, masked_index, delta)[0],
             batch.labels, adversarial, step=0,
         )
         update("alum", out.loss)
@@ -232,12 +233,11 @@ def main() -> None:
         tokenizer = load_tokenizer(build_shards(work, args.vocab, args.seq_len, args.threads))
         dataset = ShardDataset(work / "shards", "train")
         prep = time.perf_counter() - started
-        specials = tokenizer.special_token_ids
-        masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
+        batches_of = Batches(dataset, MaskVocab.of(tokenizer), global_batch_size=args.batch, micro_batch_size=args.batch, seed=SEED)
 
         def load(step: int):
             """The trainer's per-step data work for one global batch of args.batch sequences."""
-            return step_batches(dataset, step * args.batch, args.batch, args.batch, 0, 1, SEED, step, args.mask_rate, masking)[1][0]
+            return batches_of.for_step(step, step * args.batch, args.mask_rate).micro_batches[0]
 
         hf, standard, alum = build_models(work, tokenizer, dataset.seq_len, args)
         batches = [load(step) for step in range(args.warmup + args.steps)]

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline import perturbation
+from pipeline.rng import RngState
 from pipeline.perturbation import NORMS, SCALES, UPDATES, token_norm
 
 KEY = "adversarial"
@@ -122,7 +123,9 @@ STATS = ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_l
 
 @dataclass
 class StepLosses:
-    """What one micro-batch produced: the loss to backward and the numbers to log (0-dim tensors)."""
+    """What one micro-batch produced: the loss to backward and the numbers to log, all 0-dim
+    tensors on the device, so that nothing waits for the accelerator until the step's stats
+    are read back once."""
 
     loss: Tensor
     loss_mlm: Tensor
@@ -130,19 +133,19 @@ class StepLosses:
     delta_norm: Tensor  # mean per-token norm of the final delta over real tokens
     adv_grad_norm: Tensor  # mean per-token norm of the last ascent gradient over real tokens
     delta_lost: Tensor  # fraction of delta's elements that vanish when added to the embeddings
-    skipped: bool
+    skipped: Tensor  # bool: the adversarial term was dropped (non-finite)
 
     @classmethod
     def clean(cls, loss_mlm: Tensor) -> StepLosses:
         zero = torch.zeros((), device=loss_mlm.device)
-        return cls(loss_mlm, loss_mlm, zero, zero, zero, zero, False)
+        return cls(loss_mlm, loss_mlm, zero, zero, zero, zero, torch.zeros((), dtype=torch.bool, device=loss_mlm.device))
 
     def stats(self) -> Tensor:
         """The numbers of `STATS` as one float64 vector, still on the device (no host sync)."""
         values = (self.loss, self.loss_mlm, self.loss_adv, self.delta_norm, self.adv_grad_norm, self.delta_lost)
         vector = torch.stack([v.detach().double() for v in values])
-        nonfinite = (~torch.isfinite(vector[:1])).double()
-        return torch.cat([vector, nonfinite, vector.new_tensor([float(self.skipped), 1.0])])
+        flags = torch.stack([~torch.isfinite(vector[0]), self.skipped]).double()
+        return torch.cat([vector, flags, vector.new_ones(1)])
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -176,8 +179,9 @@ def compute_losses(
     ``real`` marks real tokens [B, T] (the attention mask); None means every token is real.
     Calls no ``backward``: the ascent gradient is taken with ``torch.autograd.grad`` with
     respect to delta alone, so the trainer's single backward of ``loss`` is the only one.
+    No host sync: a non-finite gradient or term is dropped with ``torch.where``.
     """
-    replay = _RngState.capture()
+    replay = RngState.capture()
     p_logits, embedded = forward(None)
     # Each [N, V] log-softmax is computed once and shared by the MLM loss and both KLs.
     log_p = _log_probs(p_logits)
@@ -188,32 +192,40 @@ def compute_losses(
     real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
     unit = perturbation.token_scale(embedded, config.scale)
     delta = perturbation.initial_noise(embedded, unit, config.noise_std)
-    after_noise = _RngState.capture()
+    after_noise = RngState.capture()
     target = log_p.detach()
-    skipped = False
+    finite = torch.ones((), dtype=torch.bool, device=embedded.device)
     for _ in range(config.steps):
         replay.restore()
         delta.requires_grad_(True)
         kl = _kl(target, _log_probs(ascent_forward(delta)))
         (grad,) = torch.autograd.grad(kl, delta)
-        if not torch.isfinite(grad).all():
-            skipped = True
-            grad = torch.zeros_like(grad)
+        grad_finite = torch.isfinite(grad).all()
+        finite = finite & grad_finite
+        grad = torch.where(grad_finite, grad, torch.zeros_like(grad))
         delta = perturbation.ascent_update(delta.detach(), grad, unit, config)
 
     replay.restore()
     q_logits, _ = forward(delta.detach())
     after_noise.restore()
-    loss_adv = _symmetric_kl(log_p, _log_probs(q_logits), config.kl_grad)
-    skipped = skipped or not torch.isfinite(loss_adv).item()
+    loss_adv, keep = _guarded_symmetric_kl(log_p, q_logits, finite, config.kl_grad)
     delta_norm = perturbation.real_mean(token_norm(delta, config.norm), real)
     grad_norm = perturbation.real_mean(token_norm(grad, config.norm), real)
     lost = perturbation.lost_fraction(embedded, delta, real)
-    if skipped:
-        zero = torch.zeros((), device=loss_mlm.device)
-        return StepLosses(loss_mlm, loss_mlm, zero, delta_norm, grad_norm, lost, True)
     loss = loss_mlm + config.alpha * loss_adv
-    return StepLosses(loss, loss_mlm, loss_adv.detach(), delta_norm, grad_norm, lost, False)
+    return StepLosses(loss, loss_mlm, loss_adv.detach(), delta_norm, grad_norm, lost, ~keep)
+
+
+def _guarded_symmetric_kl(log_p: Tensor, q_logits: Tensor, finite: Tensor, kl_grad: str) -> tuple[Tensor, Tensor]:
+    """(the symmetric KL, or exactly 0 where it must be dropped; whether it was kept).
+    Dropped when the ascent gradient (``finite`` False) or the adversarial logits are not
+    finite. Non-finite logits are replaced before the KL, not after: a NaN term multiplied
+    or masked to 0 still sends NaN gradients back through the adversarial pass."""
+    logits_finite = torch.isfinite(q_logits)
+    safe_q = torch.where(logits_finite, q_logits, torch.zeros((), dtype=q_logits.dtype, device=q_logits.device))
+    kl = _symmetric_kl(log_p, _log_probs(safe_q), kl_grad)
+    keep = finite & logits_finite.all() & torch.isfinite(kl)
+    return torch.where(keep, kl, torch.zeros_like(kl)), keep
 
 
 def _log_probs(logits: Tensor) -> Tensor:
@@ -236,29 +248,6 @@ def _symmetric_kl(log_p: Tensor, log_q: Tensor, kl_grad: str) -> Tensor:
     if kl_grad == "full":
         return _kl(log_p, log_q) + _kl(log_q, log_p)
     return _kl(log_p.detach(), log_q) + _kl(log_q.detach(), log_p)
-
-
-class _RngState:
-    """The CPU generator's state, plus the accelerator's when there is one (dropout's RNG)."""
-
-    def __init__(self, cpu: Tensor, accelerator: Tensor | None) -> None:
-        self.cpu = cpu
-        self.accelerator = accelerator
-
-    @classmethod
-    def capture(cls) -> _RngState:
-        from deepspeed.accelerator import get_accelerator  # imported on use: deepspeed is slow to import
-
-        accel = get_accelerator()
-        on_device = accel.device_name() != "cpu"
-        return cls(torch.get_rng_state(), accel.get_rng_state() if on_device else None)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accelerator is not None:
-            from deepspeed.accelerator import get_accelerator
-
-            get_accelerator().set_rng_state(self.accelerator)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

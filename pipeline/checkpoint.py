@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 import deepspeed.comm as dist
-from deepspeed.accelerator import get_accelerator
 
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.integrity import file_digests
+from pipeline.rng import RngState
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -125,7 +125,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
         except OSError:
             dist.barrier()  # the one DeepSpeed's save ends with: the other ranks are waiting in it
             raise
-        torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+        torch.save(RngState.capture().to_dict(), root / tag / f"rng_rank{rank:05d}.pt")
         _fsync_tree(root / tag)
 
     def commit():
@@ -242,19 +242,27 @@ def _convert_to_universal(tag_dir: Path, target: Path) -> None:
     atomic.fsync_dir(tag_dir)
 
 
+class Checkpointer:
+    """Saves on its schedule: every checkpoint.every_steps, at train.max_steps and when a
+    stop was requested, but never right after a non-finite step, so that the last good
+    checkpoint stays the latest."""
+
+    def __init__(self, engine, run_dir: Path, config, world_size: int):
+        """`config`: the RunConfig."""
+        self.engine, self.run_dir, self.world_size = engine, run_dir, world_size
+        self.every, self.keep_last, self.max_steps = config.checkpoint.every_steps, config.checkpoint.keep_last, config.train.max_steps
+
+    def due(self, state, stop: bool) -> bool:
+        return state.bad_streak == 0 and (stop or state.step % self.every == 0 or state.step == self.max_steps)
+
+    def save(self, state) -> str:
+        return save(self.engine, self.run_dir, state.step, state.client_state(self.world_size), self.keep_last)
+
+
 def restore_rng(run_dir: Path, tag: str) -> None:
     """This rank's RNG states as they were when the checkpoint was written."""
     path = Path(run_dir) / CHECKPOINTS / tag / f"rng_rank{dist.get_rank():05d}.pt"
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["cpu"])
-    if state.get("accelerator") is not None:
-        get_accelerator().set_rng_state(state["accelerator"])
-
-
-def _rng_state() -> dict:
-    accelerator = get_accelerator()
-    on_device = accelerator.device_name() != "cpu"
-    return {"cpu": torch.get_rng_state(), "accelerator": accelerator.get_rng_state() if on_device else None}
+    RngState(**torch.load(path, weights_only=False)).restore()
 
 
 def _fsync_tree(directory: Path) -> None:

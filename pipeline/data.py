@@ -9,7 +9,7 @@ size), and the global batch does not depend on the world size at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from data_prep import manifest
 from data_prep.errors import UserError
-from pipeline.masking import mask_tokens
+from pipeline.masking import MaskVocab, mask_tokens
 from pipeline.sampling import global_batch_indices, rank_slice
 
 
@@ -77,48 +77,46 @@ class ShardDataset:
 class MicroBatch:
     input_ids: torch.Tensor  # long [b, T], masked
     attention_mask: torch.Tensor  # long [b, T]
-    positions: torch.Tensor  # bool [b, T], where the loss is taken
+    masked: torch.Tensor  # bool [b, T], where the loss is taken
+    masked_index: torch.Tensor  # long [N], the same tokens as flat indices into b * T (no host sync to gather them)
     labels: torch.Tensor  # long [N]
 
-
-@dataclass(frozen=True)
-class Masking:
-    """What masking needs to know about the vocabulary."""
-
-    special_ids: tuple[int, ...]
-    mask_id: int
-    pad_id: int
-    vocab_size: int
+    def on(self, device) -> MicroBatch:
+        """The same batch with every tensor on ``device``."""
+        return MicroBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def step_batches(
-    dataset: ShardDataset,
-    consumed_samples: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    step: int,
-    rate: float,
-    masking: Masking,
-) -> tuple[np.ndarray, list[MicroBatch]]:
-    """The global sample indices of a step and this rank's masked micro-batches."""
-    global_indices = global_batch_indices(consumed_samples, global_batch_size, len(dataset), seed)
-    local = rank_slice(global_indices, rank, world_size)
-    batches = [
-        masked_batch(dataset, local[start : start + micro_batch_size], step, seed, rate, masking)
-        for start in range(0, len(local), micro_batch_size)
-    ]
-    return global_indices, batches
+@dataclass
+class StepBatches:
+    global_indices: np.ndarray  # the step's global batch of sample indices, the same on every rank
+    micro_batches: list[MicroBatch]  # this rank's share of it, masked
 
 
-def masked_batch(dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, masking: Masking) -> MicroBatch:
+class Batches:
+    """One rank's training batches: what stays fixed for a run is given once, and each
+    step's batches follow from (step, consumed samples, mask rate) alone."""
+
+    def __init__(self, dataset: ShardDataset, vocab: MaskVocab, global_batch_size: int, micro_batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset, self.vocab, self.seed = dataset, vocab, seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def for_step(self, step: int, consumed_samples: int, rate: float) -> StepBatches:
+        global_indices = global_batch_indices(consumed_samples, self.global_batch_size, len(self.dataset), self.seed)
+        local = rank_slice(global_indices, self.rank, self.world_size)
+        micro = self.micro_batch_size
+        batches = [masked_batch(self.dataset, local[i : i + micro], step, self.seed, rate, self.vocab) for i in range(0, len(local), micro)]
+        return StepBatches(global_indices, batches)
+
+
+def masked_batch(dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab) -> MicroBatch:
     rows = dataset.rows(indices)
-    masked = mask_tokens(rows, indices, step, seed, rate, masking.special_ids, masking.mask_id, masking.vocab_size)
+    masked = mask_tokens(rows, indices, step, seed, rate, vocab)
     return MicroBatch(
         input_ids=torch.from_numpy(masked.input_ids),
-        attention_mask=torch.from_numpy((rows != masking.pad_id).astype(np.int64)),
-        positions=torch.from_numpy(masked.positions),
+        attention_mask=torch.from_numpy((rows != vocab.pad_id).astype(np.int64)),
+        masked=torch.from_numpy(masked.masked),
+        masked_index=torch.from_numpy(np.flatnonzero(masked.masked)),
         labels=torch.from_numpy(masked.labels),
     )

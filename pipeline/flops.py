@@ -51,3 +51,20 @@ def peak_flops(device_name: str, configured_tflops: float) -> float | None:
 
 def mfu(flops_per_tok: float, tokens_per_s: float, peak_per_device: float, devices: int) -> float:
     return flops_per_tok * tokens_per_s / (peak_per_device * devices)
+
+
+class Throughput:
+    """The perf/* keys of a logged step: tokens/s and seconds, and MFU where the accelerator's
+    peak is known."""
+
+    def __init__(self, hf_config, tokens_per_step: int, seq_len: int, peak_per_device: float | None, devices: int):
+        self.hf_config, self.tokens_per_step, self.seq_len = hf_config, tokens_per_step, seq_len
+        self.peak_per_device, self.devices = peak_per_device, devices
+
+    def record(self, seconds: float, mask_rate: float) -> dict:
+        tokens_per_s = self.tokens_per_step / max(seconds, 1e-9)
+        record = {"perf/tokens_per_s": tokens_per_s, "perf/step_seconds": seconds}
+        if self.peak_per_device:
+            per_token = model_flops_per_token(self.hf_config, self.seq_len, mask_rate)
+            record["perf/mfu"] = mfu(per_token, tokens_per_s, self.peak_per_device, self.devices)
+        return record

@@ -17,7 +17,6 @@ maskable token with the smallest selection draw), so the MLM loss is never empty
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,30 +30,39 @@ _MASK_SHARE, _RANDOM_SHARE = 0.8, 0.1
 _TO_UNIT = 2.0**-53
 
 
+@dataclass(frozen=True)
+class MaskVocab:
+    """What masking needs to know of the vocabulary: the ids it never selects or draws,
+    the id that replaces a masked token, and padding (not a real token)."""
+
+    special_ids: tuple[int, ...]
+    mask_id: int
+    pad_id: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, tokenizer) -> MaskVocab:
+        """From a loaded tokenizer (`data_prep.tokenizer_dir.TokenizerInfo`)."""
+        specials = tokenizer.special_token_ids
+        return cls(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
+
+
 @dataclass
 class MaskedBatch:
     """A masked batch: the corrupted input and what the model must predict where."""
 
     input_ids: np.ndarray  # int64 [B, T], the corrupted input
-    positions: np.ndarray  # bool [B, T], True where a token was selected for prediction
-    labels: np.ndarray  # int64 [N], original ids at `positions`, in row-major order
+    masked: np.ndarray  # bool [B, T], True where a token was selected for prediction
+    labels: np.ndarray  # int64 [N], original ids where `masked`, in row-major order
 
 
-def mask_tokens(
-    input_ids: np.ndarray,
-    sample_indices: np.ndarray,
-    step: int,
-    seed: int,
-    rate: float,
-    special_ids: Sequence[int],
-    mask_id: int,
-    vocab_size: int,
-) -> MaskedBatch:
+def mask_tokens(input_ids: np.ndarray, sample_indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab) -> MaskedBatch:
     """Mask a [B, T] batch whose rows are the dataset's samples ``sample_indices`` [B]."""
     original = np.asarray(input_ids).astype(np.int64)
     sample_indices = np.asarray(sample_indices, dtype=np.int64)
+    vocab_size = vocab.vocab_size
     _check(original, sample_indices, rate, vocab_size)
-    excluded = np.unique(np.asarray([*special_ids, mask_id], dtype=np.int64))
+    excluded = np.unique(np.asarray([*vocab.special_ids, vocab.mask_id], dtype=np.int64))
     maskable = ~np.isin(original, excluded)
 
     base = _token_hashes(seed, step, sample_indices, original.shape[1])
@@ -66,9 +74,9 @@ def mask_tokens(
     to_mask = selected & (kind < _MASK_SHARE)
     to_random = selected & (kind >= _MASK_SHARE) & (kind < _MASK_SHARE + _RANDOM_SHARE)
     corrupted = original.copy()
-    corrupted[to_mask] = mask_id
+    corrupted[to_mask] = vocab.mask_id
     corrupted[to_random] = _random_ids(_uniform(base[to_random], _RANDOM_ID), excluded, vocab_size)
-    return MaskedBatch(input_ids=corrupted, positions=selected, labels=original[selected])
+    return MaskedBatch(input_ids=corrupted, masked=selected, labels=original[selected])
 
 
 def _check(input_ids: np.ndarray, sample_indices: np.ndarray, rate: float, vocab_size: int) -> None:

@@ -7,6 +7,7 @@ is kept in the checkpoint, so a resumed job continues the same W&B run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -20,17 +21,25 @@ METRICS = "metrics.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int, wandb_settings, wandb_id: str | None, config: dict):
+    """Writes a step's record when it is due (every train.log_every steps and the last), on
+    rank 0 only; the other ranks' logger does nothing."""
+
+    def __init__(self, run_dir: Path, config, resume_from, enabled: bool):
+        """`config`: the RunConfig; `resume_from`: the TrainState the run continues from."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
+        self.every, self.max_steps = config.train.log_every, config.train.max_steps
         self.run = None
-        self.wandb_id = wandb_id
+        self.wandb_id = resume_from.wandb_id
         if not enabled:
             return
-        self._truncate(resume_step)
-        if wandb_settings.mode != "disabled":
-            self.run = _start_wandb(run_dir, wandb_settings, wandb_id, config)
+        self._truncate(resume_from.step)
+        if config.wandb.mode != "disabled":
+            self.run = _start_wandb(run_dir, config.wandb, self.wandb_id, dataclasses.asdict(config))
             self.wandb_id = self.run.id
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
 
     def _truncate(self, resume_step: int) -> None:
         if not self.path.is_file():
@@ -50,6 +59,38 @@ class MetricsLogger:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def step_record(stats, state, mask_rate: float, adversarial, engine) -> dict:
+    """The train/* keys of a logged step, from its `pipeline.step.StepStats` and the run's
+    counters after it."""
+    record = {
+        "train/loss": stats.loss,
+        "train/loss_mlm": stats.loss_mlm,
+        "train/loss_adv": stats.loss_adv,
+        "train/mask_rate": mask_rate,
+        "train/lr": engine.get_lr()[0],
+        "train/grad_norm": _grad_norm(engine),
+        "train/adv_active": int(adversarial.active(state.step - 1)),
+        "train/adv_skipped": state.adv_skipped,
+        "train/delta_norm": stats.delta_norm,
+        "train/adv_grad_norm": stats.adv_grad_norm,
+        "train/adv_ratio": stats.adv_ratio(adversarial.alpha),
+        "train/delta_lost": stats.delta_lost,
+        "train/nonfinite_steps": state.bad_streak,
+    }
+    if stats.adv_grad_norm > 0:
+        # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.
+        record["train/adv_grad_norm_log10"] = math.log10(stats.adv_grad_norm)
+    return record
+
+
+def _grad_norm(engine) -> float:
+    """The global gradient norm DeepSpeed computed for clipping; NaN where it keeps none (ZeRO-0)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if hasattr(norm, "item") else norm)
 
 
 def check_wandb_login(settings) -> None:

@@ -36,7 +36,8 @@ from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.help_format import DefaultsHelpFormatter
 from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokenizer
-from pipeline.data import Masking, ShardDataset, masked_batch
+from pipeline.data import ShardDataset, masked_batch
+from pipeline.masking import MaskVocab
 from pipeline.evaluate import EVAL_SEED_OFFSET
 from pipeline.perturbation import token_scale
 
@@ -66,9 +67,8 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val"
     model = _load_model(model_dir, info, dataset.seq_len)
     device = next(model.parameters()).device
 
-    specials = info.special_token_ids
-    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], info.vocab_size)
-    ordinary = torch.from_numpy(np.setdiff1d(np.arange(info.vocab_size), list(specials.values())))
+    vocab = MaskVocab.of(info)
+    ordinary = torch.from_numpy(np.setdiff1d(np.arange(info.vocab_size), vocab.special_ids))
     rows = min(batches * batch_size, len(dataset))
     # Per condition: the loss sum and the number of correct predictions.
     clean, attacked, substituted = np.zeros(2), np.zeros((len(radii), 2)), np.zeros((len(substitution_rates), 2))
@@ -80,22 +80,23 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val"
 
     for start in tqdm(range(0, rows, batch_size), desc="eval", unit="batch", disable=None):
         indices = np.arange(start, min(start + batch_size, rows))
-        batch = masked_batch(dataset, indices, 0, seed + EVAL_SEED_OFFSET, mask_rate, masking)
-        ids, mask, positions, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.positions, batch.labels))
+        batch = masked_batch(dataset, indices, 0, seed + EVAL_SEED_OFFSET, mask_rate, vocab)
+        on_device = batch.on(device)
+        ids, mask, masked_index, labels = on_device.input_ids, on_device.attention_mask, on_device.masked_index, on_device.labels
         label_counts += np.bincount(batch.labels.numpy(), minlength=info.vocab_size)
         with torch.no_grad():
-            logits, embedded = model(ids, mask, positions)
+            logits, embedded = model(ids, mask, masked_index)
         clean += scored(logits, labels)
         for i, radius in enumerate(radii):
-            attacked[i] += scored(_pgd(model, ids, mask, positions, labels, embedded, radius, pgd_steps), labels)
-        eligible = ~batch.positions & ~torch.isin(batch.input_ids, torch.tensor(masking.special_ids))
+            attacked[i] += scored(_pgd(model, ids, mask, masked_index, labels, embedded, radius, pgd_steps), labels)
+        eligible = ~batch.masked & ~torch.isin(batch.input_ids, torch.tensor(vocab.special_ids))
         draws, replacements = _substitution_draws(indices, dataset.seq_len, seed, ordinary)
         eligible_tokens += int(eligible.sum())
         for i, rate in enumerate(substitution_rates):
             chosen = eligible & (draws < rate)
             replaced[i] += int(chosen.sum())
             with torch.no_grad():
-                logits, _ = model(torch.where(chosen, replacements, batch.input_ids).to(device), mask, positions)
+                logits, _ = model(torch.where(chosen, replacements, batch.input_ids).to(device), mask, masked_index)
             substituted[i] += scored(logits, labels)
 
     tokens = int(label_counts.sum())
@@ -158,7 +159,7 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _pgd(model, ids, mask, positions, labels, embedded, radius: float, steps: int) -> torch.Tensor:
+def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
     """Masked-position logits after `steps` sign-gradient ascent steps from delta = 0, each
     of 2.5 R / K (Madry et al.: long enough to reach the boundary, then move along it)."""
     unit = token_scale(embedded, "relative")
@@ -166,11 +167,11 @@ def _pgd(model, ids, mask, positions, labels, embedded, radius: float, steps: in
     delta = torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device)
     for _ in range(steps):
         delta.requires_grad_(True)
-        logits, _ = model(ids, mask, positions, delta)
+        logits, _ = model(ids, mask, masked_index, delta)
         (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), delta)
         delta = torch.maximum(torch.minimum(delta.detach() + step * grad.sign(), bound), -bound)
     with torch.no_grad():
-        return model(ids, mask, positions, delta)[0]
+        return model(ids, mask, masked_index, delta)[0]
 
 
 def _substitution_draws(indices: np.ndarray, seq_len: int, seed: int, ordinary: torch.Tensor):

@@ -151,10 +151,12 @@ class MaskedLM(nn.Module):
     def head(self) -> nn.Module:
         return self.hf.cls if hasattr(self.hf, "cls") else self.hf.lm_head
 
-    def forward(self, input_ids, attention_mask, positions, delta=None):
-        """(logits [N, V] at the masked positions, the perturbable embeddings [B, T, H])."""
+    def forward(self, input_ids, attention_mask, masked_index, delta=None):
+        """(logits [N, V] at the masked tokens, the perturbable embeddings [B, T, H]).
+        ``masked_index`` [N] holds the masked tokens' flat indices into B x T: gathering by
+        index, unlike by a boolean mask, needs no host sync to learn N."""
         def hidden():
             return self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         states, embedded = self.perturbation.run(delta, hidden)
-        return self.head()(states[positions]), embedded
+        return self.head()(states.flatten(0, 1).index_select(0, masked_index)), embedded

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -31,22 +30,23 @@ from deepspeed.utils import logger as deepspeed_logger
 
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer
-from pipeline import checkpoint, vanishing
-from pipeline.adversarial import STATS, compute_losses
-from pipeline.checkpoint import step_of
+from pipeline import checkpoint
+from pipeline.checkpoint import Checkpointer, step_of
 from pipeline.config import RunConfig, TrainConfig, flatten, missing_paths, to_dict
-from pipeline.data import Masking, ShardDataset, step_batches
+from pipeline.data import Batches, ShardDataset
 from pipeline.distributed import (check_same_config, distributed_ready, init_distributed, on_every_rank, report,
                                   set_threads, shutdown_distributed)
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
-from pipeline.evaluate import evaluate
-from pipeline.flops import mfu, model_flops_per_token, peak_flops
+from pipeline.evaluate import Evaluator
+from pipeline.flops import Throughput, peak_flops
 from pipeline.help_format import DefaultsHelpFormatter
-from pipeline.metrics import MetricsLogger, check_wandb_login
+from pipeline.masking import MaskVocab
+from pipeline.metrics import MetricsLogger, check_wandb_login, step_record
 from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
 from pipeline.sampling import epoch_fraction, sample_digest
+from pipeline.step import StepStats, TrainingAborted, account, check_health, train_step
 
 
 class StopRequest:
@@ -66,10 +66,6 @@ class StopRequest:
     @classmethod
     def _handle(cls, signum, frame) -> None:
         cls.signal_name = signal.Signals(signum).name
-
-
-class TrainingAborted(Exception):
-    """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
 class AlreadyFinished(Exception):
@@ -122,7 +118,7 @@ class Run:
     tokenizer: TokenizerInfo
     dataset: ShardDataset
     val: ShardDataset | None
-    masking: Masking
+    vocab: MaskVocab
     start: StartPoint | None
     peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
 
@@ -177,10 +173,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     if rank == 0:
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()
-    specials = tokenizer.special_token_ids
-    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    return Run(config, run_dir, engine, tokenizer, dataset, val, masking, start, peak_flops(device_name, config.train.peak_tflops))
+    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, peak_flops(device_name, config.train.peak_tflops))
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
@@ -188,7 +182,7 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.signal_names())
     state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]))
-    logger = MetricsLogger(run_dir, rank == 0, state.step, run.config.wandb, state.wandb_id, to_dict(run.config))
+    logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
     state.wandb_id = logger.wandb_id
     try:
         _loop(run, state, logger)
@@ -197,86 +191,37 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
     return state
 
 
-def _loop(run: Run, state: TrainState, logger) -> None:
-    engine, config, dataset, run_dir = run.engine, run.config, run.dataset, run.run_dir
+def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
+    config, engine, dataset = run.config, run.engine, run.dataset
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    train = config.train
-    device = engine.device
-    step_start = time.perf_counter()
-    while state.step < train.max_steps:
+    max_steps, global_batch = config.train.max_steps, config.train.global_batch_size
+    batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size)
+    evaluator = Evaluator(engine, run.val, config, run.vocab)
+    checkpointer = Checkpointer(engine, run.run_dir, config, world_size)
+    throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)
+    started = time.perf_counter()
+    while state.step < max_steps:
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
-        global_indices, batches = step_batches(
-            dataset, state.consumed_samples, train.global_batch_size, train.micro_batch_size,
-            rank, world_size, train.seed, state.step, rate, run.masking,
-        )
-        sums = _train_step(engine, batches, config, state.step, device)
-        sums["stop"] = float(StopRequest.signal_name is not None)
-        state.step += 1
-        state.consumed_samples += train.global_batch_size
-        stats = _all_reduce_sum(sums, device)
-        nonfinite = stats["nonfinite"] > 0
-        state.adv_skipped += int(stats["adv_skipped"] > 0)
-        state.bad_streak = state.bad_streak + 1 if nonfinite else 0
-        if nonfinite and engine.was_step_applied():
-            raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
-        adv = config.adversarial
-        adv_active = adv.active(state.step - 1)
-        adv_ratio = adv.alpha * stats["loss_adv"] / stats["loss_mlm"] if stats["loss_mlm"] > 0 else 0.0
-        delta_lost = stats["delta_lost"] / stats["micro_batches"]
-        if adv_active:
-            counts = stats["adv_skipped"] == 0 and vanishing.vanished(adv, adv_ratio, delta_lost)
-            state.vanish_streak = state.vanish_streak + 1 if counts else 0
-
-        evaluate_now = run.val is not None and state.step % config.eval.every_steps == 0
-        if evaluate_now or state.step % train.log_every == 0 or state.step == train.max_steps:
-            elapsed = time.perf_counter() - step_start
-            micro = stats["micro_batches"]
-            record = {
-                "train/loss": stats["loss"] / micro,
-                "train/loss_mlm": stats["loss_mlm"] / micro,
-                "train/loss_adv": stats["loss_adv"] / micro,
-                "train/mask_rate": rate,
-                "train/lr": engine.get_lr()[0],
-                "train/grad_norm": _grad_norm(engine),
-                "train/adv_active": int(adv_active),
-                "train/adv_skipped": state.adv_skipped,
-                "train/delta_norm": stats["delta_norm"] / micro,
-                "train/adv_grad_norm": stats["adv_grad_norm"] / micro,
-                "train/adv_ratio": adv_ratio,
-                "train/delta_lost": delta_lost,
-                "train/nonfinite_steps": state.bad_streak,
-                "perf/tokens_per_s": train.global_batch_size * dataset.seq_len / max(elapsed, 1e-9),
-                "perf/step_seconds": elapsed,
-                "data/consumed_samples": state.consumed_samples,
-                "data/epoch": state.consumed_samples // len(dataset),
-                "data/sample_digest": sample_digest(global_indices),
-            }
-            if run.peak_flops:
-                per_token = model_flops_per_token(engine.module.hf.config, dataset.seq_len, rate)
-                record["perf/mfu"] = mfu(per_token, record["perf/tokens_per_s"], run.peak_flops, world_size)
-            if record["train/adv_grad_norm"] > 0:
-                # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.
-                record["train/adv_grad_norm_log10"] = math.log10(record["train/adv_grad_norm"])
-            if evaluate_now:
-                record.update(evaluate(engine, run.val, config, run.masking))
+        step = batches.for_step(state.step, state.consumed_samples, rate)
+        sums = train_step(engine, step.micro_batches, config.adversarial, state.step)
+        stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
+        account(state, stats, config, engine)
+        evaluated = evaluator() if evaluator.due(state.step) else {}
+        if evaluated or logger.due(state.step):
+            record = {**step_record(stats, state, rate, config.adversarial, engine), **throughput.record(time.perf_counter() - started, rate),
+                      "data/consumed_samples": state.consumed_samples, "data/epoch": state.consumed_samples // len(dataset),
+                      "data/sample_digest": sample_digest(step.global_indices), **evaluated}
             logger.log(state.step, record)
             if rank == 0:
-                print(_progress_line(state.step, train.max_steps, record), flush=True)
-        vanishing.check(adv, state.vanish_streak, state.step, adv_ratio, delta_lost, report)
-        if state.bad_streak > train.max_bad_steps:
-            last, _ = checkpoint.latest_complete(run_dir)
-            raise TrainingAborted(
-                f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row (train.max_bad_steps={train.max_bad_steps}); "
-                f"the last good checkpoint is {last or 'none'}"
-            )
-        stop = stats["stop"] > 0
-        if state.bad_streak == 0 and (stop or state.step % config.checkpoint.every_steps == 0 or state.step == train.max_steps):
-            checkpoint.save(engine, run_dir, state.step, state.client_state(world_size), config.checkpoint.keep_last)
-        if stop:
+                print(_progress_line(state.step, max_steps, record), flush=True)
+        check_health(state, stats, config, run.run_dir)
+        if checkpointer.due(state, stats.stop):
+            checkpointer.save(state)
+        if stats.stop:
             if rank == 0:
                 print(f"stop requested ({StopRequest.signal_name or 'by another rank'}): saved step {state.step}; re-run the same command to continue", flush=True)
             return
-        step_start = time.perf_counter()
+        started = time.perf_counter()
 
 
 def _progress_line(step: int, max_steps: int, record: dict) -> str:
@@ -290,40 +235,6 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
     if "eval/loss" in record:
         line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} (commonest token {record['eval/commonest_token_accuracy']:.3f})"
     return line
-
-
-def _train_step(engine, batches, config, step: int, device) -> dict:
-    """Forward, backward and update for each micro-batch; the summed stats stay on the device."""
-    sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)
-    for batch in batches:
-        ids, mask, positions, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.positions, batch.labels))
-
-        def forward(delta):
-            return engine(ids, mask, positions, delta)
-
-        def ascent_forward(delta):
-            return engine.module(ids, mask, positions, delta)[0]
-
-        out = compute_losses(forward, ascent_forward, labels, config.adversarial, step, real=mask)
-        engine.backward(out.loss)
-        engine.step()
-        sums += out.stats()
-    return dict(zip(STATS, sums))
-
-
-def _all_reduce_sum(values: dict, device) -> dict:
-    """Sum per-rank numbers (floats or 0-dim tensors) over all ranks: one host sync per step.
-    NaN-safe: non-finite losses stay visible."""
-    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values.values()])
-    dist.all_reduce(tensor)
-    return dict(zip(values, tensor.tolist()))
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
 def _check_data(dataset, tokenizer, config) -> None:

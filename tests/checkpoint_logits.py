@@ -24,12 +24,12 @@ def main() -> None:
     run = prepare(None, run_dir, [], finished_ok=True)
     if tag != "start":
         checkpoint.load(run.engine, run_dir, tag)
-    batch = masked_batch(run.dataset, np.arange(4), step=0, seed=123, rate=0.15, masking=run.masking)
+    batch = masked_batch(run.dataset, np.arange(4), step=0, seed=123, rate=0.15, vocab=run.vocab)
     run.engine.eval()
     with torch.no_grad():
-        logits, _ = run.engine.module(batch.input_ids, batch.attention_mask, batch.positions)
+        logits, _ = run.engine.module(batch.input_ids, batch.attention_mask, batch.masked_index)
     if torch.distributed.get_rank() == 0:
-        torch.save({"logits": logits, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "positions": batch.positions}, out)
+        torch.save({"logits": logits, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "masked": batch.masked}, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from data_prep.tokenizer_dir import load_tokenizer
 from pipeline import vanishing
 from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
 from pipeline.config import load_config
-from pipeline.data import Masking, ShardDataset, masked_batch, step_batches
+from pipeline.data import Batches, ShardDataset, masked_batch
+from pipeline.masking import MaskVocab
 from pipeline.model import MaskedLM, build_model, hf_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,26 +35,26 @@ def trained(train_shards, bert_tokenizer):
     """A 64-wide, 2-layer BERT after 200 standard MLM steps of 16 x 64 tokens, and 3 val batches."""
     tokenizer = load_tokenizer(bert_tokenizer)
     train, val = ShardDataset(train_shards, "train"), ShardDataset(train_shards, "val")
-    specials = tokenizer.special_token_ids
-    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], tokenizer.vocab_size)
-    config = hf_config(str(REPO / "configs" / "models" / "tiny.yaml"), tokenizer.vocab_size, specials, train.seq_len)
+    vocab = MaskVocab.of(tokenizer)
+    batches = Batches(train, vocab, global_batch_size=16, micro_batch_size=16, seed=0)
+    config = hf_config(str(REPO / "configs" / "models" / "tiny.yaml"), tokenizer.vocab_size, tokenizer.special_token_ids, train.seq_len)
     torch.manual_seed(0)
     torch.set_num_threads(2)
     hf = build_model(config, None, activation_checkpointing=False)
     model = MaskedLM(hf).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(200):
-        (batch,) = step_batches(train, step * 16, 16, 16, 0, 1, 0, step, 0.15, masking)[1]
+        (batch,) = batches.for_step(step, step * 16, 0.15).micro_batches
         loss = mlm_loss(*_logits_and_labels(model, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    batches = [masked_batch(val, torch.arange(8 * i, 8 * i + 8).numpy() % len(val), 0, 1, 0.15, masking) for i in range(3)]
+    batches = [masked_batch(val, torch.arange(8 * i, 8 * i + 8).numpy() % len(val), 0, 1, 0.15, vocab) for i in range(3)]
     return hf, batches
 
 
 def _logits_and_labels(model, batch):
-    logits, _ = model(batch.input_ids, batch.attention_mask, batch.positions)
+    logits, _ = model(batch.input_ids, batch.attention_mask, batch.masked_index)
     return logits, batch.labels
 
 
@@ -63,9 +64,9 @@ def ratios(trained, config: AdversarialConfig, precision: str) -> list[tuple[flo
     model = MaskedLM(copy.deepcopy(hf).to(DTYPES[precision]), config.perturb_at).train()
     out = []
     for i, batch in enumerate(batches):
-        ids, mask, positions = batch.input_ids, batch.attention_mask, batch.positions
+        ids, mask, masked_index = batch.input_ids, batch.attention_mask, batch.masked_index
         torch.manual_seed(i)
-        losses = compute_losses(lambda d: model(ids, mask, positions, d), lambda d: model(ids, mask, positions, d)[0],
+        losses = compute_losses(lambda d: model(ids, mask, masked_index, d), lambda d: model(ids, mask, masked_index, d)[0],
                                 batch.labels, config, step=0, real=mask)
         assert not losses.skipped
         out.append((losses.loss_adv.item(), config.alpha * losses.loss_adv.item() / losses.loss_mlm.item(), losses.delta_lost.item()))

@@ -8,14 +8,15 @@ import json
 import pytest
 
 from data_prep.errors import UserError
-from pipeline.config import WandbConfig
+from pipeline.config import RunConfig, WandbConfig
 from pipeline.metrics import METRICS, MetricsLogger
+from pipeline.resume import TrainState
 
 
 def test_resume_cuts_the_log_back_and_drops_a_line_torn_by_a_kill(tmp_path):
     lines = [json.dumps({"step": step, "train/loss": 7.0 - step}) for step in range(1, 7)]
     (tmp_path / METRICS).write_text("\n".join(lines) + "\n" + '{"step": 7, "train/lo')  # killed mid-write
-    logger = MetricsLogger(tmp_path, True, 4, WandbConfig(mode="disabled"), None, {})
+    logger = MetricsLogger(tmp_path, RunConfig(wandb=WandbConfig(mode="disabled")), TrainState(step=4), enabled=True)
     logger.log(5, {"train/loss": 1.5})
     logger.close()
     records = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
@@ -36,7 +37,7 @@ def unreachable_wandb(monkeypatch):
 @pytest.mark.slow  # W&B takes about 12 s to give up on the server
 def test_an_unreachable_wandb_server_falls_back_to_offline_logging_under_the_same_run(tmp_path, unreachable_wandb, capsys):
     settings = WandbConfig(mode="online", init_timeout_s=2, fallback="offline")
-    logger = MetricsLogger(tmp_path, True, 0, settings, "keepthis1", {"train": {"max_steps": 2}})
+    logger = MetricsLogger(tmp_path, RunConfig(wandb=settings), TrainState(wandb_id="keepthis1"), enabled=True)
     logger.log(1, {"train/loss": 2.5})
     logger.close()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wandb: no W&B server")]
@@ -50,5 +51,5 @@ def test_an_unreachable_wandb_server_falls_back_to_offline_logging_under_the_sam
 def test_an_unreachable_wandb_server_stops_the_run_when_asked_to(tmp_path, unreachable_wandb):
     settings = WandbConfig(mode="online", init_timeout_s=2, fallback="error")
     with pytest.raises(UserError, match=r"^wandb: no W&B server within wandb.init_timeout_s=2 s \(.*\); set wandb.mode=offline"):
-        MetricsLogger(tmp_path, True, 0, settings, None, {})
+        MetricsLogger(tmp_path, RunConfig(wandb=settings), TrainState(), enabled=True)
     assert not list((tmp_path / "wandb").glob("offline-run-*"))

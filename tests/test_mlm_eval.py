@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.data import Masking, ShardDataset, masked_batch
+from pipeline.data import ShardDataset, masked_batch
+from pipeline.masking import MaskVocab
 from pipeline.evaluate import EVAL_SEED_OFFSET
 from pipeline.fill_mask import fill_mask_examples, format_examples
 from pipeline.mlm_eval import evaluate_model, main
@@ -22,10 +23,8 @@ from pipeline.mlm_eval import evaluate_model, main
 SMALL = {"batches": 3, "batch_size": 8}  # 24 val rows of 64 tokens
 
 
-def _masking(tokenizer_dir) -> Masking:
-    info = load_tokenizer(tokenizer_dir)
-    specials = info.special_token_ids
-    return Masking(tuple(specials.values()), specials["mask"], specials["pad"], info.vocab_size)
+def _vocab(tokenizer_dir) -> MaskVocab:
+    return MaskVocab.of(load_tokenizer(tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,12 @@ def model_dir(tmp_path_factory, bert_tokenizer, train_shards):
                         max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForMaskedLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    dataset, masking = ShardDataset(train_shards, "val"), _masking(bert_tokenizer)
+    dataset, vocab = ShardDataset(train_shards, "val"), _vocab(bert_tokenizer)
     for step in range(150):
-        batch = masked_batch(dataset, np.arange(32), step + 1, 1, 0.25, masking)
+        batch = masked_batch(dataset, np.arange(32), step + 1, 1, 0.25, vocab)
         states = model.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         optimizer.zero_grad()
-        F.cross_entropy(model.cls(states[batch.positions]), batch.labels).backward()
+        F.cross_entropy(model.cls(states[batch.masked]), batch.labels).backward()
         optimizer.step()
     out = tmp_path_factory.mktemp("mlm-eval") / "model"
     model.save_pretrained(str(out))
@@ -63,13 +62,13 @@ def test_clean_metrics_equal_a_direct_hf_computation(results, model_dir, train_s
     from transformers import BertForMaskedLM
 
     hf = BertForMaskedLM.from_pretrained(str(model_dir)).eval()
-    dataset, masking = ShardDataset(train_shards, "val"), _masking(bert_tokenizer)
+    dataset, vocab = ShardDataset(train_shards, "val"), _vocab(bert_tokenizer)
     loss = correct = 0.0
     labels, predictions = [], []
     with torch.no_grad():
         for start in range(0, SMALL["batches"] * SMALL["batch_size"], SMALL["batch_size"]):
-            batch = masked_batch(dataset, np.arange(start, start + SMALL["batch_size"]), 0, EVAL_SEED_OFFSET, 0.15, masking)
-            logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.positions]
+            batch = masked_batch(dataset, np.arange(start, start + SMALL["batch_size"]), 0, EVAL_SEED_OFFSET, 0.15, vocab)
+            logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.masked]
             loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
             correct += (logits.argmax(-1) == batch.labels).sum().item()
             labels.append(batch.labels)

@@ -26,7 +26,8 @@ def _inputs():
 def test_without_delta_the_logits_are_the_hf_models_at_the_masked_positions():
     hf = _bert()
     ids, attention, masked = _inputs()
-    logits, embedded = MaskedLM(hf)(ids, attention, masked)
+    index = masked.flatten().nonzero().squeeze(1)  # as MicroBatch.masked_index
+    logits, embedded = MaskedLM(hf)(ids, attention, index)
     assert torch.allclose(logits, hf(input_ids=ids, attention_mask=attention).logits[masked], atol=1e-6)
     assert torch.equal(embedded, hf.bert.embeddings(input_ids=ids))  # the embedding output, unperturbed
 
@@ -34,8 +35,9 @@ def test_without_delta_the_logits_are_the_hf_models_at_the_masked_positions():
 def test_delta_at_the_embedding_output_enters_the_encoder_after_the_embedding_layer():
     hf = _bert()
     ids, attention, masked = _inputs()
+    index = masked.flatten().nonzero().squeeze(1)  # as MicroBatch.masked_index
     delta = 0.1 * torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
-    logits, embedded = MaskedLM(hf, "embedding_output")(ids, attention, masked, delta)
+    logits, embedded = MaskedLM(hf, "embedding_output")(ids, attention, index, delta)
     with torch.no_grad():
         states = hf.bert.encoder(hf.bert.embeddings(input_ids=ids) + delta).last_hidden_state
     assert torch.allclose(logits, hf.cls(states[masked]), atol=1e-6)
@@ -45,10 +47,11 @@ def test_delta_at_the_embedding_output_enters_the_encoder_after_the_embedding_la
 def test_delta_at_the_word_embeddings_enters_before_positions_and_layer_norm():
     hf = _bert()
     ids, attention, masked = _inputs()
+    index = masked.flatten().nonzero().squeeze(1)  # as MicroBatch.masked_index
     delta = 0.1 * torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
-    logits, embedded = MaskedLM(hf, "word_embeddings")(ids, attention, masked, delta)
+    logits, embedded = MaskedLM(hf, "word_embeddings")(ids, attention, index, delta)
     words = hf.bert.embeddings.word_embeddings(ids)
     expected = hf(inputs_embeds=words + delta, attention_mask=attention).logits[masked]
     assert torch.allclose(logits, expected, atol=1e-6)
     assert torch.equal(embedded, words)
-    assert not torch.allclose(logits, MaskedLM(hf, "word_embeddings")(ids, attention, masked)[0], atol=1e-3)
+    assert not torch.allclose(logits, MaskedLM(hf, "word_embeddings")(ids, attention, index)[0], atol=1e-3)

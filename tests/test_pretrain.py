@@ -22,7 +22,8 @@ import torch
 from conftest import REPO, RUN, comparable, kill_when, ok, pretrain, read_metrics, wandb_history, wandb_records
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.data import Masking, ShardDataset, masked_batch
+from pipeline.data import ShardDataset, masked_batch
+from pipeline.masking import MaskVocab
 from pipeline.evaluate import EVAL_SEED_OFFSET
 from pipeline.flops import flops_per_token
 from pipeline.distributed import free_port
@@ -55,10 +56,9 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     assert records[3]["eval/ppl"] == pytest.approx(math.exp(records[3]["eval/loss"]))
     # The validation rows (2 micro-batches of 4 per rank) masked here as evaluate does: the
     # commonest-token baseline beside the accuracy, and an accuracy that counts whole tokens.
-    specials = load_tokenizer(bert_tokenizer).special_token_ids
-    masking = Masking(tuple(specials.values()), specials["mask"], specials["pad"], load_tokenizer(bert_tokenizer).vocab_size)
+    vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
     val = ShardDataset(train_shards, "val")
-    labels = masked_batch(val, np.arange(16) % len(val), 0, EVAL_SEED_OFFSET, 0.15, masking).labels
+    labels = masked_batch(val, np.arange(16) % len(val), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
     for r in (records[3], records[7]):
         assert r["eval/commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / labels.numel(), abs=1e-12)
         assert r["eval/accuracy"] * labels.numel() == pytest.approx(round(r["eval/accuracy"] * labels.numel()), abs=1e-6)
@@ -204,7 +204,7 @@ def test_export_matches_the_training_model(reference, tmp_path):
     expected = torch.load(logits_file)
     model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[expected["positions"]]
+        logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[expected["masked"]]
     assert logits.shape == expected["logits"].shape
     torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
     tokenizer = AutoTokenizer.from_pretrained(str(out))

@@ -194,7 +194,7 @@ def test_continual_alum_from_a_published_checkpoint(name, tmp_path, published, p
     start = logits_at_start(run_dir, tmp_path / "start.pt")
     original = AutoModelForMaskedLM.from_pretrained(str(published[name])).eval()
     with torch.no_grad():
-        logits = original(input_ids=start["input_ids"], attention_mask=start["attention_mask"]).logits[start["positions"]]
+        logits = original(input_ids=start["input_ids"], attention_mask=start["attention_mask"]).logits[start["masked"]]
     torch.testing.assert_close(logits, start["logits"], atol=1e-5, rtol=0)
 
     exported = tmp_path / "exported"

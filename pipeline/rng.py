@@ -1,0 +1,38 @@
+"""The random state dropout draws from: the CPU generator's, plus the accelerator's when
+there is one. The ALUM passes replay it within a step; checkpoints save it per rank."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RngState:
+    cpu: Tensor
+    accelerator: Tensor | None
+
+    @classmethod
+    def capture(cls) -> RngState:
+        accelerator = _accelerator()
+        return cls(torch.get_rng_state(), accelerator.get_rng_state() if accelerator else None)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            _accelerator().set_rng_state(self.accelerator)
+
+    def to_dict(self) -> dict:
+        """For torch.save; `RngState(**saved)` reads it back."""
+        return asdict(self)
+
+
+def _accelerator():
+    """DeepSpeed's accelerator (CUDA, XPU, ...), or None on CPU. Imported on use: DeepSpeed
+    is slow to import, and a plain PyTorch caller of the ALUM loss may not have it."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return None if accelerator.device_name() == "cpu" else accelerator

@@ -1,0 +1,105 @@
+"""One optimizer step, and what the trainer learns from it.
+
+`train_step` runs forward, losses and backward for each of this rank's micro-batches and
+lets DeepSpeed step (the update happens at the last micro-batch, DeepSpeed's
+gradient-accumulation boundary). Every number stays on the device; `StepStats.gather`
+sums them over the ranks in one all-reduce and reads them back: the step's single host
+sync. `account` counts the step into the run's state and `check_health` stops a run that
+cannot go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor
+
+from pipeline import checkpoint, vanishing
+from pipeline.adversarial import STATS, compute_losses
+from pipeline.data import MicroBatch
+from pipeline.distributed import report
+from pipeline.resume import TrainState
+
+
+class TrainingAborted(Exception):
+    """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
+
+
+def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int) -> Tensor:
+    """This rank's summed `STATS` of the step, on the device."""
+    sums = torch.zeros(len(STATS), dtype=torch.float64, device=engine.device)
+    for batch in micro_batches:
+        batch = batch.on(engine.device)
+
+        def forward(delta):
+            return engine(batch.input_ids, batch.attention_mask, batch.masked_index, delta)
+
+        def ascent_forward(delta):
+            return engine.module(batch.input_ids, batch.attention_mask, batch.masked_index, delta)[0]
+
+        out = compute_losses(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask)
+        engine.backward(out.loss)
+        engine.step()
+        sums += out.stats()
+    return sums
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A step's numbers over all ranks: losses and sizes as means per micro-batch."""
+
+    loss: float
+    loss_mlm: float
+    loss_adv: float
+    delta_norm: float
+    adv_grad_norm: float
+    delta_lost: float
+    nonfinite: bool  # some rank's loss was not finite
+    adv_skipped: bool  # some rank dropped its adversarial term
+    stop: bool  # some rank was asked to stop
+
+    @classmethod
+    def gather(cls, sums: Tensor, stop: bool) -> StepStats:
+        """All-reduce every rank's sums and stop request, and read them back once. NaN-safe:
+        a non-finite loss stays visible."""
+        vector = torch.cat([sums, sums.new_tensor([float(stop)])])
+        dist.all_reduce(vector)
+        total = dict(zip((*STATS, "stop"), vector.tolist()))
+        micro = total["micro_batches"]
+        means = {name: total[name] / micro for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")}
+        return cls(**means, nonfinite=total["nonfinite"] > 0, adv_skipped=total["adv_skipped"] > 0, stop=total["stop"] > 0)
+
+    def adv_ratio(self, alpha: float) -> float:
+        """alpha * L_adv / L_mlm: the adversarial term's share of the loss."""
+        return alpha * self.loss_adv / self.loss_mlm if self.loss_mlm > 0 else 0.0
+
+
+def account(state: TrainState, stats: StepStats, config, engine) -> None:
+    """Count the step just done into `state`. An update that was applied although the loss
+    was not finite (ZeRO stage 0 in fp32 cannot skip it) stops the run at once."""
+    adv = config.adversarial
+    active = adv.active(state.step)
+    state.step += 1
+    state.consumed_samples += config.train.global_batch_size
+    state.adv_skipped += int(stats.adv_skipped)
+    state.bad_streak = state.bad_streak + 1 if stats.nonfinite else 0
+    if stats.nonfinite and engine.was_step_applied():
+        raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
+    if active:
+        counts = not stats.adv_skipped and vanishing.vanished(adv, stats.adv_ratio(adv.alpha), stats.delta_lost)
+        state.vanish_streak = state.vanish_streak + 1 if counts else 0
+
+
+def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:
+    """After the step is logged: say once that the adversarial term vanished (or stop on it),
+    and stop (TrainingAborted) when the loss has stayed non-finite too long."""
+    adv = config.adversarial
+    vanishing.check(adv, state.vanish_streak, state.step, stats.adv_ratio(adv.alpha), stats.delta_lost, report)
+    if state.bad_streak > config.train.max_bad_steps:
+        last, _ = checkpoint.latest_complete(run_dir)
+        raise TrainingAborted(
+            f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row (train.max_bad_steps={config.train.max_bad_steps}); "
+            f"the last good checkpoint is {last or 'none'}"
+        )
