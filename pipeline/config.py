@@ -208,7 +208,10 @@ def _build(cls, data: Any, prefix: str):
     if unknown:
         raise UserError(f"{prefix}{unknown[0]}: unknown config key (known: {', '.join(sorted(names))})")
     values = {name: _convert(hints[name], data[name], f"{prefix}{name}") for name in data}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:  # a dataclass names its own field; only here is the path to it known
+        raise UserError(f"{prefix}{e}") from None
 
 
 def _convert(kind, value: Any, key: str):
@@ -248,7 +251,6 @@ def _validate(config: RunConfig) -> None:
     """Cross-field checks, and the component configs' own validation, as one-line errors."""
     try:
         config.adversarial.validate()
-        config.masking.schedule.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
     train = config.train
