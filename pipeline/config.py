@@ -248,11 +248,7 @@ def _is_float(text: str) -> bool:
 
 
 def _validate(config: RunConfig) -> None:
-    """Cross-field checks, and the component configs' own validation, as one-line errors."""
-    try:
-        config.adversarial.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    """Cross-field checks as one-line errors."""
     train = config.train
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
         if getattr(train, key) < 1:
