@@ -26,7 +26,7 @@ def integer(name: str, value: object, minimum: int, note: str = "") -> None:
 
 
 def number(name: str, value: object, positive: bool = False, note: str = "") -> None:
-    """A finite int or float, >= 0 (or > 0 when ``positive``): NaN would pass any comparison test."""
+    """A finite int or float, >= 0 (or > 0 when ``positive``): finite, because NaN slips past a `< 0` test."""
     if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name}: must be a finite number {'> 0' if positive else '>= 0'}{note}, got {value!r}")
 
