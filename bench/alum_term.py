@@ -162,7 +162,6 @@ def run_grid(hf, batches) -> list[dict]:
     for n, (update, perturb_at, scale, (step, noise, grad_eps), precision) in enumerate(grid, 1):
         config = AdversarialConfig(method="alum", update=update, perturb_at=perturb_at, scale=scale, step_size=step,
                                    noise_std=noise, grad_eps=grad_eps)
-        config.validate()
         numbers = measure(models[perturb_at, precision], models[perturb_at, "fp64"], batches, config)
         results.append({"update": update, "perturb_at": perturb_at, "scale": scale, "step_size": step, "noise_std": noise,
                         "grad_eps": grad_eps, "precision": precision, **numbers})

@@ -121,7 +121,6 @@ def make_steps(hf, standard: MaskedLM, alum: MaskedLM) -> dict:
     train = SimpleNamespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
     optimizers = {name: make_optimizer(m, train, {}) for name, m in (("hf", hf), ("standard", standard), ("alum", alum))}
     adversarial = AdversarialConfig(method="alum", start_step=0, steps=1)
-    adversarial.validate()
 
     def update(name: str, loss: torch.Tensor) -> None:
         loss.backward()

@@ -49,7 +49,6 @@ Choices, and which source each follows:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,11 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline import perturbation
+from pipeline import checks, perturbation
 from pipeline.rng import RngState
 from pipeline.perturbation import NORMS, SCALES, UPDATES, token_norm
 
-KEY = "adversarial"
 METHODS = ("none", "alum")
 PERTURB_AT = ("word_embeddings", "embedding_output")
 KL_GRADS = ("detached", "full")
@@ -92,25 +90,25 @@ class AdversarialConfig:
     vanish_steps: int = 10
     on_vanish: str = "warn"
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad key, so a config error points at its line."""
-        _check_choice("method", self.method, METHODS)
-        _check_choice("update", self.update, UPDATES)
-        _check_choice("scale", self.scale, SCALES)
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("perturb_at", self.perturb_at, PERTURB_AT)
-        _check_choice("kl_grad", self.kl_grad, KL_GRADS)
-        _check_choice("on_vanish", self.on_vanish, ON_VANISH)
-        _check_int("start_step", self.start_step, minimum=0)
-        _check_int("steps", self.steps, minimum=1)
-        _check_int("vanish_steps", self.vanish_steps, minimum=1)
-        _check_number("alpha", self.alpha, positive=False)
-        _check_number("step_size", self.step_size, positive=False)
-        _check_number("noise_std", self.noise_std, positive=False)
-        _check_number("grad_eps", self.grad_eps, positive=True)
-        _check_number("vanish_ratio", self.vanish_ratio, positive=False)
+    def __post_init__(self) -> None:
+        """A bad setting fails where the config is built, naming the field (the loader adds ``adversarial.``)."""
+        checks.choice("method", self.method, METHODS)
+        checks.choice("update", self.update, UPDATES)
+        checks.choice("scale", self.scale, SCALES)
+        checks.choice("norm", self.norm, NORMS)
+        checks.choice("perturb_at", self.perturb_at, PERTURB_AT)
+        checks.choice("kl_grad", self.kl_grad, KL_GRADS)
+        checks.choice("on_vanish", self.on_vanish, ON_VANISH)
+        checks.integer("start_step", self.start_step, minimum=0)
+        checks.integer("steps", self.steps, minimum=1)
+        checks.integer("vanish_steps", self.vanish_steps, minimum=1)
+        checks.number("alpha", self.alpha)
+        checks.number("step_size", self.step_size)
+        checks.number("noise_std", self.noise_std)
+        checks.number("grad_eps", self.grad_eps, positive=True)
+        checks.number("vanish_ratio", self.vanish_ratio)
         if self.eps is not None:
-            _check_number("eps", self.eps, positive=True)
+            checks.number("eps", self.eps, positive=True)
 
     def active(self, step: int) -> bool:
         """Whether the adversarial term is on at this optimizer step (standard phase first)."""
@@ -248,20 +246,3 @@ def _symmetric_kl(log_p: Tensor, log_q: Tensor, kl_grad: str) -> Tensor:
     if kl_grad == "full":
         return _kl(log_p, log_q) + _kl(log_q, log_p)
     return _kl(log_p.detach(), log_q) + _kl(log_q.detach(), log_p)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{KEY}.{name}: expected {' or '.join(choices)}, got {value!r}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{KEY}.{name}: expected an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: object, positive: bool) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{KEY}.{name}: expected a finite number {bound}, got {value!r}")

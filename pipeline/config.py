@@ -2,9 +2,12 @@
 
 A run is described by one YAML file (see configs/) plus `key=value` overrides such as
 `train.max_steps=100 adversarial.method=alum`. Values are parsed as YAML scalars, every
-key is checked against the dataclasses below, and an unknown key or a wrong type is a
-`UserError` naming the key. The fully resolved config is written to the run directory
-and logged to W&B, so a run can always be reproduced from its own directory.
+key is checked against the dataclasses below, and an unknown key, a wrong type or a value
+out of range is a `UserError` naming the key in full. Ranges and choices are each
+dataclass's own (`__post_init__`, with pipeline.checks), so code that builds one directly
+gets the same checks; the loader, which knows where a section sits, puts the key path in
+front. The fully resolved config is written to the run directory and logged to W&B, so a
+run can always be reproduced from its own directory.
 
 Paths (PATH_KEYS) work from any folder: relative ones in a YAML file are relative to that
 file, on the command line to the current folder, and the defaults point into the shipped
@@ -25,10 +28,12 @@ from typing import Any
 import yaml
 
 from data_prep.errors import UserError
+from pipeline import checks
 from pipeline.adversarial import AdversarialConfig
 from pipeline.curriculum import MaskSchedule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PATH_KEYS = ("data.shards", "data.tokenizer", "model.config", "model.init_from", "checkpoint.init_from", "deepspeed")
 
 
@@ -70,6 +75,19 @@ class TrainConfig:
     stop_signals: str = "SIGTERM,SIGUSR1"  # any of these to any rank: checkpoint at the next step, exit 0
     dist_timeout_s: float = 600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
 
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+            checks.integer(name, getattr(self, name), minimum=1)
+        checks.number("peak_tflops", self.peak_tflops, note=" (0: known GPUs by name)")
+        checks.integer("decay_steps", self.decay_steps, minimum=0, note=" (0: max_steps)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size: must be a multiple of micro_batch_size ({self.micro_batch_size}), "
+                             f"got {self.global_batch_size}")
+        checks.choice("precision", self.precision, PRECISIONS)
+        for name in self.signal_names():
+            if not name.startswith("SIG") or not hasattr(signal, name):
+                raise ValueError(f"stop_signals: {name!r} is not a signal name (e.g. SIGTERM,SIGUSR1)")
+
     def signal_names(self) -> list[str]:
         """`stop_signals` as a list of names."""
         return [name for name in (n.strip() for n in self.stop_signals.split(",")) if name]
@@ -81,6 +99,9 @@ class EvalConfig:
     batches: int = 8  # micro-batches per validation pass
     mask_rate: float = 0.15
 
+    def __post_init__(self) -> None:
+        checks.fraction("mask_rate", self.mask_rate, one=False)
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -88,6 +109,10 @@ class CheckpointConfig:
     keep_last: int = 2
     init_from: str | None = None  # another run's directory (or one of its tags): continue from its weights
     init_optimizer: bool = False  # with init_from: also take its optimizer state and step
+
+    def __post_init__(self) -> None:
+        checks.integer("every_steps", self.every_steps, minimum=1)
+        checks.integer("keep_last", self.keep_last, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,11 @@ class WandbConfig:
     entity: str | None = None
     init_timeout_s: float = 90.0  # how long an online run waits for the W&B server at start (W&B's default)
     fallback: str = "offline"  # online and no server within init_timeout_s: offline (log locally, `wandb sync` later) | error
+
+    def __post_init__(self) -> None:
+        checks.choice("mode", self.mode, ("online", "offline", "disabled"))
+        checks.choice("fallback", self.fallback, ("offline", "error"))
+        checks.number("init_timeout_s", self.init_timeout_s, positive=True)
 
 
 @dataclass(frozen=True)
@@ -140,7 +170,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if not config.data.tokenizer and config.model.init_from:
         # A published model directory holds its tokenizer: the shards must be made with it.
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=config.model.init_from))
-    _validate(config)
+    _require_data(config)
     return config
 
 
@@ -208,7 +238,10 @@ def _build(cls, data: Any, prefix: str):
     if unknown:
         raise UserError(f"{prefix}{unknown[0]}: unknown config key (known: {', '.join(sorted(names))})")
     values = {name: _convert(hints[name], data[name], f"{prefix}{name}") for name in data}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:  # a dataclass names its own field; only here is the path to it known
+        raise UserError(f"{prefix}{e}") from None
 
 
 def _convert(kind, value: Any, key: str):
@@ -244,38 +277,8 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _validate(config: RunConfig) -> None:
-    """Cross-field checks, and the component configs' own validation, as one-line errors."""
-    try:
-        config.adversarial.validate()
-        config.masking.schedule.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    train = config.train
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
-        if getattr(train, key) < 1:
-            raise UserError(f"train.{key}: must be at least 1, got {getattr(train, key)}")
-    if train.peak_tflops < 0:
-        raise UserError(f"train.peak_tflops: must be 0 (known GPUs by name) or positive, got {train.peak_tflops}")
-    if train.decay_steps < 0:
-        raise UserError(f"train.decay_steps: must be 0 (train.max_steps) or a step count, got {train.decay_steps}")
-    if train.global_batch_size % train.micro_batch_size:
-        raise UserError(f"train.global_batch_size {train.global_batch_size} is not a multiple of train.micro_batch_size {train.micro_batch_size}")
-    if train.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"train.precision: expected auto, fp32, bf16 or fp16, got {train.precision!r}")
-    for name in train.signal_names():
-        if not name.startswith("SIG") or not hasattr(signal, name):
-            raise UserError(f"train.stop_signals: {name!r} is not a signal name (e.g. SIGTERM,SIGUSR1)")
-    if config.wandb.mode not in ("online", "offline", "disabled"):
-        raise UserError(f"wandb.mode: expected online, offline or disabled, got {config.wandb.mode!r}")
-    if config.wandb.fallback not in ("offline", "error"):
-        raise UserError(f"wandb.fallback: expected offline or error, got {config.wandb.fallback!r}")
-    if not config.wandb.init_timeout_s > 0:
-        raise UserError(f"wandb.init_timeout_s: must be positive, got {config.wandb.init_timeout_s}")
-    if config.checkpoint.every_steps < 1 or config.checkpoint.keep_last < 1:
-        raise UserError("checkpoint.every_steps and checkpoint.keep_last: must be at least 1")
-    if not 0 < config.eval.mask_rate < 1:
-        raise UserError(f"eval.mask_rate: must be in (0, 1), got {config.eval.mask_rate}")
+def _require_data(config: RunConfig) -> None:
+    """The keys with no usable default; data.tokenizer may come from model.init_from, so after that."""
     if not config.data.shards:
         raise UserError("data.shards: must be set to a directory written by `alum shard`")
     if not config.data.tokenizer:

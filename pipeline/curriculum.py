@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline import checks
+
 KINDS = ("stepwise", "linear", "constant")
-KEY = "masking.schedule"
 # Fractions such as 0.4 / 0.2 come out as 1.9999999999999998; this slack counts them as 2.
 _FLOOR_SLACK = 1e-9
 _RATE_DIGITS = 9
@@ -40,25 +41,18 @@ class MaskSchedule:
         """A fixed rate, e.g. ``MaskSchedule.constant(0.15)`` for standard BERT masking."""
         return cls(kind="constant", start=rate, end=rate)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad key, so a config error points at its line."""
-        if self.kind not in KINDS:
-            raise ValueError(f"{KEY}.kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in ("start", "end", "increment", "every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{KEY}.{name}: must be a number, got {value!r}")
-        _check_rate("start", self.start)
+    def __post_init__(self) -> None:
+        """A bad schedule fails where it is built; only the keys ``kind`` uses are checked (see above)."""
+        checks.choice("kind", self.kind, KINDS)
+        checks.fraction("start", self.start, one=True)
         if self.kind == "constant":
             return
-        _check_rate("end", self.end)
+        checks.fraction("end", self.end, one=True)
         if self.start > self.end:
-            raise ValueError(f"{KEY}.start: must be <= {KEY}.end ({self.end}), got {self.start}")
+            raise ValueError(f"start: must be <= end ({self.end}), got {self.start}")
         if self.kind == "stepwise":
-            if not self.increment > 0:
-                raise ValueError(f"{KEY}.increment: must be > 0, got {self.increment}")
-            if not 0 < self.every <= 1:
-                raise ValueError(f"{KEY}.every: must be in (0, 1], got {self.every}")
+            checks.number("increment", self.increment, positive=True)
+            checks.fraction("every", self.every, one=True)
 
     def rate(self, epoch_fraction: float) -> float:
         """The mask rate at ``epoch_fraction`` in [0, 1), the position within the current epoch."""
@@ -72,8 +66,3 @@ class MaskSchedule:
             steps = math.floor(epoch_fraction / self.every + _FLOOR_SLACK)
             value = self.start + self.increment * steps
         return round(min(value, self.end), _RATE_DIGITS)
-
-
-def _check_rate(name: str, value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"{KEY}.{name}: must be in (0, 1], got {value}")

@@ -6,6 +6,7 @@ claims, and every bad key, type or combination is a `UserError` naming the key o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import yaml
 
 from data_prep.errors import UserError
-from pipeline.config import RunConfig, load_config
+from pipeline.adversarial import AdversarialConfig
+from pipeline.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config
 from pipeline.curriculum import MaskSchedule
 from pipeline.engine import deepspeed_config, zero_stage
 from pipeline.model import hf_config
@@ -344,7 +346,7 @@ def test_data_paths_are_required(tmp_path):
 
 
 def test_global_batch_must_be_a_multiple_of_the_micro_batch(tmp_path):
-    with pytest.raises(UserError, match="train.global_batch_size 30 is not a multiple of train.micro_batch_size 8"):
+    with pytest.raises(UserError, match=re.escape("train.global_batch_size: must be a multiple of micro_batch_size (8), got 30")):
         load_config(minimal(tmp_path, train={"global_batch_size": 30, "micro_batch_size": 8}))
 
 
@@ -385,6 +387,50 @@ def test_out_of_range_values_are_named(tmp_path, override, key):
 def test_component_validation_surfaces_as_user_error(tmp_path, override, key):
     with pytest.raises(UserError, match=f"^{re.escape(key)}: "):
         load_config(minimal(tmp_path), [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_steps=0", "train.max_steps: must be at least 1, got 0"),
+        ("train.stop_signals=SIGTERM,TERM", "train.stop_signals: 'TERM' is not a signal name (e.g. SIGTERM,SIGUSR1)"),
+        ("adversarial.method=x", "adversarial.method: expected none or alum, got 'x'"),
+        ("adversarial.steps=0", "adversarial.steps: must be at least 1, got 0"),
+        ("masking.schedule.start=1.5", "masking.schedule.start: must be in (0, 1], got 1.5"),
+        ("masking.schedule.start=0.3", "masking.schedule.start: must be <= end (0.25), got 0.3"),
+        ("wandb.init_timeout_s=0", "wandb.init_timeout_s: must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_the_loader_puts_the_key_path_in_front_once(tmp_path, override, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        load_config(minimal(tmp_path), [override])
+
+
+@pytest.mark.parametrize(
+    ("cls", "changes", "message"),
+    [
+        (TrainConfig, {"max_steps": 0}, "max_steps: must be at least 1, got 0"),
+        (TrainConfig, {"max_steps": 1.5}, "max_steps: expected an integer, got 1.5"),
+        (TrainConfig, {"peak_tflops": -1.0}, "peak_tflops: must be a finite number >= 0 (0: known GPUs by name), got -1.0"),
+        (TrainConfig, {"precision": "fp8"}, "precision: expected auto, fp32, bf16 or fp16, got 'fp8'"),
+        (EvalConfig, {"mask_rate": 1.0}, "mask_rate: must be in (0, 1), got 1.0"),
+        (CheckpointConfig, {"keep_last": 0}, "keep_last: must be at least 1, got 0"),
+        (WandbConfig, {"fallback": "retry"}, "fallback: expected offline or error, got 'retry'"),
+        (MaskSchedule, {"kind": "cosine"}, "kind: expected stepwise, linear or constant, got 'cosine'"),
+        (AdversarialConfig, {"alpha": float("inf")}, "alpha: must be a finite number >= 0, got inf"),
+    ],
+)
+def test_a_section_built_directly_checks_its_own_fields(cls, changes, message):
+    """Code that builds a section gets the loader's checks, naming the field without a path."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**changes)
+
+
+def test_a_section_rebuilt_with_replace_is_checked_again():
+    train = TrainConfig(global_batch_size=32, micro_batch_size=8)
+    assert dataclasses.replace(train, micro_batch_size=16).micro_batch_size == 16
+    with pytest.raises(ValueError, match=r"^global_batch_size: must be a multiple of micro_batch_size \(12\), got 32$"):
+        dataclasses.replace(train, micro_batch_size=12)
 
 
 def test_deepspeed_config_needs_a_world_size_that_divides_the_batch(tmp_path):
@@ -437,11 +483,8 @@ def test_every_option_shows_its_default_in_help():
 
 
 def test_decay_steps_keeps_the_schedule_when_max_steps_is_raised():
-    import dataclasses
-
     import torch
 
-    from pipeline.config import TrainConfig
     from pipeline.engine import make_scheduler
 
     def lrs(train, steps):
