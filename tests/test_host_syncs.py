@@ -1,0 +1,62 @@
+"""The training step waits for the accelerator once: no host sync in the ALUM objective or
+the step, one read-back of the step's all-reduced numbers (counted by tests/host_syncs.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from host_syncs import HostSyncs
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.model import MaskedLM
+
+REPO_TESTS = os.path.dirname(__file__)
+PIPELINE = os.path.join(os.path.dirname(REPO_TESTS), "pipeline")
+
+
+def test_the_counter_sees_item_bool_tolist_and_boolean_gathers():
+    x, keep = torch.randn(4, 3), torch.tensor([True, False, True, False])
+    with HostSyncs() as counter:
+        x[keep], x.sum().item(), bool(x.sum() > 0), x.sum(0).tolist(), torch.where(x > 0, x, 0), x.index_select(0, keep.nonzero()[:, 0])
+    assert [op for _, op in counter.syncs] == ["aten.index.Tensor", "aten._local_scalar_dense.default", "aten._local_scalar_dense.default",
+                                               "aten.nonzero.default"]
+    assert len(counter.read_backs) == 1
+
+
+def test_an_alum_micro_batch_has_no_host_sync():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    model = MaskedLM(BertForMaskedLM(config).train())
+    ids = torch.randint(5, 100, (2, 16))
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, [3, 7, 11]] = True
+    index, labels, attention = masked.flatten().nonzero()[:, 0], ids[masked], torch.ones_like(ids)
+    alum = AdversarialConfig(method="alum", steps=2)
+    with HostSyncs() as counter:
+        out = compute_losses(lambda d: model(ids, attention, index, d), lambda d: model(ids, attention, index, d)[0], labels, alum, 0, real=attention)
+        out.loss.backward()
+        out.stats()
+    # transformers' SDPA mask code syncs once per forward (`padding_mask.all()`): its own, not counted.
+    assert counter.from_files(PIPELINE) == [] and counter.read_backs == []
+    assert out.loss_adv.item() > 0
+
+
+@pytest.mark.slow
+def test_training_steps_on_a_deepspeed_engine_read_back_once_per_step(tmp_path, train_shards, bert_tokenizer):
+    out = tmp_path / "syncs.json"
+    overrides = [f"data.shards={train_shards}", f"data.tokenizer={bert_tokenizer}", "train.max_steps=2", "train.global_batch_size=8",
+                 "train.micro_batch_size=4", "adversarial.method=alum", "adversarial.start_step=0", "eval.every_steps=0"]
+    env = {**os.environ, "PYTHONPATH": f"{os.path.dirname(REPO_TESTS)}:{REPO_TESTS}"}
+    result = subprocess.run([sys.executable, os.path.join(REPO_TESTS, "count_step_syncs.py"), str(tmp_path / "run"), str(out), *overrides],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(out.read_text())
+    assert counts["steps"] == 2 and counts["micro_batches"] == 2 and counts["loss_adv"] > 0
+    assert counts["pipeline_syncs"] == []
+    assert len(counts["pipeline_read_backs"]) == 2 and all("pipeline/step.py" in where for where in counts["pipeline_read_backs"])
