@@ -243,9 +243,16 @@ def test_non_finite_ascent_gradient_falls_back_to_the_clean_loss(poison):
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_non_finite_adversarial_loss_falls_back_to_the_clean_loss(poison):
-    result, _ = run_step(ALUM, adversarial_poison=poison)
+    result, closures = run_step(ALUM, adversarial_poison=poison)
     assert result.skipped and result.loss_adv == 0.0
     assert torch.equal(result.loss, clean_loss())
+    # Dropped with torch.where, not a host-side branch: the adversarial pass is still in the
+    # graph, and must send back exact zeros, not NaN, to the parameter gradients.
+    result.loss.backward()
+    clean, reference = run_step(replace(ALUM, method="none"))
+    clean.loss.backward()
+    for p, q in zip(closures.model.parameters(), reference.model.parameters()):
+        assert torch.equal(p.grad, q.grad)
 
 
 # 6. Dropout replay
