@@ -167,9 +167,8 @@ def _repair_zero3_universal_load(optimizer, weight_decay: list[float]) -> None:
     It gives every parameter group the first group's hyperparameters (weight decay on
     biases and norms), and it hands one shared `step` tensor to every group's Adam state,
     which Adam then increments once per group per step (wrong bias correction from the
-    second group on). Found because a 2 -> 1 rank resume drifted from the uninterrupted
-    run by 2e-4 in the loss within 4 steps; with this it matches to float rounding.
-    """
+    second group on). Without this a resume on another world size drifts from the
+    uninterrupted run."""
     for group, decay in zip(optimizer.param_groups, weight_decay):
         group["weight_decay"] = decay
     for state in getattr(optimizer, "optimizer", optimizer).state.values():

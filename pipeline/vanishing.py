@@ -1,18 +1,17 @@
 """The guard against an adversarial term that is numerically zero.
 
-An ALUM step costs about 2.7 standard steps. If delta is below the embeddings' rounding
+An ALUM step costs several standard steps. If delta is below the embeddings' rounding
 step (bf16 keeps 8 significant bits) or the ascent never moves it, the adversarial logits
 equal the clean ones and the term is zero: the job pays for nothing. The trainer logs
 ``train/adv_ratio`` (alpha * L_adv / L_mlm, over all ranks) and ``train/delta_lost``. An active
 step counts as vanished when its ratio is below ``adversarial.vanish_ratio``, or when at least
 half of delta's elements were lost to rounding (what is left of the term is then rounding
-noise: in the study its value was no larger than a random perturbation's). After
-``adversarial.vanish_steps`` such active steps in a row the run says so once, in one line
-naming the keys to change, or stops with exit code 2 (``adversarial.on_vanish: error``).
+noise, no larger than a random perturbation's). After ``adversarial.vanish_steps`` such
+active steps in a row the run says so once, in one line naming the keys to change, or stops
+with exit code 2 (``adversarial.on_vanish: error``).
 
-The default floor, 1e-5, comes from bench/alum_term.py (docs/alum-term.md): the official
-magnitudes gave ratios of 2e-11 (fp32) and 4e-7 (bf16, 99.8% of delta lost), the defaults
-6e-3 in both.
+The default floor, 1e-5, lies between what the official magnitudes and this project's
+defaults give (the study in docs/ALUM.md has the measurements).
 """
 
 from __future__ import annotations
