@@ -53,9 +53,6 @@ def write_run_files(run_dir: Path, config: RunConfig, model_config, tokenizer) -
     model_dir.mkdir(exist_ok=True)
     atomic.write_bytes(model_dir / "config.json", model_config.to_json_string().encode())
     if not (model_dir / "tokenizer").is_dir():
-        tmp = model_dir / "tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name in tokenizer.files:  # the tokenizer's own files, not a model directory's weights
-            shutil.copy2(tokenizer.path / name, tmp / name)
-        tmp.rename(model_dir / "tokenizer")
+        with atomic.directory(model_dir / "tokenizer") as tmp:
+            for name in tokenizer.files:  # the tokenizer's own files, not a model directory's weights
+                shutil.copy2(tokenizer.path / name, tmp / name)
