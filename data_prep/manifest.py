@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep import atomic
+from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from data_prep.work_units import UNIT_BYTES
 
@@ -70,21 +71,13 @@ FLAGS = {"seq_len": "--seq-len", "val_fraction": "--val-fraction", "piece_bytes"
 
 def describe_difference(old: dict, new: dict) -> str:
     """The first setting two dataset identities differ in, with the `alum shard` flag that sets it."""
-    key, was, now = _first_difference(old, new, "")
-    if key is None:
+    difference = first_difference(old, new)
+    if difference is None:
         return "same settings"
+    key, was, now = difference
     flag = FLAGS.get(key) or FLAGS.get(key.split(".")[0], "")
     values = f"{was!r} then, {now!r} now" if not isinstance(was, (dict, list)) and not isinstance(now, (dict, list)) else "differs"
     return f"{key} {values}" + (f": {flag}" if flag else "")
-
-
-def _first_difference(old, new, prefix: str):
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-        return None, None, None
-    return prefix.rstrip("."), old, new
 
 
 def build(identity: dict, records: list[dict]) -> dict:

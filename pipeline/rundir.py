@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from data_prep import atomic
+from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from pipeline.config import RunConfig, dump, flatten, load_config, to_dict
 
@@ -39,9 +40,11 @@ def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: P
     config = load_config(config_path or stored_path, overrides)
     if stored_path.is_file():
         stored = flatten(yaml.safe_load(stored_path.read_text()))
-        for key, value in flatten(to_dict(config)).items():
-            if key not in CHANGEABLE and not key.startswith("wandb.") and stored.get(key) != value:
-                raise UserError(f"{stored_path}: this run was started with {key}={stored.get(key)!r}, not {value!r}; use a new --run-dir")
+        fixed = {key: value for key, value in flatten(to_dict(config)).items() if key not in CHANGEABLE and not key.startswith("wandb.")}
+        difference = first_difference({key: stored.get(key) for key in fixed}, fixed)
+        if difference:
+            key, was, now = difference
+            raise UserError(f"{stored_path}: this run was started with {key}={was!r}, not {now!r}; use a new --run-dir")
     return config
 
 
