@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -53,41 +52,38 @@ def test_an_unknown_split_names_the_splits(several_shards):
         ShardDataset(several_shards, "test")
 
 
+def open_error(directory) -> str:
+    """The UserError that opening the train split raises."""
+    with pytest.raises(UserError) as error:
+        ShardDataset(directory, "train")
+    return str(error.value)
+
+
 def test_a_truncated_shard_is_named(shards):
     entry, path = first_shard(shards)
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(UserError) as error:
-        ShardDataset(shards, "train")
-    assert str(error.value) == f"{path}: {entry['bytes'] - 100} bytes, the manifest says {entry['bytes']} (truncated or altered)"
+    assert open_error(shards) == f"{path}: {entry['bytes'] - 100} bytes, the manifest says {entry['bytes']} (truncated or altered)"
 
 
 def test_a_missing_shard_is_named(shards):
     _, path = first_shard(shards)
     path.unlink()
-    with pytest.raises(UserError) as error:
-        ShardDataset(shards, "train")
-    assert str(error.value) == f"{path}: shard listed in the manifest is missing"
+    assert open_error(shards) == f"{path}: shard listed in the manifest is missing"
 
 
 def test_a_row_count_other_than_the_manifests_is_named(shards):
     data = manifest.read(shards)
     entry = data["splits"]["train"]["shards"][0]
     entry["num_rows"] += 1
-    (shards / manifest.MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(UserError) as error:
-        ShardDataset(shards, "train")
-    assert str(error.value) == f"{shards / entry['path']}: {entry['num_rows'] - 1} rows, the manifest says {entry['num_rows']}"
+    manifest.write(shards, data)
+    assert open_error(shards) == f"{shards / entry['path']}: {entry['num_rows'] - 1} rows, the manifest says {entry['num_rows']}"
 
 
 def test_a_schema_other_than_the_manifests_is_named(shards):
-    data = manifest.read(shards)
-    data["dtype"] = "int32"
-    (shards / manifest.MANIFEST).write_text(json.dumps(data))
+    manifest.write(shards, {**manifest.read(shards), "dtype": "int32"})
     _, path = first_shard(shards)
-    with pytest.raises(UserError) as error:
-        ShardDataset(shards, "train")
-    assert str(error.value) == (f"{path}: schema input_ids: fixed_size_list<item: uint16>[64] differs from the expected "
-                                "input_ids: fixed_size_list<item: int32>[64]")
+    assert open_error(shards) == (f"{path}: schema input_ids: fixed_size_list<item: uint16>[64] differs from the expected "
+                                  "input_ids: fixed_size_list<item: int32>[64]")
 
 
 def test_altered_bytes_of_the_same_size_fail_the_checksum_of_the_rank_that_holds_them(shards):
