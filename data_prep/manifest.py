@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep import atomic
+from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from data_prep.work_units import UNIT_BYTES
 
@@ -70,21 +71,13 @@ FLAGS = {"seq_len": "--seq-len", "val_fraction": "--val-fraction", "piece_bytes"
 
 def describe_difference(old: dict, new: dict) -> str:
     """The first setting two dataset identities differ in, with the `alum shard` flag that sets it."""
-    key, was, now = _first_difference(old, new, "")
-    if key is None:
+    difference = first_difference(old, new)
+    if difference is None:
         return "same settings"
+    key, was, now = difference
     flag = FLAGS.get(key) or FLAGS.get(key.split(".")[0], "")
     values = f"{was!r} then, {now!r} now" if not isinstance(was, (dict, list)) and not isinstance(now, (dict, list)) else "differs"
     return f"{key} {values}" + (f": {flag}" if flag else "")
-
-
-def _first_difference(old, new, prefix: str):
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-        return None, None, None
-    return prefix.rstrip("."), old, new
 
 
 def build(identity: dict, records: list[dict]) -> dict:
@@ -151,24 +144,47 @@ def verify(directory: str | Path) -> dict:
 
 
 def verify_shard(directory: Path, shard: dict, schema: pa.Schema, vocab_size: int) -> None:
+    path = shard_path(directory, shard)
+    check_sha256(path, shard)
+    table = read_shard(path, shard, schema)
+    for chunk in table.column("input_ids").chunks:
+        ids = chunk.values.to_numpy()
+        if len(ids) and int(ids.max()) >= vocab_size:
+            raise UserError(f"{path}: token id {int(ids.max())} is outside the vocabulary ({vocab_size})")
+
+
+def shard_path(directory: Path, shard: dict) -> Path:
+    """The path of a manifest's shard, checked to exist with the recorded size (no read)."""
     path = directory / shard["path"]
     if not path.is_file():
         raise UserError(f"{path}: shard listed in the manifest is missing")
     size = path.stat().st_size
     if size != shard["bytes"]:
         raise UserError(f"{path}: {size} bytes, the manifest says {shard['bytes']} (truncated or altered)")
+    return path
+
+
+def check_sha256(path: Path, shard: dict) -> None:
+    """Catches altered bytes of the right size: reads the whole file."""
     if file_sha256(path) != shard["sha256"]:
         raise UserError(f"{path}: sha256 does not match the manifest (altered)")
+
+
+def read_shard(path: Path, shard: dict, schema: pa.Schema) -> pa.Table:
+    """The shard's table, memory-mapped (its buffers stay valid after the file is closed),
+    checked for the schema and row count the manifest records."""
     try:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
     except pa.ArrowInvalid as e:
         raise UserError(f"{path}: not a readable Arrow stream ({e})") from None
     if not table.schema.equals(schema):
-        raise UserError(f"{path}: schema {table.schema} differs from the expected {schema}")
+        raise UserError(f"{path}: schema {_columns(table.schema)} differs from the expected {_columns(schema)}")
     if table.num_rows != shard["num_rows"]:
         raise UserError(f"{path}: {table.num_rows} rows, the manifest says {shard['num_rows']}")
-    for chunk in table.column("input_ids").chunks:
-        ids = chunk.values.to_numpy()
-        if len(ids) and int(ids.max()) >= vocab_size:
-            raise UserError(f"{path}: token id {int(ids.max())} is outside the vocabulary ({vocab_size})")
+    return table
+
+
+def _columns(schema: pa.Schema) -> str:
+    """A schema on one line (its str() spans several)."""
+    return ", ".join(f"{field.name}: {field.type}" for field in schema)

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
+from data_prep import atomic
 from data_prep.corpus import InputFile, ReadOptions, ReadStats, plan_pieces, read_documents
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import ALUM_META as META_FILE
@@ -98,12 +98,14 @@ def train_tokenizer(
         del settings["character_coverage"], settings["byte_fallback"]  # sentencepiece's alone
     if kind == "bpe":
         model = _train_model(sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1)
-        written = _write_directory(out, lambda tmp: _write_sentencepiece(tmp, model, style, settings), overwrite)
+        with atomic.directory(out, replace=overwrite) as tmp:
+            written = _write_sentencepiece(tmp, model, style, settings)
     else:
         from data_prep.hf_training import train_hf_tokenizer
 
         tokenizer = train_hf_tokenizer(sample, kind, vocab_size, SPECIAL_TOKENS[style])
-        written = _write_directory(out, lambda tmp: _write_hf(tmp, tokenizer, settings), overwrite)
+        with atomic.directory(out, replace=overwrite) as tmp:
+            written = _write_hf(tmp, tokenizer, settings)
     return {
         "out": str(out),
         "documents": stats.documents,
@@ -177,22 +179,6 @@ def _explain_training_error(message: str, vocab_size: int) -> str:
     if too_high:
         return f"--vocab-size {vocab_size} is too large for this corpus: at most {too_high.group(2)} pieces can be learned from it"
     return f"--vocab-size {vocab_size}: sentencepiece could not train: {message}"
-
-
-def _write_directory(out: Path, write, overwrite: bool) -> int:
-    """Write every file under a temporary directory, then move it into place; returns what
-    `write(tmp)` returns (the vocabulary size)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        written = write(tmp)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return written
 
 
 def _write_sentencepiece(tmp: Path, model: bytes, style: str, settings: dict) -> int:

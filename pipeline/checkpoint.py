@@ -223,22 +223,18 @@ def _convert_to_universal(tag_dir: Path, target: Path) -> None:
     """DeepSpeed's ds_to_universal into a temporary directory, renamed once complete."""
     from deepspeed.checkpoint import ds_to_universal
 
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            ds_to_universal.main(args)
-    except Exception as e:
-        raise RuntimeError(f"{tag_dir}: conversion to a universal checkpoint failed: {e}\n{log.getvalue()[-2000:]}") from e
-    (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal; we name the directory ourselves
-    atomic.write_json(partial / COMPLETE, {"source": tag_dir.name})
-    _fsync_tree(partial)
-    partial.rename(target)
-    atomic.fsync_dir(tag_dir)
+    with atomic.directory(target, replace=True) as partial:
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+        except Exception as e:
+            raise RuntimeError(f"{tag_dir}: conversion to a universal checkpoint failed: {e}\n{log.getvalue()[-2000:]}") from e
+        (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal; we name the directory ourselves
+        atomic.write_json(partial / COMPLETE, {"source": tag_dir.name})
+        _fsync_tree(partial)
 
 
 class Checkpointer:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from data_prep import manifest
@@ -44,25 +43,15 @@ class ShardDataset:
         return int(self.starts[-1])
 
     def _open(self, entry: dict) -> list[np.ndarray]:
-        path = self.directory / entry["path"]
-        if not path.is_file():
-            raise UserError(f"{path}: shard listed in the manifest is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or altered)")
-        try:
-            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-        except pa.ArrowInvalid as e:
-            raise UserError(f"{path}: not a readable Arrow stream ({e})") from None
-        if table.num_rows != entry["num_rows"]:
-            raise UserError(f"{path}: {table.num_rows} rows, the manifest says {entry['num_rows']}")
+        """The shard's blocks, checked against the manifest without reading every byte."""
+        schema = manifest.shard_schema(self.seq_len, self.manifest["dtype"])
+        table = manifest.read_shard(manifest.shard_path(self.directory, entry), entry, schema)
         return [np.asarray(chunk.flatten()).reshape(-1, self.seq_len) for chunk in table.column("input_ids").chunks]
 
     def verify_checksums(self, rank: int = 0, world_size: int = 1) -> None:
         """sha256 of this rank's share of the shards (catches altered bytes of the right size)."""
         for entry in self.entries[rank::world_size]:
-            path = self.directory / entry["path"]
-            if manifest.file_sha256(path) != entry["sha256"]:
-                raise UserError(f"{path}: sha256 does not match the manifest (altered)")
+            manifest.check_sha256(self.directory / entry["path"], entry)
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at the given global indices, as an int64 array [len(indices), seq_len]."""

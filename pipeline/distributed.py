@@ -18,6 +18,7 @@ import torch
 import torch.distributed
 from deepspeed.accelerator import get_accelerator
 
+from data_prep.differences import first_difference
 from data_prep.errors import UserError
 
 
@@ -86,12 +87,12 @@ def check_same_config(flat: dict) -> None:
     every = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, flat)
     for rank, other in enumerate(every):
-        differing = sorted(key for key in every[0].keys() | other.keys() if every[0].get(key) != other.get(key))
-        if differing:
-            key = differing[0]
+        difference = first_difference(every[0], other)
+        if difference:
+            key, ours, theirs = difference
             raise UserError(
-                f"rank {rank} was started with another config than rank 0: {key}={other.get(key)!r} there, "
-                f"{every[0].get(key)!r} on rank 0; launch every node with the same config and overrides"
+                f"rank {rank} was started with another config than rank 0: {key}={theirs!r} there, "
+                f"{ours!r} on rank 0; launch every node with the same config and overrides"
             )
 
 

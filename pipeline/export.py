@@ -10,11 +10,11 @@ pretraining run (`model.init_from`) on shards made with the same tokenizer.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline import checkpoint
 from pipeline.rundir import MODEL
@@ -71,15 +71,7 @@ def _fp32_state_dict(root: Path, tag: str) -> dict:
 
 
 def _write(model, tokenizer_dir: Path, out: Path, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.directory(out, replace=overwrite) as tmp:
         model.save_pretrained(str(tmp))
         for path in tokenizer_dir.iterdir():
             shutil.copy2(path, tmp / path.name)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

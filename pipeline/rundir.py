@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from data_prep import atomic
+from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from pipeline.config import RunConfig, dump, flatten, load_config, to_dict
 
@@ -39,9 +40,11 @@ def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: P
     config = load_config(config_path or stored_path, overrides)
     if stored_path.is_file():
         stored = flatten(yaml.safe_load(stored_path.read_text()))
-        for key, value in flatten(to_dict(config)).items():
-            if key not in CHANGEABLE and not key.startswith("wandb.") and stored.get(key) != value:
-                raise UserError(f"{stored_path}: this run was started with {key}={stored.get(key)!r}, not {value!r}; use a new --run-dir")
+        fixed = {key: value for key, value in flatten(to_dict(config)).items() if key not in CHANGEABLE and not key.startswith("wandb.")}
+        difference = first_difference({key: stored.get(key) for key in fixed}, fixed)
+        if difference:
+            key, was, now = difference
+            raise UserError(f"{stored_path}: this run was started with {key}={was!r}, not {now!r}; use a new --run-dir")
     return config
 
 
@@ -53,9 +56,6 @@ def write_run_files(run_dir: Path, config: RunConfig, model_config, tokenizer) -
     model_dir.mkdir(exist_ok=True)
     atomic.write_bytes(model_dir / "config.json", model_config.to_json_string().encode())
     if not (model_dir / "tokenizer").is_dir():
-        tmp = model_dir / "tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name in tokenizer.files:  # the tokenizer's own files, not a model directory's weights
-            shutil.copy2(tokenizer.path / name, tmp / name)
-        tmp.rename(model_dir / "tokenizer")
+        with atomic.directory(model_dir / "tokenizer") as tmp:
+            for name in tokenizer.files:  # the tokenizer's own files, not a model directory's weights
+                shutil.copy2(tokenizer.path / name, tmp / name)
