@@ -4,11 +4,10 @@ The same command runs alone, under `deepspeed [--num_gpus N | --hostfile H] --mo
 pipeline.pretrain ...` and under `torchrun -m pipeline.pretrain ...`. Re-running it on an
 existing run directory resumes from the latest complete checkpoint.
 
-The loop, per optimizer step: compute the global batch from `consumed_samples`, take this
-rank's slice, mask it at the curriculum's rate, and for each micro-batch compute the
-losses (`pipeline.adversarial.compute_losses`: MLM, plus ALUM from
-`adversarial.start_step` on), `engine.backward`, `engine.step`. Then metrics, validation
-and checkpoints on their schedules.
+The loop, per optimizer step: this rank's masked micro-batches at the curriculum's rate
+(`pipeline.data.Batches`), the step (`pipeline.step.train_step`: MLM, plus ALUM from
+`adversarial.start_step` on), its stats gathered over the ranks in one read-back; then
+validation, metrics and checkpoints, each on its own schedule (`due`).
 """
 
 from __future__ import annotations
