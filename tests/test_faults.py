@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, RUN, TRAIN_OVERRIDES
+from helpers import REPO, RUN, TRAIN_OVERRIDES
 
 pytestmark = pytest.mark.slow
 

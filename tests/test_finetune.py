@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
-from conftest import data_file
+from helpers import data_file
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline import finetune
@@ -216,7 +216,7 @@ def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_pat
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
     from pipeline.distributed import free_port
 
     options = args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "one", **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75})

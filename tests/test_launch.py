@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics
+from helpers import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TRAIN_OVERRIDES, pretrain, read_metrics
+from helpers import REPO, TRAIN_OVERRIDES, pretrain, read_metrics
 from pipeline.distributed import free_port
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.tokenizer import train_tokenizer

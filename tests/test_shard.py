@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 import sentencepiece as spm
 
-from conftest import REPO, run_alum
+from helpers import REPO, run_alum
 from data_prep import manifest
 from data_prep.corpus import ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
 from data_prep.errors import UserError

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics, run_alum
+from helpers import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics, run_alum
 
 from pipeline.distributed import free_port
 
