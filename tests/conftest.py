@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RUN, data_file, ok, pretrain
+from helpers import RUN, build_shards, build_tokenizer, data_file, ok, pretrain
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,22 +33,13 @@ def wikitext_valid() -> Path:
 @pytest.fixture(scope="session")
 def bert_tokenizer(tmp_path_factory, wikitext_train) -> Path:
     """A BERT-style BPE tokenizer trained on WikiText-2 train (shared by the data tests)."""
-    from data_prep.corpus import ReadOptions, expand_inputs
-    from data_prep.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tokenizers") / "bert"
-    train_tokenizer(expand_inputs([str(wikitext_train)]), ReadOptions(), out, vocab_size=2000, threads=2)
-    return out
+    return build_tokenizer(wikitext_train, tmp_path_factory.mktemp("tokenizers") / "bert")
 
 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
     """WikiText-2 valid packed into 64-token rows, 10% of documents in the val split."""
-    from data_prep.shard import ShardSettings, shard_corpus
-
-    out = tmp_path_factory.mktemp("train-shards") / "shards"
-    shard_corpus([str(wikitext_valid)], bert_tokenizer, out, ShardSettings(seq_len=64, val_fraction=0.1))
-    return out
+    return build_shards(wikitext_valid, bert_tokenizer, tmp_path_factory.mktemp("train-shards") / "shards")
 
 
 @pytest.fixture(scope="session", params=[2, 3], ids=["zero2", "zero3"])

@@ -1,5 +1,6 @@
-"""Plain helpers and settings the tests share: launching the CLI and training, reading a run's
-metrics and W&B records. Fixtures live in conftest.py, which pytest loads by itself."""
+"""Plain helpers the tests share: launching the CLI and training, reading a run's metrics and
+W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench scripts use too).
+Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
@@ -16,23 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
+sys.path.append(str(REPO / "bench"))  # the tiny run is shared with bench/fault_injection.py, whose modules the tests import
 
-# A few seconds per launch on 2 CPU cores: tiny BERT, 64-token rows, 16 samples a step.
-TRAIN_OVERRIDES = (
-    "train.global_batch_size=16",
-    "train.micro_batch_size=4",
-    "train.log_every=1",
-    "train.warmup_steps=2",
-    "eval.batches=2",
-    "wandb.mode=offline",
-    "adversarial.grad_eps=1e-12",
-    "train.dist_timeout_s=300",  # a test that hangs on a collective fails in minutes
-)
-
-# A perturbation large enough that the adversarial term is well above float32 rounding of the loss.
-RUN = ("train.max_steps=8", "adversarial.method=alum", "adversarial.start_step=4", "adversarial.step_size=0.1",
-       "adversarial.noise_std=0.01", "checkpoint.every_steps=4", "eval.every_steps=4",
-       "train.peak_tflops=0.5")  # a CPU has no known peak: this one logs perf/mfu
+# The tests import these from here too: RUN, build_shards, build_tokenizer, comparable, pretrain_args.
+from tiny_run import CONFIG, RUN, build_shards, build_tokenizer, comparable, launch_command, pretrain_args  # noqa: E402,F401
 
 
 def data_file(relative: str) -> Path:
@@ -60,7 +48,7 @@ def run_alum(*args: str, cwd: Path | None = None, check: bool = False) -> subpro
 
 
 def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, world: int = 2, stage: int = 2,
-             launcher: str | None = None, config: str = "configs/tiny.yaml", timeout: int = 600, start=subprocess.run,
+             launcher: str | None = None, config: str = CONFIG, timeout: int = 600, start=subprocess.run,
              python_path: tuple[Path, ...] = (), **kwargs):
     """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
     `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
@@ -68,17 +56,8 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
     PYTHONPATH (a fault injected through a sitecustomize.py)."""
     from pipeline.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
 
-    args = ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
-            *([f"data.tokenizer={tokenizer}"] if tokenizer else []),
-            f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
-    launcher = launcher or ("deepspeed" if world > 1 else "python")
-    commands = {
-        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), "--module", "pipeline.pretrain"],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port()), "-m", "pipeline.pretrain"],
-        "python": [sys.executable, "-m", "pipeline.pretrain"],
-        "alum": [sys.executable, "-m", "pipeline.cli", "pretrain"],
-    }
-    command = commands[launcher] + args
+    command = (launch_command(launcher or ("deepspeed" if world > 1 else "python"), world, free_port())
+               + pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage, config=config))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
     if start is subprocess.run:
         # Its own session, so a launch that times out is killed whole (launcher, ranks, W&B).
@@ -111,11 +90,6 @@ def kill_when(path: Path, process: subprocess.Popen, timeout: float = 300, poll:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(records: list[dict]) -> list[dict]:
-    """Metrics without wall-clock figures."""
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
 
 
 def wandb_records(run_dir: Path) -> list:
