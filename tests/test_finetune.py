@@ -4,16 +4,18 @@ a short real fine-tuning run on SST-2 with two seeds, and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
-from argparse import Namespace
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
-from helpers import data_file
+from helpers import REPO, data_file
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline import finetune
@@ -212,11 +214,6 @@ def dropout_free_model(tmp_path_factory, small_model) -> Path:
 
 @pytest.mark.slow
 def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
     from pipeline.distributed import free_port
 
     options = args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "one", **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75})
