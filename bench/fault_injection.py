@@ -40,8 +40,8 @@ leaves none, killed or not. The harness checks that: it counts (and removes) any
 launches left behind; the report must say 0.
 
 The tokenizer (vocab 2000, WikiText-2 train) and shards (WikiText-2 valid, 64-token rows,
-10% val) are built once into the work directory with the project's API, as the tests
-do; `ALUM_SHARED_DATA` (or `--data`) names the data directory.
+10% val) are built once into the work directory by the functions the tests' fixtures use
+(bench/tiny_run.py); `ALUM_SHARED_DATA` (or `--data`) names the data directory.
 
     python bench/fault_injection.py                                # 6 faults, seed 0: 16 steps, checkpoint every 3
     python bench/fault_injection.py --faults 9 --seed 3 --json faults.json
