@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ok, pretrain, read_metrics
+from helpers import ok, pretrain, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -6,32 +6,22 @@ checkpoint and the finished run equals the uninterrupted one sample for sample.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO, RUN, TRAIN_OVERRIDES
+from fault_injection import run_with_faults  # bench/ is on sys.path: tests/helpers.py, which conftest.py imports
+from fault_report import compare, passed, report, summarize
+from faults import KINDS, Fault, plan_faults
+from helpers import RUN, pretrain_args
+from run_files import run_settings, tag_step
 
 pytestmark = pytest.mark.slow
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("fault_injection", REPO / "bench" / "fault_injection.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
-
-
 def test_plan_is_seeded_and_uses_every_kind():
-    plan = harness.plan_faults(6, seed=0, max_steps=16)
-    assert plan == harness.plan_faults(6, seed=0, max_steps=16)
-    assert plan != harness.plan_faults(6, seed=1, max_steps=16)
-    assert sorted(f.kind for f in plan) == sorted(harness.KINDS * 2)
+    plan = plan_faults(6, seed=0, max_steps=16)
+    assert plan == plan_faults(6, seed=0, max_steps=16)
+    assert plan != plan_faults(6, seed=1, max_steps=16)
+    assert sorted(f.kind for f in plan) == sorted(KINDS * 2)
     assert [f.step for f in plan] == sorted(f.step for f in plan) and all(1 <= f.step <= 15 for f in plan)
     assert all((f.rank is not None) == (f.kind == "kill-rank") for f in plan)
 
@@ -40,25 +30,25 @@ def test_plan_is_seeded_and_uses_every_kind():
 def test_killed_run_resumes_without_skipping_or_repeating_samples(reference, tmp_path, train_shards, bert_tokenizer):
     stage, reference_dir = reference  # RUN: 8 steps, checkpoints at 4 and 8
     run_dir = tmp_path / "faulted"
-    args = harness.training_args(run_dir, bert_tokenizer, train_shards, (*TRAIN_OVERRIDES, *RUN), stage)
+    args = pretrain_args(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage)
     # The kills mid-step come first: on a loaded machine they can land a step or two late
     # without missing the run; the kill in the save of step 8 is the last.
     faults = [
-        harness.Fault("kill-group", step=5, fraction=0.5),  # in step 6: back to step 4
-        harness.Fault("kill-rank", step=5, fraction=0.5, rank=1),  # in step 6: back to step 4
-        harness.Fault("kill-in-save", step=5, fraction=0.2),  # saving step 8 (a save takes ~30 ms): back to step 4
+        Fault("kill-group", step=5, fraction=0.5),  # in step 6: back to step 4
+        Fault("kill-rank", step=5, fraction=0.5, rank=1),  # in step 6: back to step 4
+        Fault("kill-in-save", step=5, fraction=0.2),  # saving step 8 (a save takes ~30 ms): back to step 4
     ]
-    run = harness.run_with_faults(args, run_dir, faults, tmp_path / "logs", echo=lambda line: None)
-    comparison = harness.compare(run_dir, reference_dir, harness.run_settings(reference_dir)["global_batch_size"])
-    summary = harness.summarize(run, comparison)
-    details = harness.report(run, comparison, summary)
+    run = run_with_faults(args, run_dir, faults, tmp_path / "logs", echo=lambda line: None)
+    comparison = compare(run_dir, reference_dir, run_settings(reference_dir)["global_batch_size"])
+    summary = summarize(run, comparison)
+    details = report(run, comparison, summary)
     print(details)
 
-    assert summary["faults_injected"] == 3 and summary["by_kind"] == dict.fromkeys(harness.KINDS, 1), details
+    assert summary["faults_injected"] == 3 and summary["by_kind"] == dict.fromkeys(KINDS, 1), details
     assert run.final_exit_code == 0, details
     for fault in run.faults:
         # from the newest complete checkpoint on disk once the job had died (step 4 here)
-        assert fault.resumed and fault.resumed_step == harness.tag_step(fault.newest_complete or "step0"), details
+        assert fault.resumed and fault.resumed_step == tag_step(fault.newest_complete or "step0"), details
         assert fault.steps_lost == fault.last_logged_step - fault.resumed_step >= 0, details
         assert fault.leftovers == [] and fault.all_gone_seconds is not None and not fault.hung, details
     assert run.final_leftovers == [], details
@@ -74,4 +64,4 @@ def test_killed_run_resumes_without_skipping_or_repeating_samples(reference, tmp
 
     assert comparison.samples_skipped_or_repeated == 0, details
     assert not comparison.loss_mismatch_steps, details
-    assert comparison.exact and harness.ok(summary), details
+    assert comparison.exact and passed(summary), details

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics
+from helpers import REPO, RUN, comparable, pretrain_args, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.slow
 def node(rank: int | str, hostfile, run_dir, shards, tokenizer, port: int, *extra: str, start=subprocess.Popen, env: dict | None = None):
     env = {**os.environ, "HOSTFILE": str(hostfile), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(env or {})}
-    command = ["bash", str(REPO / "launch" / "node.sh"), "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-               f"data.shards={shards}", f"data.tokenizer={tokenizer}", "deepspeed=configs/deepspeed/zero2.json",
-               *TRAIN_OVERRIDES, *RUN, *extra]
+    command = ["bash", str(REPO / "launch" / "node.sh"), *pretrain_args(run_dir, shards, tokenizer, *RUN, *extra)]
     return start(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, RUN, comparable, kill_when, ok, pretrain, read_metrics, wandb_history, wandb_records
+from helpers import REPO, RUN, comparable, kill_when, ok, pretrain, read_metrics, wandb_history, wandb_records
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import ShardDataset, masked_batch

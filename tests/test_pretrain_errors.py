@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TRAIN_OVERRIDES, pretrain, read_metrics
+from helpers import REPO, pretrain, pretrain_args, read_metrics
 from pipeline.distributed import free_port
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.tokenizer import train_tokenizer
@@ -127,8 +127,7 @@ def node_launch(rank: int, run_dir, shards, tokenizer, port: int, *overrides: st
     hostfile.write_text("".join(f"node{n} slots=1\n" for n in range(nodes)))
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "pipeline.pretrain",
-               "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), f"data.shards={shards}", f"data.tokenizer={tokenizer}",
-               "deepspeed=configs/deepspeed/zero2.json", *TRAIN_OVERRIDES, *overrides]
+               *pretrain_args(run_dir, shards, tokenizer, *overrides)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

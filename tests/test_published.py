@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, ok, pretrain, read_metrics, run_alum
+from helpers import REPO, ok, pretrain, read_metrics, run_alum
 from data_prep import manifest
 from data_prep.tokenizer_dir import load_tokenizer
 from data_prep.work_units import in_validation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pytest
 import sentencepiece as spm
 
-from conftest import REPO, run_alum
+from helpers import REPO, run_alum
 from data_prep import manifest
 from data_prep.corpus import ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
 from data_prep.errors import UserError
@@ -265,9 +266,13 @@ def test_large_vocabularies_use_int32():
 def test_summary_reports_counts(tmp_path, wikitext_valid, bert_tokenizer):
     result = shard(tmp_path / "o", [wikitext_valid], bert_tokenizer)
     data = manifest.read(tmp_path / "o")
-    for key in ("documents", "empty_documents", "tokens", "sequences", "padding_fraction", "seconds", "tokens_per_s"):
-        assert key in result.stdout
-    assert f"{data['stats']['documents']:,}" in result.stdout
+    table, counts = summary_table(result.stdout), data["stats"]
+    assert {"seconds", "tokens_per_s"} <= set(table)
+    shown = {key: f"{counts[key]:,}" for key in ("documents", "empty_documents", "val_documents", "replaced_characters")}
+    assert {key: table[key] for key in shown} == shown
+    assert table["sequences"] == f"{data['num_sequences']:,}" and table["tokens (documents)"] == f"{counts['tokens']:,}"
+    assert table["tokens (rows, with [CLS]/[SEP] framing)"] == f"{data['num_tokens']:,}"
+    assert table["padding_fraction"] == f"{counts['padding_tokens'] / (data['num_sequences'] * SEQ_LEN):.2f}"
     stats = ReadStats()
     options = ReadOptions()
     docs = [d for p in plan_pieces(expand_inputs([str(wikitext_valid)]), options, None) for d in read_documents(p, options, stats)]
@@ -275,14 +280,18 @@ def test_summary_reports_counts(tmp_path, wikitext_valid, bert_tokenizer):
     assert data["stats"]["empty_documents"] == stats.empty_documents
 
 
+def summary_table(stdout: str) -> dict[str, str]:
+    """A summary `alum shard` or `alum verify` prints: its value by key, as shown."""
+    return dict(re.fullmatch(r"  (\S.*?)  +(\S.*)", line).groups() for line in stdout.splitlines()[1:])
+
+
 def test_shard_and_verify_token_counts_reconcile(tmp_path, wikitext_valid, bert_tokenizer):
     """`alum shard` prints the documents' tokens and the rows' (framing included); `alum verify` the rows'."""
     out = tmp_path / "s"
-    printed = shard(out, [wikitext_valid], bert_tokenizer).stdout
-    verified = run_alum("verify", out, check=True).stdout
+    printed = summary_table(shard(out, [wikitext_valid], bert_tokenizer).stdout)
+    verified = summary_table(run_alum("verify", out, check=True).stdout)
     label = "tokens (rows, with [CLS]/[SEP] framing)"
-    rows_line = next(line for line in printed.splitlines() if label in line)
-    assert rows_line.split()[-1] == next(line for line in verified.splitlines() if label in line).split()[-1]
+    assert printed[label] == verified[label]
     data = manifest.read(out)
-    documents = int(next(line for line in printed.splitlines() if "tokens (documents)" in line).split()[-1].replace(",", ""))
-    assert documents == data["stats"]["tokens"] and int(rows_line.split()[-1].replace(",", "")) == data["num_tokens"] > documents
+    documents, rows_tokens = (int(printed[key].replace(",", "")) for key in ("tokens (documents)", label))
+    assert documents == data["stats"]["tokens"] and rows_tokens == data["num_tokens"] > documents

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, RUN, TRAIN_OVERRIDES, comparable, read_metrics, run_alum
+from helpers import REPO, RUN, comparable, pretrain_args, read_metrics, run_alum
 
 from pipeline.distributed import free_port
 
@@ -36,9 +36,7 @@ class Launch:
         self.port = free_port()
         env = {**os.environ, "HOSTFILE": str(hostfile), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port),
                "RESTARTS": str(restarts), "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
-        command = ["bash", str(REPO / "launch" / "node.sh"), "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-                   f"data.shards={shards}", f"data.tokenizer={tokenizer}", "deepspeed=configs/deepspeed/zero2.json",
-                   *TRAIN_OVERRIDES, *RUN, *extra]
+        command = ["bash", str(REPO / "launch" / "node.sh"), *pretrain_args(run_dir, shards, tokenizer, *RUN, *extra)]
         with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
 

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from conftest import data_file, run_alum
+from helpers import data_file, run_alum
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.errors import UserError
 from data_prep.tokenizer import reservoir_sample, train_tokenizer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, RUN, kill_when, ok, pretrain, read_metrics
+from helpers import REPO, RUN, kill_when, ok, pretrain, read_metrics
 
 pytestmark = pytest.mark.slow
 

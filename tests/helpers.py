@@ -1,0 +1,133 @@
+"""Plain helpers the tests share: launching the CLI and training, reading a run's metrics and
+W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench scripts use too).
+Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
+sys.path.append(str(REPO / "bench"))  # the tiny run is shared with bench/fault_injection.py, whose modules the tests import
+
+# The tests import these from here too: RUN, build_shards, build_tokenizer, comparable, pretrain_args.
+from tiny_run import CONFIG, RUN, build_shards, build_tokenizer, comparable, launch_command, pretrain_args  # noqa: E402,F401
+
+
+def data_file(relative: str) -> Path:
+    """A file of the test data; a missing one is a broken set-up, so fail rather than skip."""
+    if not os.environ.get("ALUM_SHARED_DATA"):
+        pytest.fail("ALUM_SHARED_DATA is not set: set it to the test-data directory (wikitext-2/, sst2/, ...)")
+    path = DATA / relative
+    if not path.is_file():
+        pytest.fail(f"{path}: test data is missing (ALUM_SHARED_DATA={DATA})")
+    return path
+
+
+def run_alum(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the `alum` CLI in a fresh interpreter, as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"alum {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, world: int = 2, stage: int = 2,
+             launcher: str | None = None, config: str = CONFIG, timeout: int = 600, start=subprocess.run,
+             python_path: tuple[Path, ...] = (), **kwargs):
+    """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
+    `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
+    run's default (model.init_from's). `python_path`: folders put first on the processes'
+    PYTHONPATH (a fault injected through a sitecustomize.py)."""
+    from pipeline.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
+
+    command = (launch_command(launcher or ("deepspeed" if world > 1 else "python"), world, free_port())
+               + pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage, config=config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
+    if start is subprocess.run:
+        # Its own session, so a launch that times out is killed whole (launcher, ranks, W&B).
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True, **kwargs)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+        return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return start(command, cwd=REPO, env=env, **kwargs)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def kill_when(path: Path, process: subprocess.Popen, timeout: float = 300, poll: float = 0.02) -> None:
+    """SIGKILL a launch (started with start_new_session=True) as soon as `path` exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert path.exists(), f"{path} never appeared"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The protobuf records of the W&B offline run(s) in a run directory, in file order.
+
+    The `.wandb` file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then
+    32 KiB blocks of records, each with a 7-byte header (crc32, length, type: full, first,
+    middle, last); a block tail shorter than a header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2  # W&B is slow to import: only the tests that read its records pay for it
+
+    records = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+        pos, pending = 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if kind == 0:
+                break
+            chunk = data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict]:
+    """What `wandb.log` recorded, by step (keys with a "/" are stored as nested keys)."""
+    rows = {}
+    for record in wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows[row["_step"]] = row
+    return rows
