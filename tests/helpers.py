@@ -5,6 +5,7 @@ Fixtures live in conftest.py."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import struct
@@ -131,3 +132,17 @@ def wandb_history(run_dir: Path) -> dict[int, dict]:
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             rows[row["_step"]] = row
     return rows
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def raises_naming(key: str):
+    """pytest.raises for a UserError whose message names `key`."""
+    from data_prep.errors import UserError
+
+    return pytest.raises(UserError, match=re.escape(key))

@@ -1,4 +1,4 @@
-"""The config layer: run YAMLs, dotted overrides, DeepSpeed JSONs and model-size YAMLs.
+"""The config layer: run YAMLs, dotted overrides and DeepSpeed JSONs (model sizes: test_model_sizes.py).
 
 Fast unit tests (no engines, no training): every shipped config loads and says what it
 claims, and every bad key, type or combination is a `UserError` naming the key or file.
@@ -7,25 +7,23 @@ claims, and every bad key, type or combination is a `UserError` naming the key o
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from data_prep.errors import UserError
 from pipeline.adversarial import AdversarialConfig
 from pipeline.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config
 from pipeline.curriculum import MaskSchedule
 from pipeline.engine import deepspeed_config, zero_stage
-from pipeline.model import hf_config
+
+from helpers import raises_naming, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 MODEL_SIZES = sorted((REPO / "configs" / "models").glob("*.yaml"))
-SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 PAPER_SCHEDULE = MaskSchedule(kind="stepwise", start=0.05, end=0.25, increment=0.05, every=0.2)
 MINIMAL = {"data": {"shards": "data/shards", "tokenizer": "data/tokenizer"}}
 
@@ -36,18 +34,9 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def minimal(tmp_path: Path, **sections) -> Path:
     """A run config with the two required data keys plus the given sections."""
     return write_yaml(tmp_path / "run.yaml", {**MINIMAL, **sections})
-
-
-def raises_naming(key: str):
-    return pytest.raises(UserError, match=re.escape(key))
 
 
 def expected_bf16() -> bool:
@@ -125,127 +114,6 @@ def test_continual_configs_follow_the_paper(name, beta2):
     assert config.adversarial.start_step == 0
     assert config.adversarial.alpha == 10.0
     assert config.train.adam_beta2 == beta2
-
-
-@pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
-def test_every_deepspeed_json_is_valid(path):
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    raw = json.loads(path.read_text())
-    config = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed={path.relative_to(REPO)}"])
-    ds = deepspeed_config(config, world_size=2)  # tiny: global 32 = micro 8 x 2 ranks x 2 accumulation
-    assert ds["gradient_accumulation_steps"] == 2
-    assert ds["zero_optimization"] == raw["zero_optimization"]
-    # DeepSpeed's own model of the section forbids unknown keys: the key names are valid for this version.
-    zero = DeepSpeedZeroConfig(**raw["zero_optimization"])
-    assert zero.stage == zero_stage(ds)
-    if "offload" in path.stem:
-        assert zero.offload_optimizer.device == "cpu"
-        assert zero.offload_optimizer.pin_memory is True
-        assert (zero.offload_param is not None and zero.offload_param.device == "cpu") is (zero.stage == 3)
-
-
-def test_offload_jsons_have_the_expected_stages():
-    stages = {p.stem: zero_stage(json.loads(p.read_text())) for p in DEEPSPEED_JSONS}
-    assert stages["zero2-offload"] == 2
-    assert stages["zero3-offload"] == 3
-
-
-# --- model sizes ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("path", MODEL_SIZES, ids=lambda p: p.name)
-def test_every_model_size_builds_an_hf_config(path):
-    spec = yaml.safe_load(path.read_text())
-    assert "vocab_size" not in spec  # it comes from the tokenizer
-    config = hf_config(str(path), vocab_size=8000, special_ids=SPECIAL_IDS, seq_len=128)
-    assert config.model_type == spec["arch"]
-    assert config.vocab_size == 8000  # already a multiple of 64
-    assert config.pad_token_id == 0
-    assert config.hidden_size == spec["hidden_size"]
-    assert config.hidden_size % config.num_attention_heads == 0
-
-
-def test_model_sizes_match_bert():
-    base = hf_config("configs/models/bert-base.yaml", 8000, SPECIAL_IDS, 512)
-    large = hf_config("configs/models/bert-large.yaml", 8000, SPECIAL_IDS, 512)
-    def shape(c):
-        return (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.max_position_embeddings)
-
-    assert shape(base) == (768, 12, 12, 3072, 512)
-    assert shape(large) == (1024, 24, 16, 4096, 512)
-    assert large.num_hidden_layers == 24
-
-
-def test_vocab_is_rounded_up_to_64():
-    config = hf_config("configs/models/tiny.yaml", vocab_size=8001, special_ids=SPECIAL_IDS, seq_len=128)
-    assert config.vocab_size == 8064
-
-
-def test_hf_config_refuses_a_vocab_smaller_than_the_tokenizers(tmp_path):
-    path = write_yaml(tmp_path / "small.yaml", {"arch": "bert", "hidden_size": 32, "num_attention_heads": 2, "vocab_size": 100})
-    with pytest.raises(UserError, match=re.escape(str(path)) + ".*vocab_size 100 is smaller"):
-        hf_config(str(path), 8000, SPECIAL_IDS, 128)
-
-
-def test_hf_config_refuses_a_seq_len_above_the_positions():
-    path = "configs/models/bert-base.yaml"
-    assert hf_config(path, 8000, SPECIAL_IDS, 512).max_position_embeddings == 512
-    with pytest.raises(UserError, match=re.escape(path) + ".*max_position_embeddings"):
-        hf_config(path, 8000, SPECIAL_IDS, 513)
-
-
-def test_hf_config_counts_roberta_position_offset(tmp_path):
-    """RoBERTa's position ids start after the padding id: 512 positions leave 512 - (pad + 1)."""
-    path = write_yaml(tmp_path / "rob.yaml", {"arch": "roberta", "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 512})
-    roberta_ids = {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
-    config = hf_config(str(path), 8000, roberta_ids, 510)
-    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 2, 1)
-    with pytest.raises(UserError, match="max_position_embeddings"):
-        hf_config(str(path), 8000, roberta_ids, 511)
-
-
-def test_hf_config_reads_an_hf_model_directory(tmp_path):
-    """Continual pretraining names an HF directory (config.json) as model.config."""
-    from transformers import RobertaConfig
-
-    RobertaConfig(vocab_size=8000, hidden_size=32, num_attention_heads=2, max_position_embeddings=514, pad_token_id=1).save_pretrained(tmp_path)
-    roberta_ids = {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
-    config = hf_config(str(tmp_path), 8000, roberta_ids, 512)
-    assert (config.model_type, config.vocab_size) == ("roberta", 8000)
-    with pytest.raises(UserError, match=re.escape(str(tmp_path))):
-        hf_config(str(tmp_path), 8001, roberta_ids, 512)
-    # RoBERTa numbers positions from its pad id: a tokenizer with another pad does not fit.
-    with pytest.raises(UserError, match=re.escape(f"{tmp_path}: pad_token_id 1 in its config, but the tokenizer's pad token is id 0")):
-        hf_config(str(tmp_path), 8000, SPECIAL_IDS, 512)
-
-
-def test_hf_config_refuses_an_unknown_arch(tmp_path):
-    path = write_yaml(tmp_path / "gpt.yaml", {"arch": "gpt2", "hidden_size": 32})
-    with pytest.raises(UserError, match=re.escape(str(path)) + ".*arch must be one of bert, roberta, got 'gpt2'"):
-        hf_config(str(path), 8000, SPECIAL_IDS, 128)
-
-
-def test_hf_config_refuses_an_unknown_model_key(tmp_path):
-    """HF configs would keep a typo as an attribute and silently train the default size."""
-    path = write_yaml(tmp_path / "typo.yaml", {"arch": "bert", "hidden_sise": 32})
-    with pytest.raises(UserError, match=re.escape(str(path)) + ": hidden_sise: unknown bert config key"):
-        hf_config(str(path), 8000, SPECIAL_IDS, 128)
-
-
-def test_hf_config_refuses_a_model_yaml_that_is_not_a_mapping(tmp_path):
-    path = tmp_path / "list.yaml"
-    path.write_text("- arch: bert\n")
-    with pytest.raises(UserError, match=re.escape(str(path)) + ": expected a mapping"):
-        hf_config(str(path), 8000, SPECIAL_IDS, 128)
-    path.write_text("arch: [bert\n")
-    with pytest.raises(UserError, match=re.escape(str(path)) + ": not valid YAML"):
-        hf_config(str(path), 8000, SPECIAL_IDS, 128)
-
-
-def test_hf_config_refuses_a_missing_source():
-    with raises_naming("model.config: configs/models/nope.yaml"):
-        hf_config("configs/models/nope.yaml", 8000, SPECIAL_IDS, 128)
 
 
 # --- overrides and typing -------------------------------------------------------------
@@ -431,40 +299,6 @@ def test_a_section_rebuilt_with_replace_is_checked_again():
     assert dataclasses.replace(train, micro_batch_size=16).micro_batch_size == 16
     with pytest.raises(ValueError, match=r"^global_batch_size: must be a multiple of micro_batch_size \(12\), got 32$"):
         dataclasses.replace(train, micro_batch_size=12)
-
-
-def test_deepspeed_config_needs_a_world_size_that_divides_the_batch(tmp_path):
-    config = load_config(minimal(tmp_path, train={"global_batch_size": 32, "micro_batch_size": 8}))
-    assert deepspeed_config(config, 4)["gradient_accumulation_steps"] == 1
-    with pytest.raises(UserError, match="world size 3"):
-        deepspeed_config(config, 3)
-
-
-@pytest.mark.parametrize("key", ["optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"])
-def test_deepspeed_json_may_not_set_what_the_run_config_owns(tmp_path, key):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, key: {"type": "AdamW"} if key in ("optimizer", "scheduler") else 8}))
-    config = load_config(minimal(tmp_path), [f"deepspeed={path}"])
-    with pytest.raises(UserError, match=f"deepspeed: remove '{key}'"):
-        deepspeed_config(config, 1)
-
-
-def test_deepspeed_json_missing_or_invalid(tmp_path):
-    config = load_config(minimal(tmp_path), [f"deepspeed={tmp_path / 'nope.json'}"])
-    with pytest.raises(UserError, match="no such DeepSpeed config file"):
-        deepspeed_config(config, 1)
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"zero_optimization": {"stage": 2,}}')
-    config = load_config(minimal(tmp_path), [f"deepspeed={bad}"])
-    with pytest.raises(UserError, match=re.escape(str(bad)) + ": not valid JSON"):
-        deepspeed_config(config, 1)
-
-
-@pytest.mark.parametrize(("precision", "bf16", "fp16"), [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
-def test_explicit_precision_is_written_into_the_deepspeed_config(tmp_path, precision, bf16, fp16):
-    config = load_config(minimal(tmp_path), [f"train.precision={precision}"])
-    ds = deepspeed_config(config, 1)
-    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
 
 
 def test_overrides_may_come_before_and_after_the_options():
