@@ -79,6 +79,7 @@ class MicroBatch:
 class StepBatches:
     global_indices: np.ndarray  # the step's global batch of sample indices, the same on every rank
     micro_batches: list[MicroBatch]  # this rank's share of it, masked
+    dataset_size: int  # rows in the split: an epoch
 
 
 class Batches:
@@ -96,7 +97,7 @@ class Batches:
         local = rank_slice(global_indices, self.rank, self.world_size)
         micro = self.micro_batch_size
         batches = [masked_batch(self.dataset, local[i : i + micro], step, self.seed, rate, self.vocab) for i in range(0, len(local), micro)]
-        return StepBatches(global_indices, batches)
+        return StepBatches(global_indices, batches, len(self.dataset))
 
 
 def masked_batch(dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab) -> MicroBatch:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline.sampling import sample_digest
 
 METRICS = "metrics.jsonl"
 
@@ -61,9 +62,9 @@ class MetricsLogger:
             self.run.finish()
 
 
-def step_record(stats, state, mask_rate: float, adversarial, engine) -> dict:
-    """The train/* keys of a logged step, from its `pipeline.step.StepStats` and the run's
-    counters after it."""
+def step_record(stats, state, batch, mask_rate: float, adversarial, engine) -> dict:
+    """The train/* and data/* keys of a logged step, from its `pipeline.step.StepStats`, its
+    `pipeline.data.StepBatches` and the run's counters after it."""
     record = {
         "train/loss": stats.loss,
         "train/loss_mlm": stats.loss_mlm,
@@ -78,6 +79,9 @@ def step_record(stats, state, mask_rate: float, adversarial, engine) -> dict:
         "train/adv_ratio": stats.adv_ratio(adversarial.alpha),
         "train/delta_lost": stats.delta_lost,
         "train/nonfinite_steps": state.bad_streak,
+        "data/consumed_samples": state.consumed_samples,
+        "data/epoch": state.consumed_samples // batch.dataset_size,
+        "data/sample_digest": sample_digest(batch.global_indices),
     }
     if stats.adv_grad_norm > 0:
         # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.

@@ -44,7 +44,7 @@ from pipeline.metrics import MetricsLogger, check_wandb_login, step_record
 from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
-from pipeline.sampling import epoch_fraction, sample_digest
+from pipeline.sampling import epoch_fraction
 from pipeline.step import StepStats, TrainingAborted, account, check_health, train_step
 
 
@@ -201,15 +201,14 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     started = time.perf_counter()
     while state.step < max_steps:
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
-        step = batches.for_step(state.step, state.consumed_samples, rate)
-        sums = train_step(engine, step.micro_batches, config.adversarial, state.step)
+        batch = batches.for_step(state.step, state.consumed_samples, rate)
+        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step)
         stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
         account(state, stats, config, engine)
+        seconds = time.perf_counter() - started
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):
-            record = {**step_record(stats, state, rate, config.adversarial, engine), **throughput.record(time.perf_counter() - started, rate),
-                      "data/consumed_samples": state.consumed_samples, "data/epoch": state.consumed_samples // len(dataset),
-                      "data/sample_digest": sample_digest(step.global_indices), **evaluated}
+            record = {**step_record(stats, state, batch, rate, config.adversarial, engine), **throughput.record(seconds, rate), **evaluated}
             logger.log(state.step, record)
             if rank == 0:
                 print(_progress_line(state.step, max_steps, record), flush=True)

@@ -8,12 +8,11 @@ checkpoint must then continue as the run that never changed, closely rather than
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, RUN, kill_when, ok, pretrain, read_metrics
+from helpers import REPO, RUN, ok, pretrain, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -27,30 +26,32 @@ def no_dropout(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_on_fewer_and_on_more_ranks(stage, tmp_path, train_shards, bert_tokenizer, no_dropout):
-    def launch(run_dir: Path, world: int, **kwargs):
-        return pretrain(run_dir, train_shards, bert_tokenizer, *RUN, f"model.config={no_dropout}", stage=stage, world=world, **kwargs)
+    def launch(run_dir: Path, world: int, *overrides: str):
+        return pretrain(run_dir, train_shards, bert_tokenizer, *RUN, f"model.config={no_dropout}", *overrides, stage=stage, world=world)
 
     two = tmp_path / "two-ranks"
     ok(launch(two, 2))
     reference = read_metrics(two)
 
-    # 2 -> 1: the two-rank run's step-4 checkpoint, continued on one rank.
+    # 2 -> 1: the two-rank run's step-4 checkpoint, continued on one rank (saving at 6 and 8).
     fewer = tmp_path / "two-then-one"
     shutil.copytree(two, fewer)
     shutil.rmtree(fewer / "checkpoints" / "step00000008")
     (fewer / "checkpoints" / "latest").write_text("step00000004")
-    out = ok(launch(fewer, 1)).stdout
+    out = ok(launch(fewer, 1, "checkpoint.every_steps=2", "checkpoint.keep_last=3")).stdout
     assert "(written by 2 ranks) to a universal checkpoint for 1 ranks" in out
     assert f"resumed from {fewer / 'checkpoints' / 'step00000004'} (step 4)" in out
     assert (fewer / "checkpoints" / "step00000004" / "universal" / "complete.json").is_file()
     assert_continues(read_metrics(fewer), reference)
 
-    # 1 -> 2: a one-rank run killed after its step-4 checkpoint, continued on two ranks.
+    # 1 -> 2: the one-rank run's step-6 checkpoint, continued on two ranks.
     more = tmp_path / "one-then-two"
-    kill_when(more / "checkpoints" / "step00000004" / "complete.json",
-              launch(more, 1, start=subprocess.Popen, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    shutil.copytree(fewer, more)
+    shutil.rmtree(more / "checkpoints" / "step00000008")
+    (more / "checkpoints" / "latest").write_text("step00000006")
     out = ok(launch(more, 2)).stdout
     assert "(written by 1 ranks) to a universal checkpoint for 2 ranks" in out
+    assert f"resumed from {more / 'checkpoints' / 'step00000006'} (step 6)" in out
     assert_continues(read_metrics(more), reference)
 
 
