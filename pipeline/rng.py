@@ -3,6 +3,7 @@ there is one. The ALUM passes replay it within a step; checkpoints save it per r
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,9 +31,12 @@ class RngState:
 
 
 def _accelerator():
-    """DeepSpeed's accelerator (CUDA, XPU, ...), or None on CPU. Imported on use: DeepSpeed
-    is slow to import, and a plain PyTorch caller of the ALUM loss may not have it."""
-    from deepspeed.accelerator import get_accelerator
+    """The accelerator whose generator dropout uses, or None on CPU: DeepSpeed's (CUDA, XPU,
+    ...) when DeepSpeed is in use, else CUDA's. DeepSpeed is not imported here: it is slow
+    to import, and a plain PyTorch or HF Trainer loop using the ALUM loss may not have it."""
+    if "deepspeed" in sys.modules:
+        from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    return None if accelerator.device_name() == "cpu" else accelerator
+        accelerator = get_accelerator()
+        return None if accelerator.device_name() == "cpu" else accelerator
+    return torch.cuda if torch.cuda.is_available() else None

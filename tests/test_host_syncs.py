@@ -60,3 +60,23 @@ def test_training_steps_on_a_deepspeed_engine_read_back_once_per_step(tmp_path, 
     assert counts["steps"] == 2 and counts["micro_batches"] == 2 and counts["loss_adv"] > 0
     assert counts["pipeline_syncs"] == []
     assert len(counts["pipeline_read_backs"]) == 2 and all("pipeline/step.py" in where for where in counts["pipeline_read_backs"])
+
+
+def test_the_alum_loss_runs_without_importing_deepspeed():
+    """The function-level API serves plain PyTorch and HF Trainer loops: DeepSpeed stays out."""
+    code = """
+import sys, torch
+from transformers import BertConfig, BertForMaskedLM
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.model import MaskedLM
+model = MaskedLM(BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
+ids = torch.randint(5, 50, (2, 8))
+out = compute_losses(lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d), lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d)[0],
+                     ids.flatten()[[1, 9]], AdversarialConfig(method="alum"), 0)
+out.loss.backward()
+print(float(out.loss_adv) > 0, "deepspeed" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(REPO_TESTS)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"]
