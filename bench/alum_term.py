@@ -44,7 +44,8 @@ from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss, symmetric_kl
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.objective import mlm_loss, symmetric_kl
 from pipeline.data import Batches, ShardDataset, masked_batch
 from pipeline.masking import MaskVocab
 from pipeline.model import MaskedLM, build_model, hf_config

@@ -53,7 +53,8 @@ from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.objective import mlm_loss
 from pipeline.data import Batches, ShardDataset
 from pipeline.masking import MaskVocab
 from pipeline.engine import make_optimizer

@@ -132,7 +132,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         import deepspeed
 
         engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    adversarial = AdversarialConfig(method="alum" if args.method == "alum" else "none", alpha=args.alpha)
+    adversarial = AdversarialConfig(method="none" if args.method == "standard" else args.method, alpha=args.alpha)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
@@ -233,7 +233,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="for sst2/rte: the GLUE task directory (train.tsv, dev.tsv)")
     p.add_argument("--advglue", help="AdvGLUE dev.json: also report accuracy on the task's adversarial subset")
     p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
-    p.add_argument("--method", choices=["standard", "alum"], default="standard", help="standard cross-entropy, or with the ALUM term")
+    p.add_argument("--method", choices=["standard", "alum", "fgsm", "fgm", "pgd"], default="standard",
+                   help="standard cross-entropy, or an adversarial method (pipeline/adversarial.py) at its defaults")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the ALUM term (the paper fine-tunes with 1)")
     p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (linear warm-up and decay)")

@@ -73,8 +73,13 @@ def ascent_update(delta: Tensor, grad: Tensor, unit: Tensor, config) -> Tensor:
         delta = unit * raw / (token_norm(raw, config.norm).unsqueeze(-1) + config.grad_eps)
     if config.eps is None:
         return delta
-    radius = config.eps * unit
-    if config.norm == "linf":
+    return project(delta, config.eps * unit, config.norm)
+
+
+def project(delta: Tensor, radius: Tensor, norm: str) -> Tensor:
+    """delta moved into the per-token ball of ``radius`` [B, T, 1] in ``norm``: clipped (linf)
+    or scaled down (l2); tokens already inside are left alone."""
+    if norm == "linf":
         return torch.maximum(torch.minimum(delta, radius), -radius)
     norms = token_norm(delta, "l2").unsqueeze(-1)
     return delta * (radius / torch.maximum(norms, radius))

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from pipeline import checkpoint, vanishing
-from pipeline.adversarial import STATS, compute_losses
+from pipeline.adversarial import compute_losses
+from pipeline.objective import STATS
 from pipeline.data import MicroBatch
 from pipeline.distributed import report
 from pipeline.resume import TrainState

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss, symmetric_kl
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.objective import mlm_loss, symmetric_kl
 from pipeline.perturbation import ascent_update, token_norm
 
 torch.set_num_threads(1)

@@ -17,7 +17,8 @@ import torch
 
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline import vanishing
-from pipeline.adversarial import AdversarialConfig, compute_losses, mlm_loss
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.objective import mlm_loss
 from pipeline.config import load_config
 from pipeline.data import Batches, ShardDataset, masked_batch
 from pipeline.masking import MaskVocab

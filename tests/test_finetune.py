@@ -172,6 +172,26 @@ def args(model: Path, data: Path, advglue: Path, out: Path, **changes) -> list[s
     return [str(item) for pair in options.items() for item in pair]
 
 
+@pytest.mark.parametrize("method, weight", [("fgm", 1.0), ("fgsm", 0.5)])
+def test_fgm_and_fgsm_train_on_clean_plus_adversarial_cross_entropy(small_model, sst2, method, weight):
+    model, tokenizer = finetune.load_model(small_model, 2, seed=0)
+    model.eval()
+    ids, labels = finetune.encode(tokenizer, read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS)[:8], 64)
+    input_ids, mask = finetune.padded(ids, tokenizer.pad_token_id)
+    deltas = []
+
+    def forward(delta):
+        deltas.append(delta)
+        return model(input_ids, mask, delta)
+
+    out = compute_losses(forward, lambda d: model(input_ids, mask, d)[0], labels, AdversarialConfig(method=method), step=0, real=mask)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(input_ids, mask)[0], labels)
+        ce_adv = torch.nn.functional.cross_entropy(model(input_ids, mask, deltas[-1])[0], labels)
+    assert ce_adv.item() > ce.item()  # the step went uphill
+    assert out.loss.item() == pytest.approx(weight * (ce.item() + ce_adv.item()), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2, advglue, tmp_path):
     out = tmp_path / "sst2"

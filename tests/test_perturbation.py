@@ -9,7 +9,8 @@ import torch
 
 from data_prep.errors import UserError
 from pipeline import vanishing
-from pipeline.adversarial import AdversarialConfig, symmetric_kl
+from pipeline.adversarial import AdversarialConfig
+from pipeline.objective import symmetric_kl
 from pipeline.perturbation import ascent_update, initial_noise, lost_fraction, real_mean, token_norm, token_scale
 
 ALUM = AdversarialConfig(method="alum")

@@ -1,0 +1,51 @@
+"""ALUM (Liu et al. 2020): a virtual-adversarial symmetric-KL term on top of the clean loss.
+
+    delta        ~ N(0, (noise_std * r)^2), shaped like the perturbed embeddings
+    K times:       g     = d KL(stopgrad(p) || q(delta)) / d delta      (delta only, no parameter grads)
+                   delta = update(delta, g)                              (pipeline.perturbation)
+    L_adv        = KL(p || q) + KL(q || p)   at delta.detach()
+    loss         = L_clean + alpha * L_adv
+
+Choices, and which source each follows (docs/ALUM.md has the study behind the defaults):
+
+- Sizes and the update rule live in `pipeline.perturbation` (relative or absolute units;
+  the paper's or the official code's rule). The official code's magnitudes (step 1e-3,
+  noise 1e-5, normaliser epsilon 1e-6) make the term numerically zero in float32 and
+  exactly zero in bf16, hence relative defaults.
+- ``kl_grad``: ``detached`` (default, as mt-dnn's ``SymKlCriterion``) computes
+  KL(stopgrad(p) || q) + KL(stopgrad(q) || p), so each logit tensor is pulled towards the
+  other and no gradient flows through a softmax used as a target. Near q = p that is half
+  the gradient of the symmetric KL itself (each direction contributes the same first-order
+  term, and detaching drops one of them): alpha = 10 detached acts like alpha = 5 in the
+  paper's formula. ``full`` differentiates both directions completely.
+- ``eps=None`` (the default) skips the projection, as the official pretraining code does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import perturbation
+from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, kl, log_probs, sizes, \
+    symmetric_kl_of
+
+
+def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config) -> StepLosses:
+    unit = perturbation.token_scale(clean.embedded, config.scale)
+    delta = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
+    clean.replay.mark()
+    target = clean.log_probs.detach()
+    finite = torch.ones((), dtype=torch.bool, device=delta.device)
+    for _ in range(config.steps):
+        clean.replay.again()
+        delta.requires_grad_(True)
+        grad, grad_finite = input_gradient(kl(target, log_probs(ascent_forward(delta))), delta)
+        finite = finite & grad_finite
+        delta = perturbation.ascent_update(delta.detach(), grad, unit, config)
+
+    clean.replay.again()
+    q_logits, _ = forward(delta.detach())
+    clean.replay.finish()
+    loss_adv, keep = guarded(lambda q: symmetric_kl_of(clean.log_probs, log_probs(q), config.kl_grad), q_logits, finite)
+    loss = clean.loss + config.alpha * loss_adv
+    return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
