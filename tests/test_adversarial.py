@@ -315,7 +315,7 @@ def test_step_without_masked_tokens_runs():
 @pytest.mark.parametrize(
     "changes, key",
     [
-        ({"method": "freelb"}, "method"),
+        ({"method": "sgd"}, "method"),
         ({"norm": "l1"}, "norm"),
         ({"perturb_at": "logits"}, "perturb_at"),
         ({"steps": 0}, "steps"),
