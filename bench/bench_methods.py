@@ -1,0 +1,144 @@
+"""Benchmark the adversarial methods: each one's training-step time over the standard step's,
+measured in one run, beside its measured forward and backward passes through the encoder.
+
+Every method trains a copy of the same small BERT (the project's `MaskedLM`, dropout on, fp32
+on CPU, plain PyTorch: `compute_losses` at the method's defaults, `loss.backward()`, AdamW),
+on the same real masked batches of WikiText-2 (`bench/bench_step.py` builds them). Within a
+round the methods take turns step by step (the machine is noisy); each round reports the
+median step time of each, and the summary is the median over rounds of each ratio. Passes
+are counted with hooks on the encoder: a forward hook, and a backward hook on its output
+(once per backward that reaches it, input-only ascent backwards included).
+
+    python bench/bench_methods.py                  # hidden 256, 4 layers, batch 8 x 128, 5 rounds
+    python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_step import SEED, build_models, build_shards
+from data_prep.tokenizer_dir import load_tokenizer
+from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.data import Batches, ShardDataset
+from pipeline.engine import make_optimizer
+from pipeline.masking import MaskVocab
+from pipeline.model import MaskedLM
+
+METHODS = ("none", "alum", "fgsm", "fgm", "pgd")
+OPTIMIZER = argparse.Namespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
+
+
+class Passes:
+    """Counts forward and backward passes through a MaskedLM's encoder."""
+
+    def __init__(self, model: MaskedLM):
+        self.forward = self.backward = 0
+        model.encoder().register_forward_hook(self._forward)
+
+    def _forward(self, module, inputs, output):
+        self.forward += 1
+        if output.last_hidden_state.requires_grad:
+            output.last_hidden_state.register_hook(self._backward)
+
+    def _backward(self, grad):
+        self.backward += 1
+
+
+def method_step(method: str, model: MaskedLM):
+    config = AdversarialConfig(method=method, start_step=0)
+    optimizer = make_optimizer(model, OPTIMIZER, {})
+
+    def step(batch) -> None:
+        ids, mask, index = batch.input_ids, batch.attention_mask, batch.masked_index
+        out = compute_losses(lambda d: model(ids, mask, index, d), lambda d: model(ids, mask, index, d)[0], batch.labels, config, 0, real=mask)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(steps: dict, batches: list, rounds: int, warmup: int) -> list[dict]:
+    names = list(steps)
+    for batch in batches[:warmup]:
+        for step in steps.values():
+            step(batch)
+    results = []
+    for r in range(rounds):
+        times = {name: [] for name in names}
+        for s, batch in enumerate(batches[warmup:]):
+            for name in names[s % len(names) :] + names[: s % len(names)]:  # rotate who goes first
+                started = time.perf_counter()
+                steps[name](batch)
+                times[name].append(time.perf_counter() - started)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        results.append({name: medians[name] / medians["none"] for name in names})
+        print(f"round {r + 1}: standard {medians['none'] * 1e3:.0f} ms | "
+              + " | ".join(f"{name} {results[-1][name]:.2f}x" for name in names[1:]), flush=True)
+    return results
+
+
+def markdown(summary: dict, setup: str) -> str:
+    lines = [f"# Adversarial methods: step time over the standard step\n\n{setup}\n",
+             "Regenerate: `python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md`.\n",
+             "| method | step time / standard (median over rounds) | rounds | encoder forwards | encoder backwards (one per graph: input-only ascents, then each graph the loss trains) |",
+             "|---|---|---|---|---|"]
+    for name, row in summary["methods"].items():
+        lines.append(f"| {name} | {row['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in row['rounds'])} | {row['forwards']} | {row['backwards']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="steps of each method per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
+        tokenizer = load_tokenizer(build_shards(Path(tmp), args.vocab, args.seq_len, args.threads))
+        dataset = ShardDataset(Path(tmp) / "shards", "train")
+        batches_of = Batches(dataset, MaskVocab.of(tokenizer), args.batch, args.batch, SEED)
+        batches = [batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)]
+        _, base, _ = build_models(Path(tmp), tokenizer, dataset.seq_len, args)
+        models = {name: copy.deepcopy(base).train() for name in METHODS}
+        passes = {name: Passes(model) for name, model in models.items()}
+        steps = {name: method_step(name, model) for name, model in models.items()}
+        steps_total = args.warmup + args.rounds * args.steps
+        rounds = measure(steps, batches, args.rounds, args.warmup)
+    setup = (f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq_len}, mask rate 0.15, fp32, "
+             f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM and PGD), "
+             f"{args.rounds} rounds of {args.steps} steps each, after {args.warmup} warm-up steps.")
+    summary = {"setup": setup, "methods": {
+        name: {"ratio": statistics.median(r[name] for r in rounds), "rounds": [r[name] for r in rounds],
+               "forwards": passes[name].forward // steps_total, "backwards": passes[name].backward // steps_total}
+        for name in METHODS}}
+    table = markdown(summary, setup)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
