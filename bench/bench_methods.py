@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench_step import SEED, build_models, build_shards
+from bench_step import SEED, add_model_arguments, build_models, build_shards
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.adversarial import AdversarialConfig, compute_losses
 from pipeline.data import Batches, ShardDataset
@@ -99,13 +99,7 @@ def markdown(summary: dict, setup: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="steps of each method per round")
     parser.add_argument("--warmup", type=int, default=2)

@@ -207,8 +207,8 @@ def report(rounds: list[dict]) -> None:
           f"(target <= 3%; rounds: {data_stds}), {data_alum:.2%} of the ALUM step (rounds: {data_alums})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmarked model's and batch's sizes (bench/bench_methods.py uses the same)."""
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -216,6 +216,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000, help="tokenizer vocabulary size (the model's, rounded up to 64)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (global batch = micro-batch)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--mask-rate", type=float, default=0.15)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="steps of each variant per round")

@@ -146,3 +146,11 @@ def raises_naming(key: str):
     from data_prep.errors import UserError
 
     return pytest.raises(UserError, match=re.escape(key))
+
+
+MINIMAL = {"data": {"shards": "data/shards", "tokenizer": "data/tokenizer"}}
+
+
+def minimal(tmp_path: Path, **sections) -> Path:
+    """A run config with the two required data keys plus the given sections."""
+    return write_yaml(tmp_path / "run.yaml", {**MINIMAL, **sections})

@@ -18,14 +18,13 @@ from pipeline.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig
 from pipeline.curriculum import MaskSchedule
 from pipeline.engine import deepspeed_config, zero_stage
 
-from helpers import raises_naming, write_yaml
+from helpers import minimal, raises_naming, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 MODEL_SIZES = sorted((REPO / "configs" / "models").glob("*.yaml"))
 PAPER_SCHEDULE = MaskSchedule(kind="stepwise", start=0.05, end=0.25, increment=0.05, every=0.2)
-MINIMAL = {"data": {"shards": "data/shards", "tokenizer": "data/tokenizer"}}
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +32,6 @@ def in_repo(monkeypatch):
     """Config files name each other relative to the repository root, as users run them."""
     monkeypatch.chdir(REPO)
 
-
-def minimal(tmp_path: Path, **sections) -> Path:
-    """A run config with the two required data keys plus the given sections."""
-    return write_yaml(tmp_path / "run.yaml", {**MINIMAL, **sections})
 
 
 def expected_bf16() -> bool:

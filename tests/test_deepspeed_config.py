@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -13,10 +12,9 @@ from data_prep.errors import UserError
 from pipeline.config import load_config
 from pipeline.engine import deepspeed_config, zero_stage
 
-from helpers import REPO, write_yaml
+from helpers import REPO, minimal
 
 DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
-MINIMAL = {"data": {"shards": "data/shards", "tokenizer": "data/tokenizer"}}
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +22,6 @@ def in_repo(monkeypatch):
     """Config files name each other relative to the repository root, as users run them."""
     monkeypatch.chdir(REPO)
 
-
-def minimal(tmp_path: Path, **sections) -> Path:
-    return write_yaml(tmp_path / "run.yaml", {**MINIMAL, **sections})
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
