@@ -21,15 +21,11 @@ from __future__ import annotations
 import torch
 
 from pipeline import perturbation
-from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, log_probs, nll, sizes
+from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, log_probs, nll, size, sizes
 from pipeline.perturbation import token_norm
 
 # (weight of the clean loss, weight of the adversarial loss)
 WEIGHTS = {"fgsm": (0.5, 0.5), "fgm": (1.0, 1.0)}
-
-
-def size(config) -> float:
-    return config.eps if config.eps is not None else config.step_size
 
 
 def fgm_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config) -> StepLosses:

@@ -134,6 +134,11 @@ def sizes(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> tuple[Ten
             perturbation.lost_fraction(clean.embedded, delta, clean.real))
 
 
+def size(config) -> float:
+    """A gradient method's perturbation size: ``adversarial.eps``, or ``step_size`` when eps is null."""
+    return config.eps if config.eps is not None else config.step_size
+
+
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the N scored rows (logits [N, C], labels [N]).
 

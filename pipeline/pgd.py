@@ -19,21 +19,17 @@ from __future__ import annotations
 import torch
 
 from pipeline import perturbation
-from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, log_probs, nll, sizes
+from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, log_probs, nll, size, sizes
 from pipeline.perturbation import token_norm
-
-
-def radius(config) -> float:
-    return config.eps if config.eps is not None else config.step_size
 
 
 def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config) -> StepLosses:
     unit = perturbation.token_scale(clean.embedded, config.scale)
-    bound = radius(config) * unit
+    bound = size(config) * unit
     start = (torch.rand(clean.embedded.shape, device=unit.device).to(unit.dtype) * 2 - 1) * bound
     delta = perturbation.project(start, bound, config.norm)
     clean.replay.mark()
-    step = 2.5 * radius(config) / config.steps * unit
+    step = 2.5 * size(config) / config.steps * unit
     finite = torch.ones((), dtype=torch.bool, device=unit.device)
     for _ in range(config.steps):
         clean.replay.again()
