@@ -19,15 +19,35 @@ Choices, and which source each follows (docs/ALUM.md has the study behind the de
   term, and detaching drops one of them): alpha = 10 detached acts like alpha = 5 in the
   paper's formula. ``full`` differentiates both directions completely.
 - ``eps=None`` (the default) skips the projection, as the official pretraining code does.
+
+Amortized ALUM (``alum_amortized``) drops the ascent pass. ALUM's ascent is a forward and an
+input-only backward whose parameter gradients are thrown away, then the clean and the
+adversarial graphs are backwarded together: about 3 forwards and 3 backwards. Here the clean
+loss is backwarded on its own first, and the gradient that backward leaves on the clean
+embeddings gives the direction:
+
+    pass 1:  L_clean;  backward                          g = d L_clean / d e  (e: the embeddings)
+             delta = update(noise, g)                     (ALUM's rule, units and projection)
+    pass 2:  alpha * SKL(stopgrad(p), q(delta));  backward
+    parameter gradient = grad L_clean + alpha * grad KL(stopgrad(p) || q(delta))
+
+Two forwards and two backwards, as a standard step twice over. It differs from ALUM in two
+ways: the direction is that of the clean cross-entropy (FGM's) rather than the virtual
+adversarial one (the KL's, which needs its own pass), and no gradient reaches the clean
+logits through the term (their graph is freed by the first backward), so only q is pulled
+towards p. docs/methods-bench.md and docs/results/ measure what that costs and buys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
+from torch import Tensor
 
 from pipeline import perturbation
-from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, kl, log_probs, sizes, \
-    symmetric_kl_of
+from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, backward_gradient, clean_pass, guarded, input_gradient, \
+    kl, log_probs, sizes, symmetric_kl_of
 
 
 def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config) -> StepLosses:
@@ -49,3 +69,22 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(clean.log_probs, log_probs(q), config.kl_grad), q_logits, finite)
     loss = clean.loss + config.alpha * loss_adv
     return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+
+
+def amortized_alum_passes(forward: Forward, labels: Tensor, config, real: Tensor | None) -> Generator[Tensor, None, StepLosses]:
+    clean = clean_pass(forward, labels, real)
+    unit = perturbation.token_scale(clean.embedded, config.scale)
+    noise = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
+    clean.replay.mark()
+    clean.embedded.retain_grad()
+    yield clean.loss
+    grad, finite = backward_gradient(clean.embedded)
+    delta = perturbation.ascent_update(noise, grad, unit, config)
+    clean.replay.again()
+    q_logits, _ = forward(delta)
+    clean.replay.finish()
+    target = clean.log_probs.detach()
+    loss_adv, keep = guarded(lambda q: symmetric_kl_of(target, log_probs(q), "detached"), q_logits, finite)
+    yield config.alpha * loss_adv
+    total = clean.loss.detach() + config.alpha * loss_adv.detach()
+    return StepLosses(total, clean.loss.detach(), loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)

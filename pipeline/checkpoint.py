@@ -39,6 +39,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete.json"
 UNIVERSAL = "universal"
+TEACHER = "teacher"  # SMART's teacher in the client state (a state dict, the same on every rank)
 # What DeepSpeed's universal conversion needs to find in a checkpoint's client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
@@ -242,16 +243,19 @@ class Checkpointer:
     stop was requested, but never right after a non-finite step, so that the last good
     checkpoint stays the latest."""
 
-    def __init__(self, engine, run_dir: Path, config, world_size: int):
-        """`config`: the RunConfig."""
-        self.engine, self.run_dir, self.world_size = engine, run_dir, world_size
+    def __init__(self, engine, run_dir: Path, config, world_size: int, teacher=None):
+        """`config`: the RunConfig; `teacher`: SMART's `pipeline.smart.Teacher`, saved in the client state."""
+        self.engine, self.run_dir, self.world_size, self.teacher = engine, run_dir, world_size, teacher
         self.every, self.keep_last, self.max_steps = config.checkpoint.every_steps, config.checkpoint.keep_last, config.train.max_steps
 
     def due(self, state, stop: bool) -> bool:
         return state.bad_streak == 0 and (stop or state.step % self.every == 0 or state.step == self.max_steps)
 
     def save(self, state) -> str:
-        return save(self.engine, self.run_dir, state.step, state.client_state(self.world_size), self.keep_last)
+        client = state.client_state(self.world_size)
+        if self.teacher is not None:
+            client[TEACHER] = self.teacher.state_dict()
+        return save(self.engine, self.run_dir, state.step, client, self.keep_last)
 
 
 def restore_rng(run_dir: Path, tag: str) -> None:

@@ -26,17 +26,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.help_format import DefaultsHelpFormatter
-from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.adversarial import METHODS, AdversarialConfig, objective, passes, run_objective
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
 from pipeline.glue import Task, load_task
 from pipeline.model import ARCHS, Perturbation
-from pipeline.distributed import init_distributed, shutdown_distributed
+from pipeline.distributed import exit_process, init_distributed, shutdown_distributed
+from pipeline.smart import Teacher
+from pipeline.step import accumulating_backward
 
 RESULTS = "results.json"
 
@@ -127,6 +129,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
     optimizer = make_optimizer(model, schedule_config, ds_config)
     schedule = make_scheduler(optimizer, schedule_config)
+    teacher = Teacher(model) if args.method == "smart" else None
     engine = None
     if args.deepspeed:
         import deepspeed
@@ -145,17 +148,19 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         mine = chosen[rank * share : (rank + 1) * share]
         input_ids, mask = padded([train_ids[i] for i in mine], pad_id)
         forward, ascent = (engine, engine.module) if engine else (model, model)
-        out = compute_losses(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0],
-                             train_labels[mine], adversarial, step, real=mask)
+        losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine],
+                           adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]))
         if engine:
-            engine.backward(out.loss)
+            out = run_objective(losses, accumulating_backward(engine, passes(adversarial, step)))
             engine.step()
         else:
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            out = run_objective(losses, Tensor.backward)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
+        if teacher is not None:
+            teacher.update(engine.module if engine else model, adversarial.teacher_momentum)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id)})
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
@@ -233,7 +238,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="for sst2/rte: the GLUE task directory (train.tsv, dev.tsv)")
     p.add_argument("--advglue", help="AdvGLUE dev.json: also report accuracy on the task's adversarial subset")
     p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
-    p.add_argument("--method", choices=["standard", "alum", "fgsm", "fgm", "pgd"], default="standard",
+    p.add_argument("--method", choices=["standard", *METHODS[1:]], default="standard",
                    help="standard cross-entropy, or an adversarial method (pipeline/adversarial.py) at its defaults")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the ALUM term (the paper fine-tunes with 1)")
     p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
@@ -294,4 +299,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

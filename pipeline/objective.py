@@ -112,8 +112,24 @@ def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None) -> CleanPa
 def input_gradient(loss: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     """(d loss / d delta, zeroed if not finite; whether it was finite), delta alone."""
     (grad,) = torch.autograd.grad(loss, delta)
+    return finite_or_zero(grad)
+
+
+def finite_or_zero(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad in the work dtype, or zeros if any element is not finite; whether it was finite)."""
+    grad = grad.to(perturbation.work_dtype(grad.dtype))
     finite = torch.isfinite(grad).all()
     return torch.where(finite, grad, torch.zeros_like(grad)), finite
+
+
+def backward_gradient(tensor: Tensor) -> tuple[Tensor, Tensor]:
+    """`finite_or_zero` of the gradient the trainer's backward left on ``tensor`` (a delta, or
+    clean embeddings that `retain_grad()`-ed): a multi-pass method's ascent direction comes
+    from the same backward as the parameter gradients. Its scale (DeepSpeed's accumulation
+    and loss scaling) does not matter: every update rule normalises it."""
+    if tensor.grad is None:
+        raise RuntimeError("no gradient reached the perturbation: backward each loss an objective yields before asking for the next")
+    return finite_or_zero(tensor.grad)
 
 
 def guarded(term: Callable[[Tensor], Tensor], logits: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import Checkpointer, step_of
 from pipeline.config import RunConfig, TrainConfig, flatten, missing_paths, to_dict
 from pipeline.data import Batches, ShardDataset
-from pipeline.distributed import (check_same_config, distributed_ready, init_distributed, on_every_rank, report,
+from pipeline.distributed import (check_same_config, distributed_ready, exit_process, init_distributed, on_every_rank, report,
                                   set_threads, shutdown_distributed)
 from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
 from pipeline.evaluate import Evaluator
@@ -45,6 +44,7 @@ from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
 from pipeline.sampling import epoch_fraction
+from pipeline.smart import Teacher
 from pipeline.step import StepStats, TrainingAborted, account, check_health, train_step
 
 
@@ -119,6 +119,7 @@ class Run:
     val: ShardDataset | None
     vocab: MaskVocab
     start: StartPoint | None
+    teacher: Teacher | None  # SMART's EMA teacher (adversarial.method=smart)
     peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
 
 
@@ -167,20 +168,21 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     set_threads(config.train.threads_per_rank)
     torch.manual_seed(config.train.seed)
     model = MaskedLM(build_model(model_config, config.model.init_from, config.model.activation_checkpointing), config.adversarial.perturb_at)
+    teacher = Teacher(model) if config.adversarial.method == "smart" else None  # before ZeRO-3 shards the model
     optimizer = make_optimizer(model, config.train, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config)
     if rank == 0:
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, peak_flops(device_name, config.train.peak_tflops))
+    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, teacher, peak_flops(device_name, config.train.peak_tflops))
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
     run = prepare(config_path, run_dir, overrides)
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.signal_names())
-    state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]))
+    state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.teacher)
     logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
     state.wandb_id = logger.wandb_id
     try:
@@ -196,13 +198,13 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     max_steps, global_batch = config.train.max_steps, config.train.global_batch_size
     batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size)
     evaluator = Evaluator(engine, run.val, config, run.vocab)
-    checkpointer = Checkpointer(engine, run.run_dir, config, world_size)
+    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.teacher)
     throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)
     started = time.perf_counter()
     while state.step < max_steps:
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
         batch = batches.for_step(state.step, state.consumed_samples, rate)
-        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step)
+        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.teacher)
         stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
         account(state, stats, config, engine)
         seconds = time.perf_counter() - started
@@ -245,4 +247,4 @@ def _check_data(dataset, tokenizer, config) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -94,8 +94,21 @@ def dropout_seed(seed: int, rank: int) -> int:
     return seed * 1000 + rank + 1
 
 
-def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int) -> TrainState:
-    """Load the start point into the engine; the state the loop continues from."""
+def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, teacher=None) -> TrainState:
+    """Load the start point into the engine, and SMART's `teacher` (from a resumed checkpoint,
+    otherwise a copy of the model as loaded); the state the loop continues from."""
+    state, client = _resume(engine, run_dir, start, config, rank, world_size)
+    if teacher is not None:
+        saved = client.get(checkpoint.TEACHER) if start is not None and start.resume else None
+        if saved is not None:
+            teacher.load_state_dict(saved)
+        else:
+            teacher.update(engine.module, momentum=0.0)
+    return state
+
+
+def _resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int) -> tuple[TrainState, dict]:
+    """(the state, the checkpoint's client state or {})."""
     if rank == 0:
         for name in checkpoint.remove_partial(run_dir, start.tag if start and start.resume else None):
             print(f"removed partial checkpoint {run_dir / checkpoint.CHECKPOINTS / name} (no {checkpoint.COMPLETE}: "
@@ -103,7 +116,7 @@ def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, w
     seed = dropout_seed(config.train.seed, rank)
     if start is None:
         torch.manual_seed(seed)
-        return TrainState()
+        return TrainState(), {}
     source = start.run_dir / checkpoint.CHECKPOINTS / start.tag
     if rank == 0 and start.note:
         print(start.note, flush=True)
@@ -116,8 +129,8 @@ def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, w
         if rank == 0:
             print(f"initialised from {source}", flush=True)
         if not load_optimizer:
-            return TrainState()
-        return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"])
+            return TrainState(), client
+        return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"]), client
     if start.world_size == world_size:
         checkpoint.restore_rng(start.run_dir, start.tag)
     else:
@@ -127,4 +140,4 @@ def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, w
     if rank == 0:
         print(f"resumed from {source} (step {client['step']})", flush=True)
     return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0,
-                      client.get("vanish_streak", 0), client.get("wandb_id"))
+                      client.get("vanish_streak", 0), client.get("wandb_id")), client

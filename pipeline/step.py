@@ -1,8 +1,10 @@
 """One optimizer step, and what the trainer learns from it.
 
 `train_step` runs forward, losses and backward for each of this rank's micro-batches and
-lets DeepSpeed step (the update happens at the last micro-batch, DeepSpeed's
-gradient-accumulation boundary). Every number stays on the device; `StepStats.gather`
+lets DeepSpeed step. A method may take several backward passes per micro-batch
+(`pipeline.adversarial.passes`); the trainer marks the step's last backward as DeepSpeed's
+gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
+reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once. Every number stays on the device; `StepStats.gather`
 sums them over the ranks in one all-reduce and reads them back: the step's single host
 sync. `account` counts the step into the run's state and `check_health` stops a run that
 cannot go on.
@@ -17,20 +19,23 @@ import torch
 from torch import Tensor
 
 from pipeline import checkpoint, vanishing
-from pipeline.adversarial import compute_losses
+from pipeline.adversarial import objective, passes, run_objective
 from pipeline.objective import STATS
 from pipeline.data import MicroBatch
 from pipeline.distributed import report
 from pipeline.resume import TrainState
+from pipeline.smart import Teacher
 
 
 class TrainingAborted(Exception):
     """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
-def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int) -> Tensor:
-    """This rank's summed `STATS` of the step, on the device."""
+def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, teacher: Teacher | None = None) -> Tensor:
+    """This rank's summed `STATS` of the step, on the device. SMART's `teacher` follows the
+    student after the optimizer step."""
     sums = torch.zeros(len(STATS), dtype=torch.float64, device=engine.device)
+    backward = accumulating_backward(engine, len(micro_batches) * passes(adversarial, step))
     for batch in micro_batches:
         batch = batch.on(engine.device)
 
@@ -40,11 +45,32 @@ def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int) 
         def ascent_forward(delta):
             return engine.module(batch.input_ids, batch.attention_mask, batch.masked_index, delta)[0]
 
-        out = compute_losses(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask)
-        engine.backward(out.loss)
+        def teacher_forward():
+            return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
+
+        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask, teacher=teacher_forward)
+        out = run_objective(losses, backward)
         engine.step()
         sums += out.stats()
+    if teacher is not None:
+        teacher.update(engine.module, adversarial.teacher_momentum)
     return sums
+
+
+def accumulating_backward(engine, count: int):
+    """`engine.backward` for the `count` backward passes of one optimizer step, the last one
+    marked as the gradient-accumulation boundary. Each loss is divided by DeepSpeed's
+    gradient_accumulation_steps (the micro-batches), not by the passes: a method's yielded
+    losses sum to its objective."""
+    left = count
+
+    def backward(loss: Tensor) -> None:
+        nonlocal left
+        left -= 1
+        engine.set_gradient_accumulation_boundary(left == 0)
+        engine.backward(loss)
+
+    return backward
 
 
 @dataclass(frozen=True)

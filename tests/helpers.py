@@ -74,6 +74,18 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
     return start(command, cwd=REPO, env=env, **kwargs)
 
 
+def pretrain_several(runs: list[tuple[Path, tuple[str, ...]]], shards: Path, tokenizer: Path, world: int = 2, stage: int = 2,
+                     timeout: int = 900) -> subprocess.CompletedProcess:
+    """Several runs (run dir, overrides), one after another in one launch (tests/several_runs.py)."""
+    from pipeline.distributed import free_port
+
+    command = [arg if arg != "pipeline.pretrain" else "several_runs" for arg in launch_command("deepspeed", world, free_port())]
+    for i, (run_dir, overrides) in enumerate(runs):
+        command += [*(["--next"] if i else []), *pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result

@@ -1,5 +1,7 @@
 """Each adversarial method in a real 2-rank ZeRO-2 pretraining run: a finite, non-zero
-adversarial term on every step, and the clean MLM loss logged beside it."""
+adversarial term on every step beside the clean MLM loss; and SMART, whose teacher is
+state, resumed mid-run equal to the run that was not interrupted. All runs share one
+launch (tests/several_runs.py): the launch is most of a short run's cost."""
 
 from __future__ import annotations
 
@@ -7,22 +9,44 @@ import math
 
 import pytest
 
-from helpers import ok, pretrain, read_metrics
+from helpers import comparable, ok, pretrain_several, read_metrics
 
 pytestmark = pytest.mark.slow
 
-# Two steps, the method on from the first, no validation and one checkpoint: the launch is the cost.
+# Two steps, the method on from the first, no validation and one checkpoint.
 SHORT = ("train.max_steps=2", "adversarial.start_step=0", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
+CROSS_ENTROPY = ("fgsm", "fgm", "pgd", "freelb", "yopo")  # their adversarial term is a cross-entropy
+DIVERGENCE = ("alum_amortized", "smart")  # a symmetric KL
+SMART = ("adversarial.method=smart", "adversarial.start_step=1", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
 
 
-# FGSM is FGM with a sign step (tests/test_gradient_methods.py): its launch would add CI time, not a code path.
-@pytest.mark.parametrize("method", ["fgm", "pgd"])
-def test_a_two_rank_zero2_run_has_a_finite_non_zero_adversarial_term(method, tmp_path, train_shards, bert_tokenizer):
-    ok(pretrain(tmp_path / "run", train_shards, bert_tokenizer, *SHORT, f"adversarial.method={method}", world=2, stage=2))
-    records = read_metrics(tmp_path / "run")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, train_shards, bert_tokenizer):
+    root = tmp_path_factory.mktemp("methods")
+    plan = [(root / method, (*SHORT, f"adversarial.method={method}")) for method in (*CROSS_ENTROPY, *DIVERGENCE)]
+    plan += [(root / "smart-straight", (*SMART, "train.max_steps=4")),
+             (root / "smart-resumed", (*SMART, "train.max_steps=2")), (root / "smart-resumed", (*SMART, "train.max_steps=4"))]
+    ok(pretrain_several(plan, train_shards, bert_tokenizer, world=2, stage=2))
+    return root
+
+
+@pytest.mark.parametrize("method", [*CROSS_ENTROPY, *DIVERGENCE])
+def test_a_two_rank_zero2_run_has_a_finite_non_zero_adversarial_term(method, runs):
+    records = read_metrics(runs / method)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert math.isfinite(r["train/loss_adv"]) and r["train/loss_adv"] > 0, r
         assert r["train/adv_active"] == 1 and r["train/adv_skipped"] == 0
-        # An adversarial cross-entropy is at least the clean one's order of magnitude.
-        assert 0.5 < r["train/loss_adv"] / r["train/loss_mlm"] < 2
+        if method in CROSS_ENTROPY:  # an adversarial cross-entropy is of the clean one's order of magnitude
+            assert 0.5 < r["train/loss_adv"] / r["train/loss_mlm"] < 2
+        else:  # a divergence between nearby predictions: small beside the clean loss
+            assert r["train/loss_adv"] < r["train/loss_mlm"]
+
+
+def test_smart_resumed_with_its_teacher_equals_the_uninterrupted_run(runs):
+    straight, resumed = read_metrics(runs / "smart-straight"), read_metrics(runs / "smart-resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert comparable(resumed) == comparable(straight)
+    # From the second update on the teacher differs from the student: the proximal term is in the loss.
+    for r in straight[2:]:
+        assert r["train/loss"] - r["train/loss_mlm"] - 10.0 * r["train/loss_adv"] > 1e-6, r

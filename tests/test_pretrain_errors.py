@@ -136,7 +136,7 @@ def test_nodes_started_with_different_configs(tmp_path, train_shards, bert_token
     run, port = tmp_path / "run", free_port()
     nodes = [node_launch(0, run, train_shards, bert_tokenizer, port), node_launch(1, run, train_shards, bert_tokenizer, port, "train.lr=0.002")]
     results = [(*p.communicate(timeout=300), p.returncode) for p in nodes]
-    assert [code for _, _, code in results] == [2, 2]
+    assert [code for _, _, code in results] == [2, 2], results[1][1][-3000:]
     lines = [line for line in results[0][1].splitlines() if "pretrain: error:" in line]
     assert lines == ["pretrain: error: rank 1 was started with another config than rank 0: train.lr=0.002 there, 0.001 on rank 0; "
                      "launch every node with the same config and overrides"]

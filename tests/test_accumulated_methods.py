@@ -1,0 +1,129 @@
+"""FreeLB, YOPO and amortized ALUM, the methods of several backward passes, on a tiny real
+BERT: each one's defining property against a hand computation of its formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import accumulated, perturbation
+from pipeline.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
+from pipeline.objective import kl, log_probs, mlm_loss
+
+from test_adversarial import Closures, batch, tiny_bert
+
+
+def setup(train: bool = False):
+    ids, mask, labels = batch()
+    model = tiny_bert().train(train)
+    return model, Closures(model, ids, mask), labels
+
+
+def run(config: AdversarialConfig, train: bool = False):
+    """The method's objective driven with plain `backward`s; (its StepLosses, the model, the
+    losses it yielded, in order)."""
+    model, closures, labels = setup(train)
+    yielded = []
+
+    def backward(loss):
+        yielded.append(loss.detach())
+        loss.backward()
+
+    torch.manual_seed(7)
+    out = run_objective(objective(closures.forward, closures.ascent_forward, labels, config, step=0), backward)
+    return out, model, yielded, closures
+
+
+def grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_grads(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_freelb_parameter_gradient_is_the_mean_over_its_passes(k):
+    config = AdversarialConfig(method="freelb", steps=k, start_step=0)
+    out, model, yielded, closures = run(config)
+    assert len(yielded) == k == len(closures.deltas) + 1  # pass 0 is the clean pass (delta = 0)
+    # K separate backward passes at the same perturbations, averaged by hand.
+    reference, _, labels = setup()
+    separate = []
+    for delta in [None, *[d.detach() for d in closures.deltas]]:
+        reference.zero_grad()
+        logits, _ = Closures(reference, *batch()[:2]).forward(delta)
+        mlm_loss(logits, labels).backward()
+        separate.append(grads(reference))
+    assert_same_grads(grads(model), [torch.stack(g).mean(0) for g in zip(*separate)])
+    assert out.loss_adv > 0 and torch.isclose(out.loss, sum(yielded))
+
+
+def test_freelb_moves_delta_by_the_gradient_of_the_previous_pass():
+    config = AdversarialConfig(method="freelb", steps=2, start_step=0, scale="absolute")
+    _, _, _, closures = run(config)
+    model, by_hand, labels = setup()
+    logits, embedded = by_hand.forward(None)
+    (g,) = torch.autograd.grad(mlm_loss(logits, labels), embedded)
+    expected = perturbation.ascent_update(torch.zeros_like(g), g, torch.ones(()), config)
+    torch.testing.assert_close(closures.deltas[0].detach(), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_yopo_makes_m_full_passes_and_m_times_n_updates(monkeypatch):
+    calls = []
+    real_update = perturbation.ascent_update
+    monkeypatch.setattr(accumulated.perturbation, "ascent_update", lambda *a: calls.append(1) or real_update(*a))
+    config = AdversarialConfig(method="yopo", steps=3, inner_steps=4, start_step=0, eps=0.5)
+    out, _, yielded, closures = run(config)
+    assert len(yielded) == 3 == passes(config, 0) and len(closures.deltas) == 2  # m backwards: the clean one and 2 perturbed
+    assert len(calls) == 3 * 4
+    assert out.delta_norm > 0
+
+
+def test_yopo_inner_updates_reuse_one_gradient_inside_the_eps_ball():
+    config = AdversarialConfig(method="yopo", steps=2, inner_steps=3, start_step=0, scale="absolute", eps=0.05, step_size=0.02)
+    _, _, _, closures = run(config)
+    model, by_hand, labels = setup()
+    logits, embedded = by_hand.forward(None)
+    (g,) = torch.autograd.grad(mlm_loss(logits, labels), embedded)
+    expected = torch.zeros_like(g)
+    for _ in range(3):
+        expected = perturbation.ascent_update(expected, g, torch.ones(()), config)
+    torch.testing.assert_close(closures.deltas[0].detach(), expected, rtol=1e-5, atol=1e-8)
+    assert closures.deltas[0].abs().max() <= 0.05
+
+
+def test_amortized_alum_gradient_is_its_stated_formula():
+    config = AdversarialConfig(method="alum_amortized", start_step=0, noise_std=0.0, scale="absolute", step_size=0.5)
+    out, model, yielded, closures = run(config)
+    assert len(yielded) == 2 == passes(config, 0)
+    # grad L_clean + alpha * grad KL(stopgrad(p) || q(delta)), delta = update(0, d L_clean / d e)
+    reference, by_hand, labels = setup()
+    logits, embedded = by_hand.forward(None)
+    clean = mlm_loss(logits, labels)
+    (g,) = torch.autograd.grad(clean, embedded, retain_graph=True)
+    delta = perturbation.ascent_update(torch.zeros_like(g), g, torch.ones(()), config)
+    torch.testing.assert_close(closures.deltas[0], delta, rtol=1e-5, atol=1e-8)
+    q, _ = by_hand.forward(delta)
+    (clean + config.alpha * kl(log_probs(logits).detach(), log_probs(q))).backward()
+    assert_same_grads(grads(model), grads(reference))
+    assert out.loss_adv > 0 and torch.isclose(out.loss, out.loss_mlm + config.alpha * out.loss_adv)
+
+
+@pytest.mark.parametrize("method", ["freelb", "yopo", "alum_amortized"])
+def test_multi_pass_methods_are_standard_before_start_step_and_refuse_a_single_call(method):
+    config = AdversarialConfig(method=method, start_step=5)
+    assert passes(config, 4) == 1 and passes(config, 5) >= 2
+    model, closures, labels = setup()
+    out = compute_losses(closures.forward, closures.ascent_forward, labels, config, step=4)
+    assert torch.equal(out.loss, out.loss_mlm) and out.loss_adv == 0
+    with pytest.raises(ValueError, match=f"adversarial.method={method} takes .* backward passes"):
+        compute_losses(closures.forward, closures.ascent_forward, labels, config, step=5)
+
+
+def test_dropout_masks_are_the_clean_pass_s_in_every_freelb_pass():
+    """With dropout on and delta = 0 in every pass (step size 0), every pass's loss equals the clean one."""
+    out, _, yielded, _ = run(AdversarialConfig(method="freelb", steps=3, start_step=0, step_size=0.0), train=True)
+    assert len(set(round(float(y), 7) for y in yielded)) == 1 and out.loss_adv == out.loss_mlm
