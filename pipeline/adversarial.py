@@ -13,9 +13,12 @@ file holds only what makes it itself:
   clean loss's own backward, so a step costs two forward and two backward passes;
 - ``smart`` (`pipeline.smart`): ALUM's term plus a proximal term towards an EMA teacher;
 - ``freelb`` and ``yopo`` (`pipeline.accumulated`): parameter gradients accumulated over K
-  (or m) passes, the perturbation moved once (or n times) between them.
+  (or m) passes, the perturbation moved once (or n times) between them;
+- ``freeat`` (`pipeline.freeat`): each batch replayed m times, one optimizer step per replay,
+  the perturbation carried from replay to replay.
 
-Methods of one backward pass (all but the accumulating ones) are one `compute_losses` call.
+Methods that need nothing after their backward are one `compute_losses` call; the others
+(amortized ALUM, FreeLB, YOPO, FreeAT) use the gradient their backward leaves on delta.
 Every method is also an `objective`: a generator that yields each loss to backward and
 returns the micro-batch's numbers; `run_objective(objective(...), backward)` drives it, and
 `passes(config, step)` says how many backward passes it takes (a DeepSpeed trainer marks
@@ -38,17 +41,18 @@ from pipeline import checks
 from pipeline.accumulated import accumulated_passes
 from pipeline.alum import alum_losses, amortized_alum_passes
 from pipeline.fgm import fgm_losses
+from pipeline.freeat import Carry, freeat_pass
 from pipeline.objective import AscentForward, Forward, StepLosses, clean_pass
 from pipeline.perturbation import NORMS, SCALES, UPDATES
 from pipeline.pgd import pgd_losses
 from pipeline.smart import with_proximal
 
-METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freelb", "yopo")
-# adversarial.steps when left null: ALUM's K = 1 (the paper), PGD's K = 3, FreeLB's K = 2
-# and YOPO's m = 2 (the FreeLB repository's launch scripts); pipeline.accumulated says more.
-DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2}
-# Objectives of several backward passes, by method.
-MULTI_PASS = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
+METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freeat", "freelb", "yopo")
+# adversarial.steps when left null: ALUM's K = 1 (the paper); PGD's K = 3; FreeLB's K = 2
+# (the FreeLB repository's launch scripts); YOPO's and FreeAT's m = 2, FreeLB's budget.
+DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
+# Objectives that read the gradient their backward leaves on delta, by method.
+AFTER_BACKWARD = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
 PERTURB_AT = ("word_embeddings", "embedding_output")
 KL_GRADS = ("detached", "full")
 ON_VANISH = ("warn", "error")
@@ -113,7 +117,7 @@ class AdversarialConfig:
 def passes(config: AdversarialConfig, step: int) -> int:
     """Backward passes per micro-batch at this step: 2 for amortized ALUM, K for FreeLB, m for
     YOPO, otherwise (and before adversarial.start_step) 1."""
-    if not config.active(step) or config.method not in MULTI_PASS:
+    if not config.active(step) or config.method not in AFTER_BACKWARD:
         return 1
     return 2 if config.method == "alum_amortized" else config.steps
 
@@ -126,11 +130,17 @@ def objective(
     step: int,
     real: Tensor | None = None,
     teacher: Callable[[], Tensor] | None = None,
+    carry: Carry | None = None,
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch's objective as a sequence of losses: yields each loss to backward (their
-    sum is the objective) and, once each has been backwarded, returns the `StepLosses`."""
-    if config.active(step) and config.method in MULTI_PASS:
-        return (yield from MULTI_PASS[config.method](forward, labels, config, real))
+    sum is the objective) and, once each has been backwarded, returns the `StepLosses`.
+    ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch."""
+    if config.active(step) and config.method == "freeat":
+        if carry is None:
+            raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.freeat)")
+        return (yield from freeat_pass(forward, labels, config, real, carry))
+    if config.active(step) and config.method in AFTER_BACKWARD:
+        return (yield from AFTER_BACKWARD[config.method](forward, labels, config, real))
     out = compute_losses(forward, ascent_forward, labels, config, step, real, teacher)
     yield out.loss
     return out
@@ -165,9 +175,9 @@ def compute_losses(
     No host sync: a non-finite gradient or term is dropped with ``torch.where``.
     """
     active = config.active(step)
-    if active and config.method in MULTI_PASS:
-        raise ValueError(f"adversarial.method={config.method} takes {passes(config, step)} backward passes per batch: "
-                         "drive it with run_objective(objective(...), backward)")
+    if active and (config.method in AFTER_BACKWARD or config.method == "freeat"):
+        raise ValueError(f"adversarial.method={config.method} uses the gradient of its own backward "
+                         f"({passes(config, step)} per batch): drive it with run_objective(objective(...), backward)")
     with torch.set_grad_enabled(torch.is_grad_enabled() and not (active and config.method == "pgd")):
         clean = clean_pass(forward, labels, real)
     if not active:

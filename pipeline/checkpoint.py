@@ -32,6 +32,7 @@ import deepspeed.comm as dist
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline.freeat import at_boundary
 from pipeline.integrity import file_digests
 from pipeline.rng import RngState
 
@@ -241,15 +242,19 @@ def _convert_to_universal(tag_dir: Path, target: Path) -> None:
 class Checkpointer:
     """Saves on its schedule: every checkpoint.every_steps, at train.max_steps and when a
     stop was requested, but never right after a non-finite step, so that the last good
-    checkpoint stays the latest."""
+    checkpoint stays the latest. SMART's teacher goes into the client state."""
 
     def __init__(self, engine, run_dir: Path, config, world_size: int, teacher=None):
         """`config`: the RunConfig; `teacher`: SMART's `pipeline.smart.Teacher`, saved in the client state."""
         self.engine, self.run_dir, self.world_size, self.teacher = engine, run_dir, world_size, teacher
         self.every, self.keep_last, self.max_steps = config.checkpoint.every_steps, config.checkpoint.keep_last, config.train.max_steps
+        self.adversarial = config.adversarial
 
     def due(self, state, stop: bool) -> bool:
-        return state.bad_streak == 0 and (stop or state.step % self.every == 0 or state.step == self.max_steps)
+        """Also never inside a batch's FreeAT replays (their perturbation is not saved), except at train.max_steps."""
+        if state.step == self.max_steps:
+            return state.bad_streak == 0
+        return state.bad_streak == 0 and (stop or state.step % self.every == 0) and at_boundary(self.adversarial, state.step)
 
     def save(self, state) -> str:
         client = state.client_state(self.world_size)

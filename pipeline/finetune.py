@@ -37,6 +37,7 @@ from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
 from pipeline.glue import Task, load_task
 from pipeline.model import ARCHS, Perturbation
 from pipeline.distributed import exit_process, init_distributed, shutdown_distributed
+from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.smart import Teacher
 from pipeline.step import accumulating_backward
 
@@ -140,16 +141,19 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
     progress = tqdm(range(total), desc=f"seed {seed} ({args.method})", unit="step", disable=None if rank == 0 else True)
+    position, carry = 0, Carry()  # batches drawn so far; FreeAT's perturbation between replays of one
     for step in progress:
-        if step % steps_per_epoch == 0:
+        replay = replay_index(adversarial, step)
+        if position % steps_per_epoch == 0 and replay == 0:
             order = torch.randperm(len(train_ids), generator=generator)
-        chosen = order[(step % steps_per_epoch) * args.batch_size :][: args.batch_size].tolist()
+        carry = carry if replay else Carry()
+        chosen = order[(position % steps_per_epoch) * args.batch_size :][: args.batch_size].tolist()
         share = math.ceil(len(chosen) / world)
         mine = chosen[rank * share : (rank + 1) * share]
         input_ids, mask = padded([train_ids[i] for i in mine], pad_id)
         forward, ascent = (engine, engine.module) if engine else (model, model)
         losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine],
-                           adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]))
+                           adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]), carry=carry)
         if engine:
             out = run_objective(losses, accumulating_backward(engine, passes(adversarial, step)))
             engine.step()
@@ -161,6 +165,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             schedule.step()
         if teacher is not None:
             teacher.update(engine.module if engine else model, adversarial.teacher_momentum)
+        position += at_boundary(adversarial, step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id)})
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")

@@ -146,8 +146,13 @@ def guarded(term: Callable[[Tensor], Tensor], logits: Tensor, finite: Tensor) ->
 
 def sizes(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
     """(delta's and the gradient's mean per-token norms, the fraction of delta lost to rounding)."""
-    return (perturbation.real_mean(token_norm(delta, norm), clean.real), perturbation.real_mean(token_norm(grad, norm), clean.real),
-            perturbation.lost_fraction(clean.embedded, delta, clean.real))
+    return sizes_at(clean.embedded, clean.real, delta, grad, norm)
+
+
+def sizes_at(embedded: Tensor, real: Tensor, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """`sizes` for a method without a separate clean pass."""
+    return (perturbation.real_mean(token_norm(delta, norm), real), perturbation.real_mean(token_norm(grad, norm), real),
+            perturbation.lost_fraction(embedded, delta, real))
 
 
 def size(config) -> float:

@@ -44,6 +44,7 @@ from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
 from pipeline.sampling import epoch_fraction
+from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.smart import Teacher
 from pipeline.step import StepStats, TrainingAborted, account, check_health, train_step
 
@@ -201,10 +202,13 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.teacher)
     throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)
     started = time.perf_counter()
+    carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
     while state.step < max_steps:
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
-        batch = batches.for_step(state.step, state.consumed_samples, rate)
-        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.teacher)
+        replay = replay_index(config.adversarial, state.step)  # 0 unless FreeAT replays this batch
+        batch = batches.for_step(state.step - replay, state.consumed_samples, rate)
+        carries = carries if replay else [Carry() for _ in batch.micro_batches]
+        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.teacher, carries)
         stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
         account(state, stats, config, engine)
         seconds = time.perf_counter() - started
@@ -217,7 +221,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         check_health(state, stats, config, run.run_dir)
         if checkpointer.due(state, stats.stop):
             checkpointer.save(state)
-        if stats.stop:
+        if stats.stop and at_boundary(config.adversarial, state.step):
             if rank == 0:
                 print(f"stop requested ({StopRequest.signal_name or 'by another rank'}): saved step {state.step}; re-run the same command to continue", flush=True)
             return

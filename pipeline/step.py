@@ -23,6 +23,7 @@ from pipeline.adversarial import objective, passes, run_objective
 from pipeline.objective import STATS
 from pipeline.data import MicroBatch
 from pipeline.distributed import report
+from pipeline.freeat import Carry, at_boundary
 from pipeline.resume import TrainState
 from pipeline.smart import Teacher
 
@@ -31,12 +32,14 @@ class TrainingAborted(Exception):
     """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
-def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, teacher: Teacher | None = None) -> Tensor:
+def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, teacher: Teacher | None = None,
+               carries: list[Carry] | None = None) -> Tensor:
     """This rank's summed `STATS` of the step, on the device. SMART's `teacher` follows the
-    student after the optimizer step."""
+    student after the optimizer step; FreeAT's `carries` (one per micro-batch) hold the
+    perturbations its next replay starts from."""
     sums = torch.zeros(len(STATS), dtype=torch.float64, device=engine.device)
     backward = accumulating_backward(engine, len(micro_batches) * passes(adversarial, step))
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = batch.on(engine.device)
 
         def forward(delta):
@@ -48,7 +51,8 @@ def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, 
         def teacher_forward():
             return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
 
-        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask, teacher=teacher_forward)
+        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask, teacher=teacher_forward,
+                           carry=carries[i] if carries else None)
         out = run_objective(losses, backward)
         engine.step()
         sums += out.stats()
@@ -109,7 +113,8 @@ def account(state: TrainState, stats: StepStats, config, engine) -> None:
     adv = config.adversarial
     active = adv.active(state.step)
     state.step += 1
-    state.consumed_samples += config.train.global_batch_size
+    if at_boundary(adv, state.step):  # FreeAT counts a batch once, after its last replay
+        state.consumed_samples += config.train.global_batch_size
     state.adv_skipped += int(stats.adv_skipped)
     state.bad_streak = state.bad_streak + 1 if stats.nonfinite else 0
     if stats.nonfinite and engine.was_step_applied():

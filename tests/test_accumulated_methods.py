@@ -1,13 +1,16 @@
-"""FreeLB, YOPO and amortized ALUM, the methods of several backward passes, on a tiny real
-BERT: each one's defining property against a hand computation of its formula."""
+"""FreeLB, YOPO, amortized ALUM and FreeAT, the methods that use the gradient their own
+backward leaves on delta, on a tiny real BERT: each one's defining property against a hand
+computation of its formula."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from pipeline import accumulated, perturbation
 from pipeline.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
+from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.objective import kl, log_probs, mlm_loss
 
 from test_adversarial import Closures, batch, tiny_bert
@@ -112,14 +115,14 @@ def test_amortized_alum_gradient_is_its_stated_formula():
     assert out.loss_adv > 0 and torch.isclose(out.loss, out.loss_mlm + config.alpha * out.loss_adv)
 
 
-@pytest.mark.parametrize("method", ["freelb", "yopo", "alum_amortized"])
-def test_multi_pass_methods_are_standard_before_start_step_and_refuse_a_single_call(method):
+@pytest.mark.parametrize("method", ["freelb", "yopo", "alum_amortized", "freeat"])
+def test_these_methods_are_standard_before_start_step_and_refuse_a_single_call(method):
     config = AdversarialConfig(method=method, start_step=5)
-    assert passes(config, 4) == 1 and passes(config, 5) >= 2
+    assert passes(config, 4) == 1 and passes(config, 5) == {"freeat": 1, "alum_amortized": 2}.get(method, 2)
     model, closures, labels = setup()
     out = compute_losses(closures.forward, closures.ascent_forward, labels, config, step=4)
     assert torch.equal(out.loss, out.loss_mlm) and out.loss_adv == 0
-    with pytest.raises(ValueError, match=f"adversarial.method={method} takes .* backward passes"):
+    with pytest.raises(ValueError, match=f"adversarial.method={method} uses the gradient of its own backward"):
         compute_losses(closures.forward, closures.ascent_forward, labels, config, step=5)
 
 
@@ -127,3 +130,19 @@ def test_dropout_masks_are_the_clean_pass_s_in_every_freelb_pass():
     """With dropout on and delta = 0 in every pass (step size 0), every pass's loss equals the clean one."""
     out, _, yielded, _ = run(AdversarialConfig(method="freelb", steps=3, start_step=0, step_size=0.0), train=True)
     assert len(set(round(float(y), 7) for y in yielded)) == 1 and out.loss_adv == out.loss_mlm
+
+
+def test_freeat_carries_its_perturbation_across_replays():
+    config = AdversarialConfig(method="freeat", steps=2, start_step=0, scale="absolute", eps=2.0**-7)
+    model, closures, labels = setup()
+    carry = Carry()
+    torch.manual_seed(7)
+    run_objective(objective(closures.forward, closures.ascent_forward, labels, config, 0, carry=carry), Tensor.backward)
+    assert closures.deltas == []  # replay 0 is at delta = 0
+    first = carry.delta.clone()
+    assert set(first.abs().unique().tolist()) <= {0.0, 2.0**-7} and (first.abs() == 2.0**-7).float().mean() > 0.99
+    out = run_objective(objective(closures.forward, closures.ascent_forward, labels, config, 1, carry=carry), Tensor.backward)
+    assert torch.equal(closures.deltas[0].detach(), first)  # replay 1 starts where replay 0 left delta
+    grad = closures.deltas[0].grad
+    torch.testing.assert_close(carry.delta, (first + 2.0**-7 * grad.sign()).clamp(-2.0**-7, 2.0**-7))
+    assert out.loss_adv > 0 and replay_index(config, 1) == 1 and at_boundary(config, 2) and not at_boundary(config, 1)

@@ -1,6 +1,7 @@
 """Each adversarial method in a real 2-rank ZeRO-2 pretraining run: a finite, non-zero
-adversarial term on every step beside the clean MLM loss; and SMART, whose teacher is
-state, resumed mid-run equal to the run that was not interrupted. All runs share one
+adversarial term on every step beside the clean MLM loss; and SMART (whose teacher is
+state) and FreeAT (whose replays span optimizer steps) resumed mid-run equal to the run
+that was not interrupted. All runs share one
 launch (tests/several_runs.py): the launch is most of a short run's cost."""
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ pytestmark = pytest.mark.slow
 
 # Two steps, the method on from the first, no validation and one checkpoint.
 SHORT = ("train.max_steps=2", "adversarial.start_step=0", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
-CROSS_ENTROPY = ("fgsm", "fgm", "pgd", "freelb", "yopo")  # their adversarial term is a cross-entropy
+CROSS_ENTROPY = ("fgsm", "fgm", "pgd", "freeat", "freelb", "yopo")  # their adversarial term is a cross-entropy
 DIVERGENCE = ("alum_amortized", "smart")  # a symmetric KL
-SMART = ("adversarial.method=smart", "adversarial.start_step=1", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
+RESUMED = ("adversarial.start_step=1", "train.decay_steps=6", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, train_shards, bert_tokenizer):
     root = tmp_path_factory.mktemp("methods")
     plan = [(root / method, (*SHORT, f"adversarial.method={method}")) for method in (*CROSS_ENTROPY, *DIVERGENCE)]
-    plan += [(root / "smart-straight", (*SMART, "train.max_steps=4")),
-             (root / "smart-resumed", (*SMART, "train.max_steps=2")), (root / "smart-resumed", (*SMART, "train.max_steps=4"))]
+    for method, steps in (("smart", (4, 2, 4)), ("freeat", (5, 3, 5))):  # FreeAT: batch 1 replayed at steps 2-3, 2 at 4-5
+        first = (f"adversarial.method={method}", *RESUMED)
+        plan += [(root / f"{method}-straight", (*first, f"train.max_steps={steps[0]}")),
+                 *[(root / f"{method}-resumed", (*first, f"train.max_steps={n}")) for n in steps[1:]]]
     ok(pretrain_several(plan, train_shards, bert_tokenizer, world=2, stage=2))
     return root
 
@@ -43,10 +46,22 @@ def test_a_two_rank_zero2_run_has_a_finite_non_zero_adversarial_term(method, run
             assert r["train/loss_adv"] < r["train/loss_mlm"]
 
 
-def test_smart_resumed_with_its_teacher_equals_the_uninterrupted_run(runs):
-    straight, resumed = read_metrics(runs / "smart-straight"), read_metrics(runs / "smart-resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+@pytest.mark.parametrize("method", ["smart", "freeat"])
+def test_a_resumed_run_equals_the_uninterrupted_one(method, runs):
+    straight, resumed = read_metrics(runs / f"{method}-straight"), read_metrics(runs / f"{method}-resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] and len(straight) >= 4
     assert comparable(resumed) == comparable(straight)
+
+
+def test_freeat_replays_each_batch_and_counts_it_once(runs):
+    records = read_metrics(runs / "freeat")
+    assert records[0]["data/sample_digest"] == records[1]["data/sample_digest"]
+    assert [r["data/consumed_samples"] for r in records] == [0, 16]
+    assert records[1]["train/delta_norm"] > 0 and records[1]["train/loss_adv"] != records[0]["train/loss_adv"]
+
+
+def test_smart_proximal_term_is_in_the_loss(runs):
+    straight = read_metrics(runs / "smart-straight")
     # From the second update on the teacher differs from the student: the proximal term is in the loss.
     for r in straight[2:]:
         assert r["train/loss"] - r["train/loss_mlm"] - 10.0 * r["train/loss_adv"] > 1e-6, r
