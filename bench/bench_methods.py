@@ -2,12 +2,15 @@
 measured in one run, beside its measured forward and backward passes through the encoder.
 
 Every method trains a copy of the same small BERT (the project's `MaskedLM`, dropout on, fp32
-on CPU, plain PyTorch: `compute_losses` at the method's defaults, `loss.backward()`, AdamW),
+on CPU, plain PyTorch: the method's `objective` at its defaults, a `backward()` per loss it
+yields, AdamW),
 on the same real masked batches of WikiText-2 (`bench/bench_step.py` builds them). Within a
 round the methods take turns step by step (the machine is noisy); each round reports the
 median step time of each, and the summary is the median over rounds of each ratio. Passes
 are counted with hooks on the encoder: a forward hook, and a backward hook on its output
-(once per backward that reaches it, input-only ascent backwards included).
+(once per backward that reaches it, input-only ascent backwards included); SMART's teacher
+is counted with the model. FreeAT's row is per optimizer step, one replay: it takes m of
+them per batch.
 
     python bench/bench_methods.py                  # hidden 256, 4 layers, batch 8 x 128, 5 rounds
     python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md
@@ -27,22 +30,24 @@ import torch
 
 from bench_step import SEED, add_model_arguments, build_models, build_shards
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.adversarial import METHODS, AdversarialConfig, objective, run_objective
 from pipeline.data import Batches, ShardDataset
 from pipeline.engine import make_optimizer
 from pipeline.masking import MaskVocab
+from pipeline.freeat import Carry, replay_index
 from pipeline.model import MaskedLM
+from pipeline.smart import Teacher
 
-METHODS = ("none", "alum", "fgsm", "fgm", "pgd")
 OPTIMIZER = argparse.Namespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
 
 
 class Passes:
     """Counts forward and backward passes through a MaskedLM's encoder."""
 
-    def __init__(self, model: MaskedLM):
+    def __init__(self, *models: MaskedLM):
         self.forward = self.backward = 0
-        model.encoder().register_forward_hook(self._forward)
+        for model in models:
+            model.encoder().register_forward_hook(self._forward)
 
     def _forward(self, module, inputs, output):
         self.forward += 1
@@ -53,16 +58,23 @@ class Passes:
         self.backward += 1
 
 
-def method_step(method: str, model: MaskedLM):
+def method_step(method: str, model: MaskedLM, teacher: Teacher | None):
     config = AdversarialConfig(method=method, start_step=0)
     optimizer = make_optimizer(model, OPTIMIZER, {})
+    done, carry = 0, Carry()
 
     def step(batch) -> None:
+        nonlocal done, carry
         ids, mask, index = batch.input_ids, batch.attention_mask, batch.masked_index
-        out = compute_losses(lambda d: model(ids, mask, index, d), lambda d: model(ids, mask, index, d)[0], batch.labels, config, 0, real=mask)
-        out.loss.backward()
+        carry = carry if replay_index(config, done) else Carry()
+        losses = objective(lambda d: model(ids, mask, index, d), lambda d: model(ids, mask, index, d)[0], batch.labels, config, done,
+                           real=mask, teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]), carry=carry)
+        run_objective(losses, torch.Tensor.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            teacher.update(model, config.teacher_momentum)
+        done += 1
 
     return step
 
@@ -115,12 +127,14 @@ def main() -> None:
         batches = [batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)]
         _, base, _ = build_models(Path(tmp), tokenizer, dataset.seq_len, args)
         models = {name: copy.deepcopy(base).train() for name in METHODS}
-        passes = {name: Passes(model) for name, model in models.items()}
-        steps = {name: method_step(name, model) for name, model in models.items()}
+        teachers = {name: Teacher(model) if name == "smart" else None for name, model in models.items()}
+        passes = {name: Passes(model, *[t.module for t in [teachers[name]] if t]) for name, model in models.items()}
+        steps = {name: method_step(name, model, teachers[name]) for name, model in models.items()}
         steps_total = args.warmup + args.rounds * args.steps
         rounds = measure(steps, batches, args.rounds, args.warmup)
     setup = (f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq_len}, mask rate 0.15, fp32, "
-             f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM and PGD), "
+             f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM, 3 for PGD, 2 for FreeLB; "
+             f"YOPO m = 2, n = 3; FreeAT m = 2, per replay), "
              f"{args.rounds} rounds of {args.steps} steps each, after {args.warmup} warm-up steps.")
     summary = {"setup": setup, "methods": {
         name: {"ratio": statistics.median(r[name] for r in rounds), "rounds": [r[name] for r in rounds],
