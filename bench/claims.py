@@ -15,6 +15,7 @@ already there, so a re-run continues where the last one stopped.
    - `standard`: standard MLM for S steps;
    - `alum`: the paper's two stages: the standard run's step-S/2 checkpoint (weights,
      optimizer, schedule, data position) continued with ALUM to step S (equal steps);
+   - `alum-amortized`: the same two stages with amortized ALUM (pipeline/alum.py);
    - `standard-compute`: standard MLM from scratch for S/2 + r * S/2 steps, where r is the
      measured time of an ALUM step over a standard one (equal compute);
    - `continual-standard` and `continual-alum`: the `standard` model continued for C more
@@ -22,7 +23,8 @@ already there, so a re-run continues where the last one stopped.
 3. `alum eval` of every model on the held-out split: perplexity, accuracy (beside the
    commonest-token baseline), loss under embedding PGD and token substitution.
 4. `alum finetune` of every model on SST-2, standard and ALUM (alpha 1), one run per seed,
-   with SST-2 dev and AdvGLUE-SST2 accuracy.
+   with SST-2 dev and AdvGLUE-SST2 accuracy; the `standard` model also with amortized
+   ALUM, SMART and FreeLB fine-tuning, at their defaults.
 5. docs/results/claims.{json,md,png}: the table (mean +- std over seeds; a difference from
    the `standard` model counts only if it exceeds the sum of the two spreads) and a figure;
    docs/results/pretraining.png: the pretraining curves.
@@ -42,7 +44,10 @@ from data_dir import data_dir, wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
-PRETRAINED = ("standard", "alum", "standard-compute", "continual-standard", "continual-alum")
+PRETRAINED = ("standard", "alum", "alum-amortized", "standard-compute", "continual-standard", "continual-alum")
+# Every pretrained model is fine-tuned with these two; the `standard` one with all of FINETUNE_METHODS.
+FINETUNE_BOTH = ("standard", "alum")
+FINETUNE_METHODS = ("standard", "alum", "alum_amortized", "smart", "freelb")
 
 
 def command(*args: str, what: str) -> float:
@@ -88,27 +93,29 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def step_time_ratio(work: Path, half: int) -> float:
-    """Fastest logged ALUM step over fastest standard step, from the runs above: on a shared
-    machine other work only ever slows a step, so the minimum is the step's own cost
+def step_time_ratio(work: Path, name: str, half: int) -> float:
+    """Fastest logged step of run `name`'s second half over the fastest standard step: on a
+    shared machine other work only ever slows a step, so the minimum is the step's own cost
     (perf/step_seconds is the step alone: validation and checkpoints are timed apart)."""
     standard = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / "standard")]
-    alum = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / "alum") if r["step"] > half]
-    return min(alum) / min(standard)
+    adversarial = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / name) if r["step"] > half]
+    return min(adversarial) / min(standard)
 
 
 def pretrain_all(work: Path, steps: int, continual: int) -> dict:
     half = steps // 2
     pretrain(work, "standard", steps)
-    pretrain(work, "alum", steps, f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
-             "checkpoint.init_optimizer=true", "adversarial.method=alum", f"adversarial.start_step={half}")
-    ratio = step_time_ratio(work, half)
+    for name, method in (("alum", "alum"), ("alum-amortized", "alum_amortized")):
+        pretrain(work, name, steps, f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
+                 "checkpoint.init_optimizer=true", f"adversarial.method={method}", f"adversarial.start_step={half}")
+    ratio = step_time_ratio(work, "alum", half)
     compute_steps = half + round(ratio * half)
     pretrain(work, "standard-compute", compute_steps)
     for name, method in (("continual-standard", "none"), ("continual-alum", "alum")):
         pretrain(work, name, continual, f"checkpoint.init_from={work / 'pretrain' / 'standard'}", "train.lr=4e-4",
                  f"adversarial.method={method}", "adversarial.start_step=0")
-    return {"steps": steps, "continual_steps": continual, "alum_step_time_ratio": ratio, "standard_compute_steps": compute_steps}
+    return {"steps": steps, "continual_steps": continual, "alum_step_time_ratio": ratio, "standard_compute_steps": compute_steps,
+            "amortized_step_time_ratio": step_time_ratio(work, "alum-amortized", half)}
 
 
 def export_and_eval(work: Path, name: str) -> dict:
@@ -155,7 +162,8 @@ def table(study: dict) -> str:
         "",
         f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; standard for {setup['steps']} steps, "
         f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), standard for {setup['standard_compute_steps']} steps "
-        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), and the standard model "
+        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), amortized ALUM two-stage "
+        f"as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one), and the standard model "
         f"continued {setup['continual_steps']} steps without and with ALUM. SST-2 fine-tuning {setup['finetune_steps']} steps, "
         f"seeds {setup['seeds']}; mean +- std over seeds. * = differs from the `standard` model by more than both spreads together. "
         f"Wall time {setup['wall_seconds'] / 60:.0f} min over {setup['invocations']} invocation(s) of the command. "
@@ -167,7 +175,7 @@ def table(study: dict) -> str:
     ]
     for name, model in study["models"].items():
         ev = model["eval"]
-        for method in ("standard", "alum"):
+        for method in FINETUNE_BOTH:
             ft, ref = model["finetune"][method], study["models"]["standard"]["finetune"][method]
             marks = {key: "*" if name != "standard" and exceeds(ft[key], ref[key]) else "" for key in ("dev_accuracy", "advglue_accuracy")}
             pgd = {p["radius"]: p["loss"] for p in ev["perturbation"]}
@@ -177,7 +185,25 @@ def table(study: dict) -> str:
                 f"{ft['dev_accuracy']['mean']:.4f} +- {ft['dev_accuracy']['std']:.4f}{marks['dev_accuracy']} | "
                 f"{ft['advglue_accuracy']['mean']:.4f} +- {ft['advglue_accuracy']['std']:.4f}{marks['advglue_accuracy']} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + finetune_methods_table(study)) + "\n"
+
+
+def finetune_methods_table(study: dict) -> list[str]:
+    """The `standard` model fine-tuned with each method; * against standard fine-tuning."""
+    runs = study["models"]["standard"]["finetune"]
+    ref = runs["standard"]
+    lines = ["", "## Fine-tuning methods on the `standard` model", "",
+             f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), seeds {study['setup']['seeds']}; "
+             "mean +- std over seeds; * = differs from standard fine-tuning by more than both spreads together. "
+             "Seconds: wall time of one seed's fine-tuning here (training and evaluation).", "",
+             "| FT method | SST-2 dev | AdvGLUE-SST2 | seconds per seed |", "|---|---|---|---|"]
+    for method in FINETUNE_METHODS:
+        ft = runs[method]
+        cells = [f"{ft[key]['mean']:.4f} +- {ft[key]['std']:.4f}{'*' if method != 'standard' and exceeds(ft[key], ref[key]) else ''}"
+                 for key in ("dev_accuracy", "advglue_accuracy")]
+        seconds = sum(seed["seconds"] for seed in ft["seeds"]) / len(ft["seeds"])
+        lines.append(f"| {method} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
+    return lines
 
 
 def figure(study: dict, out: Path) -> None:
@@ -189,7 +215,7 @@ def figure(study: dict, out: Path) -> None:
     names = list(study["models"])
     for column, key in enumerate(("dev_accuracy", "advglue_accuracy")):
         ax = fig.add_subplot(1, 2, column + 1)
-        for offset, method in ((-0.2, "standard"), (0.2, "alum")):
+        for offset, method in zip((-0.2, 0.2), FINETUNE_BOTH):
             values = [study["models"][n]["finetune"][method][key] for n in names]
             ax.bar([i + offset for i in range(len(names))], [v["mean"] for v in values], 0.4, yerr=[v["std"] for v in values],
                    capsize=3, label=f"{method} fine-tuning")
@@ -226,7 +252,8 @@ def main() -> None:
     setup = pretrain_all(args.work, args.pretrain_steps, args.continual_steps)
     models = {}
     for name in PRETRAINED:
-        models[name] = {"eval": export_and_eval(args.work, name), "finetune": {m: finetune(args.work, name, m, args) for m in ("standard", "alum")}}
+        methods = FINETUNE_METHODS if name == "standard" else FINETUNE_BOTH
+        models[name] = {"eval": export_and_eval(args.work, name), "finetune": {m: finetune(args.work, name, m, args) for m in methods}}
     invocations = wall_times(args.work, time.perf_counter() - started)
     setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=sum(invocations), invocations=len(invocations))
     study = {"setup": setup, "models": models}

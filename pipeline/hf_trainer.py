@@ -1,6 +1,10 @@
 """ALUM (or FGSM, FGM, PGD) fine-tuning inside HF's `Trainer`: a subclass whose `compute_loss`
 is `pipeline.adversarial.compute_losses`, the same objective, defaults and dropout replay as
-`alum finetune`, for your own Trainer code.
+`alum finetune`, for your own Trainer code. The methods that need more than a loss from
+`compute_loss` (several backwards or a gradient read after Trainer's backward: amortized
+ALUM, FreeLB, YOPO, FreeAT; SMART's teacher updated after each optimizer step) are refused
+here: `alum finetune` runs them, and so can any loop of yours with
+`pipeline.adversarial.run_objective`.
 
     from pipeline.adversarial import AdversarialConfig
     from pipeline.hf_trainer import AdversarialTrainer
@@ -28,10 +32,11 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.adversarial import AFTER_BACKWARD, AdversarialConfig, compute_losses
 from pipeline.model import Perturbation
 
 CLEAN = AdversarialConfig()  # method "none": the clean cross-entropy alone
+NOT_HERE = (*AFTER_BACKWARD, "freeat", "smart")
 
 
 class AdversarialTrainer(Trainer):
@@ -43,6 +48,9 @@ class AdversarialTrainer(Trainer):
     def __init__(self, *args, adversarial: AdversarialConfig, **kwargs):
         if kwargs.get("model_init") is not None:
             raise ValueError("AdversarialTrainer needs model=, not model_init (which replaces the model the perturbation hooks into)")
+        if adversarial.method in NOT_HERE:
+            raise ValueError(f"AdversarialTrainer: adversarial.method={adversarial.method} needs more than Trainer's one backward per "
+                             "batch; use `alum finetune`, or pipeline.adversarial.run_objective in your own loop")
         super().__init__(*args, **kwargs)
         self.adversarial = adversarial
         # On Trainer's core model (self.model), whatever wrapper training later runs it in.

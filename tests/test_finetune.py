@@ -4,6 +4,7 @@ a short real fine-tuning run on SST-2 with two seeds, and one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -190,6 +191,26 @@ def test_fgm_and_fgsm_train_on_clean_plus_adversarial_cross_entropy(small_model,
         ce_adv = torch.nn.functional.cross_entropy(model(input_ids, mask, deltas[-1])[0], labels)
     assert ce_adv.item() > ce.item()  # the step went uphill
     assert out.loss.item() == pytest.approx(weight * (ce.item() + ce_adv.item()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory, sst2) -> Path:
+    """48 training and 16 dev sentences of SST-2, as a task directory of one's own."""
+    out = tmp_path_factory.mktemp("task")
+    rows = read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS)
+    for name, part in (("train", rows[:48]), ("dev", rows[48:64])):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": row.text, "label": row.label}) + "\n" for row in part))
+    return out
+
+
+@pytest.mark.parametrize("method", ["alum_amortized", "smart", "freeat", "freelb", "yopo"])
+def test_every_method_fine_tunes_from_the_cli(method, small_model, small_task, tmp_path):
+    options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 6, "--eval-every": 3,
+               "--batch-size": 16, "--method": method}
+    assert finetune.main([str(item) for pair in options.items() for item in pair]) == 0
+    (seed,) = json.loads((tmp_path / "results.json").read_text())["seeds"]
+    assert [h["step"] for h in seed["history"]] == [3, 6]
+    assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in seed["history"])
 
 
 @pytest.mark.slow

@@ -144,3 +144,9 @@ def test_the_example_names_a_bad_data_file_in_one_line(tmp_path, capsys, content
         read_rows(str(path))
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"hf_trainer_finetune: error: {path}{message}"]
+
+
+@pytest.mark.parametrize("method", ["alum_amortized", "freelb", "yopo", "freeat", "smart"])
+def test_methods_beyond_one_backward_are_refused_with_the_way_to_run_them(method, tmp_path):
+    with pytest.raises(ValueError, match=f"adversarial.method={method} needs more than Trainer's one backward per batch; use `alum finetune`"):
+        trainer_for(dropout_free_classifier(), tmp_path, method=method)
