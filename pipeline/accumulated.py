@@ -35,25 +35,21 @@ import torch
 from torch import Tensor
 
 from pipeline import perturbation
-from pipeline.objective import CleanPass, Forward, Replay, StepLosses, backward_gradient, guarded, log_probs, nll, sizes
+from pipeline.objective import Forward, StepLosses, backward_gradient, clean_pass, guarded, log_probs, nll, sizes
 
 
 def accumulated_passes(forward: Forward, labels: Tensor, config, real: Tensor | None) -> Generator[Tensor, None, StepLosses]:
     passes, updates = config.steps, config.inner_steps if config.method == "yopo" else 1
-    replay = Replay().start()
-    logits, embedded = forward(None)
-    log_p = log_probs(logits)
-    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
-    clean = CleanPass(logits, log_p, nll(log_p, labels), embedded, real, replay)
-    replay.mark()
-    unit = perturbation.token_scale(embedded, config.scale)
-    embedded.retain_grad()
+    clean = clean_pass(forward, labels, real)
+    clean.replay.mark()
+    unit = perturbation.token_scale(clean.embedded, config.scale)
+    clean.embedded.retain_grad()
     yield clean.loss / passes
-    grad, finite = backward_gradient(embedded)
-    delta, adversarial, kept = torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device), [], []
+    grad, finite = backward_gradient(clean.embedded)
+    delta, adversarial, kept = torch.zeros(clean.embedded.shape, dtype=unit.dtype, device=unit.device), [], []
     for _ in range(1, passes):
         delta = move(delta, grad, unit, updates, config)
-        replay.again()
+        clean.replay.again()
         delta.requires_grad_(True)
         adv_logits, _ = forward(delta)
         loss, keep = guarded(lambda q: nll(log_probs(q), labels), adv_logits, finite)
@@ -64,7 +60,7 @@ def accumulated_passes(forward: Forward, labels: Tensor, config, real: Tensor | 
         finite = finite & step_finite
         grad, delta = torch.where(finite, step_grad, torch.zeros_like(step_grad)), delta.detach()
     delta = move(delta, grad, unit, updates, config)  # the last updates, as the methods make them (for the logged size)
-    replay.finish()
+    clean.replay.finish()
     loss_adv = torch.stack(adversarial).mean() if adversarial else torch.zeros((), device=unit.device)
     total = (clean.loss.detach() + loss_adv * len(adversarial)) / passes
     skipped = ~torch.stack(kept).all() if kept else ~finite

@@ -1,5 +1,6 @@
 """`alum finetune`: sequence classification from an exported (or any HF BERT/RoBERTa) model,
-with the standard objective or with ALUM (alpha = 1 by default, as the paper fine-tunes).
+with the standard objective, with ALUM (alpha = 1 by default, as the paper fine-tunes) or
+with any other method of `adversarial.method` at its defaults.
 
 ALUM fine-tuning is the pretraining objective applied to the classification logits:
 cross-entropy plus alpha times the symmetric KL between the clean and the adversarially
