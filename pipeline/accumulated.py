@@ -35,17 +35,17 @@ import torch
 from torch import Tensor
 
 from pipeline import perturbation
-from pipeline.objective import Forward, StepLosses, backward_gradient, clean_pass, guarded, log_probs, nll, sizes
+from pipeline.objective import Forward, StepLosses, ZeroDelta, backward_gradient, clean_pass, guarded, log_probs, nll, sizes
 
 
 def accumulated_passes(forward: Forward, labels: Tensor, config, real: Tensor | None) -> Generator[Tensor, None, StepLosses]:
     passes, updates = config.steps, config.inner_steps if config.method == "yopo" else 1
-    clean = clean_pass(forward, labels, real)
+    zero = ZeroDelta()
+    clean = clean_pass(forward, labels, real, zero)
     clean.replay.mark()
     unit = perturbation.token_scale(clean.embedded, config.scale)
-    clean.embedded.retain_grad()
     yield clean.loss / passes
-    grad, finite = backward_gradient(clean.embedded)
+    grad, finite = backward_gradient(zero.tensor)
     delta, adversarial, kept = torch.zeros(clean.embedded.shape, dtype=unit.dtype, device=unit.device), [], []
     for _ in range(1, passes):
         delta = move(delta, grad, unit, updates, config)

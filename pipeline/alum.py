@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from pipeline import perturbation
-from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, backward_gradient, clean_pass, guarded, input_gradient, \
-    kl, log_probs, sizes, symmetric_kl_of
+from pipeline.objective import AscentForward, CleanPass, Forward, StepLosses, ZeroDelta, backward_gradient, clean_pass, guarded, \
+    input_gradient, kl, log_probs, sizes, symmetric_kl_of
 
 
 def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config) -> StepLosses:
@@ -72,13 +72,13 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
 
 
 def amortized_alum_passes(forward: Forward, labels: Tensor, config, real: Tensor | None) -> Generator[Tensor, None, StepLosses]:
-    clean = clean_pass(forward, labels, real)
+    zero = ZeroDelta()
+    clean = clean_pass(forward, labels, real, zero)
     unit = perturbation.token_scale(clean.embedded, config.scale)
     noise = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
-    clean.embedded.retain_grad()
     yield clean.loss
-    grad, finite = backward_gradient(clean.embedded)
+    grad, finite = backward_gradient(zero.tensor)
     delta = perturbation.ascent_update(noise, grad, unit, config)
     clean.replay.again()
     q_logits, _ = forward(delta)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline import perturbation
-from pipeline.objective import Forward, StepLosses, backward_gradient, guarded, log_probs, nll, size, sizes_at
+from pipeline.objective import Forward, StepLosses, ZeroDelta, backward_gradient, guarded, log_probs, nll, size, sizes_at
 
 
 @dataclass
@@ -51,17 +51,14 @@ def at_boundary(config, steps_done: int) -> bool:
 
 
 def freeat_pass(forward: Forward, labels: Tensor, config, real: Tensor | None, carry: Carry) -> Generator[Tensor, None, StepLosses]:
-    delta = carry.delta
-    if delta is not None:
-        delta.requires_grad_(True)
+    zero = ZeroDelta()  # on a batch's first replay
+    delta = carry.delta.requires_grad_(True) if carry.delta is not None else zero
     logits, embedded = forward(delta)
-    if delta is None:
-        embedded.retain_grad()  # delta = 0: its gradient is the embeddings'
+    delta = zero.tensor if carry.delta is None else delta
     real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
     loss, keep = guarded(lambda q: nll(log_probs(q), labels), logits, torch.ones((), dtype=torch.bool, device=embedded.device))
     yield loss
-    grad, finite = backward_gradient(embedded if delta is None else delta)
+    grad, finite = backward_gradient(delta)
     bound = size(config) * perturbation.token_scale(embedded, config.scale)
-    start = torch.zeros_like(grad) if delta is None else delta.detach()
-    carry.delta = perturbation.project(start + bound * grad.sign(), bound, "linf")
+    carry.delta = perturbation.project(delta.detach() + bound * grad.sign(), bound, "linf")
     return StepLosses(loss.detach(), loss.detach(), loss.detach(), *sizes_at(embedded, real, carry.delta, grad, "linf"), ~(keep & finite))

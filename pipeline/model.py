@@ -122,9 +122,10 @@ class Perturbation:
 
     def _add(self, module, inputs, output):
         self._embedded = output
-        if self._delta is not None:
-            return output + self._delta.to(output.dtype)
-        return None
+        if self._delta is None:
+            return None
+        delta = self._delta(output) if callable(self._delta) else self._delta
+        return output + delta.to(output.dtype)
 
     def run(self, delta, fn):
         """(fn() computed with delta added, the unperturbed embeddings [B, T, H])."""

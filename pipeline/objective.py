@@ -5,7 +5,8 @@ The trainer supplies two callables, so no method knows DeepSpeed's engine or whe
 perturbation is added:
 
 - ``forward(delta)`` returns ``(logits [N, C], embedded [B, T, H])``; ``forward(None)`` is the
-  clean pass. It goes through ``engine(...)`` so parameter gradients flow.
+  clean pass. It goes through ``engine(...)`` so parameter gradients flow. ``delta`` may also
+  be a function of the unperturbed embeddings that returns the delta to add (`ZeroDelta`).
 - ``ascent_forward(delta)`` returns logits. It goes through ``engine.module(...)``: an
   input-only ``autograd.grad`` through the engine trips DeepSpeed's ZeRO-1/2 gradient hooks.
 
@@ -101,9 +102,24 @@ class Replay:
         self.after.restore()
 
 
-def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None) -> CleanPass:
+class ZeroDelta:
+    """delta = 0, made by the perturbation hook in the shape of the embeddings it is added to
+    (unknown before the first pass), as a leaf: the trainer's backward of that pass leaves the
+    gradient with respect to delta on `tensor`. (Reading it off the embeddings instead, with
+    `retain_grad`, fails under ZeRO-3, whose module hooks re-wrap the tensors.)"""
+
+    def __init__(self):
+        self.tensor: Tensor | None = None
+
+    def __call__(self, embedded: Tensor) -> Tensor:
+        self.tensor = torch.zeros(embedded.shape, dtype=perturbation.work_dtype(embedded.dtype), device=embedded.device, requires_grad=True)
+        return self.tensor
+
+
+def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None, delta: ZeroDelta | None = None) -> CleanPass:
+    """The clean pass; with a `ZeroDelta`, one whose backward gives the gradient at delta = 0."""
     replay = Replay().start()
-    logits, embedded = forward(None)
+    logits, embedded = forward(delta)
     log_p = log_probs(logits)
     real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
     return CleanPass(logits, log_p, nll(log_p, labels), embedded, real, replay)
@@ -123,9 +139,8 @@ def finite_or_zero(grad: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def backward_gradient(tensor: Tensor) -> tuple[Tensor, Tensor]:
-    """`finite_or_zero` of the gradient the trainer's backward left on ``tensor`` (a delta, or
-    clean embeddings that `retain_grad()`-ed): a multi-pass method's ascent direction comes
-    from the same backward as the parameter gradients. Its scale (DeepSpeed's accumulation
+    """`finite_or_zero` of the gradient the trainer's backward left on ``tensor``, a delta: a
+    multi-pass method's ascent direction comes from the same backward as the parameter gradients. Its scale (DeepSpeed's accumulation
     and loss scaling) does not matter: every update rule normalises it."""
     if tensor.grad is None:
         raise RuntimeError("no gradient reached the perturbation: backward each loss an objective yields before asking for the next")

@@ -62,13 +62,14 @@ class Closures:
 
     def run(self, delta):
         embedded = self.model.bert.embeddings.word_embeddings(self.ids)
+        delta = delta(embedded) if callable(delta) else delta
         inputs = embedded if delta is None else embedded + delta
         logits = self.model(inputs_embeds=inputs, attention_mask=torch.ones_like(self.ids)).logits
         return logits[self.mask], embedded
 
     def forward(self, delta):
         logits, embedded = self.run(delta)
-        if delta is not None:
+        if delta is not None and not callable(delta):
             self.deltas.append(delta)
             logits = logits + self.adversarial_poison
         return logits, embedded

@@ -1,7 +1,8 @@
 """Each adversarial method in a real 2-rank ZeRO-2 pretraining run: a finite, non-zero
 adversarial term on every step beside the clean MLM loss; and SMART (whose teacher is
 state) and FreeAT (whose replays span optimizer steps) resumed mid-run equal to the run
-that was not interrupted. All runs share one
+that was not interrupted; FreeLB's accumulated passes under ZeRO-1 and ZeRO-3 as under ZeRO-2.
+All runs share one
 launch (tests/several_runs.py): the launch is most of a short run's cost."""
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def runs(tmp_path_factory, train_shards, bert_tokenizer):
         first = (f"adversarial.method={method}", *RESUMED)
         plan += [(root / f"{method}-straight", (*first, f"train.max_steps={steps[0]}")),
                  *[(root / f"{method}-resumed", (*first, f"train.max_steps={n}")) for n in steps[1:]]]
+    plan += [(root / f"freelb-zero{stage}", (*SHORT, "adversarial.method=freelb", f"deepspeed=configs/deepspeed/zero{stage}.json"))
+             for stage in (1, 3)]
     ok(pretrain_several(plan, train_shards, bert_tokenizer, world=2, stage=2))
     return root
 
@@ -65,3 +68,13 @@ def test_smart_proximal_term_is_in_the_loss(runs):
     # From the second update on the teacher differs from the student: the proximal term is in the loss.
     for r in straight[2:]:
         assert r["train/loss"] - r["train/loss_mlm"] - 10.0 * r["train/loss_adv"] > 1e-6, r
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_freelb_accumulates_its_passes_under_every_zero_stage(stage, runs):
+    """The gradient norm of step 1 is of the passes' accumulated gradient: a pass lost or
+    counted twice at an accumulation boundary would change it."""
+    reference, other = read_metrics(runs / "freelb"), read_metrics(runs / f"freelb-zero{stage}")
+    for r, expected in zip(other, reference, strict=True):
+        for key in ("train/loss", "train/loss_mlm", "train/loss_adv", "train/grad_norm"):
+            assert r[key] == pytest.approx(expected[key], rel=1e-5), (r["step"], key)
