@@ -16,7 +16,9 @@ The dropout masks are drawn afresh on each replay, a training step of its own.
 
 The perturbation lives between optimizer steps (`Carry`, one per micro-batch of the rank),
 so a checkpoint is only taken once a batch's replays are done (`at_boundary`): a resumed
-run starts the next batch from delta = 0, as the uninterrupted one does.
+run starts the next batch from delta = 0, as the uninterrupted one does. The one exception
+is the checkpoint at train.max_steps, taken wherever the run ends: continued with a higher
+max_steps, the rest of that batch's replays start again from delta = 0.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
         replay = replay_index(config.adversarial, state.step)  # 0 unless FreeAT replays this batch
         batch = batches.for_step(state.step - replay, state.consumed_samples, rate)
-        carries = carries if replay else [Carry() for _ in batch.micro_batches]
+        carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
         sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.teacher, carries)
         stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
         account(state, stats, config, engine)

@@ -257,7 +257,7 @@ def test_component_validation_surfaces_as_user_error(tmp_path, override, key):
     [
         ("train.max_steps=0", "train.max_steps: must be at least 1, got 0"),
         ("train.stop_signals=SIGTERM,TERM", "train.stop_signals: 'TERM' is not a signal name (e.g. SIGTERM,SIGUSR1)"),
-        ("adversarial.method=x", "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freelb or yopo, got 'x'"),
+        ("adversarial.method=x", "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb or yopo, got 'x'"),
         ("adversarial.steps=0", "adversarial.steps: must be at least 1, got 0"),
         ("masking.schedule.start=1.5", "masking.schedule.start: must be in (0, 1], got 1.5"),
         ("masking.schedule.start=0.3", "masking.schedule.start: must be <= end (0.25), got 0.3"),
