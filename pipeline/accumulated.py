@@ -10,7 +10,8 @@ perturbation moved by the gradient its predecessor's backward left on delta.
 
 - FreeLB (Zhu et al. 2020): K passes (``adversarial.steps``, default 2), one update per pass
   with ALUM's update rule and units (`pipeline.perturbation`: step ``step_size`` per token,
-  projection onto ``eps`` when set; FreeLB's code defaults to no projection, max-norm 0).
+  per-token L2 by default as FreeLB's code normalises, projection onto ``eps`` when set;
+  FreeLB's code defaults to no projection, max-norm 0).
   FreeLB starts from a random delta of magnitude ``adv_init_mag``; here pass 0 is at delta
   = 0 (FreeLB's code allows ``adv_init_mag=0``), so the first of the K passes is the clean
   pass, logged as ``loss_mlm``, and the per-token units are known before delta is drawn.

@@ -51,6 +51,11 @@ METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "fre
 # adversarial.steps when left null: ALUM's K = 1 (the paper); PGD's K = 3; FreeLB's K = 2
 # (the FreeLB repository's launch scripts); YOPO's and FreeAT's m = 2, FreeLB's budget.
 DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
+# adversarial.norm when left null: L-inf (ALUM's official code, Madry's PGD), but L2 for FreeLB
+# and YOPO, FreeLB's code's default: its per-token L-inf step moves every coordinate by
+# step_size, which at FreeLB's default size drove SST-2 fine-tuning to the majority class
+# (3 seeds of 3, docs/results/claims.md) where L2 trained normally.
+DEFAULT_NORM = {"freelb": "l2", "yopo": "l2"}
 # Objectives that read the gradient their backward leaves on delta, by method.
 AFTER_BACKWARD = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
 PERTURB_AT = ("word_embeddings", "embedding_output")
@@ -74,7 +79,7 @@ class AdversarialConfig:
     step_size: float = 1e-1
     noise_std: float = 1e-2
     eps: float | None = None
-    norm: str = "linf"
+    norm: str | None = None  # null: DEFAULT_NORM, else linf
     grad_eps: float = 1e-12
     perturb_at: str = "embedding_output"
     kl_grad: str = "detached"
@@ -87,6 +92,8 @@ class AdversarialConfig:
         checks.choice("method", self.method, METHODS)
         checks.choice("update", self.update, UPDATES)
         checks.choice("scale", self.scale, SCALES)
+        if self.norm is None:
+            object.__setattr__(self, "norm", DEFAULT_NORM.get(self.method, "linf"))
         checks.choice("norm", self.norm, NORMS)
         checks.choice("perturb_at", self.perturb_at, PERTURB_AT)
         checks.choice("kl_grad", self.kl_grad, KL_GRADS)
