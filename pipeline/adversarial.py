@@ -58,6 +58,8 @@ DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
 DEFAULT_NORM = {"freelb": "l2", "yopo": "l2"}
 # Objectives that read the gradient their backward leaves on delta, by method.
 AFTER_BACKWARD = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
+# The methods only `run_objective` can drive (compute_losses has no backward to wait for).
+DRIVEN = (*AFTER_BACKWARD, "freeat")
 PERTURB_AT = ("word_embeddings", "embedding_output")
 KL_GRADS = ("detached", "full")
 ON_VANISH = ("warn", "error")
@@ -182,7 +184,7 @@ def compute_losses(
     No host sync: a non-finite gradient or term is dropped with ``torch.where``.
     """
     active = config.active(step)
-    if active and (config.method in AFTER_BACKWARD or config.method == "freeat"):
+    if active and config.method in DRIVEN:
         raise ValueError(f"adversarial.method={config.method} uses the gradient of its own backward "
                          f"({passes(config, step)} per batch): drive it with run_objective(objective(...), backward)")
     with torch.set_grad_enabled(torch.is_grad_enabled() and not (active and config.method == "pgd")):

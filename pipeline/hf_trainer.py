@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from pipeline.adversarial import AFTER_BACKWARD, AdversarialConfig, compute_losses
+from pipeline.adversarial import DRIVEN, AdversarialConfig, compute_losses
 from pipeline.model import Perturbation
 
 CLEAN = AdversarialConfig()  # method "none": the clean cross-entropy alone
-NOT_HERE = (*AFTER_BACKWARD, "freeat", "smart")
+NOT_HERE = (*DRIVEN, "smart")  # SMART also needs its teacher updated after each optimizer step
 
 
 class AdversarialTrainer(Trainer):

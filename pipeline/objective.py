@@ -140,8 +140,10 @@ def finite_or_zero(grad: Tensor) -> tuple[Tensor, Tensor]:
 
 def backward_gradient(tensor: Tensor) -> tuple[Tensor, Tensor]:
     """`finite_or_zero` of the gradient the trainer's backward left on ``tensor``, a delta: a
-    multi-pass method's ascent direction comes from the same backward as the parameter gradients. Its scale (DeepSpeed's accumulation
-    and loss scaling) does not matter: every update rule normalises it."""
+    multi-pass method's ascent direction comes from the same backward as the parameter
+    gradients. That gradient carries the trainer's scaling (DeepSpeed divides by the
+    accumulation steps, fp16 multiplies by its loss scale): the sign step and the ``paper``
+    rule normalise it away; the ``official`` rule adds it to delta as it is."""
     if tensor.grad is None:
         raise RuntimeError("no gradient reached the perturbation: backward each loss an objective yields before asking for the next")
     return finite_or_zero(tensor.grad)

@@ -99,7 +99,7 @@ def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, w
     otherwise a copy of the model as loaded); the state the loop continues from."""
     state, client = _resume(engine, run_dir, start, config, rank, world_size)
     if teacher is not None:
-        saved = client.get(checkpoint.TEACHER) if start is not None and start.resume else None
+        saved = client.get(checkpoint.TEACHER) if start and start.resume else None
         if saved is not None:
             teacher.load_state_dict(saved)
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
@@ -69,4 +70,4 @@ def with_proximal(out: StepLosses, clean: CleanPass, teacher_forward: Callable[[
     clean.replay.finish()
     target = log_probs(teacher_logits)
     proximal, _ = guarded(lambda student: symmetric_kl_of(target, log_probs(student), "full"), clean.logits, torch.ones((), dtype=torch.bool))
-    return StepLosses(out.loss + config.mu * proximal, out.loss_mlm, out.loss_adv, out.delta_norm, out.adv_grad_norm, out.delta_lost, out.skipped)
+    return dataclasses.replace(out, loss=out.loss + config.mu * proximal)

@@ -4,8 +4,8 @@
 lets DeepSpeed step. A method may take several backward passes per micro-batch
 (`pipeline.adversarial.passes`); the trainer marks the step's last backward as DeepSpeed's
 gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
-reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once. Every number stays on the device; `StepStats.gather`
-sums them over the ranks in one all-reduce and reads them back: the step's single host
+reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
+Every number stays on the device; `StepStats.gather` sums them over the ranks in one all-reduce and reads them back: the step's single host
 sync. `account` counts the step into the run's state and `check_health` stops a run that
 cannot go on.
 """
@@ -51,8 +51,8 @@ def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, 
         def teacher_forward():
             return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
 
-        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask, teacher=teacher_forward,
-                           carry=carries[i] if carries else None)
+        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask,
+                           teacher=teacher_forward if teacher else None, carry=carries[i] if carries else None)
         out = run_objective(losses, backward)
         engine.step()
         sums += out.stats()
