@@ -15,10 +15,14 @@ file holds only what makes it itself:
 - ``freelb`` and ``yopo`` (`pipeline.accumulated`): parameter gradients accumulated over K
   (or m) passes, the perturbation moved once (or n times) between them;
 - ``freeat`` (`pipeline.freeat`): each batch replayed m times, one optimizer step per replay,
-  the perturbation carried from replay to replay.
+  the perturbation carried from replay to replay;
+- ``asa`` (`pipeline.asa`): adversarial self-attention, which masks attention units instead
+  of perturbing the embeddings: per layer an adversary, trained by gradient reversal in the
+  same backward, picks the units whose masking changes the prediction most.
 
 Methods that need nothing after their backward are one `compute_losses` call; the others
-(amortized ALUM, FreeLB, YOPO, FreeAT) use the gradient their backward leaves on delta.
+(amortized ALUM, FreeLB, YOPO, FreeAT) use the gradient their backward leaves on delta, and
+ASA backwards a penalty that only its adversaries see.
 Every method is also an `objective`: a generator that yields each loss to backward and
 returns the micro-batch's numbers; `run_objective(objective(...), backward)` drives it, and
 `passes(config, step)` says how many backward passes it takes (a DeepSpeed trainer marks
@@ -32,7 +36,7 @@ imports no DeepSpeed. docs/ALUM.md says where each default comes from.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,6 +44,7 @@ from torch import Tensor
 from pipeline import checks
 from pipeline.accumulated import accumulated_passes
 from pipeline.alum import alum_losses, amortized_alum_passes
+from pipeline.asa import AsaConfig, AttentionAdversaries, asa_pass
 from pipeline.fgm import fgm_losses
 from pipeline.freeat import Carry, freeat_pass
 from pipeline.objective import AscentForward, Forward, StepLosses, clean_pass
@@ -47,7 +52,7 @@ from pipeline.perturbation import NORMS, SCALES, UPDATES
 from pipeline.pgd import pgd_losses
 from pipeline.smart import with_proximal
 
-METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freeat", "freelb", "yopo")
+METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freeat", "freelb", "yopo", "asa")
 # adversarial.steps when left null: ALUM's K = 1 (the paper); PGD's K = 3; FreeLB's K = 2
 # (the FreeLB repository's launch scripts); YOPO's and FreeAT's m = 2, FreeLB's budget.
 DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
@@ -58,8 +63,9 @@ DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
 DEFAULT_NORM = {"freelb": "l2", "yopo": "l2"}
 # Objectives that read the gradient their backward leaves on delta, by method.
 AFTER_BACKWARD = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
-# The methods only `run_objective` can drive (compute_losses has no backward to wait for).
-DRIVEN = (*AFTER_BACKWARD, "freeat")
+# The methods only `run_objective` can drive (compute_losses has no backward to wait for;
+# ASA's backwarded loss holds its adversaries' penalty, which the logged loss leaves out).
+DRIVEN = (*AFTER_BACKWARD, "freeat", "asa")
 PERTURB_AT = ("word_embeddings", "embedding_output")
 KL_GRADS = ("detached", "full")
 ON_VANISH = ("warn", "error")
@@ -88,6 +94,7 @@ class AdversarialConfig:
     vanish_ratio: float = 1e-5
     vanish_steps: int = 10
     on_vanish: str = "warn"
+    asa: AsaConfig = field(default_factory=AsaConfig)  # method asa only
 
     def __post_init__(self) -> None:
         """A bad setting fails where the config is built, naming the field (the loader adds ``adversarial.``)."""
@@ -140,10 +147,16 @@ def objective(
     real: Tensor | None = None,
     teacher: Callable[[], Tensor] | None = None,
     carry: Carry | None = None,
+    adversaries: AttentionAdversaries | None = None,
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch's objective as a sequence of losses: yields each loss to backward (their
     sum is the objective) and, once each has been backwarded, returns the `StepLosses`.
-    ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch."""
+    ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch;
+    ``adversaries``: ASA's, attached to the model ``forward`` runs."""
+    if config.active(step) and config.method == "asa":
+        if adversaries is None:
+            raise ValueError("adversarial.method=asa needs the model's AttentionAdversaries (pipeline.asa)")
+        return (yield from asa_pass(forward, labels, config, real, adversaries))
     if config.active(step) and config.method == "freeat":
         if carry is None:
             raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.freeat)")

@@ -40,7 +40,6 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete.json"
 UNIVERSAL = "universal"
-TEACHER = "teacher"  # SMART's teacher in the client state (a state dict, the same on every rank)
 # What DeepSpeed's universal conversion needs to find in a checkpoint's client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
@@ -242,11 +241,12 @@ def _convert_to_universal(tag_dir: Path, target: Path) -> None:
 class Checkpointer:
     """Saves on its schedule: every checkpoint.every_steps, at train.max_steps and when a
     stop was requested, but never right after a non-finite step, so that the last good
-    checkpoint stays the latest. SMART's teacher goes into the client state."""
+    checkpoint stays the latest. The method's companion (SMART's teacher, ASA's adversaries)
+    goes into the client state."""
 
-    def __init__(self, engine, run_dir: Path, config, world_size: int, teacher=None):
-        """`config`: the RunConfig; `teacher`: SMART's `pipeline.smart.Teacher`, saved in the client state."""
-        self.engine, self.run_dir, self.world_size, self.teacher = engine, run_dir, world_size, teacher
+    def __init__(self, engine, run_dir: Path, config, world_size: int, companion=None):
+        """`config`: the RunConfig; `companion`: a `pipeline.companion`, saved in the client state."""
+        self.engine, self.run_dir, self.world_size, self.companion = engine, run_dir, world_size, companion
         self.every, self.keep_last, self.max_steps = config.checkpoint.every_steps, config.checkpoint.keep_last, config.train.max_steps
         self.adversarial = config.adversarial
 
@@ -258,8 +258,8 @@ class Checkpointer:
 
     def save(self, state) -> str:
         client = state.client_state(self.world_size)
-        if self.teacher is not None:
-            client[TEACHER] = self.teacher.state_dict()
+        if self.companion is not None:
+            client[self.companion.CLIENT_KEY] = self.companion.state_dict()
         return save(self.engine, self.run_dir, state.step, client, self.keep_last)
 
 

@@ -39,6 +39,7 @@ from pipeline.glue import Task, load_task
 from pipeline.model import ARCHS, Perturbation
 from pipeline.distributed import exit_process, init_distributed, shutdown_distributed
 from pipeline.freeat import Carry, at_boundary, replay_index
+from pipeline.companion import companion_for
 from pipeline.smart import Teacher
 from pipeline.step import accumulating_backward
 
@@ -131,13 +132,15 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
     optimizer = make_optimizer(model, schedule_config, ds_config)
     schedule = make_scheduler(optimizer, schedule_config)
-    teacher = Teacher(model) if args.method == "smart" else None
+    adversarial = AdversarialConfig(method="none" if args.method == "standard" else args.method, alpha=args.alpha)
+    companion = companion_for(adversarial, model, model.hf, schedule_config.weight_decay, 1.0)
     engine = None
     if args.deepspeed:
         import deepspeed
 
         engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    adversarial = AdversarialConfig(method="none" if args.method == "standard" else args.method, alpha=args.alpha)
+        companion = companion and companion.to(engine.device)
+    teacher = companion if isinstance(companion, Teacher) else None
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
@@ -153,8 +156,10 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         mine = chosen[rank * share : (rank + 1) * share]
         input_ids, mask = padded([train_ids[i] for i in mine], pad_id)
         forward, ascent = (engine, engine.module) if engine else (model, model)
+        lr = schedule.get_last_lr()[0]
         losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine],
-                           adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]), carry=carry)
+                           adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]), carry=carry,
+                           adversaries=None if teacher else companion)
         if engine:
             out = run_objective(losses, accumulating_backward(engine, passes(adversarial, step)))
             engine.step()
@@ -164,8 +169,8 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-        if teacher is not None:
-            teacher.update(engine.module if engine else model, adversarial.teacher_momentum)
+        if companion is not None:
+            companion.after_step(engine.module if engine else model, lr)
         position += at_boundary(adversarial, step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id)})

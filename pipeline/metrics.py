@@ -62,9 +62,9 @@ class MetricsLogger:
             self.run.finish()
 
 
-def step_record(stats, state, batch, mask_rate: float, adversarial, engine) -> dict:
+def step_record(stats, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
     """The train/* and data/* keys of a logged step, from its `pipeline.step.StepStats`, its
-    `pipeline.data.StepBatches` and the run's counters after it."""
+    `pipeline.data.StepBatches` and the run's counters after it; ASA's adversaries add asa/*."""
     record = {
         "train/loss": stats.loss,
         "train/loss_mlm": stats.loss_mlm,
@@ -83,6 +83,8 @@ def step_record(stats, state, batch, mask_rate: float, adversarial, engine) -> d
         "data/epoch": state.consumed_samples // batch.dataset_size,
         "data/sample_digest": sample_digest(batch.global_indices),
     }
+    if stats.extras:
+        record.update(zip(companion.stat_names(), stats.extras))
     if stats.adv_grad_norm > 0:
         # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.
         record["train/adv_grad_norm_log10"] = math.log10(stats.adv_grad_norm)

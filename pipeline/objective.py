@@ -58,6 +58,7 @@ class StepLosses:
     adv_grad_norm: Tensor  # mean per-token norm of the last ascent gradient over real tokens
     delta_lost: Tensor  # fraction of delta's elements that vanish when added to the embeddings
     skipped: Tensor  # bool: the adversarial term was dropped (non-finite)
+    extras: Tensor | None = None  # a method's own numbers [E], named by it (ASA: `AttentionAdversaries.stat_names`)
 
     @classmethod
     def clean(cls, loss_mlm: Tensor) -> StepLosses:
@@ -65,11 +66,12 @@ class StepLosses:
         return cls(loss_mlm, loss_mlm, zero, zero, zero, zero, torch.zeros((), dtype=torch.bool, device=loss_mlm.device))
 
     def stats(self) -> Tensor:
-        """The numbers of `STATS` as one float64 vector, still on the device (no host sync)."""
+        """The numbers of `STATS`, then the extras, as one float64 vector, still on the device (no host sync)."""
         values = (self.loss, self.loss_mlm, self.loss_adv, self.delta_norm, self.adv_grad_norm, self.delta_lost)
         vector = torch.stack([v.detach().double() for v in values])
         flags = torch.stack([~torch.isfinite(vector[0]), self.skipped]).double()
-        return torch.cat([vector, flags, vector.new_ones(1)])
+        extras = [] if self.extras is None else [self.extras.detach().double()]
+        return torch.cat([vector, flags, vector.new_ones(1), *extras])
 
 
 @dataclass

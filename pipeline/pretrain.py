@@ -45,7 +45,7 @@ from pipeline.resume import StartPoint, TrainState, resume, start_point, verifie
 from pipeline.rundir import resolve_run_config, write_run_files
 from pipeline.sampling import epoch_fraction
 from pipeline.freeat import Carry, at_boundary, replay_index
-from pipeline.smart import Teacher
+from pipeline.companion import Companion, companion_for
 from pipeline.step import StepStats, TrainingAborted, account, check_health, train_step
 
 
@@ -120,7 +120,7 @@ class Run:
     val: ShardDataset | None
     vocab: MaskVocab
     start: StartPoint | None
-    teacher: Teacher | None  # SMART's EMA teacher (adversarial.method=smart)
+    companion: Companion | None  # SMART's teacher or ASA's adversaries (pipeline.companion)
     peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
 
 
@@ -155,6 +155,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
             check_init_from(config.model.init_from)
         source = config.model.init_from or config.model.config
         model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
+        _check_method(config, model_config)
         return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size), start_point(run_dir, config.checkpoint.init_from)
 
     config, tokenizer, dataset, val, model_config, ds_config, start = on_every_rank(checks)
@@ -169,21 +170,22 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     set_threads(config.train.threads_per_rank)
     torch.manual_seed(config.train.seed)
     model = MaskedLM(build_model(model_config, config.model.init_from, config.model.activation_checkpointing), config.adversarial.perturb_at)
-    teacher = Teacher(model) if config.adversarial.method == "smart" else None  # before ZeRO-3 shards the model
+    companion = companion_for(config.adversarial, model, model.hf, config.train.weight_decay, config.train.grad_clip)
     optimizer = make_optimizer(model, config.train, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config)
+    companion = companion and companion.to(engine.device)
     if rank == 0:
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, teacher, peak_flops(device_name, config.train.peak_tflops))
+    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak_flops(device_name, config.train.peak_tflops))
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
     run = prepare(config_path, run_dir, overrides)
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.signal_names())
-    state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.teacher)
+    state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.companion)
     logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
     state.wandb_id = logger.wandb_id
     try:
@@ -199,7 +201,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     max_steps, global_batch = config.train.max_steps, config.train.global_batch_size
     batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size)
     evaluator = Evaluator(engine, run.val, config, run.vocab)
-    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.teacher)
+    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
     throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)
     started = time.perf_counter()
     carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
@@ -208,13 +210,14 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         replay = replay_index(config.adversarial, state.step)  # 0 unless FreeAT replays this batch
         batch = batches.for_step(state.step - replay, state.consumed_samples, rate)
         carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
-        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.teacher, carries)
+        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.companion, carries)
         stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
         account(state, stats, config, engine)
         seconds = time.perf_counter() - started
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):
-            record = {**step_record(stats, state, batch, rate, config.adversarial, engine), **throughput.record(seconds, rate), **evaluated}
+            record = {**step_record(stats, state, batch, rate, config.adversarial, engine, run.companion),
+                      **throughput.record(seconds, rate), **evaluated}
             logger.log(state.step, record)
             if rank == 0:
                 print(_progress_line(state.step, max_steps, record), flush=True)
@@ -239,6 +242,19 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
     if "eval/loss" in record:
         line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} (commonest token {record['eval/commonest_token_accuracy']:.3f})"
     return line
+
+
+def _check_method(config, model_config) -> None:
+    """What adversarial.method=asa cannot run with, before the model is built."""
+    if config.adversarial.method != "asa":
+        return
+    config.adversarial.asa.layer_indices(model_config.num_hidden_layers)
+    if config.model.activation_checkpointing:
+        raise UserError("adversarial.method=asa: model.activation_checkpointing must be false "
+                        "(the recomputed layers would run without the adversaries' masks)")
+    if config.train.precision == "fp16":
+        raise UserError("adversarial.method=asa: train.precision=fp16 is not supported (the adversaries' gradients "
+                        "would carry the loss scale); use bf16 or fp32")
 
 
 def _check_data(dataset, tokenizer, config) -> None:

@@ -94,16 +94,16 @@ def dropout_seed(seed: int, rank: int) -> int:
     return seed * 1000 + rank + 1
 
 
-def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, teacher=None) -> TrainState:
-    """Load the start point into the engine, and SMART's `teacher` (from a resumed checkpoint,
-    otherwise a copy of the model as loaded); the state the loop continues from."""
+def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None) -> TrainState:
+    """Load the start point into the engine, and the method's `companion` (`pipeline.companion`:
+    from a resumed checkpoint, otherwise its start state); the state the loop continues from."""
     state, client = _resume(engine, run_dir, start, config, rank, world_size)
-    if teacher is not None:
-        saved = client.get(checkpoint.TEACHER) if start and start.resume else None
+    if companion is not None:
+        saved = client.get(companion.CLIENT_KEY) if start and start.resume else None
         if saved is not None:
-            teacher.load_state_dict(saved)
+            companion.load_state_dict(saved)
         else:
-            teacher.update(engine.module, momentum=0.0)
+            companion.start(engine.module)
     return state
 
 

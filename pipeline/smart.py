@@ -32,10 +32,25 @@ from pipeline.objective import CleanPass, StepLosses, guarded, log_probs, symmet
 
 
 class Teacher:
-    """The EMA teacher of a student module (a `MaskedLM` or a fine-tuning `Classifier`)."""
+    """The EMA teacher of a student module (a `MaskedLM` or a fine-tuning `Classifier`), and
+    a `pipeline.companion`: kept beside the model, updated after each optimizer step."""
 
-    def __init__(self, student: nn.Module):
+    CLIENT_KEY = "teacher"
+
+    def __init__(self, student: nn.Module, momentum: float = 0.99):
         self.module = copy.deepcopy(student).float().requires_grad_(False)
+        self.momentum = momentum
+
+    def to(self, device) -> Teacher:
+        self.module.to(device)
+        return self
+
+    def start(self, student: nn.Module) -> None:
+        """A run that does not resume starts from a copy of the student as loaded."""
+        self.update(student, momentum=0.0)
+
+    def after_step(self, student: nn.Module, lr: float) -> None:
+        self.update(student, self.momentum)
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float) -> None:

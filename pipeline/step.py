@@ -25,6 +25,8 @@ from pipeline.data import MicroBatch
 from pipeline.distributed import report
 from pipeline.freeat import Carry, at_boundary
 from pipeline.resume import TrainState
+from pipeline.asa import AttentionAdversaries
+from pipeline.companion import Companion
 from pipeline.smart import Teacher
 
 
@@ -32,13 +34,16 @@ class TrainingAborted(Exception):
     """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
-def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, teacher: Teacher | None = None,
+def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, companion: Companion | None = None,
                carries: list[Carry] | None = None) -> Tensor:
-    """This rank's summed `STATS` of the step, on the device. SMART's `teacher` follows the
-    student after the optimizer step; FreeAT's `carries` (one per micro-batch) hold the
-    perturbations its next replay starts from."""
-    sums = torch.zeros(len(STATS), dtype=torch.float64, device=engine.device)
+    """This rank's summed `STATS` of the step (then the method's extras), on the device. The
+    `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
+    FreeAT's `carries` (one per micro-batch) hold the perturbations its next replay starts from."""
+    sums = None
     backward = accumulating_backward(engine, len(micro_batches) * passes(adversarial, step))
+    teacher = companion if isinstance(companion, Teacher) else None
+    adversaries = companion if isinstance(companion, AttentionAdversaries) else None
+    lr = engine.get_lr()[0]  # this step's, before engine.step() moves the schedule on
     for i, batch in enumerate(micro_batches):
         batch = batch.on(engine.device)
 
@@ -52,12 +57,15 @@ def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, 
             return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
 
         losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask,
-                           teacher=teacher_forward if teacher else None, carry=carries[i] if carries else None)
+                           teacher=teacher_forward if teacher else None, carry=carries[i] if carries else None,
+                           adversaries=adversaries)
         out = run_objective(losses, backward)
         engine.step()
-        sums += out.stats()
-    if teacher is not None:
-        teacher.update(engine.module, adversarial.teacher_momentum)
+        sums = out.stats() if sums is None else sums + out.stats()
+    if companion is not None:
+        companion.after_step(engine.module, lr)
+    if adversaries is not None and adversarial.active(step):
+        sums = torch.cat([sums, adversaries.grad_norm.double().reshape(1) * len(micro_batches)])  # a mean per micro-batch
     return sums
 
 
@@ -90,6 +98,7 @@ class StepStats:
     nonfinite: bool  # some rank's loss was not finite
     adv_skipped: bool  # some rank dropped its adversarial term
     stop: bool  # some rank was asked to stop
+    extras: tuple[float, ...] = ()  # the method's own numbers, means per micro-batch (`pipeline.companion`'s names)
 
     @classmethod
     def gather(cls, sums: Tensor, stop: bool) -> StepStats:
@@ -97,10 +106,12 @@ class StepStats:
         a non-finite loss stays visible."""
         vector = torch.cat([sums, sums.new_tensor([float(stop)])])
         dist.all_reduce(vector)
-        total = dict(zip((*STATS, "stop"), vector.tolist()))
+        values = vector.tolist()
+        total = dict(zip(STATS, values))
         micro = total["micro_batches"]
         means = {name: total[name] / micro for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")}
-        return cls(**means, nonfinite=total["nonfinite"] > 0, adv_skipped=total["adv_skipped"] > 0, stop=total["stop"] > 0)
+        return cls(**means, nonfinite=total["nonfinite"] > 0, adv_skipped=total["adv_skipped"] > 0, stop=values[-1] > 0,
+                   extras=tuple(v / micro for v in values[len(STATS):-1]))
 
     def adv_ratio(self, alpha: float) -> float:
         """alpha * L_adv / L_mlm: the adversarial term's share of the loss."""

@@ -1,0 +1,31 @@
+"""What a method keeps beside the model from step to step: SMART's EMA teacher
+(`pipeline.smart.Teacher`) or ASA's adversaries (`pipeline.asa.AttentionAdversaries`).
+
+Both are replicated on every rank, outside the DeepSpeed engine (so the model's ZeRO
+partitions, checkpoints and exports are those of the plain model), and share one protocol:
+
+- ``CLIENT_KEY``: where `state_dict()` goes in a checkpoint's client state, and
+  `load_state_dict` reads it back on resume (`pipeline.resume`);
+- ``start(student)``: the state of a run that does not resume;
+- ``after_step(student, lr)``: after each optimizer step, at the model's learning rate;
+- ``to(device)``: onto the engine's device.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pipeline.asa import AttentionAdversaries
+from pipeline.smart import Teacher
+
+Companion = Teacher | AttentionAdversaries
+
+
+def companion_for(adversarial, model: nn.Module, hf_model: nn.Module, weight_decay: float, grad_clip: float) -> Companion | None:
+    """The companion ``adversarial.method`` needs, made before ZeRO-3 shards the model (the
+    teacher copies it; the adversaries hook into its attention), or None."""
+    if adversarial.method == "smart":
+        return Teacher(model, adversarial.teacher_momentum)
+    if adversarial.method == "asa":
+        return AttentionAdversaries(hf_model, adversarial.asa, weight_decay, grad_clip)
+    return None
