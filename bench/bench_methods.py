@@ -10,7 +10,7 @@ median step time of each, and the summary is the median over rounds of each rati
 are counted with hooks on the encoder: a forward hook, and a backward hook on its output
 (once per backward that reaches it, input-only ascent backwards included); SMART's teacher
 is counted with the model. FreeAT's row is per optimizer step, one replay: it takes m of
-them per batch.
+them per batch. ASA's row includes its adversaries' own AdamW step.
 
     python bench/bench_methods.py                  # hidden 256, 4 layers, batch 8 x 128, 5 rounds
     python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md
@@ -35,6 +35,7 @@ from pipeline.data import Batches, ShardDataset
 from pipeline.engine import make_optimizer
 from pipeline.masking import MaskVocab
 from pipeline.freeat import Carry, replay_index
+from pipeline.companion import Companion, companion_for
 from pipeline.model import MaskedLM
 from pipeline.smart import Teacher
 
@@ -58,9 +59,10 @@ class Passes:
         self.backward += 1
 
 
-def method_step(method: str, model: MaskedLM, teacher: Teacher | None):
+def method_step(method: str, model: MaskedLM, companion: Companion | None):
     config = AdversarialConfig(method=method, start_step=0)
     optimizer = make_optimizer(model, OPTIMIZER, {})
+    teacher = companion if isinstance(companion, Teacher) else None
     done, carry = 0, Carry()
 
     def step(batch) -> None:
@@ -68,12 +70,13 @@ def method_step(method: str, model: MaskedLM, teacher: Teacher | None):
         ids, mask, index = batch.input_ids, batch.attention_mask, batch.masked_index
         carry = carry if replay_index(config, done) else Carry()
         losses = objective(lambda d: model(ids, mask, index, d), lambda d: model(ids, mask, index, d)[0], batch.labels, config, done,
-                           real=mask, teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]), carry=carry)
+                           real=mask, teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]), carry=carry,
+                           adversaries=None if teacher else companion)
         run_objective(losses, torch.Tensor.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            teacher.update(model, config.teacher_momentum)
+        if companion is not None:
+            companion.after_step(model, OPTIMIZER.lr)
         done += 1
 
     return step
@@ -127,9 +130,11 @@ def main() -> None:
         batches = [batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)]
         _, base, _ = build_models(Path(tmp), tokenizer, dataset.seq_len, args)
         models = {name: copy.deepcopy(base).train() for name in METHODS}
-        teachers = {name: Teacher(model) if name == "smart" else None for name, model in models.items()}
-        passes = {name: Passes(model, *[t.module for t in [teachers[name]] if t]) for name, model in models.items()}
-        steps = {name: method_step(name, model, teachers[name]) for name, model in models.items()}
+        companions = {name: companion_for(AdversarialConfig(method=name), model, model.hf, OPTIMIZER.weight_decay, 1.0)
+                      for name, model in models.items()}
+        teachers = [t.module for t in companions.values() if isinstance(t, Teacher)]
+        passes = {name: Passes(model, *(teachers if name == "smart" else ())) for name, model in models.items()}
+        steps = {name: method_step(name, model, companions[name]) for name, model in models.items()}
         steps_total = args.warmup + args.rounds * args.steps
         rounds = measure(steps, batches, args.rounds, args.warmup)
     setup = (f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq_len}, mask rate 0.15, fp32, "

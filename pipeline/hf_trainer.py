@@ -2,7 +2,8 @@
 is `pipeline.adversarial.compute_losses`, the same objective, defaults and dropout replay as
 `alum finetune`, for your own Trainer code. The methods that need more than a loss from
 `compute_loss` (several backwards or a gradient read after Trainer's backward: amortized
-ALUM, FreeLB, YOPO, FreeAT; SMART's teacher updated after each optimizer step) are refused
+ALUM, FreeLB, YOPO, FreeAT; SMART's teacher and ASA's adversaries updated after each
+optimizer step) are refused
 here: `alum finetune` runs them, and so can any loop of yours with
 `pipeline.adversarial.run_objective`.
 
@@ -36,7 +37,7 @@ from pipeline.adversarial import DRIVEN, AdversarialConfig, compute_losses
 from pipeline.model import Perturbation
 
 CLEAN = AdversarialConfig()  # method "none": the clean cross-entropy alone
-NOT_HERE = (*DRIVEN, "smart")  # SMART also needs its teacher updated after each optimizer step
+NOT_HERE = (*DRIVEN, "smart")  # SMART's teacher, like ASA's adversaries, is updated after each optimizer step
 
 
 class AdversarialTrainer(Trainer):
@@ -50,7 +51,7 @@ class AdversarialTrainer(Trainer):
             raise ValueError("AdversarialTrainer needs model=, not model_init (which replaces the model the perturbation hooks into)")
         if adversarial.method in NOT_HERE:
             raise ValueError(f"AdversarialTrainer: adversarial.method={adversarial.method} needs more than Trainer's one backward per "
-                             "batch; use `alum finetune`, or pipeline.adversarial.run_objective in your own loop")
+                             "batch and optimizer; use `alum finetune`, or pipeline.adversarial.run_objective in your own loop")
         super().__init__(*args, **kwargs)
         self.adversarial = adversarial
         # On Trainer's core model (self.model), whatever wrapper training later runs it in.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
 from helpers import REPO, data_file
@@ -203,7 +204,7 @@ def small_task(tmp_path_factory, sst2) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["alum_amortized", "smart", "freeat", "freelb", "yopo"])
+@pytest.mark.parametrize("method", ["alum_amortized", "smart", "freeat", "freelb", "yopo", "asa"])
 def test_every_method_fine_tunes_from_the_cli(method, small_model, small_task, tmp_path):
     options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 6, "--eval-every": 3,
                "--batch-size": 16, "--method": method}
@@ -211,6 +212,9 @@ def test_every_method_fine_tunes_from_the_cli(method, small_model, small_task, t
     (seed,) = json.loads((tmp_path / "results.json").read_text())["seeds"]
     assert [h["step"] for h in seed["history"]] == [3, 6]
     assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in seed["history"])
+    # The saved model is a plain HF classifier: no ASA attention implementation, no adversary.
+    assert "asa" not in (tmp_path / "seed-1" / "config.json").read_text()
+    assert not any("adversar" in key for key in load_file(tmp_path / "seed-1" / "model.safetensors"))
 
 
 @pytest.mark.slow

@@ -146,7 +146,7 @@ def test_the_example_names_a_bad_data_file_in_one_line(tmp_path, capsys, content
     assert capsys.readouterr().err.splitlines() == [f"hf_trainer_finetune: error: {path}{message}"]
 
 
-@pytest.mark.parametrize("method", ["alum_amortized", "freelb", "yopo", "freeat", "smart"])
+@pytest.mark.parametrize("method", ["alum_amortized", "freelb", "yopo", "freeat", "smart", "asa"])
 def test_methods_beyond_one_backward_are_refused_with_the_way_to_run_them(method, tmp_path):
-    with pytest.raises(ValueError, match=f"adversarial.method={method} needs more than Trainer's one backward per batch; use `alum finetune`"):
+    with pytest.raises(ValueError, match=f"adversarial.method={method} needs more than Trainer's one backward per batch and optimizer; use `alum finetune`"):
         trainer_for(dropout_free_classifier(), tmp_path, method=method)

@@ -1,15 +1,16 @@
 """Each adversarial method in a real 2-rank ZeRO-2 pretraining run: a finite, non-zero
 adversarial term on every step beside the clean MLM loss; and SMART (whose teacher is
-state) and FreeAT (whose replays span optimizer steps) resumed mid-run equal to the run
-that was not interrupted; FreeLB's accumulated passes under ZeRO-1 and ZeRO-3 as under ZeRO-2.
-All runs share one
-launch (tests/several_runs.py): the launch is most of a short run's cost."""
+state), ASA (whose adversaries are) and FreeAT (whose replays span optimizer steps) resumed
+mid-run equal to the run that was not interrupted; FreeLB's accumulated passes and ASA under
+ZeRO-1 and ZeRO-3 as under ZeRO-2; an ASA run's export is a plain HF masked LM. All runs
+share one launch (tests/several_runs.py): the launch is most of a short run's cost."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from helpers import comparable, ok, pretrain_several, read_metrics
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 # Two steps, the method on from the first, no validation and one checkpoint.
 SHORT = ("train.max_steps=2", "adversarial.start_step=0", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
 CROSS_ENTROPY = ("fgsm", "fgm", "pgd", "freeat", "freelb", "yopo")  # their adversarial term is a cross-entropy
-DIVERGENCE = ("alum_amortized", "smart")  # a symmetric KL
+DIVERGENCE = ("alum_amortized", "smart", "asa")  # a symmetric KL
 RESUMED = ("adversarial.start_step=1", "train.decay_steps=6", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
 
 
@@ -26,12 +27,12 @@ RESUMED = ("adversarial.start_step=1", "train.decay_steps=6", "eval.every_steps=
 def runs(tmp_path_factory, train_shards, bert_tokenizer):
     root = tmp_path_factory.mktemp("methods")
     plan = [(root / method, (*SHORT, f"adversarial.method={method}")) for method in (*CROSS_ENTROPY, *DIVERGENCE)]
-    for method, steps in (("smart", (4, 2, 4)), ("freeat", (5, 3, 5))):  # FreeAT: batch 1 replayed at steps 2-3, 2 at 4-5
+    for method, steps in (("smart", (4, 2, 4)), ("asa", (4, 2, 4)), ("freeat", (5, 3, 5))):  # FreeAT: batch 1 replayed at steps 2-3, 2 at 4-5
         first = (f"adversarial.method={method}", *RESUMED)
         plan += [(root / f"{method}-straight", (*first, f"train.max_steps={steps[0]}")),
                  *[(root / f"{method}-resumed", (*first, f"train.max_steps={n}")) for n in steps[1:]]]
-    plan += [(root / f"freelb-zero{stage}", (*SHORT, "adversarial.method=freelb", f"deepspeed=configs/deepspeed/zero{stage}.json"))
-             for stage in (1, 3)]
+    plan += [(root / f"{method}-zero{stage}", (*SHORT, f"adversarial.method={method}", f"deepspeed=configs/deepspeed/zero{stage}.json"))
+             for method in ("freelb", "asa") for stage in (1, 3)]
     ok(pretrain_several(plan, train_shards, bert_tokenizer, world=2, stage=2))
     return root
 
@@ -49,7 +50,7 @@ def test_a_two_rank_zero2_run_has_a_finite_non_zero_adversarial_term(method, run
             assert r["train/loss_adv"] < r["train/loss_mlm"]
 
 
-@pytest.mark.parametrize("method", ["smart", "freeat"])
+@pytest.mark.parametrize("method", ["smart", "asa", "freeat"])
 def test_a_resumed_run_equals_the_uninterrupted_one(method, runs):
     straight, resumed = read_metrics(runs / f"{method}-straight"), read_metrics(runs / f"{method}-resumed")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] and len(straight) >= 4
@@ -70,11 +71,58 @@ def test_smart_proximal_term_is_in_the_loss(runs):
         assert r["train/loss"] - r["train/loss_mlm"] - 10.0 * r["train/loss_adv"] > 1e-6, r
 
 
+@pytest.mark.parametrize("method", ["freelb", "asa"])
 @pytest.mark.parametrize("stage", [1, 3])
-def test_freelb_accumulates_its_passes_under_every_zero_stage(stage, runs):
-    """The gradient norm of step 1 is of the passes' accumulated gradient: a pass lost or
-    counted twice at an accumulation boundary would change it."""
-    reference, other = read_metrics(runs / "freelb"), read_metrics(runs / f"freelb-zero{stage}")
+def test_every_zero_stage_trains_as_zero2(method, stage, runs):
+    """FreeLB: the gradient norm of step 1 is of the passes' accumulated gradient, which a
+    pass lost or counted twice at an accumulation boundary would change. ASA: step 2's
+    numbers depend on the adversaries' first update as well as the model's."""
+    reference, other = read_metrics(runs / method), read_metrics(runs / f"{method}-zero{stage}")
+    keys = ("train/loss", "train/loss_mlm", "train/loss_adv", "train/grad_norm", *(k for k in reference[0] if k.startswith("asa/")))
     for r, expected in zip(other, reference, strict=True):
-        for key in ("train/loss", "train/loss_mlm", "train/loss_adv", "train/grad_norm"):
+        for key in keys:
             assert r[key] == pytest.approx(expected[key], rel=1e-5), (r["step"], key)
+
+
+def test_asa_masks_part_of_the_attention_and_trains_its_adversaries(runs):
+    for r in read_metrics(runs / "asa"):
+        fractions = [r[f"asa/masked_fraction/layer{i}"] for i in range(2)]
+        assert all(0 < f < 1 for f in fractions), r
+        assert r["asa/penalty"] > 0 and r["asa/grad_norm"] > 0
+    straight = read_metrics(runs / "asa-straight")
+    assert [("asa/penalty" in r) for r in straight] == [False, True, True, True]  # ASA from step 1 (the second) on
+
+
+def test_an_asa_export_is_a_plain_masked_lm_with_the_training_models_clean_logits(runs, tmp_path):
+    """The export has no adversary, loads with AutoModelForMaskedLM, and predicts what the
+    training model (adversaries attached, through their attention implementation) predicts
+    on its clean pass."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    from pipeline.asa import AsaConfig, AttentionAdversaries
+    from pipeline.export import export, load_exported_weights
+    from pipeline.model import MaskedLM
+
+    run_dir = runs / "asa-straight"
+    out = export(run_dir, tmp_path / "hf")
+    assert not any("adversar" in key or "asa" in key for key in load_file(out / "model.safetensors"))
+    assert "asa" not in (out / "config.json").read_text()
+    exported = AutoModelForMaskedLM.from_pretrained(out).eval()
+    client = torch.load(next((run_dir / "checkpoints" / "step00000004").glob("mp_rank_00_model_states.pt")), weights_only=False)
+    training = MaskedLM(load_exported_weights(run_dir, "step00000004"))
+    adversaries = AttentionAdversaries(training.hf, AsaConfig())
+    adversaries.load_state_dict(client[AttentionAdversaries.CLIENT_KEY])
+    training.eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, exported.config.vocab_size - 64, (3, 24), generator=generator)
+    real = torch.ones_like(ids)
+    real[2, 16:] = 0
+    index = torch.arange(ids.numel())
+    with torch.no_grad():
+        clean = training(ids, real, index)[0]
+        with adversaries.active(real):
+            attacked = training(ids, real, index)[0]
+        plain = exported(input_ids=ids, attention_mask=real).logits.flatten(0, 1)
+    torch.testing.assert_close(plain, clean, rtol=0, atol=1e-5)
+    assert (attacked - clean).abs().max() > 1e-3  # the adversaries are there, and act only when active
