@@ -257,8 +257,10 @@ def test_component_validation_surfaces_as_user_error(tmp_path, override, key):
     [
         ("train.max_steps=0", "train.max_steps: must be at least 1, got 0"),
         ("train.stop_signals=SIGTERM,TERM", "train.stop_signals: 'TERM' is not a signal name (e.g. SIGTERM,SIGUSR1)"),
-        ("adversarial.method=x", "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb or yopo, got 'x'"),
+        ("adversarial.method=x", "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb, yopo or asa, got 'x'"),
         ("adversarial.steps=0", "adversarial.steps: must be at least 1, got 0"),
+        ("adversarial.asa.tau=-1", "adversarial.asa.tau: must be a finite number >= 0, got -1.0"),
+        ("adversarial.asa.layers=0,a", "adversarial.asa.layers: expected all or layer indices such as 0,1,2, got '0,a'"),
         ("masking.schedule.start=1.5", "masking.schedule.start: must be in (0, 1], got 1.5"),
         ("masking.schedule.start=0.3", "masking.schedule.start: must be <= end (0.25), got 0.3"),
         ("wandb.init_timeout_s=0", "wandb.init_timeout_s: must be a finite number > 0, got 0.0"),

@@ -50,6 +50,16 @@ def test_sequence_longer_than_the_model_positions(tmp_path, train_shards, bert_t
     refused(result, f"{model}: shards have seq_len 64 but the model has 32 positions")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("adversarial.asa.layers=0,2", "adversarial.asa.layers: layer 2 does not exist (the model has 2 layers, 0 to 1)"),
+    ("model.activation_checkpointing=true", "adversarial.method=asa: model.activation_checkpointing must be false"),
+])
+def test_what_asa_cannot_run_with_stops_before_set_up(tmp_path, train_shards, bert_tokenizer, override, message):
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "adversarial.method=asa", override, world=1, stage=0)
+    refused(result, message)
+    assert not (tmp_path / "run").exists()
+
+
 def test_shards_without_a_val_split_name_both_ways_out(tmp_path, bert_tokenizer, wikitext_valid):
     from data_prep.shard import ShardSettings, shard_corpus
 
