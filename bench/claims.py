@@ -4,6 +4,7 @@ ALUM fine-tuning buy generalization or robustness? One command, resumable.
     python bench/claims.py                          # the full experiment (about 1.5 hours here)
     python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 --finetune-steps 20 --seeds 1,2   # a smoke run
     python bench/claims.py --render                 # the table and figure again, from docs/results/claims.json
+    python bench/claims.py --only asa               # add ASA's stages to the committed study (about 25 minutes here)
 
 Every stage runs the project's own commands as a user would (`python -m pipeline.pretrain`,
 `alum export`, `alum eval`, `alum finetune`) in --work, and is skipped when its output is
@@ -16,6 +17,8 @@ already there, so a re-run continues where the last one stopped.
    - `alum`: the paper's two stages: the standard run's step-S/2 checkpoint (weights,
      optimizer, schedule, data position) continued with ALUM to step S (equal steps);
    - `alum-amortized`: the same two stages with amortized ALUM (pipeline/alum.py);
+   - `asa`: the same two stages with adversarial self-attention (pipeline/asa.py), its KL
+     weighted 1 as in the ASA paper;
    - `standard-compute`: standard MLM from scratch for S/2 + r * S/2 steps, where r is the
      measured time of an ALUM step over a standard one (equal compute);
    - `continual-standard` and `continual-alum`: the `standard` model continued for C more
@@ -24,10 +27,16 @@ already there, so a re-run continues where the last one stopped.
    commonest-token baseline), loss under embedding PGD and token substitution.
 4. `alum finetune` of every model on SST-2, standard and ALUM (alpha 1), one run per seed,
    with SST-2 dev and AdvGLUE-SST2 accuracy; the `standard` model also with amortized
-   ALUM, SMART and FreeLB fine-tuning, at their defaults.
+   ALUM, SMART, FreeLB and ASA fine-tuning, at their defaults.
 5. docs/results/claims.{json,md,png}: the table (mean +- std over seeds; a difference from
    the `standard` model counts only if it exceeds the sum of the two spreads) and a figure;
    docs/results/pretraining.png: the pretraining curves.
+
+`--only NAMES` runs the stages of some two-stage models (TWO_STAGE) and fine-tuning methods
+of the `standard` model alone and merges them into the committed OUT/claims.json, the other
+entries kept as they are: how a method joins the study without re-running it all. The
+`standard` run they start from is trained again if --work lacks it, and must evaluate
+exactly as the committed one (training is deterministic), or nothing is merged.
 """
 
 from __future__ import annotations
@@ -44,10 +53,13 @@ from data_dir import data_dir, wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
-PRETRAINED = ("standard", "alum", "alum-amortized", "standard-compute", "continual-standard", "continual-alum")
+PRETRAINED = ("standard", "alum", "alum-amortized", "asa", "standard-compute", "continual-standard", "continual-alum")
+# The models trained as the paper trains ALUM: the standard run's half-way checkpoint
+# continued with the method to the same step; by name, the method and its overrides.
+TWO_STAGE = {"alum": ("alum",), "alum-amortized": ("alum_amortized",), "asa": ("asa", "adversarial.alpha=1")}
 # Every pretrained model is fine-tuned with these two; the `standard` one with all of FINETUNE_METHODS.
 FINETUNE_BOTH = ("standard", "alum")
-FINETUNE_METHODS = ("standard", "alum", "alum_amortized", "smart", "freelb")
+FINETUNE_METHODS = ("standard", "alum", "alum_amortized", "smart", "freelb", "asa")
 
 
 def command(*args: str, what: str) -> float:
@@ -102,20 +114,30 @@ def step_time_ratio(work: Path, name: str, half: int) -> float:
     return min(adversarial) / min(standard)
 
 
+def pretrain_two_stage(work: Path, name: str, steps: int) -> float:
+    """The standard run's step-S/2 checkpoint continued with TWO_STAGE[name] to step S; its step-time ratio."""
+    half = steps // 2
+    method, *overrides = TWO_STAGE[name]
+    pretrain(work, name, steps, f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
+             "checkpoint.init_optimizer=true", f"adversarial.method={method}", f"adversarial.start_step={half}", *overrides)
+    return step_time_ratio(work, name, half)
+
+
+def ratio_key(name: str) -> str:
+    return {"alum": "alum_step_time_ratio", "alum-amortized": "amortized_step_time_ratio"}.get(name, f"{name}_step_time_ratio")
+
+
 def pretrain_all(work: Path, steps: int, continual: int) -> dict:
     half = steps // 2
     pretrain(work, "standard", steps)
-    for name, method in (("alum", "alum"), ("alum-amortized", "alum_amortized")):
-        pretrain(work, name, steps, f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
-                 "checkpoint.init_optimizer=true", f"adversarial.method={method}", f"adversarial.start_step={half}")
-    ratio = step_time_ratio(work, "alum", half)
+    ratios = {ratio_key(name): pretrain_two_stage(work, name, steps) for name in TWO_STAGE}
+    ratio = ratios["alum_step_time_ratio"]
     compute_steps = half + round(ratio * half)
     pretrain(work, "standard-compute", compute_steps)
     for name, method in (("continual-standard", "none"), ("continual-alum", "alum")):
         pretrain(work, name, continual, f"checkpoint.init_from={work / 'pretrain' / 'standard'}", "train.lr=4e-4",
                  f"adversarial.method={method}", "adversarial.start_step=0")
-    return {"steps": steps, "continual_steps": continual, "alum_step_time_ratio": ratio, "standard_compute_steps": compute_steps,
-            "amortized_step_time_ratio": step_time_ratio(work, "alum-amortized", half)}
+    return {"steps": steps, "continual_steps": continual, "standard_compute_steps": compute_steps, **ratios}
 
 
 def export_and_eval(work: Path, name: str) -> dict:
@@ -163,7 +185,8 @@ def table(study: dict) -> str:
         f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; standard for {setup['steps']} steps, "
         f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), standard for {setup['standard_compute_steps']} steps "
         f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), amortized ALUM two-stage "
-        f"as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one; both ratios are the runs' fastest logged steps, "
+        f"as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one), ASA two-stage as ALUM with its KL weighted 1 "
+        f"(a step {setup['asa_step_time_ratio']:.2f}x; the ratios are the runs' fastest logged steps, "
         "on a machine shared with other work: docs/methods-bench.md compares step costs in one run), and the standard model "
         f"continued {setup['continual_steps']} steps without and with ALUM. SST-2 fine-tuning {setup['finetune_steps']} steps, "
         f"seeds {setup['seeds']}; mean +- std over seeds. * = differs from the `standard` model by more than both spreads together. "
@@ -232,6 +255,44 @@ def figure(study: dict, out: Path) -> None:
     fig.savefig(out)
 
 
+def merged(args, names: list[str]) -> dict:
+    """The committed study with the stages of `names` run (or resumed) in --work and put in."""
+    study = json.loads((args.out / "claims.json").read_text())
+    setup = study["setup"]
+    unknown = [n for n in names if n not in TWO_STAGE and n not in FINETUNE_METHODS[1:]]
+    if unknown:
+        raise SystemExit(f"claims: --only {unknown[0]}: neither a two-stage model ({', '.join(TWO_STAGE)}) "
+                         f"nor a fine-tuning method ({', '.join(FINETUNE_METHODS[1:])})")
+    asked = {"steps": args.pretrain_steps, "finetune_steps": args.finetune_steps, "seeds": args.seeds}
+    for key, value in asked.items():
+        if setup[key] != value:
+            raise SystemExit(f"claims: --only: {key} is {value!r} here but {setup[key]!r} in {args.out / 'claims.json'}")
+    started = time.perf_counter()
+    prepare_data(args.work)
+    pretrain(args.work, "standard", args.pretrain_steps)
+    committed, here = study["models"]["standard"]["eval"]["clean"], export_and_eval(args.work, "standard")["clean"]
+    if here != committed:
+        raise SystemExit(f"claims: --only: the standard model in {args.work} evaluates to {here} but the committed one to "
+                         f"{committed}; run the whole experiment instead")
+    for name in names:
+        if name in TWO_STAGE:
+            setup[ratio_key(name)] = pretrain_two_stage(args.work, name, args.pretrain_steps)
+            study["models"][name] = {"eval": export_and_eval(args.work, name),
+                                     "finetune": {m: finetune(args.work, name, m, args) for m in FINETUNE_BOTH}}
+        if name in FINETUNE_METHODS:
+            study["models"]["standard"]["finetune"][name] = finetune(args.work, "standard", name, args)
+    setup.update(wall_seconds=setup["wall_seconds"] + time.perf_counter() - started, invocations=setup["invocations"] + 1)
+    study["models"] = {name: study["models"][name] for name in PRETRAINED if name in study["models"]}
+    return study
+
+
+def write(study: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
+    (out / "claims.md").write_text(table(study))
+    figure(study, out / "claims.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "claims")
@@ -241,7 +302,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--render", action="store_true", help="only rewrite claims.md and claims.png from OUT/claims.json")
+    parser.add_argument("--only", help="comma-separated two-stage models and fine-tuning methods to run and merge into OUT/claims.json "
+                        f"(models: {', '.join(TWO_STAGE)}; methods: {', '.join(FINETUNE_METHODS[1:])})")
     args = parser.parse_args()
+    if args.only:
+        study = merged(args, args.only.split(","))
+        write(study, args.out)
+        print(table(study))
+        return
     if args.render:
         study = json.loads((args.out / "claims.json").read_text())
         (args.out / "claims.md").write_text(table(study))
@@ -258,10 +326,7 @@ def main() -> None:
     invocations = wall_times(args.work, time.perf_counter() - started)
     setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=sum(invocations), invocations=len(invocations))
     study = {"setup": setup, "models": models}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
-    (args.out / "claims.md").write_text(table(study))
-    figure(study, args.out / "claims.png")
+    write(study, args.out)
     command("-m", "pipeline.plot", *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
             "--labels", ",".join(PRETRAINED), "--out", str(args.out / "pretraining.png"), what="pretraining curves")
     print(table(study))
