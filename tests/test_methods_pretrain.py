@@ -124,5 +124,5 @@ def test_an_asa_export_is_a_plain_masked_lm_with_the_training_models_clean_logit
         with adversaries.active(real):
             attacked = training(ids, real, index)[0]
         plain = exported(input_ids=ids, attention_mask=real).logits.flatten(0, 1)
-    torch.testing.assert_close(plain, clean, rtol=0, atol=1e-5)
+    assert torch.equal(plain, clean)
     assert (attacked - clean).abs().max() > 1e-3  # the adversaries are there, and act only when active
