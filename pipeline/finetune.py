@@ -268,8 +268,10 @@ def run(args) -> dict:
     for name in ("lr", "batch_size", "epochs", "max_length", "eval_every"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
-    if args.max_steps < 0 or not args.alpha >= 0:
-        raise UserError("--max-steps and --alpha: must not be negative")
+    if args.max_steps < 0:
+        raise UserError(f"--max-steps: must not be negative, got {args.max_steps}")
+    if not (math.isfinite(args.alpha) and args.alpha >= 0):
+        raise UserError(f"--alpha: must be a finite number >= 0, got {args.alpha}")
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)
     task = load_task(args.task, args.data, args.advglue)

@@ -121,6 +121,14 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, sst2, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, value, message", [("--alpha", "inf", "--alpha: must be a finite number >= 0, got inf"),
+                                                    ("--alpha", "-1", "--alpha: must be a finite number >= 0, got -1.0"),
+                                                    ("--max-steps", "-2", "--max-steps: must not be negative, got -2")])
+def test_bad_numbers_are_refused_in_one_line(tmp_path, sst2, capsys, option, value, message):
+    code = finetune.main(["--model", str(tmp_path), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out"), option, value])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"finetune: error: {message}"]
+
+
 # 2. A small model in the layout `alum export` writes
 
 
