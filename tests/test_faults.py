@@ -49,7 +49,8 @@ def test_killed_run_resumes_without_skipping_or_repeating_samples(reference, tmp
     for fault in run.faults:
         # from the newest complete checkpoint on disk once the job had died (step 4 here)
         assert fault.resumed and fault.resumed_step == tag_step(fault.newest_complete or "step0"), details
-        assert fault.steps_lost == fault.last_logged_step - fault.resumed_step >= 0, details
+        # every fault lands after step 5 and before step 8's save completes: back to step 4, 1 to 4 steps redone
+        assert fault.resumed_step == 4 and 1 <= fault.steps_lost <= 4, details
         assert fault.leftovers == [] and fault.all_gone_seconds is not None and not fault.hung, details
     assert run.final_leftovers == [], details
     assert run.shm_files == 0, details  # no DeepSpeed /dev/shm buffer outlives its launch, killed or not

@@ -117,8 +117,7 @@ def test_sigterm_to_the_supervisor_saves_exits_zero_and_resumes_exactly(referenc
     seconds = time.monotonic() - signalled
     print(f"SIGTERM to exit: {seconds:.1f} s")
     output = launch.output()
-    assert returncode == 0, output[-3000:]
-    assert seconds < 120
+    assert returncode == 0, output[-3000:]  # within the wait's 300 s: timings are printed, not asserted
     # The ranks got the signal themselves; DeepSpeed's launch.py saw them exit 0 and killed nothing.
     assert "stop requested (SIGTERM): saved step" in output and "Killing subprocess" not in output
     stopped_at = read_metrics(run_dir)[-1]["step"]
@@ -148,7 +147,6 @@ def test_a_killed_rank_is_relaunched_and_resumes_exactly(reference, tmp_path, tr
 
     relaunched = launch.wait_until(lambda: "supervise: attempt 2 of 2" in launch.stderr.read_text())
     print(f"kill -9 of rank 1 to the relaunch: {relaunched - killed:.1f} s")
-    assert relaunched - killed < 90
     assert alive(first_attempt) == []  # the old launch is gone before the new one starts
     returncode = launch.process.wait(timeout=600)
     output = launch.output()
