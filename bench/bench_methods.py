@@ -35,7 +35,7 @@ from pipeline.data import Batches, ShardDataset
 from pipeline.engine import make_optimizer
 from pipeline.masking import MaskVocab
 from pipeline.freeat import Carry, replay_index
-from pipeline.companion import Companion, companion_for
+from pipeline.companion import Companion, companion_for, teacher_and_adversaries
 from pipeline.model import MaskedLM
 from pipeline.smart import Teacher
 
@@ -62,7 +62,7 @@ class Passes:
 def method_step(method: str, model: MaskedLM, companion: Companion | None):
     config = AdversarialConfig(method=method, start_step=0)
     optimizer = make_optimizer(model, OPTIMIZER, {})
-    teacher = companion if isinstance(companion, Teacher) else None
+    teacher, adversaries = teacher_and_adversaries(companion)
     done, carry = 0, Carry()
 
     def step(batch) -> None:
@@ -71,7 +71,7 @@ def method_step(method: str, model: MaskedLM, companion: Companion | None):
         carry = carry if replay_index(config, done) else Carry()
         losses = objective(lambda d: model(ids, mask, index, d), lambda d: model(ids, mask, index, d)[0], batch.labels, config, done,
                            real=mask, teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]), carry=carry,
-                           adversaries=None if teacher else companion)
+                           adversaries=adversaries)
         run_objective(losses, torch.Tensor.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -29,3 +29,9 @@ def companion_for(adversarial, model: nn.Module, hf_model: nn.Module, weight_dec
     if adversarial.method == "asa":
         return AttentionAdversaries(hf_model, adversarial.asa, weight_decay, grad_clip)
     return None
+
+
+def teacher_and_adversaries(companion: Companion | None) -> tuple[Teacher | None, AttentionAdversaries | None]:
+    """(SMART's teacher, ASA's adversaries): what `pipeline.adversarial.objective` takes, each or None."""
+    return (companion if isinstance(companion, Teacher) else None,
+            companion if isinstance(companion, AttentionAdversaries) else None)

@@ -39,8 +39,7 @@ from pipeline.glue import Task, load_task
 from pipeline.model import ARCHS, Perturbation
 from pipeline.distributed import exit_process, init_distributed, shutdown_distributed
 from pipeline.freeat import Carry, at_boundary, replay_index
-from pipeline.companion import companion_for
-from pipeline.smart import Teacher
+from pipeline.companion import companion_for, teacher_and_adversaries
 from pipeline.step import accumulating_backward
 
 RESULTS = "results.json"
@@ -140,7 +139,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
 
         engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         companion = companion and companion.to(engine.device)
-    teacher = companion if isinstance(companion, Teacher) else None
+    teacher, adversaries = teacher_and_adversaries(companion)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
@@ -159,7 +158,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         lr = schedule.get_last_lr()[0]
         losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine],
                            adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]), carry=carry,
-                           adversaries=None if teacher else companion)
+                           adversaries=adversaries)
         if engine:
             out = run_objective(losses, accumulating_backward(engine, passes(adversarial, step)))
             engine.step()

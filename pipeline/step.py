@@ -25,9 +25,7 @@ from pipeline.data import MicroBatch
 from pipeline.distributed import report
 from pipeline.freeat import Carry, at_boundary
 from pipeline.resume import TrainState
-from pipeline.asa import AttentionAdversaries
-from pipeline.companion import Companion
-from pipeline.smart import Teacher
+from pipeline.companion import Companion, teacher_and_adversaries
 
 
 class TrainingAborted(Exception):
@@ -41,8 +39,7 @@ def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, 
     FreeAT's `carries` (one per micro-batch) hold the perturbations its next replay starts from."""
     sums = None
     backward = accumulating_backward(engine, len(micro_batches) * passes(adversarial, step))
-    teacher = companion if isinstance(companion, Teacher) else None
-    adversaries = companion if isinstance(companion, AttentionAdversaries) else None
+    teacher, adversaries = teacher_and_adversaries(companion)
     lr = engine.get_lr()[0]  # this step's, before engine.step() moves the schedule on
     for i, batch in enumerate(micro_batches):
         batch = batch.on(engine.device)
