@@ -31,8 +31,17 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     global _joined
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        # Object collectives (on_every_rank, check_same_config, resume's broadcast) run before
+        # deepspeed.initialize and put their tensors on the *current* device, which
+        # init_process_group does not set: without this every rank would use device 0.
+        if "LOCAL_RANK" not in os.environ:
+            raise UserError(f"rank {os.environ['RANK']}: RANK is set but LOCAL_RANK is not, so the GPU of this process is unknown; "
+                            "start the ranks with deepspeed or torchrun, which set both")
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     try:
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
     except torch.distributed.DistError as e:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise UserError(
@@ -40,7 +49,7 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
             f"(train.dist_timeout_s): are all nodes started, and is MASTER_ADDR/MASTER_PORT the rank-0 node? ({str(e).splitlines()[0]})"
         ) from None
     _joined = True
-    _release_shm_buffer(get_accelerator().device_name())
+    _release_shm_buffer(accelerator.device_name())
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
