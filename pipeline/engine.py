@@ -64,9 +64,11 @@ def zero_stage(ds_config: dict) -> int:
 
 
 def make_optimizer(model: torch.nn.Module, train, ds_config: dict) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms; DeepSpeed's CPU Adam when offloading."""
-    from deepspeed.accelerator import get_accelerator
-
+    """AdamW without weight decay on biases and norms: torch's own, which needs no build (on a
+    GPU it picks its foreach implementation itself; DeepSpeed's FusedAdam would compile a CUDA
+    op on first use, which a pip-installed torch has no compiler for). DeepSpeed's CPU Adam
+    when offloading the optimizer. A checkpoint written with FusedAdam loads into it: same
+    state names, its integer step turned into a tensor by torch's AdamW, decoupled decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
