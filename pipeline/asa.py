@@ -165,7 +165,8 @@ class AttentionAdversaries:
         """The names of `asa_pass`'s extra numbers, then the adversaries' gradient norm."""
         return ["asa/penalty", *(f"asa/masked_fraction/layer{i}" for i in self.layers), "asa/grad_norm"]
 
-    def to(self, device) -> AttentionAdversaries:
+    def to(self, device, dtype: torch.dtype = torch.float32) -> AttentionAdversaries:
+        """Onto the model's device; the adversaries stay float32 whatever the model's `dtype`."""
         self.adversaries.to(device)
         self.grad_norm = self.grad_norm.to(device)
         return self

@@ -8,7 +8,7 @@ partitions, checkpoints and exports are those of the plain model), and share one
   `load_state_dict` reads it back on resume (`pipeline.resume`);
 - ``start(student)``: the state of a run that does not resume;
 - ``after_step(student, lr)``: after each optimizer step, at the model's learning rate;
-- ``to(device)``: onto the engine's device.
+- ``to(device, dtype)``: onto the engine's device, for a model computing in ``dtype``.
 """
 
 from __future__ import annotations

@@ -80,10 +80,6 @@ def make_optimizer(model: torch.nn.Module, train, ds_config: dict) -> torch.opti
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    if get_accelerator().device_name() == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -101,3 +97,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_sc
         return 1.0 - (1.0 - train.min_lr_ratio) * progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """The dtype the engine's module computes in (DeepSpeed casts it for bf16 and fp16)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def full_fp32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of an engine's `module`, whole and in fp32 on the CPU: the optimizer's
+    master copy where DeepSpeed keeps one (bf16/fp16, any ZeRO stage; partitioned over the
+    ranks, so every rank must call this), else the parameter itself."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (param.detach() if full is None else full).float().cpu()
+    return state

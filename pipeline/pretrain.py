@@ -34,7 +34,7 @@ from pipeline.config import RunConfig, TrainConfig, flatten, missing_paths, to_d
 from pipeline.data import Batches, ShardDataset
 from pipeline.distributed import (check_same_config, distributed_ready, exit_process, init_distributed, on_every_rank, report,
                                   set_threads, shutdown_distributed)
-from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler, zero_stage
+from pipeline.engine import compute_dtype, deepspeed_config, make_optimizer, make_scheduler, zero_stage
 from pipeline.evaluate import Evaluator
 from pipeline.flops import Throughput, peak_flops
 from pipeline.help_format import DefaultsHelpFormatter
@@ -173,7 +173,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     companion = companion_for(config.adversarial, model, model.hf, config.train.weight_decay, config.train.grad_clip)
     optimizer = make_optimizer(model, config.train, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config)
-    companion = companion and companion.to(engine.device)
+    companion = companion and companion.to(engine.device, compute_dtype(engine))
     if rank == 0:
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()

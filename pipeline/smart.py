@@ -10,10 +10,13 @@ proximal term's gradient goes through both directions of the student's side. Def
 follow the paper: mu = 1 (``adversarial.mu``), beta = 0.99 (``adversarial.teacher_momentum``);
 alpha and the perturbation are ALUM's (the paper's lambda_s and its ascent are ALUM's).
 
-The teacher sees the clean pass's dropout masks (`pipeline.objective.Replay`), so the term
-is exactly 0 while teacher and student are equal. It is a full float32 copy of the model on
-every rank, not sharded: one more model in memory per rank, no communication in its
-forward, and under ZeRO-3 each update gathers the student's parameters once. Its state is
+The teacher sees the clean pass's dropout masks (`pipeline.objective.Replay`) and computes
+in the student's dtype, so the term is exactly 0 while teacher and student are equal: a
+float32 teacher beside a bf16 student would round differently and, on a GPU, run other
+attention kernels, whose dropout masks differ. Its EMA weights are a float32 copy of the
+model on every rank, not sharded (plus a copy in the compute dtype under bf16 or fp16): no
+communication in its forward, and under ZeRO-3 each update gathers the student's
+parameters once. Its state is
 saved with the checkpoints, so a resumed run continues with the same teacher, and, being
 replicated, it moves to any number of ranks.
 """
@@ -38,11 +41,15 @@ class Teacher:
     CLIENT_KEY = "teacher"
 
     def __init__(self, student: nn.Module, momentum: float = 0.99):
-        self.module = copy.deepcopy(student).float().requires_grad_(False)
+        self.ema = copy.deepcopy(student).float().requires_grad_(False)  # the EMA weights, float32
+        self.module = self.ema  # what runs: the EMA weights in the student's compute dtype (`to`)
         self.momentum = momentum
 
-    def to(self, device) -> Teacher:
-        self.module.to(device)
+    def to(self, device, dtype: torch.dtype = torch.float32) -> Teacher:
+        """Onto the student's device, computing in its dtype (the engine's: bf16 or fp16 modules
+        are cast whole, so the teacher's forward is a cast copy of the float32 EMA weights)."""
+        self.ema.to(device)
+        self.module = self.ema if dtype == torch.float32 else copy.deepcopy(self.ema).to(dtype)
         return self
 
     def start(self, student: nn.Module) -> None:
@@ -57,14 +64,23 @@ class Teacher:
         """theta_teacher <- momentum * theta_teacher + (1 - momentum) * theta (momentum 0: a copy)."""
         params = list(student.parameters())
         with _gathered(params):
-            for mine, theirs in zip(self.module.parameters(), params, strict=True):
+            for mine, theirs in zip(self.ema.parameters(), params, strict=True):
                 mine.lerp_(theirs.detach().to(mine.dtype), 1.0 - momentum)
+        self._cast()
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {name: t.detach().cpu().clone() for name, t in self.module.state_dict().items()}
+        return {name: t.detach().cpu().clone() for name, t in self.ema.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.module.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        self._cast()
+
+    @torch.no_grad()
+    def _cast(self) -> None:
+        """The running copy follows the EMA weights (nothing to do when it is them)."""
+        if self.module is not self.ema:
+            for running, ema in zip(self.module.parameters(), self.ema.parameters(), strict=True):
+                running.copy_(ema)
 
 
 def _gathered(params: Iterable[nn.Parameter]):

@@ -63,7 +63,7 @@ class Closures:
     def run(self, delta):
         embedded = self.model.bert.embeddings.word_embeddings(self.ids)
         delta = delta(embedded) if callable(delta) else delta
-        inputs = embedded if delta is None else embedded + delta
+        inputs = embedded if delta is None else embedded + delta.to(embedded.dtype)  # as pipeline.model.Perturbation adds it
         logits = self.model(inputs_embeds=inputs, attention_mask=torch.ones_like(self.ids)).logits
         return logits[self.mask], embedded
 

@@ -68,3 +68,32 @@ def test_teacher_state_round_trips():
     assert not all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(), teacher.module.state_dict().values()))
     copy.load_state_dict(teacher.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(), teacher.module.state_dict().values()))
+
+
+def test_a_bf16_students_teacher_computes_in_bf16_so_the_proximal_term_is_exactly_zero():
+    """As under DeepSpeed bf16: the teacher is copied from the float32 student, then the engine
+    casts the student to bf16 and the run starts the teacher from it."""
+    student = tiny_bert()
+    teacher = Teacher(student)
+    student.to(torch.bfloat16)
+    teacher.to("cpu", torch.bfloat16).start(student)
+    assert all(p.dtype == torch.float32 for p in teacher.ema.parameters())  # the EMA keeps float32 weights
+    smart, alum = losses(SMART, student, teacher.module), losses(ALUM, student, teacher.module)
+    assert torch.equal(smart.loss, alum.loss) and smart.loss_adv > 0
+    # A float32 teacher with the same weights (what ran before) measures rounding, not distance.
+    assert losses(SMART, student, teacher.ema).loss > alum.loss
+
+
+def test_a_bf16_teacher_follows_its_float32_ema():
+    student = tiny_bert()
+    teacher = Teacher(student).to("cpu", torch.bfloat16)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # below bf16's resolution for most weights: only a float32 EMA keeps it
+    teacher.update(student, momentum=0.5)
+    for ema, running, s in zip(teacher.ema.parameters(), teacher.module.parameters(), student.parameters()):
+        assert ema.dtype == torch.float32 and running.dtype == torch.bfloat16
+        assert torch.equal(running, ema.to(torch.bfloat16))
+    restored = Teacher(tiny_bert()).to("cpu", torch.bfloat16)
+    restored.load_state_dict(teacher.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.module.parameters(), teacher.module.parameters()))
