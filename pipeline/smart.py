@@ -46,10 +46,15 @@ class Teacher:
         self.momentum = momentum
 
     def to(self, device, dtype: torch.dtype = torch.float32) -> Teacher:
-        """Onto the student's device, computing in its dtype (the engine's: bf16 or fp16 modules
-        are cast whole, so the teacher's forward is a cast copy of the float32 EMA weights)."""
+        """Onto the student's device, computing in its dtype (the engine's): under bf16 or fp16 the
+        teacher's forward runs a copy of the float32 EMA weights cast as DeepSpeed casts the
+        student (parameters only; floating buffers stay float32)."""
         self.ema.to(device)
-        self.module = self.ema if dtype == torch.float32 else copy.deepcopy(self.ema).to(dtype)
+        self.module = self.ema
+        if dtype != torch.float32:
+            self.module = copy.deepcopy(self.ema)
+            for param in self.module.parameters():
+                param.data = param.data.to(dtype)
         return self
 
     def start(self, student: nn.Module) -> None:
