@@ -34,9 +34,9 @@ from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.adversarial import METHODS, AdversarialConfig, objective, passes, run_objective
-from pipeline.engine import deepspeed_config, make_optimizer, make_scheduler
+from pipeline.engine import compute_dtype, deepspeed_config, full_fp32_state, make_optimizer, make_scheduler
 from pipeline.glue import Task, load_task
-from pipeline.model import ARCHS, Perturbation
+from pipeline.model import ARCHS, Perturbation, local_device
 from pipeline.distributed import exit_process, init_distributed, shutdown_distributed
 from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.companion import companion_for, teacher_and_adversaries
@@ -102,15 +102,16 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return input_ids, mask
 
 
-def accuracy(model: Classifier, ids, labels: torch.Tensor, pad_id: int, batch_size: int = 64) -> float:
+def accuracy(model: Classifier, ids, labels: torch.Tensor, pad_id: int, batch_size: int = 64, device: torch.device | None = None) -> float:
+    """The share of `ids` classified as `labels`, computed on `device` (the CPU by default)."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            input_ids, mask = padded(ids[start : start + batch_size], pad_id)
-            correct += (model(input_ids, mask)[0].argmax(-1) == labels[start : start + batch_size]).sum().item()
+            input_ids, mask = (t.to(device) for t in padded(ids[start : start + batch_size], pad_id))
+            correct += (model(input_ids, mask)[0].argmax(-1) == labels[start : start + batch_size].to(device)).sum()
     model.train()
-    return correct / len(ids)
+    return correct.item() / len(ids)
 
 
 def finetune_seed(args, task: Task, seed: int) -> dict:
@@ -129,16 +130,19 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     schedule_config = SimpleNamespace(lr=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
                                       warmup_steps=max(1, int(0.1 * total)), max_steps=total, decay_steps=0, min_lr_ratio=0.0)
     ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
+    if not args.deepspeed:
+        model.to(local_device())
     optimizer = make_optimizer(model, schedule_config, ds_config)
     schedule = make_scheduler(optimizer, schedule_config)
     adversarial = AdversarialConfig(method="none" if args.method == "standard" else args.method, alpha=args.alpha)
     companion = companion_for(adversarial, model, model.hf, schedule_config.weight_decay, 1.0)
-    engine = None
+    engine, device, dtype = None, local_device(), torch.float32
     if args.deepspeed:
         import deepspeed
 
         engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-        companion = companion and companion.to(engine.device)
+        device, dtype = engine.device, compute_dtype(engine)
+    companion = companion and companion.to(device, dtype)
     teacher, adversaries = teacher_and_adversaries(companion)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
@@ -153,10 +157,10 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         chosen = order[(position % steps_per_epoch) * args.batch_size :][: args.batch_size].tolist()
         share = math.ceil(len(chosen) / world)
         mine = chosen[rank * share : (rank + 1) * share]
-        input_ids, mask = padded([train_ids[i] for i in mine], pad_id)
+        input_ids, mask = (t.to(device) for t in padded([train_ids[i] for i in mine], pad_id))
         forward, ascent = (engine, engine.module) if engine else (model, model)
         lr = schedule.get_last_lr()[0]
-        losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine],
+        losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine].to(device),
                            adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]), carry=carry,
                            adversaries=adversaries)
         if engine:
@@ -172,15 +176,16 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             companion.after_step(engine.module if engine else model, lr)
         position += at_boundary(adversarial, step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id)})
+            history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id, device=device)})
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
     result = {"seed": seed, "steps": total, "ranks": world, "seconds": time.perf_counter() - started,
               "dev_accuracy": history[-1]["dev_accuracy"], "history": history}
     if task.adversarial:
         adv_ids, adv_labels = encode(tokenizer, task.adversarial, args.max_length)
-        result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id)
+        result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id, device=device)
+    weights = full_fp32_state(model.hf)  # every rank takes part: the master weights are partitioned over them
     if rank == 0:
-        _save(model, tokenizer, task, Path(args.out) / f"seed-{seed}", result)
+        _save(model, weights, tokenizer, task, Path(args.out) / f"seed-{seed}", result)
     if engine:
         import deepspeed.comm as dist
 
@@ -201,15 +206,17 @@ def _deepspeed_config(args, world: int) -> dict:
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
     run = SimpleNamespace(deepspeed=args.deepspeed, train=SimpleNamespace(global_batch_size=args.batch_size,
-                          micro_batch_size=args.batch_size // world, grad_clip=1.0, precision="auto"))
+                          micro_batch_size=args.batch_size // world, grad_clip=1.0, precision=args.precision))
     return deepspeed_config(run, world)
 
 
-def _save(model: Classifier, tokenizer, task: Task, out: Path, result: dict) -> None:
-    """The HF model (labels named in its config) and the seed's result.json, written last."""
+def _save(model: Classifier, weights: dict[str, Tensor], tokenizer, task: Task, out: Path, result: dict) -> None:
+    """The HF model with `weights` (fp32; labels named in its config) and the seed's result.json, written last."""
     model.hf.config.id2label = dict(enumerate(task.labels))
     model.hf.config.label2id = {name: i for i, name in enumerate(task.labels)}
-    model.hf.save_pretrained(str(out))
+    model.hf.save_pretrained(str(out), state_dict=weights)
+    model.hf.config.dtype = "float32"  # save_pretrained wrote the module's dtype (bf16 under DeepSpeed bf16), not the weights'
+    model.hf.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     atomic.write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
 
@@ -260,6 +267,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=500, help="dev accuracy every N steps (and at the end)")
     p.add_argument("--deepspeed", metavar="JSON", help="train with DeepSpeed (ZeRO settings from this file, e.g. "
                    "configs/deepspeed/zero2.json), one rank per process: deepspeed --num_gpus N --module pipeline.finetune ...")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="with --deepspeed: auto is bf16 where the accelerator supports it, else fp32; the saved model is fp32 either way")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -271,6 +280,8 @@ def run(args) -> dict:
         raise UserError(f"--max-steps: must not be negative, got {args.max_steps}")
     if not (math.isfinite(args.alpha) and args.alpha >= 0):
         raise UserError(f"--alpha: must be a finite number >= 0, got {args.alpha}")
+    if args.precision not in ("auto", "fp32") and not args.deepspeed:
+        raise UserError(f"--precision {args.precision}: needs --deepspeed (a run without it trains in fp32)")
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)
     task = load_task(args.task, args.data, args.advglue)

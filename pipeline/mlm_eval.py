@@ -148,7 +148,7 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
     `hf_config` first checks architecture, vocabulary and positions against tokenizer and shards."""
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.model import MaskedLM, hf_config
+    from pipeline.model import MaskedLM, hf_config, local_device
 
     try:
         config = hf_config(str(model_dir), info.vocab_size, info.special_token_ids, seq_len)
@@ -156,7 +156,7 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
     except (OSError, ValueError) as e:
         raise UserError(f"--model: {model_dir}: cannot be loaded ({str(e).strip().splitlines()[0]})") from None
     model = MaskedLM(hf, "embedding_output").eval().requires_grad_(False)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(local_device())
 
 
 def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:

@@ -78,6 +78,12 @@ def _config_from_yaml(path: Path, vocab_size: int, special_ids: dict[str, int]):
         raise UserError(f"{path}: not a valid {arch} config ({e})") from None
 
 
+def local_device() -> torch.device:
+    """Where a one-process run outside DeepSpeed (evaluation, plain fine-tuning) computes: the
+    current GPU where there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

@@ -123,7 +123,8 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, sst2, capsys):
 
 @pytest.mark.parametrize("option, value, message", [("--alpha", "inf", "--alpha: must be a finite number >= 0, got inf"),
                                                     ("--alpha", "-1", "--alpha: must be a finite number >= 0, got -1.0"),
-                                                    ("--max-steps", "-2", "--max-steps: must not be negative, got -2")])
+                                                    ("--max-steps", "-2", "--max-steps: must not be negative, got -2"),
+                                                    ("--precision", "bf16", "--precision bf16: needs --deepspeed (a run without it trains in fp32)")])
 def test_bad_numbers_are_refused_in_one_line(tmp_path, sst2, capsys, option, value, message):
     code = finetune.main(["--model", str(tmp_path), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out"), option, value])
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"finetune: error: {message}"]
@@ -286,3 +287,27 @@ def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_pat
         # Rank 0's last micro-batch loss is half of the global batch: compare accuracies, the global quantity.
         assert abs(a["dev_accuracy"] - b["dev_accuracy"]) <= 2 / 872, (a, b)
     assert abs(one_result["advglue_accuracy"] - two_result["advglue_accuracy"]) <= 2 / 148
+
+
+@pytest.mark.slow
+def test_a_bf16_deepspeed_run_saves_its_float32_master_weights(small_model, small_task, tmp_path):
+    """DeepSpeed bf16 casts the module in place; the saved model holds the optimizer's float32
+    master weights (partitioned over 2 ZeRO-2 ranks), of which the bf16 module is the cast."""
+    from pipeline.distributed import free_port
+
+    options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 4, "--eval-every": 4,
+               "--batch-size": 16, "--deepspeed": "configs/deepspeed/zero2.json", "--precision": "bf16"}
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+               "pipeline.finetune", *(str(item) for pair in options.items() for item in pair)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(tmp_path / "seed-1" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    embeddings = weights["bert.embeddings.word_embeddings.weight"]
+    assert (embeddings != embeddings.bfloat16().float()).float().mean() > 0.9  # not bf16 values: the master copy
+    assert json.loads((tmp_path / "seed-1" / "config.json").read_text())["dtype"] == "float32"
+    # Cast to bf16 it is the module that was evaluated: the same dev accuracy, to the example.
+    model, tokenizer = finetune.load_model(tmp_path / "seed-1", 2, seed=0)
+    ids, labels = finetune.encode(tokenizer, load_task(str(small_task), None, None).dev, 128)
+    reported = json.loads((tmp_path / "seed-1" / "result.json").read_text())["dev_accuracy"]
+    assert finetune.accuracy(model.to(torch.bfloat16), ids, labels, tokenizer.pad_token_id) == reported
