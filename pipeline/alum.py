@@ -59,7 +59,7 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
     for _ in range(config.steps):
         clean.replay.again()
         delta.requires_grad_(True)
-        grad, grad_finite = input_gradient(kl(target, log_probs(ascent_forward(delta))), delta)
+        grad, grad_finite = input_gradient(lambda q: kl(target, log_probs(q)), ascent_forward(delta), delta)
         finite = finite & grad_finite
         delta = perturbation.ascent_update(delta.detach(), grad, unit, config)
 

@@ -33,7 +33,7 @@ def fgm_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
     clean.replay.mark()
     clean.replay.again()
     start = torch.zeros(clean.embedded.shape, dtype=unit.dtype, device=unit.device, requires_grad=True)
-    grad, finite = input_gradient(nll(log_probs(ascent_forward(start)), labels), start)
+    grad, finite = input_gradient(lambda q: nll(log_probs(q), labels), ascent_forward(start), start)
     if config.method == "fgsm":
         delta, norm = size(config) * unit * grad.sign(), "linf"
     else:

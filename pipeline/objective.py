@@ -127,10 +127,24 @@ def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None, delta: Zer
     return CleanPass(logits, log_p, nll(log_p, labels), embedded, real, replay)
 
 
-def input_gradient(loss: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """(d loss / d delta, zeroed if not finite; whether it was finite), delta alone."""
-    (grad,) = torch.autograd.grad(loss, delta)
-    return finite_or_zero(grad)
+def input_gradient(loss_of: Callable[[Tensor], Tensor], logits: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """(d loss_of(logits) / d delta, zeroed if not finite; whether it was finite), delta alone.
+
+    Through an fp16 model this gradient would underflow: the loss's gradient at the logits is
+    about 1 / (rows x classes) per element (1e-9 for 600 masked tokens and a 30k vocabulary),
+    below fp16's smallest subnormal (6e-8), and DeepSpeed's loss scaler never sees an ascent.
+    So it is taken in two parts: the loss's gradient at the logits in float32, scaled by the
+    power of two that brings its largest element into [1, 2), goes back through the model,
+    and the result is divided by the same power. Scaling by a power of two is exact, so in
+    float32 and bf16 (fp32's range) the result equals the unscaled gradient bit for bit."""
+    wide = logits.to(perturbation.work_dtype(logits.dtype))
+    (at_logits,) = torch.autograd.grad(loss_of(wide), wide)
+    # No scored row (no masked token) has nothing to scale, but still runs the backward: ZeRO-3 gathers in it.
+    largest = at_logits.abs().amax() if at_logits.numel() else at_logits.new_ones(())
+    largest = largest.clamp_min(torch.finfo(at_logits.dtype).tiny)
+    scale = torch.exp2(torch.floor(torch.log2(largest)))
+    (grad,) = torch.autograd.grad(wide, delta, grad_outputs=at_logits / scale)
+    return finite_or_zero(grad.to(scale.dtype) * scale)
 
 
 def finite_or_zero(grad: Tensor) -> tuple[Tensor, Tensor]:

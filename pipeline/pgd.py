@@ -34,7 +34,7 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
     for _ in range(config.steps):
         clean.replay.again()
         delta.requires_grad_(True)
-        grad, grad_finite = input_gradient(nll(log_probs(ascent_forward(delta)), labels), delta)
+        grad, grad_finite = input_gradient(lambda q: nll(log_probs(q), labels), ascent_forward(delta), delta)
         finite = finite & grad_finite
         direction = grad.sign() if config.norm == "linf" else grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps)
         delta = perturbation.project(delta.detach() + step * direction, bound, config.norm)
