@@ -18,8 +18,6 @@ from data_prep.errors import UserError
 
 
 def deepspeed_config(config, world_size: int) -> dict:
-    from deepspeed.accelerator import get_accelerator
-
     ds = _load(config.deepspeed)
     for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds:
@@ -31,10 +29,7 @@ def deepspeed_config(config, world_size: int) -> dict:
             f"train.global_batch_size {train.global_batch_size} is not divisible by train.micro_batch_size "
             f"{train.micro_batch_size} x world size {world_size}"
         )
-    accelerator = get_accelerator()
-    precision = train.precision
-    if precision == "auto":
-        precision = "bf16" if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else "fp32"
+    precision = resolved_precision(train.precision)
     ds.update(
         train_batch_size=train.global_batch_size,
         train_micro_batch_size_per_gpu=train.micro_batch_size,
@@ -45,6 +40,18 @@ def deepspeed_config(config, world_size: int) -> dict:
         fp16={"enabled": precision == "fp16"},
     )
     return ds
+
+
+def resolved_precision(precision: str) -> str:
+    """`train.precision` as this machine computes in it (bf16, fp16 or fp32): what DeepSpeed is
+    configured with, and the peak perf/mfu is measured against. `auto` is bf16 where the
+    accelerator supports it, fp32 on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if precision == "auto":
+        return "bf16" if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else "fp32"
+    return precision
 
 
 def _load(source) -> dict:
