@@ -45,12 +45,20 @@ def deepspeed_config(config, world_size: int) -> dict:
 def resolved_precision(precision: str) -> str:
     """`train.precision` as this machine computes in it (bf16, fp16 or fp32): what DeepSpeed is
     configured with, and the peak perf/mfu is measured against. `auto` is bf16 where the
-    accelerator supports it, fp32 on CPU."""
+    accelerator supports it, fp32 on CPU. A precision the accelerator lacks (fp16 on most CPUs)
+    is refused here, before set-up, rather than by DeepSpeed's engine, which asks the same
+    accelerator and stops in a traceback once the model is built."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if precision == "auto":
         return "bf16" if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else "fp32"
+    # DeepSpeed's own test (DeepSpeedEngine._do_sanity_check); its CPU accelerator answers None for fp16 without oneDNN's.
+    has = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported(), "fp32": True}
+    if not has[precision]:
+        supported = " or ".join(p for p, yes in has.items() if yes)
+        raise UserError(f"train.precision={precision}: this machine's accelerator ({accelerator.device_name()}) "
+                        f"does not support {precision}; use {supported}")
     return precision
 
 
