@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
+from data_prep.cores import usable_cores
 from data_prep.errors import UserError
 from pipeline.help_format import DefaultsHelpFormatter
 
@@ -118,10 +118,6 @@ def cmd_demo(args) -> None:
     run_demo(args.out, workers=args.workers)
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alum", description="ALUM adversarial pretraining pipeline", formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a directory written by `alum tokenizer`, or any Hugging Face (fast) tokenizer or model directory")
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=_cores(), help=f"tokenizer processes (default: every core, {_cores()} here; output does not depend on it)")
+    p.add_argument("--workers", type=int, default=usable_cores(), help=f"tokenizer processes (default: every core, {usable_cores()} here; output does not depend on it)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents (by content hash) in the val split that training validates on")
     p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per shard file (and per unit of resume and of --num-nodes)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the work")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed
 from deepspeed.accelerator import get_accelerator
 
+from data_prep.cores import usable_cores
 from data_prep.differences import first_difference
 from data_prep.errors import UserError
 
@@ -139,7 +140,9 @@ def free_port() -> int:
 
 
 def set_threads(threads_per_rank: int) -> None:
-    """Split the cores among the ranks of this node so they do not oversubscribe them."""
+    """Split the cores this job was given (its CPU affinity: SLURM binds a job to its share, and
+    os.cpu_count() would count the whole machine) among the ranks of this node so they do not
+    oversubscribe them."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // local)
+    threads = threads_per_rank or max(1, usable_cores() // local)
     torch.set_num_threads(threads)

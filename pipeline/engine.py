@@ -18,8 +18,6 @@ from data_prep.errors import UserError
 
 
 def deepspeed_config(config, world_size: int) -> dict:
-    from deepspeed.accelerator import get_accelerator
-
     ds = _load(config.deepspeed)
     for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds:
@@ -31,10 +29,7 @@ def deepspeed_config(config, world_size: int) -> dict:
             f"train.global_batch_size {train.global_batch_size} is not divisible by train.micro_batch_size "
             f"{train.micro_batch_size} x world size {world_size}"
         )
-    accelerator = get_accelerator()
-    precision = train.precision
-    if precision == "auto":
-        precision = "bf16" if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported() else "fp32"
+    precision = resolved_precision(train.precision)
     ds.update(
         train_batch_size=train.global_batch_size,
         train_micro_batch_size_per_gpu=train.micro_batch_size,
@@ -45,6 +40,35 @@ def deepspeed_config(config, world_size: int) -> dict:
         fp16={"enabled": precision == "fp16"},
     )
     return ds
+
+
+def resolved_precision(precision: str) -> str:
+    """`train.precision` as this machine computes in it (bf16, fp16 or fp32): what DeepSpeed is
+    configured with, and the peak perf/mfu is measured against. `auto` is bf16 where the
+    accelerator computes in it natively, else fp32. A precision the accelerator lacks (fp16 on most CPUs)
+    is refused here, before set-up, rather than by DeepSpeed's engine, which asks the same
+    accelerator and stops in a traceback once the model is built."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if precision == "auto":
+        return "bf16" if accelerator.device_name() != "cpu" and _native_bf16(accelerator) else "fp32"
+    # DeepSpeed's own test (DeepSpeedEngine._do_sanity_check); its CPU accelerator answers None for fp16 without oneDNN's.
+    has = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported(), "fp32": True}
+    if not has[precision]:
+        supported = " or ".join(p for p, yes in has.items() if yes)
+        raise UserError(f"train.precision={precision}: this machine's accelerator ({accelerator.device_name()}) "
+                        f"does not support {precision}; use {supported}")
+    return precision
+
+
+def _native_bf16(accelerator) -> bool:
+    """Whether the accelerator computes in bf16 itself. DeepSpeed's CUDA accelerator asks
+    torch.cuda.is_bf16_supported(), which also says yes where bf16 is only emulated (V100, T4:
+    compute capability below 8, no bf16 tensor cores); `auto` means fp32 there, as on a CPU."""
+    if accelerator.device_name() == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return accelerator.is_bf16_supported()
 
 
 def _load(source) -> dict:

@@ -34,7 +34,7 @@ from pipeline.config import RunConfig, TrainConfig, flatten, missing_paths, to_d
 from pipeline.data import Batches, ShardDataset
 from pipeline.distributed import (check_same_config, distributed_ready, exit_process, init_distributed, on_every_rank, report,
                                   set_threads, shutdown_distributed)
-from pipeline.engine import compute_dtype, deepspeed_config, make_optimizer, make_scheduler, zero_stage
+from pipeline.engine import compute_dtype, deepspeed_config, make_optimizer, make_scheduler, resolved_precision, zero_stage
 from pipeline.evaluate import Evaluator
 from pipeline.flops import Throughput, peak_flops
 from pipeline.help_format import DefaultsHelpFormatter
@@ -178,7 +178,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak_flops(device_name, config.train.peak_tflops))
+    peak = peak_flops(device_name, resolved_precision(config.train.precision), config.train.peak_tflops)
+    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak)
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from deepspeed.accelerator import get_accelerator
 
 from data_prep.errors import UserError
 from pipeline.config import load_config
@@ -75,8 +76,23 @@ def test_deepspeed_json_missing_or_invalid(tmp_path):
         deepspeed_config(config, 1)
 
 
-@pytest.mark.parametrize(("precision", "bf16", "fp16"), [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+FP16 = bool(get_accelerator().is_fp16_supported())
+
+
+@pytest.mark.parametrize(("precision", "bf16", "fp16"), [
+    ("fp32", False, False), ("bf16", True, False),
+    pytest.param("fp16", False, True, marks=pytest.mark.skipif(not FP16, reason="this machine's accelerator has no fp16")),
+])
 def test_explicit_precision_is_written_into_the_deepspeed_config(tmp_path, precision, bf16, fp16):
     config = load_config(minimal(tmp_path), [f"train.precision={precision}"])
     ds = deepspeed_config(config, 1)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
+
+
+@pytest.mark.skipif(FP16, reason="this machine's accelerator has fp16 (a CPU with AVX512-FP16/AMX)")
+def test_a_precision_the_accelerator_lacks_is_refused_by_key(tmp_path):
+    config = load_config(minimal(tmp_path), ["train.precision=fp16"])
+    device = get_accelerator().device_name()
+    with pytest.raises(UserError) as refused:
+        deepspeed_config(config, 1)
+    assert str(refused.value) == f"train.precision=fp16: this machine's accelerator ({device}) does not support fp16; use bf16 or fp32"

@@ -35,9 +35,36 @@ def test_bert_base_costs_about_six_flops_per_parameter_per_token():
     assert 5.6e8 < per_token < 5.9e8
 
 
-def test_the_peak_is_the_configured_one_else_a_known_gpus_else_unknown():
-    assert peak_flops("NVIDIA H100 80GB HBM3", 0) == 989e12
-    assert peak_flops("NVIDIA A10G", 0) == 70e12 and peak_flops("NVIDIA A10", 0) == 125e12
-    assert peak_flops("NVIDIA H100 80GB HBM3", 500) == 500e12
-    assert peak_flops("cpu", 0) is None and peak_flops("cpu", 2.5) == 2.5e12
+@pytest.mark.parametrize("name, bf16, fp16, fp32", [
+    ("NVIDIA H100 80GB HBM3", 989, 989, 67),
+    ("NVIDIA H100 PCIe", 756, 756, 51),
+    ("NVIDIA H100 NVL", 835, 835, 60),
+    ("NVIDIA H200", 989, 989, 67),
+    ("NVIDIA A100-SXM4-80GB", 312, 312, 19.5),
+    ("NVIDIA A100-PCIE-40GB", 312, 312, 19.5),
+    ("NVIDIA A100 80GB PCIe", 312, 312, 19.5),
+    ("NVIDIA L40S", 362, 362, 91.6),
+    ("NVIDIA L40", 181, 181, 90.5),
+    ("NVIDIA L4", 121, 121, 30.3),
+    ("NVIDIA A10", 125, 125, 31.2),
+    ("Tesla V100-SXM2-32GB", None, 125, 15.7),
+    ("Tesla V100-PCIE-16GB", None, 112, 14),
+])
+def test_each_gpu_has_its_own_data_sheet_peak_per_precision(name, bf16, fp16, fp32):
+    # Dense figures; fp32 is the CUDA-core one (TF32 is left off). V100 has no bf16: no peak, no MFU.
+    peaks = [peak_flops(name, precision, 0) for precision in ("bf16", "fp16", "fp32")]
+    assert peaks == [None if tflops is None else tflops * 1e12 for tflops in (bf16, fp16, fp32)]
+
+
+def test_a_name_is_never_matched_by_a_part_of_it():
+    # "NVIDIA L40" contains "NVIDIA L4", "NVIDIA H100 PCIe" contains "H100": each gets its own figure.
+    assert peak_flops("NVIDIA L40", "bf16", 0) == 181e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16", 0) == 756e12
+    assert peak_flops("NVIDIA A10G", "bf16", 0) == 70e12 and peak_flops("NVIDIA A10G", "fp32", 0) is None
+    assert peak_flops("NVIDIA H100", "bf16", 0) is None and peak_flops("NVIDIA GeForce RTX 4090", "bf16", 0) is None
+
+
+def test_the_configured_peak_wins_and_a_cpu_has_none():
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16", 500) == 500e12
+    assert peak_flops("cpu", "fp32", 0) is None and peak_flops("cpu", "fp32", 2.5) == 2.5e12
     assert mfu(1e9, 1e5, 1e14, 2) == pytest.approx(0.5)

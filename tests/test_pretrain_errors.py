@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from deepspeed.accelerator import get_accelerator
 
 from helpers import REPO, pretrain, pretrain_args, read_metrics
 from pipeline.distributed import free_port
@@ -57,6 +58,15 @@ def test_sequence_longer_than_the_model_positions(tmp_path, train_shards, bert_t
 def test_what_asa_cannot_run_with_stops_before_set_up(tmp_path, train_shards, bert_tokenizer, override, message):
     result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "adversarial.method=asa", override, world=1, stage=0)
     refused(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(bool(get_accelerator().is_fp16_supported()), reason="this machine's accelerator has fp16 (a CPU with AVX512-FP16/AMX)")
+def test_a_precision_the_accelerator_lacks_stops_before_set_up(tmp_path, train_shards, bert_tokenizer):
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "train.precision=fp16", world=1, stage=0)
+    line = refused(result, "train.precision=fp16: this machine's accelerator (cpu) does not support fp16; use bf16 or fp32")
+    assert [other for other in result.stderr.splitlines() if "fp16" in other] == [line]
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
