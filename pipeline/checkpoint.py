@@ -34,7 +34,7 @@ from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.freeat import at_boundary
 from pipeline.integrity import file_digests
-from pipeline.rng import RngState
+from pipeline.rng import RngState, restore_saved
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -263,10 +263,11 @@ class Checkpointer:
         return save(self.engine, self.run_dir, state.step, client, self.keep_last)
 
 
-def restore_rng(run_dir: Path, tag: str) -> None:
-    """This rank's RNG states as they were when the checkpoint was written."""
+def restore_rng(run_dir: Path, tag: str, reseed: int) -> str | None:
+    """This rank's RNG states as they were when the checkpoint was written, as far as this
+    machine has their generators (`pipeline.rng.restore_saved`: None, or what differs)."""
     path = Path(run_dir) / CHECKPOINTS / tag / f"rng_rank{dist.get_rank():05d}.pt"
-    RngState(**torch.load(path, weights_only=False)).restore()
+    return restore_saved(torch.load(path, weights_only=False), reseed)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -131,12 +131,16 @@ def _resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, 
         if not load_optimizer:
             return TrainState(), client
         return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"]), client
+    # When the ranks hold other samples than before (another world size), their dropout streams
+    # cannot go on: new ones from (seed, rank, step) keep this launch deterministic. Likewise for
+    # an accelerator generator the checkpoint has no state for (written on another device type).
+    reseed = seed * 1_000_003 + client["step"]
     if start.world_size == world_size:
-        checkpoint.restore_rng(start.run_dir, start.tag)
+        note = checkpoint.restore_rng(start.run_dir, start.tag, reseed)
+        if note and rank == 0:
+            print(f"{source}: {note}", flush=True)
     else:
-        # The ranks hold other samples than before, so their dropout streams cannot go on;
-        # new ones from (seed, rank, step) keep this launch deterministic.
-        torch.manual_seed(seed * 1_000_003 + client["step"])
+        torch.manual_seed(reseed)
     if rank == 0:
         print(f"resumed from {source} (step {client['step']})", flush=True)
     return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0,

@@ -30,6 +30,24 @@ class RngState:
         return asdict(self)
 
 
+def restore_saved(saved: dict, reseed: int) -> str | None:
+    """A checkpoint's RNG state (`RngState.to_dict`) on this machine, which may be of another
+    device type than the one that wrote it: what the state has and this machine uses is
+    restored; an accelerator generator the state lacks (it was written on CPUs) is seeded
+    with `reseed`, so ranks keep distinct dropout streams. None when the state fit the
+    machine, else what was done, in words."""
+    state = RngState(**saved)
+    accelerator = _accelerator()
+    if (accelerator is None) == (state.accelerator is None):
+        state.restore()
+        return None
+    torch.set_rng_state(state.cpu)
+    if accelerator is None:
+        return "its accelerator's RNG states were written on a GPU and are unused here (no accelerator): the CPU's are restored"
+    accelerator.manual_seed(reseed)
+    return "it has no accelerator RNG states (written on CPUs): this machine's are seeded from (seed, rank, step)"
+
+
 def _accelerator():
     """The accelerator whose generator dropout uses, or None on CPU: DeepSpeed's (CUDA, XPU,
     ...) when DeepSpeed is in use, else CUDA's. DeepSpeed is not imported here: it is slow

@@ -153,6 +153,35 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_checkpoint_written_on_gpus_resumes_on_cpus(reference, tmp_path, train_shards, bert_tokenizer):
+    """Its RNG states carry a CUDA generator's (16 bytes: seed and offset), which a CPU machine
+    has no use for: the CPU's are restored, the launch says so, and the run goes on exactly."""
+    import shutil
+
+    from pipeline.integrity import digest
+
+    _, uninterrupted = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step00000008")
+    (run_dir / "checkpoints" / "latest").write_text("step00000004")
+    step4 = run_dir / "checkpoints" / "step00000004"
+    complete = json.loads((step4 / "complete.json").read_text())
+    for rank in range(2):
+        name = f"rng_rank{rank:05d}.pt"
+        state = torch.load(step4 / name, weights_only=False)
+        assert state["accelerator"] is None  # written on CPUs
+        torch.save({**state, "accelerator": torch.arange(16, dtype=torch.uint8)}, step4 / name)
+        complete["files"][name] = digest(step4 / name)
+    (step4 / "complete.json").write_text(json.dumps(complete))
+    result = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
+    assert (f"{step4}: its accelerator's RNG states were written on a GPU and are unused here (no accelerator): "
+            "the CPU's are restored") in result.stdout.splitlines()
+    assert "(step 4)" in result.stdout
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_with_every_checkpoint_damaged_the_run_stops_in_one_line(reference, tmp_path, train_shards, bert_tokenizer):
     import shutil
 
