@@ -199,7 +199,8 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     config, engine, dataset = run.config, run.engine, run.dataset
     rank, world_size = dist.get_rank(), dist.get_world_size()
     max_steps, global_batch = config.train.max_steps, config.train.global_batch_size
-    batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size)
+    batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size,
+                      pin_memory=engine.device.type == "cuda")
     evaluator = Evaluator(engine, run.val, config, run.vocab)
     checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
     throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)

@@ -13,7 +13,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from host_syncs import HostSyncs
-from pipeline.adversarial import AdversarialConfig, compute_losses
+from pipeline.adversarial import AdversarialConfig, objective, run_objective
+from pipeline.asa import AsaConfig, AttentionAdversaries
 from pipeline.model import MaskedLM
 
 REPO_TESTS = os.path.dirname(__file__)
@@ -29,22 +30,38 @@ def test_the_counter_sees_item_bool_tolist_and_boolean_gathers():
     assert len(counter.read_backs) == 1
 
 
-def test_an_alum_micro_batch_has_no_host_sync():
+def micro_batch(method: str, attention: torch.Tensor | None):
+    """One micro-batch of `method` on a tiny BERT (dropout on) under the counter: (the
+    counter, its numbers, the model's gradients)."""
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
     model = MaskedLM(BertForMaskedLM(config).train())
+    adversaries = AttentionAdversaries(model.hf, AsaConfig()) if method == "asa" else None
     ids = torch.randint(5, 100, (2, 16))
     masked = torch.zeros(2, 16, dtype=torch.bool)
     masked[:, [3, 7, 11]] = True
-    index, labels, attention = masked.flatten().nonzero()[:, 0], ids[masked], torch.ones_like(ids)
-    alum = AdversarialConfig(method="alum", steps=2)
+    index, labels = masked.flatten().nonzero()[:, 0], ids[masked]
+    losses = objective(lambda d: model(ids, attention, index, d), lambda d: model(ids, attention, index, d)[0], labels,
+                       AdversarialConfig(method=method, steps=2), 0, real=attention, adversaries=adversaries)
     with HostSyncs() as counter:
-        out = compute_losses(lambda d: model(ids, attention, index, d), lambda d: model(ids, attention, index, d)[0], labels, alum, 0, real=attention)
-        out.loss.backward()
-        out.stats()
-    # transformers' SDPA mask code syncs once per forward (`padding_mask.all()`): its own, not counted.
-    assert counter.from_files(PIPELINE) == [] and counter.read_backs == []
-    assert out.loss_adv.item() > 0
+        stats = run_objective(losses, lambda loss: loss.backward()).stats()
+    return counter, stats, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", ["alum", "asa"])
+def test_a_micro_batch_without_padding_has_no_host_sync_and_equals_one_with_a_mask_of_ones(method):
+    """Every sync counted, the libraries' included. Given a mask, transformers' SDPA mask code
+    asks the device whether every token is real (masking_utils.py `padding_mask.all()`) once
+    per forward: a batch of packed rows passes no mask (pipeline.data.masked_batch), and
+    computes exactly what the mask of ones computes."""
+    counter, stats, grads = micro_batch(method, None)
+    assert counter.syncs == [] and counter.read_backs == []
+    assert stats[2] > 0  # loss_adv
+    ones_counter, ones_stats, ones_grads = micro_batch(method, torch.ones(2, 16, dtype=torch.long))
+    assert torch.equal(stats, ones_stats) and all(torch.equal(a, b) for a, b in zip(grads, ones_grads) if a is not None)
+    forwards = {"alum": 4, "asa": 2}[method]  # ALUM (K = 2): clean, 2 ascents, adversarial; ASA: clean, masked
+    assert [(where.split("site-packages/")[-1], op) for where, op in ones_counter.syncs] == \
+        [("transformers/masking_utils.py:354", "aten._local_scalar_dense.default")] * forwards
 
 
 @pytest.mark.slow
