@@ -138,7 +138,7 @@ def attention_modules(hf_model: nn.Module) -> list[nn.Module]:
 class AttentionAdversaries:
     """The adversaries of the attacked layers, attached to an HF model, and their optimizer.
 
-    Outside `active`, the model runs as it is (through ``asa_sdpa`` with no bias); inside,
+    Outside `active`, the model runs as it is (``asa_sdpa`` is then plain SDPA); inside,
     each attacked layer's attention gets its adversary's mask, and `masks` holds them for the
     penalty and the stats. The adversaries are float32 and replicated on every rank: their
     gradients are averaged over the ranks before each update (`after_step`), so all ranks
@@ -264,24 +264,28 @@ def asa_pass(forward: Forward, labels: Tensor, config, real: Tensor | None, mask
 
 
 def asa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
-    """SDPA with the layer's pending ASA bias added to the attention mask. The mask is always
-    the additive float form, with or without a bias, so that under one SDPA kernel a pass
-    whose masks keep every unit equals the clean pass exactly (PyTorch may run a mask that
-    carries a gradient, as the adversaries' does, on another kernel: the last bits differ)."""
+    """SDPA with the layer's pending ASA bias, if any. Without one (the standard phase, every
+    clean pass, evaluation) the call is plain SDPA's, mask as given: no padding means no mask,
+    which on a GPU keeps the flash kernel for the whole run. Only an attacked pass (inside
+    `AttentionAdversaries.active`) adds the bias to the mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    lowest = torch.finfo(query.dtype).min
-    batch, length = query.shape[0], key.shape[-2]
-    if attention_mask is None:
-        additive = query.new_zeros((batch, 1, query.shape[-2], length))
-    elif attention_mask.dtype == torch.bool:
-        additive = torch.where(attention_mask, 0.0, lowest).to(query.dtype)
-    else:
-        additive = attention_mask.to(query.dtype)
     bias = module.__dict__.pop("asa_bias", None)
     if bias is not None:
-        additive = (additive + bias.to(query.dtype)).clamp_min(lowest)
-    return sdpa_attention_forward(module, query, key, value, additive, **kwargs)
+        attention_mask = biased(attention_mask, bias.to(query.dtype))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def biased(attention_mask: Tensor | None, bias: Tensor) -> Tensor:
+    """The additive float mask of ``attention_mask`` (None: nothing masked) plus ``bias``
+    [B, 1, T, T], floored at the dtype's lowest value: a padding key's lowest plus -10000
+    would be -inf in fp16, and a row of -inf gives NaN."""
+    if attention_mask is None:
+        return bias
+    lowest = torch.finfo(bias.dtype).min
+    if attention_mask.dtype == torch.bool:
+        attention_mask = torch.where(attention_mask, 0.0, lowest)
+    return (attention_mask.to(bias.dtype) + bias).clamp_min(lowest)
 
 
 def register() -> None:

@@ -64,15 +64,32 @@ class ShardDataset:
 
 @dataclass
 class MicroBatch:
+    """What the training step copies to the device; nothing it does not use."""
+
     input_ids: torch.Tensor  # long [b, T], masked
-    attention_mask: torch.Tensor  # long [b, T]
-    masked: torch.Tensor  # bool [b, T], where the loss is taken
-    masked_index: torch.Tensor  # long [N], the same tokens as flat indices into b * T (no host sync to gather them)
+    attention_mask: torch.Tensor | None  # long [b, T]; None when no row has padding (packed rows: every token real)
+    masked_index: torch.Tensor  # long [N], the masked tokens as flat indices into b * T (no host sync to gather them)
     labels: torch.Tensor  # long [N]
 
+    @property
+    def masked(self) -> torch.Tensor:
+        """bool [b, T], True where the loss is taken: `masked_index` as a mask, for evaluation
+        and inspection (training needs only the index)."""
+        flat = torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=self.input_ids.device)
+        return flat.index_fill(0, self.masked_index, True).view_as(self.input_ids)
+
+    def pin(self) -> MicroBatch:
+        """The same batch in page-locked host memory (needs an accelerator, e.g. CUDA), which
+        `on` copies asynchronously: the host goes on without waiting for the copy."""
+        return MicroBatch(*(None if t is None else t.pin_memory() for t in self._tensors()))
+
     def on(self, device) -> MicroBatch:
-        """The same batch with every tensor on ``device``."""
-        return MicroBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+        """The same batch with every tensor on ``device``, copied without blocking the host
+        (from pinned memory an asynchronous copy; from pageable memory, as a plain one)."""
+        return MicroBatch(*(None if t is None else t.to(device, non_blocking=True) for t in self._tensors()))
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 @dataclass
@@ -84,29 +101,34 @@ class StepBatches:
 
 class Batches:
     """One rank's training batches: what stays fixed for a run is given once, and each
-    step's batches follow from (step, consumed samples, mask rate) alone."""
+    step's batches follow from (step, consumed samples, mask rate) alone. ``pin_memory``
+    (CUDA only) builds them in page-locked memory, for asynchronous copies to the device."""
 
     def __init__(self, dataset: ShardDataset, vocab: MaskVocab, global_batch_size: int, micro_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
         self.dataset, self.vocab, self.seed = dataset, vocab, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
 
     def for_step(self, step: int, consumed_samples: int, rate: float) -> StepBatches:
         global_indices = global_batch_indices(consumed_samples, self.global_batch_size, len(self.dataset), self.seed)
         local = rank_slice(global_indices, self.rank, self.world_size)
         micro = self.micro_batch_size
         batches = [masked_batch(self.dataset, local[i : i + micro], step, self.seed, rate, self.vocab) for i in range(0, len(local), micro)]
-        return StepBatches(global_indices, batches, len(self.dataset))
+        return StepBatches(global_indices, [b.pin() for b in batches] if self.pin_memory else batches, len(self.dataset))
 
 
 def masked_batch(dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab) -> MicroBatch:
+    """The rows at ``indices``, masked. Whether they hold padding is decided here, on the host:
+    packed rows have none (only a split's last row is padded), and then the batch carries no
+    attention mask, so transformers neither builds one nor asks the device whether it may
+    skip it (a host sync per forward)."""
     rows = dataset.rows(indices)
     masked = mask_tokens(rows, indices, step, seed, rate, vocab)
+    real = rows != vocab.pad_id
     return MicroBatch(
         input_ids=torch.from_numpy(masked.input_ids),
-        attention_mask=torch.from_numpy((rows != vocab.pad_id).astype(np.int64)),
-        masked=torch.from_numpy(masked.masked),
+        attention_mask=None if real.all() else torch.from_numpy(real.astype(np.int64)),
         masked_index=torch.from_numpy(np.flatnonzero(masked.masked)),
         labels=torch.from_numpy(masked.labels),
     )

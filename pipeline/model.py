@@ -161,7 +161,11 @@ class MaskedLM(nn.Module):
     def forward(self, input_ids, attention_mask, masked_index, delta=None):
         """(logits [N, V] at the masked tokens, the perturbable embeddings [B, T, H]).
         ``masked_index`` [N] holds the masked tokens' flat indices into B x T: gathering by
-        index, unlike by a boolean mask, needs no host sync to learn N."""
+        index, unlike by a boolean mask, needs no host sync to learn N. ``attention_mask``
+        None means no padding (`pipeline.data.masked_batch` decides on the host): the encoder
+        then builds no mask, where a mask of ones would cost a host sync per forward
+        (transformers asks the device whether every token is real), and SDPA may use its
+        flash kernel; the result is the same as with a mask of ones."""
         def hidden():
             return self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 

@@ -6,7 +6,8 @@ existing run directory resumes from the latest complete checkpoint.
 
 The loop, per optimizer step: this rank's masked micro-batches at the curriculum's rate
 (`pipeline.data.Batches`), the step (`pipeline.step.train_step`: MLM, plus ALUM from
-`adversarial.start_step` on), its stats gathered over the ranks in one read-back; then
+`adversarial.start_step` on), the next step's batches built while the device runs it
+(`pipeline.prefetch`), its stats gathered over the ranks in one read-back; then
 validation, metrics and checkpoints, each on its own schedule (`due`).
 """
 
@@ -43,10 +44,10 @@ from pipeline.metrics import MetricsLogger, check_wandb_login, step_record
 from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
-from pipeline.sampling import epoch_fraction
 from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.companion import Companion, companion_for
-from pipeline.step import StepStats, TrainingAborted, account, check_health, train_step
+from pipeline.prefetch import StepInputs
+from pipeline.step import StepStats, TrainingAborted, account, check_health, consumed_after, train_step
 
 
 class StopRequest:
@@ -200,18 +201,21 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     config, engine, dataset = run.config, run.engine, run.dataset
     rank, world_size = dist.get_rank(), dist.get_world_size()
     max_steps, global_batch = config.train.max_steps, config.train.global_batch_size
-    batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size)
+    batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size,
+                      pin_memory=engine.device.type == "cuda")
     evaluator = Evaluator(engine, run.val, config, run.vocab)
     checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
     throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)
+    inputs = StepInputs(batches, config)
     started = time.perf_counter()
     carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
     while state.step < max_steps:
-        rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
+        batch, rate = inputs(state.step, state.consumed_samples)
         replay = replay_index(config.adversarial, state.step)  # 0 unless FreeAT replays this batch
-        batch = batches.for_step(state.step - replay, state.consumed_samples, rate)
         carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
         sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.companion, carries)
+        if state.step + 1 < max_steps:  # the next step's batch, built while the device runs this one
+            inputs(state.step + 1, consumed_after(config, state.step + 1, state.consumed_samples))
         stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
         account(state, stats, config, engine)
         seconds = time.perf_counter() - started

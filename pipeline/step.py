@@ -5,9 +5,10 @@ lets DeepSpeed step. A method may take several backward passes per micro-batch
 (`pipeline.adversarial.passes`); the trainer marks the step's last backward as DeepSpeed's
 gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
 reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
-Every number stays on the device; `StepStats.gather` sums them over the ranks in one all-reduce and reads them back: the step's single host
-sync. `account` counts the step into the run's state and `check_health` stops a run that
-cannot go on.
+Every number stays on the device; `StepStats.gather` sums them over the ranks in one
+all-reduce and reads them back: the step's single host sync. `account` counts the step into
+the run's state (`consumed_after` says in advance what it will count) and `check_health`
+stops a run that cannot go on.
 """
 
 from __future__ import annotations
@@ -121,8 +122,7 @@ def account(state: TrainState, stats: StepStats, config, engine) -> None:
     adv = config.adversarial
     active = adv.active(state.step)
     state.step += 1
-    if at_boundary(adv, state.step):  # FreeAT counts a batch once, after its last replay
-        state.consumed_samples += config.train.global_batch_size
+    state.consumed_samples = consumed_after(config, state.step, state.consumed_samples)
     state.adv_skipped += int(stats.adv_skipped)
     state.bad_streak = state.bad_streak + 1 if stats.nonfinite else 0
     if stats.nonfinite and engine.was_step_applied():
@@ -130,6 +130,16 @@ def account(state: TrainState, stats: StepStats, config, engine) -> None:
     if active:
         counts = not stats.adv_skipped and vanishing.vanished(adv, stats.adv_ratio(adv.alpha), stats.delta_lost)
         state.vanish_streak = state.vanish_streak + 1 if counts else 0
+
+
+def consumed_after(config, steps_done: int, consumed: int) -> int:
+    """The samples consumed once ``steps_done`` optimizer steps are done, from ``consumed``
+    before the last of them: a global batch a step, FreeAT's once a batch's last replay is
+    done. It needs no stats, so the trainer knows the next step's batch before this step's
+    read-back (`pipeline.prefetch`)."""
+    if at_boundary(config.adversarial, steps_done):
+        return consumed + config.train.global_batch_size
+    return consumed
 
 
 def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:

@@ -1,43 +1,69 @@
-"""Host syncs of real ALUM training steps on a one-rank DeepSpeed engine (CPU), as JSON.
+"""Every host sync of real training steps on a one-rank DeepSpeed engine (CPU), as JSON.
 
     python tests/count_step_syncs.py RUN_DIR OUT.json key=value ...
 
-Builds the engine as `alum pretrain` does (`pipeline.pretrain.prepare`), then runs
-`train_step` and `StepStats.gather` for a few steps under `host_syncs.HostSyncs`.
+Runs training as `alum pretrain` does (`pipeline.pretrain.train`, config `tiny` plus the
+overrides) under `host_syncs.HostSyncs`, every library's syncs included, with a mark each
+time a step's batches are built. The record is cut after each `.tolist()` read-back (the
+step's own, in `StepStats.gather`): piece N holds what ran after step N - 1's read-back up
+to step N's, i.e. counting step N - 1 in, the loop's schedules, step N itself and the
+batches built meanwhile. Piece 0 also holds the set-up, and what follows the last
+read-back (final logging and checkpoint) is left out.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from host_syncs import HostSyncs
-
-PIPELINE = str(Path(__file__).resolve().parents[1] / "pipeline")
 
 
 def main() -> None:
     from pipeline.data import Batches
     from pipeline.distributed import shutdown_distributed
-    from pipeline.pretrain import prepare
-    from pipeline.step import StepStats, train_step
+    from pipeline.pretrain import train
 
     run_dir, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-    run = prepare("tiny", run_dir, overrides)
-    train = run.config.train
-    batches = Batches(run.dataset, run.vocab, train.global_batch_size, train.micro_batch_size, train.seed)
     counter = HostSyncs()
+    build = Batches.for_step
+
+    def for_step(batches, step, consumed_samples, rate):
+        counter.mark(f"batch {step}")
+        return build(batches, step, consumed_samples, rate)
+
+    Batches.for_step = for_step  # observed, not replaced: the loop gets the batches it built
     with counter:
-        for step in range(train.max_steps):
-            micro_batches = batches.for_step(step, step * train.global_batch_size, 0.15).micro_batches
-            stats = StepStats.gather(train_step(run.engine, micro_batches, run.config.adversarial, step), stop=False)
+        train("tiny", run_dir, overrides)
     shutdown_distributed()
-    out.write_text(json.dumps({
-        "steps": train.max_steps, "micro_batches": len(micro_batches), "loss_adv": stats.loss_adv,
-        "pipeline_syncs": counter.from_files(PIPELINE), "all_syncs": len(counter.syncs),
-        "pipeline_read_backs": [where for where in counter.read_backs if where.startswith(PIPELINE)],
-    }))
+    out.write_text(json.dumps([_summary(piece) for piece in _pieces(counter.events)]))
+
+
+def _pieces(events: list[tuple[str, str, str]]) -> list[list[tuple[str, str, str]]]:
+    """The events cut after each read-back; the rest after the last one is dropped."""
+    pieces, current = [], []
+    for event in events:
+        current.append(event)
+        if event[0] == "read_back":
+            pieces.append(current)
+            current = []
+    return pieces
+
+
+def _summary(piece: list[tuple[str, str, str]]) -> dict:
+    """Syncs counted by library-relative file:line and op; read-backs and marks in order."""
+    return {"syncs": Counter(f"{_short(where)} {op}" for kind, where, op in piece if kind == "sync"),
+            "read_backs": [_short(where) for kind, where, _ in piece if kind == "read_back"],
+            "marks": [label for kind, _, label in piece if kind == "mark"]}
+
+
+def _short(where: str) -> str:
+    """file:line from its package down: .../site-packages/deepspeed/runtime/utils.py:233 -> deepspeed/runtime/utils.py:233."""
+    parts = Path(where).parts
+    starts = [i for i, part in enumerate(parts) if part in ("pipeline", "deepspeed", "transformers")]
+    return str(Path(*parts[starts[0]:])) if starts else where
 
 
 if __name__ == "__main__":

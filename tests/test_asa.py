@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from data_prep.errors import UserError
 from pipeline.adversarial import AdversarialConfig, objective, run_objective
@@ -84,26 +85,68 @@ def keep_everything(adversaries: AttentionAdversaries) -> None:
                 linear.bias.fill_(1.0)
 
 
-def test_masks_that_keep_every_unit_give_the_clean_pass_exactly():
-    """Under one SDPA kernel. By default PyTorch runs a mask that carries a gradient (the
-    adversaries') on another kernel than the clean pass's, which differs in the last bits."""
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+def test_masks_that_keep_every_unit_give_the_clean_pass_exactly(padded):
+    """Under one SDPA kernel. By default PyTorch runs the attacked pass, whose mask carries a
+    gradient (the adversaries'), on another kernel than the clean pass's plain SDPA call (no
+    mask at all without padding), which differs in the last bits (here by under 1e-7)."""
     model, adversaries = attacked()
     keep_everything(adversaries)
     ids, real, index, _ = padded_batch()
+    attention = real if padded else None
+    real = real if padded else torch.ones_like(real)
     model.eval()
-    clean, _ = model(ids, real, index)
+    clean, _ = model(ids, attention, index)
     with adversaries.active(real):
-        kept, _ = model(ids, real, index)
+        kept, _ = model(ids, attention, index)
     torch.testing.assert_close(clean, kept, rtol=0, atol=1e-6)
     with sdpa_kernel(SDPBackend.MATH):
-        clean, _ = model(ids, real, index)
+        clean, _ = model(ids, attention, index)
         with adversaries.active(real):
-            kept, _ = model(ids, real, index)
+            kept, _ = model(ids, attention, index)
     assert torch.equal(clean, kept)
     assert adversaries.masked_fractions(real).tolist() == [0.0, 0.0]
-    # and the clean pass is the model's own SDPA pass: the export computes the same
-    reference = MaskedLM(tiny_bert()).eval()
-    torch.testing.assert_close(reference(ids, real, index)[0], clean, rtol=0, atol=1e-6)
+
+
+class SdpaMasks(TorchFunctionMode):
+    """The mask each call of torch's scaled_dot_product_attention gets (None: none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks: list[torch.Tensor | None] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+def test_outside_an_attack_asa_runs_the_models_plain_sdpa(padded):
+    """No zeros mask in the standard phase or a clean pass: without padding SDPA gets no mask
+    at all (the flash kernel on a GPU), and the logits are those of the same model with
+    ``sdpa``, bit for bit, in eval and in training mode (the same dropout)."""
+    model, _ = attacked()
+    plain = MaskedLM(tiny_bert())
+    assert model.hf.config._attn_implementation == "asa_sdpa" and plain.hf.config._attn_implementation == "sdpa"
+    ids, real, index, _ = padded_batch()
+    attention = real if padded else None
+    for mode in ("eval", "train"):
+        runs = []
+        for lm in (model, plain):
+            getattr(lm, mode)()
+            torch.manual_seed(5)
+            with SdpaMasks() as seen:
+                logits, _ = lm(ids, attention, index)
+            runs.append((logits, seen.masks))
+        (asa_logits, asa_masks), (plain_logits, plain_masks) = runs
+        assert torch.equal(asa_logits, plain_logits)
+        assert len(asa_masks) == len(plain_masks) == 2
+        if padded:
+            assert all(torch.equal(a, p) for a, p in zip(asa_masks, plain_masks))
+        else:
+            assert asa_masks == plain_masks == [None, None]
 
 
 def test_a_random_adversary_masks_some_units_and_changes_the_prediction():

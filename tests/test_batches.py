@@ -1,15 +1,17 @@
 """A rank's training batches (pipeline.data.Batches): a pure function of (step, consumed
-samples, rate), the same global batch whatever the world size, tensors the model can use."""
+samples, rate), the same global batch whatever the world size, tensors the model can use,
+and no more than the training step copies to the device."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.data import Batches, ShardDataset
-from pipeline.masking import MaskVocab
+from pipeline.data import Batches, ShardDataset, masked_batch
+from pipeline.masking import MaskVocab, mask_tokens
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,47 @@ def test_micro_batch_tensors_agree_with_each_other_and_the_rows(source):
     local = step.global_indices[:8]
     batch = step.micro_batches[0]
     rows = torch.from_numpy(dataset.rows(local))
-    assert torch.equal(batch.masked_index, batch.masked.flatten().nonzero()[:, 0])
+    expected = mask_tokens(rows.numpy(), local, 0, 3, 0.25, vocab)
+    assert torch.equal(batch.masked_index, torch.from_numpy(np.flatnonzero(expected.masked)))
+    assert torch.equal(batch.masked, torch.from_numpy(expected.masked))
     assert torch.equal(batch.labels, rows[batch.masked])
     assert torch.equal(batch.input_ids[~batch.masked], rows[~batch.masked])
-    assert torch.equal(batch.attention_mask, (rows != vocab.pad_id).long())
-    assert 0.15 < batch.masked.sum().item() / batch.attention_mask.sum().item() < 0.35
+    assert batch.attention_mask is None and (rows != vocab.pad_id).all()  # packed rows: every token real
+    assert 0.15 < batch.masked.sum().item() / rows.numel() < 0.35
+
+
+def test_only_a_micro_batch_with_padding_carries_an_attention_mask(source):
+    dataset, vocab = source
+    last = len(dataset) - 1  # a split's last row is the only padded one
+    rows = torch.from_numpy(dataset.rows(np.array([0, last])))
+    assert (rows[1] == vocab.pad_id).any() and (rows[0] != vocab.pad_id).all()
+    padded = masked_batch(dataset, np.array([0, last]), 0, 3, 0.15, vocab)
+    assert torch.equal(padded.attention_mask, (rows != vocab.pad_id).long())
+    assert masked_batch(dataset, np.array([0, 1]), 0, 3, 0.15, vocab).attention_mask is None
+
+
+class Copies(TorchDispatchMode):
+    """Every tensor copy (aten._to_copy), with its non_blocking flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            self.non_blocking.append(kwargs.get("non_blocking", False))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("indices, copied", [([0, 1], 3), ([0, -1], 4)], ids=["packed", "padded"])
+def test_a_micro_batch_goes_to_the_device_in_its_few_tensors_without_blocking(source, indices, copied):
+    """ids, masked index and labels, plus the attention mask only with padding; each copy
+    non-blocking (asynchronous from the pinned memory the trainer uses on CUDA). The "meta"
+    device stands for an accelerator: on CPU, .to("cpu") copies nothing."""
+    dataset, vocab = source
+    batch = masked_batch(dataset, np.array(indices) % len(dataset), 0, 3, 0.15, vocab)
+    with Copies() as copies:
+        moved = batch.on(torch.device("meta"))
+    assert copies.non_blocking == [True] * copied
+    assert moved.input_ids.is_meta and moved.labels.shape == batch.labels.shape
