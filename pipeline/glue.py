@@ -128,6 +128,8 @@ def _tsv_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[list[str], str
     with open(path, encoding="utf-8") as f:
         next(f)
         for number, line in enumerate(f, 2):
+            if not line.strip():
+                continue  # blank lines (a trailing one, say) hold no example
             fields = line.rstrip("\n").rstrip("\r").split("\t")
             if len(fields) < len(header):
                 raise UserError(f"{path}:{number}: {len(fields)} tab-separated fields, the header has {len(header)}")

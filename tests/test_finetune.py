@@ -102,6 +102,16 @@ def test_bad_tsv_rows_name_file_and_line(tmp_path, content, message):
         load_task("sst2", tmp_path)
 
 
+def test_blank_lines_in_a_tsv_are_skipped_and_later_rows_keep_their_line_numbers(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\n\nbad\t0\n\n")  # one inside, one trailing
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n\n\tx\n")
+    with pytest.raises(UserError, match=r"dev.tsv:4: label 'x' is not in the label set"):
+        load_task("sst2", tmp_path)
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n\n")
+    task = load_task("sst2", tmp_path)
+    assert [(e.text, e.label) for e in task.train] == [("good", 1), ("bad", 0)] and len(task.dev) == 1
+
+
 def test_missing_files_and_bad_model_dirs(tmp_path, sst2):
     shutil.copy(sst2 / "train.tsv", tmp_path / "train.tsv")
     with pytest.raises(UserError, match=r"dev.tsv: no such file"):
