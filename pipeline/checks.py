@@ -37,5 +37,11 @@ def fraction(name: str, value: object, one: bool) -> None:
         raise ValueError(f"{name}: must be in (0, 1{']' if one else ')'}, got {value!r}")
 
 
+def unit_interval(name: str, value: object, one: bool) -> None:
+    """A number in [0, 1], or in [0, 1) when ``one`` is False (NaN is in neither)."""
+    if not _is_number(value) or not (0 <= value < 1 or (one and value == 1)):
+        raise ValueError(f"{name}: must be in [0, 1{']' if one else ')'}, got {value!r}")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

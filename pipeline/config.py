@@ -78,6 +78,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
             checks.integer(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "seed", "max_bad_steps", "threads_per_rank"):
+            checks.integer(name, getattr(self, name), minimum=0)
+        for name in ("lr", "adam_eps", "dist_timeout_s"):
+            checks.number(name, getattr(self, name), positive=True)
+        for name in ("weight_decay", "grad_clip"):
+            checks.number(name, getattr(self, name))
+        checks.unit_interval("min_lr_ratio", self.min_lr_ratio, one=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            checks.unit_interval(name, getattr(self, name), one=False)
         checks.number("peak_tflops", self.peak_tflops, note=" (0: known GPUs by name)")
         checks.integer("decay_steps", self.decay_steps, minimum=0, note=" (0: max_steps)")
         if self.global_batch_size % self.micro_batch_size:

@@ -179,6 +179,32 @@ def test_wrong_types_are_named(tmp_path, override, key):
         load_config(minimal(tmp_path), [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=nan", "train.lr: must be a finite number > 0, got nan"),  # was "another config than rank 0" (NaN != NaN)
+        ("train.lr=inf", "train.lr: must be a finite number > 0, got inf"),  # was trained: NaN losses, exit 0
+        ("train.lr=-1", "train.lr: must be a finite number > 0, got -1.0"),  # was Adam's ValueError traceback
+        ("train.lr=0", "train.lr: must be a finite number > 0, got 0.0"),
+        ("train.adam_beta2=1", "train.adam_beta2: must be in [0, 1), got 1.0"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1], got 1.5"),
+        ("train.weight_decay=-0.1", "train.weight_decay: must be a finite number >= 0, got -0.1"),
+        ("train.warmup_steps=-1", "train.warmup_steps: must be at least 0, got -1"),
+        ("train.dist_timeout_s=0", "train.dist_timeout_s: must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_optimizer_and_schedule_numbers_out_of_range_are_named(tmp_path, override, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        load_config(minimal(tmp_path), [override])
+
+
+def test_nan_settings_count_as_the_same_on_every_rank():
+    from data_prep.differences import first_difference
+
+    assert first_difference({"a": {"b": float("nan")}}, {"a": {"b": float("nan")}}) is None
+    assert first_difference({"a": float("nan")}, {"a": 1.0}) is not None
+
+
 def test_a_wrong_type_in_the_file_is_named(tmp_path):
     with pytest.raises(UserError, match=r"^train\.max_steps: expected int, got 'ten'"):
         load_config(minimal(tmp_path, train={"max_steps": "ten"}))
