@@ -154,8 +154,16 @@ def verify_shard(directory: Path, shard: dict, schema: pa.Schema, vocab_size: in
 
 
 def shard_path(directory: Path, shard: dict) -> Path:
-    """The path of a manifest's shard, checked to exist with the recorded size (no read)."""
-    path = directory / shard["path"]
+    """The path of a manifest's shard, checked to lie inside the shard directory and to exist
+    with the recorded size (no read). A manifest is data from wherever the directory came
+    from: an absolute path, a `..` or a symbolic link out of the directory would read (and
+    name in errors) any file of the machine."""
+    relative = Path(shard["path"])
+    path = directory / relative
+    real_directory = Path(directory).resolve()
+    if relative.is_absolute() or ".." in relative.parts or real_directory not in path.resolve().parents:
+        raise UserError(f"{directory / MANIFEST}: shard path {str(relative)!r} leads outside the shard directory; "
+                        "a manifest names its shards relative to it (as `alum shard` writes them)")
     if not path.is_file():
         raise UserError(f"{path}: shard listed in the manifest is missing")
     size = path.stat().st_size

@@ -51,7 +51,7 @@ class ShardDataset:
     def verify_checksums(self, rank: int = 0, world_size: int = 1) -> None:
         """sha256 of this rank's share of the shards (catches altered bytes of the right size)."""
         for entry in self.entries[rank::world_size]:
-            manifest.check_sha256(self.directory / entry["path"], entry)
+            manifest.check_sha256(manifest.shard_path(self.directory, entry), entry)
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at the given global indices, as an int64 array [len(indices), seq_len]."""

@@ -98,3 +98,28 @@ def test_altered_bytes_of_the_same_size_fail_the_checksum_of_the_rank_that_holds
         with pytest.raises(UserError) as error:
             dataset.verify_checksums(rank, world_size)
         assert str(error.value) == f"{path}: sha256 does not match the manifest (altered)"
+
+
+@pytest.mark.parametrize("leave", ["absolute", "dotdot", "symlink"])
+def test_a_shard_path_leading_outside_the_directory_is_refused_by_training_and_verify(shards, tmp_path, leave):
+    """A file outside with the right size and sha256 (what a crafted manifest would list) is
+    neither read nor named: the manifest's path is refused before any byte is opened."""
+    data = manifest.read(shards)
+    entry = data["splits"]["train"]["shards"][0]
+    outside = tmp_path / "outside" / "secret.arrow"
+    outside.parent.mkdir()
+    shutil.copy(shards / entry["path"], outside)
+    if leave == "absolute":
+        entry["path"] = str(outside)
+    elif leave == "dotdot":
+        entry["path"] = "../outside/secret.arrow"
+    else:
+        (shards / "train" / "link.arrow").symlink_to(outside)
+        entry["path"] = "train/link.arrow"
+    manifest.write(shards, data)
+    expected = (f"{shards / manifest.MANIFEST}: shard path {entry['path']!r} leads outside the shard directory; "
+                "a manifest names its shards relative to it (as `alum shard` writes them)")
+    assert open_error(shards) == expected
+    with pytest.raises(UserError) as error:
+        manifest.verify(shards)
+    assert str(error.value) == expected
