@@ -49,7 +49,8 @@ from types import SimpleNamespace
 
 import torch
 
-from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.corpus import ReadOptions
+from data_prep.inputs import expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer

@@ -12,13 +12,15 @@ The corpus is cut into *pieces*, the unit of parallel work: byte ranges of uncom
 text ending on a document boundary, one Parquet row group, one Arrow file, or a whole
 compressed file. Piece boundaries depend only on the files and `piece_bytes`, so anything
 derived piece by piece is independent of how many processes or machines do the work.
-Nothing here holds more than one piece's lines in memory at a time.
+Nothing here holds more than one piece's lines in memory at a time, and no document is
+longer than MAX_DOCUMENT_BYTES: a longer one (one 200 MB line, say) is refused naming its
+file and line (or row), since tokenizing it alone would take gigabytes. Text and JSON-lines
+inputs are UTF-8 text: a NUL byte anywhere in one refuses it as binary, naming the line.
 """
 
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import io
 import itertools
@@ -26,16 +28,16 @@ import json
 import lzma
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 
 from data_prep.errors import UserError
+from data_prep.inputs import InputFile
 
-COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
-JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 BINARY_PROBE_BYTES = 8192
+MAX_DOCUMENT_BYTES = 16 << 20
+NEWLINE = b"\n"
 READ_BLOCK = 4 << 20
 REPLACEMENT = "\ufffd"
 REPLACEMENT_UTF8 = REPLACEMENT.encode()
@@ -54,13 +56,6 @@ class ReadOptions:
             raise UserError(f"--txt-docs: expected 'line' or 'blank', got {self.txt_docs!r}")
         if self.utf8_errors not in ("replace", "fail"):
             raise UserError(f"--utf8-errors: expected 'replace' or 'fail', got {self.utf8_errors!r}")
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str
-    kind: str  # "text" | "jsonl" | "parquet" | "arrow"
-    compression: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,67 +78,6 @@ class ReadStats:
         self.documents += other.documents
         self.empty_documents += other.empty_documents
         self.replaced_characters += other.replaced_characters
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def expand_inputs(paths: list[str]) -> list[InputFile]:
-    """Files, directories (recursively, hidden entries skipped) and globs, in sorted order."""
-    if not paths:
-        raise UserError("--input: no input paths given")
-    files: list[InputFile] = []
-    for given in paths:
-        if any(ch in given for ch in "*?["):
-            matches = sorted(glob.glob(given, recursive=True))
-            if not matches:
-                raise UserError(f"{given}: no files match this pattern")
-            for match in matches:
-                files.extend(_expand_path(Path(match)))
-        else:
-            path = Path(given)
-            if not path.exists():
-                raise UserError(f"{given}: no such file or directory")
-            files.extend(_expand_path(path))
-    if not files:
-        raise UserError(f"{' '.join(paths)}: no input files found")
-    return files
-
-
-def _expand_path(path: Path) -> list[InputFile]:
-    if path.is_dir():
-        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return _hf_dataset_files(path)
-        return [
-            f
-            for child in sorted(path.iterdir())
-            if not child.name.startswith(".")
-            for f in _expand_path(child)
-        ]
-    return [_classify(path)]
-
-
-def _classify(path: Path) -> InputFile:
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
-    inner = suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes and not compression else "")
-    if inner == ".parquet":
-        if compression:
-            raise UserError(f"{path}: compressed Parquet files are not supported (Parquet compresses internally)")
-        return InputFile(str(path), "parquet")
-    if inner == ".arrow":
-        return InputFile(str(path), "arrow")
-    kind = "jsonl" if inner in JSONL_SUFFIXES else "text"
-    return InputFile(str(path), kind, compression)
-
-
-def _hf_dataset_files(path: Path) -> list[InputFile]:
-    """The Arrow files of a `datasets.save_to_disk` directory, splits in their saved order."""
-    if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        return [f for split in splits for f in _hf_dataset_files(path / split)]
-    state = json.loads((path / "state.json").read_text())
-    return [InputFile(str(path / entry["filename"]), "arrow") for entry in state["_data_files"]]
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -194,11 +128,22 @@ def _next_document_boundary(fh, offset: int, blank: bool) -> int:
 
 
 def _check_not_binary(f: InputFile) -> None:
+    """The NUL rule on the file's head, so a binary file fails before any work starts (the
+    read checks the rest, `_decoded_blocks`)."""
     with _open_bytes(f) as fh:
         head = fh.read(BINARY_PROBE_BYTES)
     nul = head.find(b"\x00")
     if nul >= 0:
-        raise UserError(f"{f.path}: binary file (NUL byte at offset {nul}); expected UTF-8 text")
+        raise _binary(f"{f.path}:{head.count(NEWLINE, 0, nul) + 1}", nul - head.rfind(NEWLINE, 0, nul))
+
+
+def _binary(where: str, column: int) -> UserError:
+    return UserError(f"{where}: binary file (NUL byte at column {column}); expected UTF-8 text")
+
+
+def _too_long(where: str, what: str) -> UserError:
+    return UserError(f"{where}: {what} is longer than {MAX_DOCUMENT_BYTES >> 20} MiB, the most a document may be; "
+                     "split such documents into smaller ones")
 
 
 def _parquet_pieces(f: InputFile, options: ReadOptions) -> list[Piece]:
@@ -263,8 +208,15 @@ def _column_documents(piece: Piece, options: ReadOptions) -> Iterator[list[str]]
         batches = table.to_batches()
     else:
         batches = pa.ipc.open_stream(pa.memory_map(piece.file.path))
+    row = 0
     for batch in batches:
-        yield [text or "" for text in batch.column(options.text_field).to_pylist()]
+        texts = batch.column(options.text_field).to_pylist()
+        longest = max(range(len(texts)), key=lambda i: len(texts[i] or ""), default=0)
+        if texts and len(texts[longest] or "") > MAX_DOCUMENT_BYTES:  # characters: at least as many bytes
+            group = "" if piece.file.kind == "arrow" else f" of row group {piece.start}"
+            raise _too_long(f"{piece.file.path}: row {row + longest}{group}", f"column {options.text_field!r}")
+        row += len(texts)
+        yield [text or "" for text in texts]
 
 
 def _jsonl_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[list[str]]:
@@ -287,14 +239,18 @@ def _jsonl_text(line: str, piece: Piece, line_no: int, options: ReadOptions) -> 
 
 def _blank_separated_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[list[str]]:
     current: list[str] = []
-    for _, lines in _decoded_blocks(piece, options, stats):
+    size = 0
+    for first_line, lines in _decoded_blocks(piece, options, stats):
         docs = []
-        for line in lines:
+        for line_no, line in enumerate(lines, start=first_line):
             if line.strip():
                 current.append(line)
+                size += len(line) + 1
+                if size > MAX_DOCUMENT_BYTES:
+                    raise _too_long(_where(piece, line_no), "the blank-line separated document ending after this line")
             elif current:
                 docs.append("\n".join(current))
-                current = []
+                current, size = [], 0
         yield docs
     if current:
         yield ["\n".join(current)]
@@ -310,6 +266,9 @@ def _decoded_blocks(piece: Piece, options: ReadOptions, stats: ReadStats) -> Ite
     for block_no, block in enumerate(_line_blocks(piece)):
         if block_no == 0 and piece.start == 0 and block.startswith(codecs.BOM_UTF8):
             block = block[len(codecs.BOM_UTF8):]
+        nul = block.find(b"\x00")
+        if nul >= 0:
+            raise _binary(_where(piece, first_line + block.count(b"\n", 0, nul)), nul - block.rfind(b"\n", 0, nul))
         try:
             lines = block.decode("utf-8").split("\n")
         except UnicodeDecodeError:
@@ -324,20 +283,25 @@ def _decoded_blocks(piece: Piece, options: ReadOptions, stats: ReadStats) -> Ite
 
 
 def _line_blocks(piece: Piece) -> Iterator[bytes]:
-    """The piece's bytes in blocks of about READ_BLOCK that end on a line boundary."""
+    """The piece's bytes in blocks of about READ_BLOCK that end on a line boundary; a line
+    longer than MAX_DOCUMENT_BYTES is refused before it is read whole."""
     with _open_bytes(piece.file) as fh:
         if piece.start:
             fh.seek(piece.start)
         remaining = piece.end - piece.start if piece.end >= 0 else -1
-        tail = b""
+        tail, lines = b"", 0
         while remaining:
             block = fh.read(READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining))
             if not block:
                 break
             remaining -= len(block) if remaining > 0 else 0
             block = tail + block
-            cut = block.rfind(b"\n") + 1
+            first_end = block.find(NEWLINE)  # only the first line can be longer than a read
+            if (first_end if first_end >= 0 else len(block)) > MAX_DOCUMENT_BYTES:
+                raise _too_long(_where(piece, lines + 1), "this line")
+            cut = block.rfind(NEWLINE) + 1
             if cut:
+                lines += block.count(NEWLINE, 0, cut)
                 yield block[:cut]
             tail = block[cut:]
         if tail:

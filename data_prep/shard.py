@@ -28,7 +28,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep import atomic, manifest
-from data_prep.corpus import Piece, ReadOptions, expand_inputs
+from data_prep.corpus import Piece, ReadOptions
+from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
 from data_prep.shard_file import GroupWriter
 from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer

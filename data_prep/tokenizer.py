@@ -42,7 +42,8 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep import atomic
-from data_prep.corpus import InputFile, ReadOptions, ReadStats, plan_pieces, read_documents
+from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
+from data_prep.inputs import InputFile
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import ALUM_META as META_FILE
 from data_prep.tokenizer_dir import SENTENCEPIECE_MODEL as MODEL_FILE

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.corpus import InputFile, Piece, ReadOptions, ReadStats, plan_pieces, read_document_batches
+from data_prep.corpus import Piece, ReadOptions, ReadStats, plan_pieces, read_document_batches
+from data_prep.inputs import InputFile
 
 UNIT_BYTES = 1 << 20
 DOCS_PER_BATCH = 2048

@@ -37,7 +37,7 @@ def _print_summary(title: str, summary: dict) -> None:
 
 
 def cmd_tokenizer(args) -> None:
-    from data_prep.corpus import expand_inputs
+    from data_prep.inputs import expand_inputs
     from data_prep.tokenizer import train_tokenizer
 
     summary = train_tokenizer(

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from data_prep import manifest
-from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.corpus import ReadOptions
+from data_prep.inputs import expand_inputs
 from data_prep.docstring_corpus import write_corpus
 from data_prep.errors import UserError
 from data_prep.shard import ShardSettings, shard_corpus

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data_prep.corpus import ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
+from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
+from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
 
 
@@ -131,8 +132,43 @@ def test_parquet_without_the_column(tmp_path):
 def test_binary_file_is_refused(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
-    with pytest.raises(UserError, match=rf"^{path}: binary file \(NUL byte at offset 7\)"):
+    with pytest.raises(UserError, match=rf"^{path}:1: binary file \(NUL byte at column 8\); expected UTF-8 text$"):
         documents([path])
+
+
+@pytest.mark.parametrize("offset", [128, 2_000_000])
+def test_a_nul_byte_anywhere_refuses_a_text_file_naming_its_line(tmp_path, offset):
+    """One rule wherever the NUL is: the start of the file (checked before any work) or 2 MB in (was accepted)."""
+    path = tmp_path / "corpus.txt"
+    text = bytearray(b"".join(b"line %07d\n" % i for i in range(offset // 13 + 10)))
+    text[offset] = 0
+    path.write_bytes(bytes(text))
+    line, column = text.count(b"\n", 0, offset) + 1, offset - text.rfind(b"\n", 0, offset)
+    with pytest.raises(UserError, match=rf"^{path}:{line}: binary file \(NUL byte at column {column}\)"):
+        documents([path], piece_bytes=1 << 20)
+
+
+HUGE = "word " * ((16 << 20) // 5 + 1)  # just over 16 MiB, the most a document may be
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "blank", "parquet"])
+def test_a_document_over_16_mib_is_refused_naming_where_it_is(tmp_path, kind):
+    """Tokenizing one such document alone takes gigabytes (a 200 MB line: 9.9 GB); it was accepted."""
+    if kind == "parquet":
+        path = tmp_path / "corpus.parquet"
+        pq.write_table(pa.table({"text": ["short", HUGE, "short"]}), path)
+        where, options = rf"{path}: row 1 of row group 0: column 'text'", ReadOptions()
+    elif kind == "blank":
+        path = tmp_path / "corpus.txt"
+        path.write_text("a short document\n\n" + "\n".join(HUGE[i:i + 1000] for i in range(0, len(HUGE), 1000)) + "\n")
+        where, options = rf"{path}:\d+: the blank-line separated document ending after this line", ReadOptions(txt_docs="blank")
+    else:
+        path = tmp_path / f"corpus.{kind}"
+        lines = ["short", HUGE, "short"] if kind == "txt" else [json.dumps({"text": t}) for t in ("short", HUGE, "short")]
+        path.write_text("\n".join(lines) + "\n")
+        where, options = rf"{path}:2: this line", ReadOptions()
+    with pytest.raises(UserError, match=rf"^{where} is longer than 16 MiB, the most a document may be"):
+        documents([path], options)
 
 
 def test_missing_path_and_empty_glob(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.corpus import ReadOptions
+from data_prep.inputs import expand_inputs
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import ShardDataset, masked_batch

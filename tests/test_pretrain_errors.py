@@ -13,7 +13,8 @@ from deepspeed.accelerator import get_accelerator
 
 from helpers import REPO, pretrain, pretrain_args, read_metrics
 from pipeline.distributed import free_port
-from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.corpus import ReadOptions
+from data_prep.inputs import expand_inputs
 from data_prep.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.slow

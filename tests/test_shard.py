@@ -20,7 +20,8 @@ import sentencepiece as spm
 
 from helpers import REPO, run_alum
 from data_prep import manifest
-from data_prep.corpus import ReadOptions, ReadStats, expand_inputs, plan_pieces, read_documents
+from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
+from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer_dir import load_tokenizer

@@ -9,7 +9,8 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from helpers import data_file, run_alum
-from data_prep.corpus import ReadOptions, expand_inputs
+from data_prep.corpus import ReadOptions
+from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
 from data_prep.tokenizer import reservoir_sample, train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
