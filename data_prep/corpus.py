@@ -131,7 +131,7 @@ def _check_not_binary(f: InputFile) -> None:
     """The NUL rule on the file's head, so a binary file fails before any work starts (the
     read checks the rest, `_decoded_blocks`)."""
     with _open_bytes(f) as fh:
-        head = fh.read(BINARY_PROBE_BYTES)
+        head = _read(fh, BINARY_PROBE_BYTES, f, 0)
     nul = head.find(b"\x00")
     if nul >= 0:
         raise _binary(f"{f.path}:{head.count(NEWLINE, 0, nul) + 1}", nul - head.rfind(NEWLINE, 0, nul))
@@ -289,11 +289,12 @@ def _line_blocks(piece: Piece) -> Iterator[bytes]:
         if piece.start:
             fh.seek(piece.start)
         remaining = piece.end - piece.start if piece.end >= 0 else -1
-        tail, lines = b"", 0
+        tail, lines, offset = b"", 0, piece.start
         while remaining:
-            block = fh.read(READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining))
+            block = _read(fh, READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining), piece.file, offset)
             if not block:
                 break
+            offset += len(block)
             remaining -= len(block) if remaining > 0 else 0
             block = tail + block
             first_end = block.find(NEWLINE)  # only the first line can be longer than a read
@@ -334,6 +335,24 @@ def _where(piece: Piece, line_no: int) -> str:
                 before += block.count(b"\n")
                 remaining -= len(block)
     return f"{piece.file.path}:{before + line_no}"
+
+
+def _read(fh, size: int, f: InputFile, offset: int) -> bytes:
+    """``fh.read(size)``; a compressed file that is damaged, truncated or not of its kind ends
+    in one line naming it and how far it decompressed, not in the decompressor's traceback."""
+    try:
+        return fh.read(size)
+    except (OSError, EOFError, lzma.LZMAError, _zstd_error()) as e:
+        if not f.compression:
+            raise
+        raise UserError(f"{f.path}: not a valid {f.compression} file: {e} (reading from decompressed byte {offset:,})") from None
+
+
+def _zstd_error() -> type[Exception]:
+    """Evaluated only when a read fails (an except clause's tuple is), so zstandard stays unimported otherwise."""
+    import zstandard
+
+    return zstandard.ZstdError
 
 
 def _open_bytes(f: InputFile):

@@ -176,3 +176,22 @@ def test_missing_path_and_empty_glob(tmp_path):
         expand_inputs([str(tmp_path / "nope.txt")])
     with pytest.raises(UserError, match="no files match this pattern"):
         expand_inputs([str(tmp_path / "*.jsonl")])
+
+
+def broken_compressed_files(directory) -> dict[str, bytes]:
+    import lzma
+
+    text = b"hello world\n" * 20000
+    gz, xz, zst = gzip.compress(text), lzma.compress(text), zstandard.ZstdCompressor().compress(text)
+    return {"not-gzip.txt.gz": b"plain text, not gzip\n", "truncated.txt.gz": gz[: len(gz) // 2],
+            "truncated.txt.xz": xz[: len(xz) // 2], "corrupt.txt.zst": zst[:10] + b"\x00garbage" + zst[20:]}
+
+
+@pytest.mark.parametrize("name", ["not-gzip.txt.gz", "truncated.txt.gz", "truncated.txt.xz", "corrupt.txt.zst"])
+def test_a_damaged_compressed_file_is_one_line_naming_it(tmp_path, name):
+    """It was the decompressor's traceback (BadGzipFile, EOFError, ZstdError), exit 1."""
+    path = tmp_path / name
+    path.write_bytes(broken_compressed_files(tmp_path)[name])
+    kind = {"gz": "gzip", "xz": "xz", "zst": "zstd"}[name.rsplit(".", 1)[1]]
+    with pytest.raises(UserError, match=rf"^{path}: not a valid {kind} file: .+ \(reading from decompressed byte 0\)$"):
+        documents([path])

@@ -296,3 +296,18 @@ def test_shard_and_verify_token_counts_reconcile(tmp_path, wikitext_valid, bert_
     data = manifest.read(out)
     documents, rows_tokens = (int(printed[key].replace(",", "")) for key in ("tokens (documents)", label))
     assert documents == data["stats"]["tokens"] and rows_tokens == data["num_tokens"] > documents
+
+
+def test_a_truncated_gzip_input_ends_shard_and_tokenizer_in_one_line_leaving_nothing(tmp_path, bert_tokenizer):
+    """The decompressor's EOFError was a 40-line traceback, exit 1, and left .shard-state.json behind."""
+    from test_corpus import broken_compressed_files
+
+    corpus = tmp_path / "truncated.txt.gz"
+    corpus.write_bytes(broken_compressed_files(tmp_path)["truncated.txt.gz"])
+    line = f"{corpus}: not a valid gzip file: Compressed file ended before the end-of-stream marker was reached (reading from decompressed byte 0)"
+    shard = run_alum("shard", "--input", corpus, "--tokenizer", bert_tokenizer, "--seq-len", SEQ_LEN, "--out", tmp_path / "shards")
+    assert (shard.returncode, shard.stderr.splitlines()) == (2, [f"alum shard: error: {line}"])
+    assert not (tmp_path / "shards").exists()
+    tokenizer = run_alum("tokenizer", "--input", corpus, "--vocab-size", 100, "--out", tmp_path / "tok")
+    assert (tokenizer.returncode, tokenizer.stderr.splitlines()) == (2, [f"alum tokenizer: error: {line}"])
+    assert not (tmp_path / "tok").exists()
