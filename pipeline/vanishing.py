@@ -28,15 +28,19 @@ def vanished(config, ratio: float, lost: float) -> bool:
 
 
 def message(config, step: int, ratio: float, lost: float) -> str:
-    """The one line a user reads: what was measured, and which keys change it."""
+    """The one line a user reads: what was measured, and which changes to the config may help
+    (only changes: a key already at the suggested setting is not named)."""
     if lost >= LOST_LIMIT:
-        cause = (f"{lost:.1%} of delta's elements vanish when added to the embeddings (below their precision): "
-                 "raise adversarial.noise_std and adversarial.step_size, or use adversarial.scale=relative")
+        cause = f"{lost:.1%} of delta's elements vanish when added to the embeddings (below their precision)"
+        changes = ["raise adversarial.noise_std and adversarial.step_size"]
     else:
-        cause = ("the perturbation barely changes the predictions: raise adversarial.step_size or adversarial.noise_std, "
-                 "lower adversarial.grad_eps, or use adversarial.scale=relative")
+        cause = "the perturbation barely changes the predictions"
+        changes = ["raise adversarial.step_size or adversarial.noise_std", "lower adversarial.grad_eps"]
+    if config.scale != "relative":
+        changes.append("use adversarial.scale=relative")
     return (f"step {step}: the adversarial term has been numerically zero for {config.vanish_steps} active steps in a row "
-            f"(alpha * L_adv / L_mlm = {ratio:.2e}, adversarial.vanish_ratio {config.vanish_ratio:g}); {cause}")
+            f"(alpha * L_adv / L_mlm = {ratio:.2e}, adversarial.vanish_ratio {config.vanish_ratio:g}); {cause}: "
+            f"{', or '.join(changes)}")
 
 
 def check(config, streak: int, step: int, ratio: float, lost: float, announce) -> None:

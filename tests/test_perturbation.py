@@ -181,3 +181,12 @@ def test_a_ratio_below_the_floor_or_a_delta_mostly_lost_has_vanished():
     assert vanishing.vanished(ALUM, ALUM.vanish_ratio / 2, 0.0)
     assert vanishing.vanished(ALUM, float("nan"), 0.0)
     assert vanishing.vanished(ALUM, 1e-3, 0.96)  # what is left is rounding noise
+
+
+@pytest.mark.parametrize("lost", [0.0, 0.9])
+def test_the_guard_advises_only_changes_to_the_config(lost):
+    """It advised `adversarial.scale=relative` to runs already relative (the shipped configs)."""
+    relative = vanishing.message(ALUM, 85, 1e-7, lost)
+    absolute = vanishing.message(replace(ALUM, scale="absolute"), 85, 1e-7, lost)
+    assert "scale=relative" not in relative and absolute.endswith(", or use adversarial.scale=relative")
+    assert "raise adversarial" in relative
