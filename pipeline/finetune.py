@@ -178,6 +178,9 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id, device=device)})
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
+            if progress.disable and rank == 0:  # no terminal (piped, logged): a line per evaluation instead of the bar
+                print(f"seed {seed} ({args.method}): step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev accuracy "
+                      f"{history[-1]['dev_accuracy']:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s", flush=True)
     result = {"seed": seed, "steps": total, "ranks": world, "seconds": time.perf_counter() - started,
               "dev_accuracy": history[-1]["dev_accuracy"], "history": history}
     if task.adversarial:

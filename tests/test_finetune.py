@@ -224,10 +224,13 @@ def small_task(tmp_path_factory, sst2) -> Path:
 
 
 @pytest.mark.parametrize("method", ["alum_amortized", "smart", "freeat", "freelb", "yopo", "asa"])
-def test_every_method_fine_tunes_from_the_cli(method, small_model, small_task, tmp_path):
+def test_every_method_fine_tunes_from_the_cli(method, small_model, small_task, tmp_path, capsys):
     options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 6, "--eval-every": 3,
                "--batch-size": 16, "--method": method}
     assert finetune.main([str(item) for pair in options.items() for item in pair]) == 0
+    # Without a terminal (here, captured) there is no progress bar: a line per evaluation says how it goes.
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"seed 1 ({method}): step ")]
+    assert [line.split(" | ")[0] for line in progress] == [f"seed 1 ({method}): step 3/6", f"seed 1 ({method}): step 6/6"]
     (seed,) = json.loads((tmp_path / "results.json").read_text())["seeds"]
     assert [h["step"] for h in seed["history"]] == [3, 6]
     assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in seed["history"])
