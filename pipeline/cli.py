@@ -32,8 +32,17 @@ def _print_summary(title: str, summary: dict) -> None:
     print(title)
     width = max(map(len, summary))
     for key, value in summary.items():
-        shown = f"{value:,.2f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value)
+        shown = _shown(key, value)
         print(f"  {key:<{width}}  {shown}")
+
+
+def _shown(key: str, value) -> str:
+    """Counts and rates whole, with thousands separators; seconds to 0.01; fractions to 0.0001."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key.endswith("fraction"):
+        return f"{value:.4f}"
+    return f"{value:,.2f}" if key == "seconds" else f"{value:,.0f}"
 
 
 def cmd_tokenizer(args) -> None:
@@ -132,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="special tokens: [CLS]/[SEP]/... or <s>/</s>/... (default: roberta for byte-level-bpe, else bert)")
     p.add_argument("--character-coverage", type=float, default=0.9995, help="--kind bpe only")
     p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
-                   help="--kind bpe only: map unknown characters to [UNK] instead of bytes")
+                   help="--kind bpe only: map unknown characters to [UNK] instead of bytes (default: bytes)")
     p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
     p.add_argument("--threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
     p.add_argument("--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)")

@@ -17,6 +17,7 @@ configs/; the resolved config holds them absolute. `--config tiny` names a shipp
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import signal
 import types
@@ -171,6 +172,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     data = {}
     if path is not None:
         path = find_config(path)
+        if not path.exists():
+            shipped = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+            raise UserError(f"{path}: file not found (shipped configs, by name: {shipped})")
         data = read_yaml_mapping(path, "config sections")
         _absolute_paths(data, path.resolve().parent)
     for item in overrides:
@@ -245,7 +249,9 @@ def _build(cls, data: Any, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"{prefix}{unknown[0]}: unknown config key (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
+        guess = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise UserError(f"{prefix}{unknown[0]}: unknown config key ({guess}known: {', '.join(sorted(names))})")
     values = {name: _convert(hints[name], data[name], f"{prefix}{name}") for name in data}
     try:
         return cls(**values)

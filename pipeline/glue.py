@@ -52,7 +52,10 @@ def load_task(task: str, data: str | Path | None, advglue: str | Path | None = N
         dev = read_tsv(directory / "dev.tsv", columns, labels)
         adversarial = read_advglue(Path(advglue), subset, columns, len(labels)) if advglue else None
         return Task(task, labels, train, dev, adversarial)
-    directory = _directory(Path(task), "--task")
+    if not Path(task).is_dir():
+        raise UserError(f"--task: {task}: neither a task this command knows ({', '.join(GLUE)}) nor a directory of your own "
+                        "(train and dev .jsonl or .tsv)")
+    directory = Path(task)
     if advglue:
         raise UserError(f"--advglue: AdvGLUE has subsets for {', '.join(GLUE)} only, not for {task}")
     suffix = ".jsonl" if (directory / "train.jsonl").is_file() else ".tsv"

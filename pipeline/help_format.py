@@ -12,7 +12,8 @@ import argparse
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        # A flag (store_true/store_false: nargs 0) has its destination's default, not one of its own.
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and action.nargs != 0
         if shown and "default" not in text:
             text += " (default: %(default)s)"
         return text

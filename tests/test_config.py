@@ -205,6 +205,13 @@ def test_nan_settings_count_as_the_same_on_every_rank():
     assert first_difference({"a": float("nan")}, {"a": 1.0}) is not None
 
 
+def test_a_near_miss_key_gets_a_suggestion_and_an_unknown_config_name_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(UserError, match=r"^train\.max_step: unknown config key \(did you mean train\.max_steps\? known: "):
+        load_config(minimal(tmp_path), ["train.max_step=3"])
+    with pytest.raises(UserError, match=r"^nope: file not found \(shipped configs, by name: bert-base, .*\btiny\)$"):
+        load_config("nope")
+
+
 def test_a_wrong_type_in_the_file_is_named(tmp_path):
     with pytest.raises(UserError, match=r"^train\.max_steps: expected int, got 'ten'"):
         load_config(minimal(tmp_path, train={"max_steps": "ten"}))

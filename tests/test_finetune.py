@@ -112,6 +112,11 @@ def test_blank_lines_in_a_tsv_are_skipped_and_later_rows_keep_their_line_numbers
     assert [(e.text, e.label) for e in task.train] == [("good", 1), ("bad", 0)] and len(task.dev) == 1
 
 
+def test_an_unknown_task_name_lists_the_known_ones(tmp_path):
+    with pytest.raises(UserError, match=r"^--task: sst3: neither a task this command knows \(sst2, rte\) nor a directory of your own"):
+        load_task("sst3", None)
+
+
 def test_missing_files_and_bad_model_dirs(tmp_path, sst2):
     shutil.copy(sst2 / "train.tsv", tmp_path / "train.tsv")
     with pytest.raises(UserError, match=r"dev.tsv: no such file"):

@@ -273,7 +273,8 @@ def test_summary_reports_counts(tmp_path, wikitext_valid, bert_tokenizer):
     assert {key: table[key] for key in shown} == shown
     assert table["sequences"] == f"{data['num_sequences']:,}" and table["tokens (documents)"] == f"{counts['tokens']:,}"
     assert table["tokens (rows, with [CLS]/[SEP] framing)"] == f"{data['num_tokens']:,}"
-    assert table["padding_fraction"] == f"{counts['padding_tokens'] / (data['num_sequences'] * SEQ_LEN):.2f}"
+    assert table["padding_fraction"] == f"{counts['padding_tokens'] / (data['num_sequences'] * SEQ_LEN):.4f}"
+    assert table["tokens_per_s"].replace(",", "").isdigit()  # a rate, shown whole (it was 844,343.18)
     stats = ReadStats()
     options = ReadOptions()
     docs = [d for p in plan_pieces(expand_inputs([str(wikitext_valid)]), options, None) for d in read_documents(p, options, stats)]

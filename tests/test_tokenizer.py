@@ -142,3 +142,9 @@ def test_altered_tokenizer_model_is_detected(tmp_path, bert_tokenizer):
     model.write_bytes(model.read_bytes()[:-1] + b"x")
     with pytest.raises(UserError, match="does not match alum_tokenizer.json"):
         load_tokenizer(copy)
+
+
+def test_help_shows_no_boolean_defaults():
+    """--no-byte-fallback was shown as "(default: True)": the default of the flag's destination, not of the flag."""
+    result = run_alum("tokenizer", "--help")
+    assert result.returncode == 0 and "(default: True)" not in result.stdout and "(default: bytes)" in " ".join(result.stdout.split())
