@@ -106,7 +106,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 0  # 0: no validation pass during training
-    batches: int = 8  # micro-batches per validation pass
+    batches: int = 8  # a validation pass reads batches x train.micro_batch_size rows in all, split over the ranks
     mask_rate: float = 0.15
 
     def __post_init__(self) -> None:

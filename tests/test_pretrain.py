@@ -54,7 +54,7 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     assert all(r["train/mask_rate"] == 0.05 for r in records)  # 128 samples of ~1,800: the first 20% of the epoch
     assert all(math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0 for r in records)
     assert records[3]["eval/ppl"] == pytest.approx(math.exp(records[3]["eval/loss"]))
-    # The validation rows (2 micro-batches of 4 per rank) masked here as evaluate does: the
+    # The validation rows (eval.batches 4 x micro-batch 4, in all) masked here as evaluate does: the
     # commonest-token baseline beside the accuracy, and an accuracy that counts whole tokens.
     vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
     val = ShardDataset(train_shards, "val")
@@ -69,6 +69,25 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
         assert r["perf/mfu"] == pytest.approx(per_token * r["perf/tokens_per_s"] / (0.5e12 * 2), rel=1e-9)
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
+
+
+def test_validation_reads_the_same_rows_on_one_and_on_two_ranks(tmp_path, train_shards, bert_tokenizer):
+    """12 rows (3 x 4): 6 per rank, padded to 8 with repeats that count for nothing. It read
+    eval.batches x micro-batch rows per rank: twice as many on 2 ranks (perplexity 867 vs 1061)."""
+    common = ("model.config=configs/models/tiny-no-dropout.yaml", "train.max_steps=1", "eval.every_steps=1", "eval.batches=3",
+              "train.micro_batch_size=4", "train.global_batch_size=8", "adversarial.method=none", "checkpoint.every_steps=100")
+    evaluated = []
+    for world in (1, 2):
+        ok(pretrain(tmp_path / f"world{world}", train_shards, bert_tokenizer, *common, world=world, stage=2))
+        (record,) = read_metrics(tmp_path / f"world{world}")
+        evaluated.append({key: value for key, value in record.items() if key.startswith("eval/")})
+    one, two = evaluated
+    assert one.keys() == two.keys() and len(one) == 4
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key  # no dropout: the same model up to float rounding
+    vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
+    labels = masked_batch(ShardDataset(train_shards, "val"), np.arange(12), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
+    assert one["eval/commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / labels.numel(), abs=1e-12)
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
