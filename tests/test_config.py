@@ -393,3 +393,10 @@ def test_config_paths_work_from_any_folder(tmp_path, monkeypatch):
     for key, path in (("data.shards", "data/shards"), ("data.tokenizer", "data/tok"), ("model.config", "nope.yaml"), ("deepspeed", "ds.json")):
         assert f"{key}: {mine.parent / path}" in message
     assert "\n" not in message
+
+
+def test_the_tiny_configs_guard_floor_lies_below_its_measured_term_and_above_rounding():
+    """configs/tiny.yaml tripped its own guard at step 85 with the default floor (1e-5): its term
+    measured 1.2e-6 at ALUM's first steps (WikiText-2, 150-step run), the official magnitudes' ~1e-11."""
+    floor = load_config("tiny").adversarial.vanish_ratio
+    assert 1e-11 < floor < 1.2e-6
