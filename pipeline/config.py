@@ -35,6 +35,7 @@ from pipeline.curriculum import MaskSchedule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PLACEHOLDER = "/path/to/"  # how a shipped config marks a path its user must give
 PATH_KEYS = ("data.shards", "data.tokenizer", "model.config", "model.init_from", "checkpoint.init_from", "deepspeed")
 
 
@@ -180,8 +181,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for item in overrides:
         _apply_override(data, item)
     config = _build(RunConfig, data, "")
-    if not config.data.tokenizer and config.model.init_from:
-        # A published model directory holds its tokenizer: the shards must be made with it.
+    if (not config.data.tokenizer or config.data.tokenizer.startswith(PLACEHOLDER)) and config.model.init_from:
+        # A published model directory holds its tokenizer: the shards must be made with it. A
+        # shipped config's placeholder (/path/to/tokenizer) is no setting: it does not win over that.
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=config.model.init_from))
     _require_data(config)
     return config
@@ -217,6 +219,10 @@ def missing_paths(config: "RunConfig") -> None:
              "model.config": None if config.model.init_from else config.model.config, "model.init_from": config.model.init_from,
              "checkpoint.init_from": config.checkpoint.init_from,
              "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else None}
+    placeholders = [key for key, value in paths.items() if value and value.startswith(PLACEHOLDER)]
+    if placeholders:
+        raise UserError(f"{', '.join(placeholders)}: still the config's placeholder ({paths[placeholders[0]]}); "
+                        f"set {placeholders[0]}=... on the command line or in the config")
     missing = [f"{key}: {value}" for key, value in paths.items() if value and not Path(value).exists()]
     if missing:
         raise UserError(f"no such file or directory: {'; '.join(missing)} (paths in a config file are relative to it, "

@@ -14,7 +14,7 @@ import pytest
 
 from data_prep.errors import UserError
 from pipeline.adversarial import AdversarialConfig
-from pipeline.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config
+from pipeline.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config, missing_paths
 from pipeline.curriculum import MaskSchedule
 from pipeline.engine import deepspeed_config, zero_stage
 
@@ -400,3 +400,13 @@ def test_the_tiny_configs_guard_floor_lies_below_its_measured_term_and_above_rou
     measured 1.2e-6 at ALUM's first steps (WikiText-2, 150-step run), the official magnitudes' ~1e-11."""
     floor = load_config("tiny").adversarial.vanish_ratio
     assert 1e-11 < floor < 1.2e-6
+
+
+def test_a_shipped_configs_placeholder_paths_are_no_setting(tmp_path):
+    """`--config tiny model.init_from=DIR` failed on data.tokenizer's placeholder (/path/to/tokenizer)
+    instead of taking the model directory's tokenizer, its documented default."""
+    config = load_config("tiny", ["data.shards=/data/shards", "model.init_from=/models/roberta-base"])
+    assert (config.data.shards, config.data.tokenizer) == ("/data/shards", "/models/roberta-base")
+    with pytest.raises(UserError, match=r"^data\.shards, data\.tokenizer: still the config's placeholder \(/path/to/shards\); "
+                                        r"set data\.shards=\.\.\. on the command line or in the config$"):
+        missing_paths(load_config("tiny"))
