@@ -41,6 +41,7 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
             raise UserError(f"rank {os.environ['RANK']}: RANK is set but LOCAL_RANK is not, so the GPU of this process is unknown; "
                             "start the ranks with deepspeed or torchrun, which set both")
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    _announce_op_build(accelerator)
     try:
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
     except torch.distributed.DistError as e:
@@ -52,6 +53,24 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     _joined = True
     _release_shm_buffer(accelerator.device_name())
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _announce_op_build(accelerator) -> None:
+    """On a CPU, DeepSpeed compiles its shared-memory all-reduce op the first time a machine
+    (a user's cache, a Python environment) joins a process group: minutes of silence (about
+    140 s on 2 cores) otherwise. Said once per node, by its local rank 0, before it starts."""
+    if accelerator.device_name() != "cpu" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None and not built_extension(builder.NAME).is_file():
+        print("building DeepSpeed's CPU communication op: once per machine and environment, a few minutes", flush=True)
+
+
+def built_extension(name: str) -> Path:
+    """Where torch's extension loader keeps the compiled module `name` (TORCH_EXTENSIONS_DIR, else the user's cache)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
 
 
 def distributed_ready() -> bool:
