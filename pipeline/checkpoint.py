@@ -130,17 +130,29 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
         _fsync_tree(root / tag)
 
     def commit():
-        names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file())
+        names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file() and p != root / tag / COMPLETE)
         record = {"step": step, "world_size": dist.get_world_size(), "files": file_digests(root / tag, names)}
         atomic.write_json(root / tag / COMPLETE, record)
         atomic.write_bytes(root / LATEST, tag.encode())
 
+    _agreed(lambda: _clear(root / tag) if rank == 0 else None, root / tag)
     _agreed(write_files, root / tag)
     _agreed(commit if rank == 0 else lambda: None, root / tag)
     if rank == 0:
         _prune(root, keep_last)
     dist.barrier()
     return tag
+
+
+def _clear(tag_dir: Path) -> None:
+    """Remove what an earlier save of this step left: a save starts from an empty directory.
+
+    A job killed after a checkpoint's complete.json was written but before `latest` moved
+    resumes from the checkpoint before it and saves this step again; its files must not
+    mix with the old ones (another world size's ZeRO partitions, the old complete.json),
+    which the new complete.json would otherwise record as its own."""
+    if tag_dir.exists():
+        shutil.rmtree(tag_dir)
 
 
 def _agreed(action, tag_dir: Path) -> None:

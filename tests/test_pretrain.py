@@ -218,6 +218,30 @@ def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previ
     assert comparable(read_metrics(run_dir))[:4] == comparable(read_metrics(uninterrupted))[:4]
 
 
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_step_saved_again_over_its_complete_checkpoint_is_what_the_next_launch_resumes_from(
+        reference, tmp_path, train_shards, bert_tokenizer):
+    """A kill after step 8's complete.json was written but before `latest` moved leaves `latest`
+    at step 4 (written here as the kill leaves it): the relaunch trains steps 5-8 again and saves
+    step 8 over the complete one, keeping only it (keep_last=1). The next launch must find it
+    as saved: it checks exactly this (`pipeline.resume.verified`) before loading."""
+    import shutil
+
+    from pipeline import checkpoint
+    from pipeline.integrity import problems
+
+    _, uninterrupted = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "checkpoints" / "latest").write_text("step00000004")
+    ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, "checkpoint.keep_last=1"))
+    step8 = run_dir / "checkpoints" / "step00000008"
+    assert checkpoint.complete_tags(run_dir) == ["step00000008"] and checkpoint.latest_complete(run_dir) == ("step00000008", None)
+    recorded = checkpoint.recorded_files(run_dir, "step00000008")
+    assert sorted(recorded) == sorted(p.name for p in step8.iterdir() if p.name != "complete.json")
+    assert problems(step8, recorded) == []
+
+
 def test_export_matches_the_training_model(reference, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
