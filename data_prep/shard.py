@@ -18,8 +18,11 @@ bookkeeping.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import itertools
 import multiprocessing
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ MIN_SEQ_LEN = 8
 IN_FLIGHT_PER_WORKER = 4
 PROGRESS_DIR = ".progress"
 STATE_FILE = ".shard-state.json"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -85,28 +89,44 @@ def shard_corpus(
     if _already_complete(out, identity, overwrite):
         return {"out": str(out), "already_complete": True, **manifest.read(out)["stats"]}
     mine = [i for i in range(len(groups)) if i % num_nodes == node_rank]
-    created = _prepare_output(out, identity, overwrite, set(mine))
+    with stop_when_full(out):
+        created = _prepare_output(out, identity, overwrite, set(mine))
 
-    done = set(_finished_pieces(out))
-    todo = [i for i in mine if i not in done]
-    resumed = len(mine) - len(todo)
-    if resumed:
-        print(f"resuming: {resumed} of {len(mine)} pieces already done")
-    try:
-        stats = _run_groups(_Job(tokenizer, settings), out, groups, todo, workers)
-    except UserError:
-        if created:  # bad input: the inputs must change, so nothing here can be resumed
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        done = set(_finished_pieces(out))
+        todo = [i for i in mine if i not in done]
+        resumed = len(mine) - len(todo)
+        if resumed:
+            print(f"resuming: {resumed} of {len(mine)} pieces already done")
+        try:
+            stats = _run_groups(_Job(tokenizer, settings), out, groups, todo, workers)
+        except UserError:
+            if created:  # bad input: the inputs must change, so nothing here can be resumed
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
-    summary = {"out": str(out), "pieces_done": len(todo), "pieces_resumed": resumed, **stats}
-    records = _finished_pieces(out)
-    if len(records) == len(groups):
-        summary["manifest"] = str(finalize(out, created_out=created))
-    else:
-        summary["pieces_missing"] = len(groups) - len(records)
+        summary = {"out": str(out), "pieces_done": len(todo), "pieces_resumed": resumed, **stats}
+        records = _finished_pieces(out)
+        if len(records) == len(groups):
+            summary["manifest"] = str(finalize(out, created_out=created))
+        else:
+            summary["pieces_missing"] = len(groups) - len(records)
     summary["seconds"] = time.perf_counter() - started
     return summary
+
+
+@contextlib.contextmanager
+def stop_when_full(out: Path):
+    """A full disk (or quota) while writing shards: one line, not a traceback. Nothing
+    half-written stays behind (shard files and records are written under temporary names,
+    removed when a write fails), and the pieces finished so far are kept: the same command,
+    run again once there is space, continues from them."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FULL_DISK:
+            raise
+        raise UserError(f"{out}: {os.strerror(e.errno)}; the shards finished so far are kept: "
+                        "free some space and run the same command again to continue") from None
 
 
 def finalize(out: str | Path, created_out: bool = False) -> Path:
@@ -129,7 +149,8 @@ def finalize(out: str | Path, created_out: bool = False) -> Path:
     if data["stats"]["documents"] == 0:
         _remove_outputs(out, created_out)
         raise UserError(f"{', '.join(f['path'] for f in identity['inputs'])}: no documents in the inputs (empty or whitespace only)")
-    path = manifest.write(out, data)
+    with stop_when_full(out):
+        path = manifest.write(out, data)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     state_path.unlink(missing_ok=True)
     return path

@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete.json"
 UNIVERSAL = "universal"
+# torch.save's messages for a write that failed (see `_failed_write`).
+TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc.*unexpected pos|PytorchStreamWriter failed writing|basic_ios::clear: iostream error")
 # What DeepSpeed's universal conversion needs to find in a checkpoint's client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
@@ -113,9 +116,10 @@ class SaveFailed(Exception):
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
     """Save on every rank; returns the tag once it is complete everywhere.
 
-    A write that fails on any rank (OSError) fails the save on every rank: the ranks agree
-    on it, rank 0 removes the partial checkpoint, and each raises SaveFailed with the first
-    failure's message, so the job stops with one line instead of a hang in a collective."""
+    A write that fails on any rank (`_failed_write`: a full disk, a lost mount) fails the
+    save on every rank: the ranks agree on it, rank 0 removes the partial checkpoint, and
+    each raises SaveFailed with the first failure's message, so the job stops with one line
+    instead of a hang in a collective."""
     root = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)
     rank = dist.get_rank()
@@ -123,18 +127,20 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
     def write_files():
         try:
             engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, **UNIVERSAL_INFO}, save_latest=False)
-        except OSError:
-            dist.barrier()  # the one DeepSpeed's save ends with: the other ranks are waiting in it
+        except Exception as e:
+            if _failed_write(e):
+                dist.barrier()  # the one DeepSpeed's save ends with: the other ranks are waiting in it
             raise
         torch.save(RngState.capture().to_dict(), root / tag / f"rng_rank{rank:05d}.pt")
         _fsync_tree(root / tag)
 
     def commit():
-        names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file())
+        names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file() and p != root / tag / COMPLETE)
         record = {"step": step, "world_size": dist.get_world_size(), "files": file_digests(root / tag, names)}
         atomic.write_json(root / tag / COMPLETE, record)
         atomic.write_bytes(root / LATEST, tag.encode())
 
+    _agreed(lambda: _clear(root / tag) if rank == 0 else None, root / tag)
     _agreed(write_files, root / tag)
     _agreed(commit if rank == 0 else lambda: None, root / tag)
     if rank == 0:
@@ -143,13 +149,44 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
     return tag
 
 
+def _clear(tag_dir: Path) -> None:
+    """Remove what an earlier save of this step left: a save starts from an empty directory.
+
+    A job killed after a checkpoint's complete.json was written but before `latest` moved
+    resumes from the checkpoint before it and saves this step again; its files must not
+    mix with the old ones (another world size's ZeRO partitions, the old complete.json),
+    which the new complete.json would otherwise record as its own."""
+    if tag_dir.exists():
+        shutil.rmtree(tag_dir)
+
+
+def _failed_write(e: Exception) -> bool:
+    """An OSError, or torch.save's own report of a write that failed. Its zip writer reports a
+    short write (a full disk, a quota) as a RuntimeError with neither errno nor file name:
+    `[enforce fail at inline_container.cc:672] . unexpected pos 640 vs 598` (seen here, alone or
+    after `basic_ios::clear: iostream error` from the record being written), or
+    `PytorchStreamWriter failed writing file data/0: file write failed`."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and TORCH_WRITE_FAILED.search(str(e)) is not None)
+
+
+def _write_failure(e: Exception, tag_dir: Path) -> str:
+    """`_failed_write` in words, naming the file where known, else the checkpoint directory
+    and the space left on its filesystem (what a short write is most likely to be about)."""
+    if isinstance(e, OSError):
+        return f"{e.filename or tag_dir}: {e.strerror or e}"
+    free = shutil.disk_usage(tag_dir if tag_dir.exists() else tag_dir.parent).free
+    return f"{tag_dir}: a write failed with {free:,} bytes free on its filesystem (torch.save: {str(e).splitlines()[0].strip()})"
+
+
 def _agreed(action, tag_dir: Path) -> None:
-    """Run `action` on every rank; if it raised OSError anywhere, fail everywhere."""
+    """Run `action` on every rank; if a write failed anywhere (`_failed_write`), fail everywhere."""
     try:
         action()
         failure = None
-    except OSError as e:
-        failure = f"{e.filename or tag_dir}: {e.strerror or e}"
+    except Exception as e:
+        if not _failed_write(e):
+            raise
+        failure = _write_failure(e, tag_dir)
     failures = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
     first = next((f for f in failures if f), None)

@@ -58,8 +58,14 @@ class MetricsLogger:
             self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self) -> None:
+        """Finish the W&B run. On a full disk W&B cannot flush its own log file when it closes
+        it (an OSError out of `finish`): that is said in one line, so that it does not replace
+        the error the run stopped with (a checkpoint that could not be saved)."""
         if self.run is not None:
-            self.run.finish()
+            try:
+                self.run.finish()
+            except OSError as e:
+                print(f"{self.path.parent / 'wandb'}: W&B could not finish writing its files ({e.strerror or e})", file=sys.stderr, flush=True)
 
 
 def step_record(stats, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:

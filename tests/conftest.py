@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RUN, build_shards, build_tokenizer, data_file, ok, pretrain
+from helpers import RUN, SmallDisk, build_shards, build_tokenizer, data_file, ok, pretrain
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,3 +49,11 @@ def reference(request, tmp_path_factory, train_shards, bert_tokenizer) -> tuple[
     run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
     ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage))
     return stage, run_dir
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    """A tmpfs to mount at the size a test needs (`helpers.SmallDisk`), always unmounted after."""
+    disk = SmallDisk(tmp_path / "small-disk")
+    yield disk
+    disk.unmount()

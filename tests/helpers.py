@@ -1,5 +1,5 @@
-"""Plain helpers the tests share: launching the CLI and training, reading a run's metrics and
-W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench scripts use too).
+"""Plain helpers the tests share: launching the CLI and training, a small filesystem that
+fills up, reading a run's metrics and W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench scripts use too).
 Fixtures live in conftest.py."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -99,6 +100,35 @@ def kill_when(path: Path, process: subprocess.Popen, timeout: float = 300, poll:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert path.exists(), f"{path} never appeared"
+
+
+class SmallDisk:
+    """A tmpfs of a set size at `path`: a real filesystem that fills up, for the full-disk
+    tests (the `small_disk` fixture unmounts it). Mounting needs root, or CAP_SYS_ADMIN in a
+    container; where it is not allowed, the test is skipped and says why."""
+
+    def __init__(self, path: Path):
+        self.path, self.mounted = path, False
+
+    def mount(self, size: int) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): a full disk needs a small real filesystem")
+        self.mounted = True
+        return self.path
+
+    def resize(self, size: int) -> None:
+        """More room (or less, down to what is in use), as freeing space on a full disk gives."""
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True)
+
+    def used(self) -> int:
+        return shutil.disk_usage(self.path).used
+
+    def unmount(self) -> None:
+        if self.mounted and subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(self.path)], check=True)  # busy: detached now, freed when the last user exits
+        self.mounted = False
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

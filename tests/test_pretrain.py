@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,6 +236,61 @@ def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previ
     assert not full.parent.exists() and (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
     # What a relaunch then loads is the step-4 checkpoint, as after any stop (test_resume_equals_the_uninterrupted_run).
     assert comparable(read_metrics(run_dir))[:4] == comparable(read_metrics(uninterrupted))[:4]
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_the_run_goes_on_once_there_is_space(
+        reference, small_disk, train_shards, bert_tokenizer):
+    """torch.save reports a full disk as a RuntimeError ("inline_container.cc ... unexpected pos"),
+    not an OSError. On a tmpfs with room for the run and half a checkpoint, the step-4 checkpoint
+    resumed, step 5's save fails."""
+    import shutil
+
+    _, uninterrupted = reference
+    disk = small_disk.mount(64 << 20)
+    run_dir = disk / "run"
+    shutil.copytree(uninterrupted, run_dir, ignore=shutil.ignore_patterns("step00000008"))
+    (run_dir / "checkpoints" / "latest").write_text("step00000004")
+    checkpoint_bytes = sum(p.stat().st_size for p in (uninterrupted / "checkpoints" / "step00000008").iterdir())
+    small_disk.resize(small_disk.used() + checkpoint_bytes // 2)
+    to_step_5 = (*RUN, "train.max_steps=5", "checkpoint.every_steps=1")
+
+    failed = pretrain(run_dir, train_shards, bert_tokenizer, *to_step_5)
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("pretrain:")]
+    assert len(errors) == 1 and re.fullmatch(r"pretrain: stopped: checkpoint step00000005 not saved \(.+\); it was removed, "
+                                             r"and step00000004 stays the latest complete one", errors[0]), failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000004"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
+
+    small_disk.resize(64 << 20)  # space freed: the same command goes on from step 4
+    assert f"resumed from {run_dir / 'checkpoints' / 'step00000004'} (step 4)" in ok(pretrain(run_dir, train_shards, bert_tokenizer, *to_step_5)).stdout
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000005"
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_step_saved_again_over_its_complete_checkpoint_is_what_the_next_launch_resumes_from(
+        reference, tmp_path, train_shards, bert_tokenizer):
+    """A kill after step 8's complete.json was written but before `latest` moved leaves `latest`
+    at step 4 (written here as the kill leaves it): the relaunch trains steps 5-8 again and saves
+    step 8 over the complete one, keeping only it (keep_last=1). The next launch must find it
+    as saved: it checks exactly this (`pipeline.resume.verified`) before loading."""
+    import shutil
+
+    from pipeline import checkpoint
+    from pipeline.integrity import problems
+
+    _, uninterrupted = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "checkpoints" / "latest").write_text("step00000004")
+    ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, "checkpoint.keep_last=1"))
+    step8 = run_dir / "checkpoints" / "step00000008"
+    assert checkpoint.complete_tags(run_dir) == ["step00000008"] and checkpoint.latest_complete(run_dir) == ("step00000008", None)
+    recorded = checkpoint.recorded_files(run_dir, "step00000008")
+    assert sorted(recorded) == sorted(p.name for p in step8.iterdir() if p.name != "complete.json")
+    assert problems(step8, recorded) == []
 
 
 def test_export_matches_the_training_model(reference, tmp_path):

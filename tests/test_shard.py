@@ -189,6 +189,25 @@ def test_interrupted_run_resumes_without_redoing_finished_pieces(tmp_path, refer
     assert "already complete" in again.stdout
 
 
+def test_a_full_disk_stops_in_one_line_and_the_same_command_continues_once_there_is_space(small_disk, tmp_path, reference, wikitext_valid, bert_tokenizer):
+    disk = small_disk.mount(256 << 10)  # the first pieces' shards fit (~150 KB), the third does not
+    out = disk / "shards"
+    full = shard(out, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--workers", "1", check=False)
+    assert full.returncode == 2, full.stderr
+    assert full.stderr.strip().splitlines() == [
+        f"alum shard: error: {out}: No space left on device; the shards finished so far are kept: "
+        "free some space and run the same command again to continue"], full.stderr
+    done = len(list((out / ".progress").glob("piece-*.json")))
+    total = json.loads((out / ".shard-state.json").read_text())["num_pieces"]
+    assert 0 < done < total
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no half-written shard or record
+
+    small_disk.resize(4 << 20)
+    resumed = shard(out, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.1", "--workers", "1")
+    assert f"resuming: {done} of {total} pieces already done" in resumed.stdout
+    assert tree_digest(out) == tree_digest(reference)
+
+
 def test_verify_catches_truncated_and_altered_shards(tmp_path, reference):
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
