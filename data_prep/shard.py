@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep import atomic, manifest
+from data_prep import atomic, manifest, output_dir
 from data_prep.corpus import Piece, ReadOptions
 from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
@@ -38,11 +38,13 @@ from data_prep.shard_file import GroupWriter
 from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer
 from data_prep.work_units import SPLITS, UnitTokens, plan_groups, tokenize_unit
 
+COMMAND = "alum shard"
 MIN_SEQ_LEN = 8
 IN_FLIGHT_PER_WORKER = 4
 PROGRESS_DIR = ".progress"
 STATE_FILE = ".shard-state.json"
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+LAYOUT = (manifest.MANIFEST, STATE_FILE, PROGRESS_DIR, *SPLITS)  # the top-level names a shard directory holds
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ def shard_corpus(
         raise UserError(f"--node-rank {node_rank}: must be in [0, {num_nodes}) for --num-nodes {num_nodes}")
     tokenizer = load_tokenizer(tokenizer_dir)
     files = expand_inputs(inputs)
+    output_dir.check_apart(out, [("--tokenizer", tokenizer_dir), *(("input", path) for path in inputs), *(("input", f.path) for f in files)])
     groups = plan_groups(files, settings.read, settings.piece_bytes)
     identity = manifest.dataset_identity(settings, tokenizer, files, len(groups))
 
@@ -177,20 +180,22 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool, mine: set[int]) 
         raise UserError(f"{out}: exists and is not a directory")
     if out.exists() and any(not atomic.is_temporary(p) for p in out.iterdir()):
         state = out / STATE_FILE
-        ours = state.is_file() or (out / manifest.MANIFEST).is_file()
-        if not ours:
-            raise UserError(f"{out}: exists and is not a shard directory; choose an empty or new --out")
         if overwrite:
+            output_dir.check_replaceable(out, COMMAND)
             shutil.rmtree(out)
+        elif not state.is_file():
+            raise UserError(f"{out}: exists and is not a shard directory; choose an empty or new --out")
         elif manifest.load_json(state) != identity:
             raise UserError(f"{out}: holds a different unfinished dataset ({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it")
         else:
             _remove_temporaries(out, mine)
             (out / PROGRESS_DIR).mkdir(exist_ok=True)
+            output_dir.mark(out, COMMAND, LAYOUT)  # again: one a version before the marker left unfinished has none
             return False
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / STATE_FILE, identity)
+    output_dir.mark(out, COMMAND, LAYOUT)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     return created
 
@@ -209,6 +214,7 @@ def _remove_outputs(out: Path, created_out: bool) -> None:
     for name in (*SPLITS, PROGRESS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / STATE_FILE).unlink(missing_ok=True)
+    (out / output_dir.MARKER).unlink(missing_ok=True)
     if created_out and not any(out.iterdir()):
         out.rmdir()
 

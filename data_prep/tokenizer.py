@@ -11,7 +11,9 @@ A sentencepiece tokenizer directory holds:
 - `tokenizer.json` + `tokenizer_config.json`: the same tokenizer for
   `transformers.AutoTokenizer.from_pretrained(DIR)`, built with the `tokenizers` library;
 - `alum_tokenizer.json`: style, special tokens, the model's sha256 (the fingerprint that
-  shard manifests and runs check) and the training settings.
+  shard manifests and runs check) and the training settings;
+- `.alum-output.json`: the marker by which `--overwrite` knows the directory as this
+  command's own (`data_prep.output_dir`).
 
 Training reads the corpus once as a stream and keeps a seeded reservoir sample of lines,
 so memory is bounded by `sample_lines`, not by corpus size.
@@ -29,6 +31,7 @@ their ids (so `fill-mask` works with "[MASK]" in text).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,13 +44,14 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep import atomic
+from data_prep import atomic, output_dir
 from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
 from data_prep.inputs import InputFile
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import ALUM_META as META_FILE
 from data_prep.tokenizer_dir import SENTENCEPIECE_MODEL as MODEL_FILE
 
+COMMAND = "alum tokenizer"
 KINDS = ("bpe", "byte-level-bpe", "wordpiece")
 MAX_LINE_CHARS = 4096
 META = "\u2581"  # sentencepiece's word-boundary marker "▁"
@@ -80,8 +84,7 @@ def train_tokenizer(
     style = style or ("roberta" if kind == "byte-level-bpe" else "bert")
     if style not in SPECIAL_TOKENS:
         raise UserError(f"--style: expected one of {', '.join(SPECIAL_TOKENS)}, got {style!r}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; use --overwrite to replace it")
+    output_dir.check_out(out, COMMAND, [("input", f.path) for f in files], overwrite)
     started = time.perf_counter()
     sample, stats, lines_seen = reservoir_sample(files, options, sample_lines, seed)
     if not sample:
@@ -99,14 +102,15 @@ def train_tokenizer(
         del settings["character_coverage"], settings["byte_fallback"]  # sentencepiece's alone
     if kind == "bpe":
         model = _train_model(sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1)
-        with atomic.directory(out, replace=overwrite) as tmp:
-            written = _write_sentencepiece(tmp, model, style, settings)
+        write = functools.partial(_write_sentencepiece, model=model, style=style, settings=settings)
     else:
         from data_prep.hf_training import train_hf_tokenizer
 
         tokenizer = train_hf_tokenizer(sample, kind, vocab_size, SPECIAL_TOKENS[style])
-        with atomic.directory(out, replace=overwrite) as tmp:
-            written = _write_hf(tmp, tokenizer, settings)
+        write = functools.partial(_write_hf, tokenizer=tokenizer, settings=settings)
+    with atomic.directory(out, replace=overwrite) as tmp:
+        written = write(tmp)
+        output_dir.mark(tmp, COMMAND, os.listdir(tmp))
     return {
         "out": str(out),
         "documents": stats.documents,

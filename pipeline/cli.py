@@ -15,6 +15,9 @@ from data_prep.errors import UserError
 from pipeline.help_format import DefaultsHelpFormatter
 
 
+OVERWRITE_HELP = "replace --out if {command} wrote it (its marker says so) and it holds nothing else"
+
+
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     p.add_argument("--text-field", default="text", help="JSON lines field / Parquet or Arrow column holding the text")
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
     p.add_argument("--threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
     p.add_argument("--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="alum tokenizer"))
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("shard", formatter_class=DefaultsHelpFormatter, help="tokenize and pack a corpus into Arrow shards")
@@ -159,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per shard file (and per unit of resume and of --num-nodes)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the work")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's rank in [0, num-nodes)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="alum shard"))
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("verify", formatter_class=DefaultsHelpFormatter, help="check a shard directory's schema, counts and checksums")
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="alum export"))
     p.set_defaults(func=cmd_export)
 
     # Listed for `alum --help`; `main` hands these commands' arguments to their modules unparsed.

@@ -9,16 +9,18 @@ pretraining run (`model.init_from`) on shards made with the same tokenizer.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from data_prep import atomic
+from data_prep import atomic, output_dir
 from data_prep.errors import UserError
 from pipeline import checkpoint
 from pipeline.rundir import MODEL
 
+COMMAND = "alum export"
 PREFIX = "hf."
 
 
@@ -35,8 +37,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, overwri
         root = run_dir / checkpoint.CHECKPOINTS
         complete = sorted(p.name for p in root.iterdir() if p.is_dir() and checkpoint.is_complete(p)) if root.is_dir() else []
         raise UserError(f"{tag_dir}: not a complete checkpoint (complete: {', '.join(complete) or 'none'})")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; use --overwrite to replace it")
+    output_dir.check_out(out, COMMAND, [("--run-dir", run_dir)], overwrite)
     model = load_exported_weights(run_dir, tag)
     _write(model, run_dir / MODEL / "tokenizer", out, overwrite)
     return out
@@ -75,3 +76,4 @@ def _write(model, tokenizer_dir: Path, out: Path, overwrite: bool) -> None:
         model.save_pretrained(str(tmp))
         for path in tokenizer_dir.iterdir():
             shutil.copy2(path, tmp / path.name)
+        output_dir.mark(tmp, COMMAND, os.listdir(tmp))

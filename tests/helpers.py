@@ -4,6 +4,7 @@ Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
@@ -129,6 +130,21 @@ class SmallDisk:
         if self.mounted and subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "--lazy", str(self.path)], check=True)  # busy: detached now, freed when the last user exits
         self.mounted = False
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under a directory, by relative path."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def refused_in_one_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The command exited 2 with a single line on stderr, which contains every fragment."""
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 import sentencepiece as spm
 
-from helpers import REPO, run_alum
+from helpers import REPO, refused_in_one_line, run_alum, tree_digest
 from data_prep import manifest
 from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
 from data_prep.inputs import expand_inputs
@@ -34,11 +34,6 @@ PIECE_MB = "0.1"
 def shard(out, inputs, tokenizer, *extra, check=True):
     return run_alum("shard", "--input", *inputs, "--tokenizer", tokenizer, "--seq-len", SEQ_LEN, "--out", out,
                     "--piece-mb", PIECE_MB, *extra, check=check)
-
-
-def tree_digest(directory: Path) -> dict[str, str]:
-    """sha256 of every file under a directory, by relative path."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def rows(directory: Path, split: str = "train") -> np.ndarray:
@@ -247,8 +242,37 @@ def test_output_holding_a_different_dataset_is_refused(tmp_path, reference, wiki
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     result = shard(foreign, [wikitext_valid], bert_tokenizer, "--overwrite", check=False)
-    assert result.returncode == 2 and "exists and is not a shard directory" in result.stderr
+    assert result.returncode == 2 and f"{foreign}: --overwrite replaces only what alum shard wrote" in result.stderr
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_overwrite_deletes_only_a_shard_directory_it_wrote(tmp_path, reference, wikitext_valid, bert_tokenizer):
+    # A user's directory that happens to hold a manifest.json.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "manifest.json").write_text('{"mine": true}')
+    (home / "thesis.tex").write_text("precious")
+    before = tree_digest(home)
+    refused_in_one_line(shard(home, [wikitext_valid], bert_tokenizer, "--overwrite", check=False),
+                        f"{home}: --overwrite replaces only what alum shard wrote, and it has no .alum-output.json")
+    # Its own output with a file of the user's added, and one written before the marker: refused as well.
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    (copy / "notes.txt").write_text("mine")
+    refused_in_one_line(shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.2", "--overwrite", check=False),
+                        f"{copy / 'notes.txt'}: not written by alum shard; --overwrite would delete it")
+    (copy / "notes.txt").unlink()
+    (copy / ".alum-output.json").unlink()
+    refused_in_one_line(shard(copy, [wikitext_valid], bert_tokenizer, "--val-fraction", "0.2", "--overwrite", check=False),
+                        "has no .alum-output.json")
+    # An --out inside an input or the tokenizer: refused before anything is written.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(wikitext_valid, corpus / "a.txt")
+    refused_in_one_line(shard(corpus / "shards", [corpus], bert_tokenizer, check=False), f"--out {corpus / 'shards'}: lies inside the input {corpus}")
+    refused_in_one_line(shard(bert_tokenizer, [corpus], bert_tokenizer, "--overwrite", check=False), f"--out {bert_tokenizer}: is the --tokenizer")
+    assert tree_digest(home) == before and [p.name for p in corpus.iterdir()] == ["a.txt"] and (bert_tokenizer / "spm.model").is_file()
+    assert manifest.read(copy)["settings"]["val_fraction"] == 0.1
 
 
 def test_empty_corpus_leaves_nothing_behind(tmp_path, bert_tokenizer):

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from helpers import data_file, run_alum
+from helpers import data_file, refused_in_one_line, run_alum, tree_digest
 from data_prep.corpus import ReadOptions
 from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
@@ -122,6 +122,33 @@ def test_existing_output_is_not_replaced_without_overwrite(tmp_path, wikitext_va
     with pytest.raises(UserError, match="already exists; use --overwrite"):
         train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), out, vocab_size=500)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_only_its_own_output_and_never_an_input(tmp_path, wikitext_valid):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n".join(wikitext_valid.read_text(encoding="utf-8").splitlines()[:2000]))
+    before = tree_digest(corpus)
+
+    def tokenizer(out, *extra):
+        return run_alum("tokenizer", "--input", corpus, "--vocab-size", "500", "--sample-lines", "2000", "--threads", "1",
+                        "--out", out, *extra)
+
+    # The input itself, a file in it, a directory holding it: refused before anything is read or deleted.
+    refused_in_one_line(tokenizer(corpus, "--overwrite"), f"--out {corpus}: contains the input {corpus / 'a.txt'}")
+    refused_in_one_line(tokenizer(corpus / "a.txt", "--overwrite"), f"--out {corpus / 'a.txt'}: is the input {corpus / 'a.txt'}")
+    refused_in_one_line(tokenizer(tmp_path, "--overwrite"), f"--out {tmp_path}: contains the input")
+    assert tree_digest(corpus) == before
+
+    # Its own output: replaced; with a file of the user's in it, or inside it, refused.
+    out = tmp_path / "tok"
+    assert tokenizer(out).returncode == 0
+    assert tokenizer(out, "--overwrite", "--seed", "1").returncode == 0
+    assert json.loads((out / ".alum-output.json").read_text())["written_by"] == "alum tokenizer"
+    (out / "notes.txt").write_text("mine")
+    refused_in_one_line(tokenizer(out, "--overwrite"), f"{out / 'notes.txt'}: not written by alum tokenizer; --overwrite would delete it")
+    refused_in_one_line(tokenizer(out / "inner"), f"--out {out / 'inner'}: lies inside {out}, which alum tokenizer wrote")
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "inner").exists()
 
 
 def test_tokenizer_dir_without_model(tmp_path, wikitext_valid):
