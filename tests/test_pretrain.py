@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, RUN, comparable, kill_when, ok, pretrain, read_metrics, wandb_history, wandb_records
+from helpers import (REPO, RUN, comparable, kill_when, ok, pretrain, raises_naming, read_metrics, refused_in_one_line, run_alum, tree_digest,
+                     wandb_history, wandb_records)
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data import ShardDataset, masked_batch
@@ -317,6 +319,27 @@ def test_export_matches_the_training_model(reference, tmp_path):
     with pytest.raises(UserError, match=r"step00000099: not a complete checkpoint \(complete: .*step00000008\)"):
         export(run_dir, tmp_path / "wrong-tag", tag="step00000099")
     assert not (tmp_path / "wrong-tag").exists()
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_export_replaces_only_its_own_output_and_never_the_run(reference, tmp_path):
+    from pipeline.export import export
+
+    _, source = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    before = tree_digest(run_dir)
+    refused_in_one_line(run_alum("export", "--run-dir", run_dir, "--out", run_dir, "--overwrite"),
+                        f"alum export: error: --out {run_dir}: is the --run-dir {run_dir}")
+    with raises_naming(f"--out {run_dir / 'model'}: lies inside the --run-dir {run_dir}"):
+        export(run_dir, run_dir / "model", overwrite=True)
+    with raises_naming(f"--out {tmp_path}: contains the --run-dir {run_dir}"):
+        export(run_dir, tmp_path, overwrite=True)
+    assert tree_digest(run_dir) == before
+    # Its own earlier export is replaced.
+    out = export(run_dir, tmp_path / "hf")
+    export(run_dir, out, tag="step00000004", overwrite=True)
+    assert json.loads((out / ".alum-output.json").read_text())["written_by"] == "alum export"
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
