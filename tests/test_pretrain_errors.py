@@ -11,7 +11,7 @@ import time
 import pytest
 from deepspeed.accelerator import get_accelerator
 
-from helpers import REPO, pretrain, pretrain_args, read_metrics
+from helpers import REPO, pretrain, pretrain_args, read_metrics, tree_digest
 from pipeline.distributed import free_port
 from data_prep.corpus import ReadOptions, expand_inputs
 from data_prep.tokenizer import train_tokenizer
@@ -122,6 +122,19 @@ def test_changed_config_on_an_existing_run(tmp_path, train_shards, bert_tokenize
     refused(pretrain(run, train_shards, bert_tokenizer, "train.max_steps=2", "train.lr=0.1", world=1, stage=0),
             "this run was started with train.lr=0.001, not 0.1; use a new --run-dir")
     assert (run / "config.yaml").read_text() == before
+
+
+def test_a_directory_that_is_not_a_run_directory_is_refused_and_left_as_it_was(tmp_path, train_shards, bert_tokenizer):
+    notes = tmp_path / "notes"
+    (notes / "checkpoints" / "step_notes").mkdir(parents=True)
+    (notes / "checkpoints" / "step_notes" / "todo.txt").write_text("mine")
+    (notes / "model").mkdir()
+    (notes / "model" / "config.json").write_text('{"my": "model"}')
+    (notes / "config.yaml").write_text("- my\n- own\n- list\n")
+    before = tree_digest(notes)
+    refused(pretrain(notes, train_shards, bert_tokenizer, "train.max_steps=1", world=1, stage=0),
+            f"{notes}: not a run directory (no .alum-output.json, and not laid out as a run from before the marker", "nothing in it was changed")
+    assert tree_digest(notes) == before
 
 
 def test_non_finite_loss_skips_then_aborts_with_the_last_good_checkpoint(tmp_path, train_shards, bert_tokenizer):
