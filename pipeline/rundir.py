@@ -1,6 +1,7 @@
 """The run directory: what makes a directory one, its resolved config, and the files export needs.
 
     RUN/.alum-output.json  the marker: written by pipeline.pretrain (data_prep.output_dir)
+    RUN/.lock              held by the job writing the run (pipeline.run_lock)
     RUN/config.yaml        the fully resolved config (written once; a re-run must agree with it)
     RUN/model/config.json  the HF config of the trained model
     RUN/model/tokenizer/   a copy of the tokenizer's files
@@ -19,6 +20,7 @@ an error naming the key.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from pipeline.checkpoint import CHECKPOINTS, TAG
 from pipeline.config import RunConfig, dump, flatten, load_config, to_dict
+from pipeline.run_lock import LOCK
 
 COMMAND = "pipeline.pretrain"
 CONFIG = "config.yaml"
@@ -63,7 +66,7 @@ def check_run_dir(run_dir: Path) -> None:
         return
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: --run-dir exists and is not a directory")
-    if is_run_dir(run_dir) or not any(run_dir.iterdir()):
+    if is_run_dir(run_dir) or not set(os.listdir(run_dir)) - {LOCK}:  # the lock alone: a run killed as it began
         return
     owner = output_dir.written_by(run_dir)
     why = (f"{owner} wrote it" if owner else
