@@ -43,6 +43,7 @@ COMPLETE = "complete.json"
 UNIVERSAL = "universal"
 # torch.save's messages for a write that failed (see `_failed_write`).
 TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc.*unexpected pos|PytorchStreamWriter failed writing|basic_ios::clear: iostream error")
+TAG = re.compile(r"step\d{8,}")  # the names tag_for gives: nothing else in checkpoints/ is ever removed
 # What DeepSpeed's universal conversion needs to find in a checkpoint's client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
@@ -102,7 +103,7 @@ def remove_partial(run_dir: Path, after: str | None) -> list[str]:
     will write those steps again, so nothing in them is ever read.
     """
     root = Path(run_dir) / CHECKPOINTS
-    partial = sorted(p for p in root.glob("step*") if p.is_dir() and not is_complete(p) and (after is None or p.name > after))
+    partial = sorted(p for p in root.glob("step*") if TAG.fullmatch(p.name) and p.is_dir() and not is_complete(p) and (after is None or p.name > after))
     for path in partial:
         shutil.rmtree(path)
     return [p.name for p in partial]
@@ -317,7 +318,7 @@ def _fsync_tree(directory: Path) -> None:
 
 def _prune(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partial ones."""
-    tags = sorted(p for p in root.glob("step*") if p.is_dir())
+    tags = sorted(p for p in root.glob("step*") if TAG.fullmatch(p.name) and p.is_dir())
     complete = [p for p in tags if is_complete(p)]
     keep = set(complete[-keep_last:])
     newest = complete[-1] if complete else None

@@ -14,6 +14,7 @@ validation, metrics and checkpoints, each on its own schedule (`due`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ from pipeline.metrics import MetricsLogger, check_wandb_login, step_record
 from pipeline.model import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.rundir import resolve_run_config, write_run_files
+from pipeline.run_lock import RunLock
 from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.companion import Companion, companion_for
 from pipeline.prefetch import StepInputs
@@ -123,12 +125,15 @@ class Run:
     start: StartPoint | None
     companion: Companion | None  # SMART's teacher or ASA's adversaries (pipeline.companion)
     peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
+    lock: RunLock | None  # rank 0's lock on the run directory (pipeline.run_lock)
 
 
 def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finished_ok: bool = False) -> Run:
-    """Process group, config, data checks, model and DeepSpeed engine (no checkpoint loaded).
-    A run already at train.max_steps raises AlreadyFinished first, unless `finished_ok` (a
-    caller that wants the engine of a finished run, not more training)."""
+    """Process group, config, data checks, the run directory's lock, model and DeepSpeed engine
+    (no checkpoint loaded). Nothing in the run directory is read before it is known to be a
+    run's (resolve_run_config), nor written before rank 0 holds its lock. A run already at
+    train.max_steps raises AlreadyFinished first, unless `finished_ok` (a caller that wants
+    the engine of a finished run, not more training)."""
     # Read once, before the process group exists (its timeout is a config value); a config
     # that does not load is reported once the ranks can agree on the error, in checks().
     try:
@@ -157,14 +162,17 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         source = config.model.init_from or config.model.config
         model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
         _check_method(config, model_config)
-        return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size), start_point(run_dir, config.checkpoint.init_from)
+        return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size)
 
-    config, tokenizer, dataset, val, model_config, ds_config, start = on_every_rank(checks)
-    start = verified(start, rank)
+    config, tokenizer, dataset, val, model_config, ds_config = on_every_rank(checks)
+    check_same_config(flatten(to_dict(config)))
+    # A second job on the run directory is refused here, on every rank; the checkpoints are
+    # read only once this job holds it (one that held it a moment ago may just have saved).
+    lock = on_every_rank(lambda: RunLock(run_dir) if rank == 0 else None)
+    start = verified(on_every_rank(lambda: start_point(run_dir, config.checkpoint.init_from)), rank)
     if not finished_ok and start is not None and start.resume and step_of(start.tag) >= config.train.max_steps:
         raise AlreadyFinished(f"{run_dir}: already at train.max_steps={config.train.max_steps} ({start.tag}); "
                               "nothing to do (raise train.max_steps to continue)")
-    check_same_config(flatten(to_dict(config)))
     if start is not None and start.world_size != world_size and zero_stage(ds_config) > 0:
         # ZeRO's partitioned optimizer state only loads on the world size that wrote it.
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -180,20 +188,21 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     dist.barrier()
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
     peak = peak_flops(device_name, resolved_precision(config.train.precision), config.train.peak_tflops)
-    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak)
+    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak, lock)
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
     run = prepare(config_path, run_dir, overrides)
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.signal_names())
-    state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.companion)
-    logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
-    state.wandb_id = logger.wandb_id
-    try:
-        _loop(run, state, logger)
-    finally:
-        logger.close()
+    with run.lock or contextlib.nullcontext():
+        state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.companion)
+        logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
+        state.wandb_id = logger.wandb_id
+        try:
+            _loop(run, state, logger)
+        finally:
+            logger.close()
     return state
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from data_prep import output_dir
 from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from data_prep.manifest import describe_difference
 from pipeline.config import dump, load_config
-from pipeline.rundir import CONFIG, resolve_run_config
+from pipeline.rundir import COMMAND, CONFIG, resolve_run_config
 
 
 def test_the_first_differing_key_in_sorted_order_with_both_values():
@@ -36,6 +37,7 @@ def test_dataset_identities_name_the_setting_and_its_flag():
 
 def test_a_run_directory_refuses_a_changed_setting_but_not_a_changeable_one(tmp_path):
     (tmp_path / CONFIG).write_text(dump(load_config("tiny", ["train.lr=0.001"])))
+    output_dir.mark(tmp_path, COMMAND)
     assert resolve_run_config(None, ["train.max_steps=7", "wandb.mode=offline"], tmp_path).train.max_steps == 7
     with pytest.raises(UserError, match=r"this run was started with train\.lr=0\.001, not 0\.1; use a new --run-dir"):
         resolve_run_config(None, ["train.lr=0.1"], tmp_path)

@@ -152,6 +152,21 @@ def test_a_finished_run_relaunched_does_nothing(reference, tmp_path, train_shard
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
+def test_a_run_directory_from_before_the_marker_resumes_and_gets_the_marker(reference, tmp_path, train_shards, bert_tokenizer):
+    import shutil
+
+    _, run_dir = reference
+    old = tmp_path / "run"
+    shutil.copytree(run_dir, old)
+    for name in (".alum-output.json", ".lock"):  # what a run directory written before them lacks
+        (old / name).unlink(missing_ok=True)
+    result = ok(pretrain(old, train_shards, bert_tokenizer, *RUN, "train.max_steps=9"))
+    assert f"resumed from {old / 'checkpoints' / 'step00000008'} (step 8)" in result.stdout
+    assert [r["step"] for r in read_metrics(old)] == list(range(1, 10))
+    assert json.loads((old / ".alum-output.json").read_text())["written_by"] == "pipeline.pretrain"
+
+
+@pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(reference, tmp_path, train_shards, bert_tokenizer):
     import shutil
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import time
 import pytest
 from deepspeed.accelerator import get_accelerator
 
-from helpers import REPO, pretrain, pretrain_args, read_metrics
+from helpers import REPO, pretrain, pretrain_args, read_metrics, tree_digest
 from pipeline.distributed import free_port
 from data_prep.corpus import ReadOptions
 from data_prep.inputs import expand_inputs
@@ -123,6 +125,71 @@ def test_changed_config_on_an_existing_run(tmp_path, train_shards, bert_tokenize
     refused(pretrain(run, train_shards, bert_tokenizer, "train.max_steps=2", "train.lr=0.1", world=1, stage=0),
             "this run was started with train.lr=0.001, not 0.1; use a new --run-dir")
     assert (run / "config.yaml").read_text() == before
+
+
+def test_a_directory_that_is_not_a_run_directory_is_refused_and_left_as_it_was(tmp_path, train_shards, bert_tokenizer):
+    notes = tmp_path / "notes"
+    (notes / "checkpoints" / "step_notes").mkdir(parents=True)
+    (notes / "checkpoints" / "step_notes" / "todo.txt").write_text("mine")
+    (notes / "model").mkdir()
+    (notes / "model" / "config.json").write_text('{"my": "model"}')
+    (notes / "config.yaml").write_text("- my\n- own\n- list\n")
+    before = tree_digest(notes)
+    refused(pretrain(notes, train_shards, bert_tokenizer, "train.max_steps=1", world=1, stage=0),
+            f"{notes}: not a run directory (no .alum-output.json, and not laid out as a run from before the marker", "nothing in it was changed")
+    assert tree_digest(notes) == before
+
+
+def test_a_second_job_on_a_run_directory_is_refused_and_a_killed_one_blocks_nothing(tmp_path, train_shards, bert_tokenizer):
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    endless = ("train.max_steps=100000", "checkpoint.every_steps=100000", "eval.every_steps=0")
+    first = launch_logged(run, log, train_shards, bert_tokenizer, *endless)
+    try:
+        wait_for(lambda: f"pid {first.pid}" in lock_holder(run) or "step 1/" in log.read_text(), first)
+        second = pretrain(run, train_shards, bert_tokenizer, *endless, world=1, stage=0, timeout=120)
+        refused(second, f"{run}: another job is writing to this run directory (host {socket.gethostname()} pid {first.pid},")
+        wait_for(lambda: "step 1/" in log.read_text(), first)  # training, its stop signals handled
+        first.send_signal(signal.SIGTERM)  # its normal end: save a checkpoint, exit 0
+        assert first.wait(timeout=120) == 0, log.read_text()[-2000:]
+    finally:
+        kill_group(first)
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps == list(range(1, len(steps) + 1))  # each step once: the second job wrote nothing
+
+    # kill -9 of a job that holds the lock leaves none behind: the next launch takes it.
+    killed = launch_logged(run, log, train_shards, bert_tokenizer, *endless)
+    wait_for(lambda: f"pid {killed.pid}" in lock_holder(run), killed)
+    kill_group(killed)
+    relaunched = pretrain(run, train_shards, bert_tokenizer, f"train.max_steps={steps[-1] + 1}", "eval.every_steps=0", world=1, stage=0)
+    assert relaunched.returncode == 0, relaunched.stderr[-2000:]
+    assert f"step {steps[-1] + 1}/{steps[-1] + 1}" in relaunched.stdout
+
+
+def launch_logged(run, log, shards, tokenizer, *overrides):
+    """A one-rank launch in a session of its own, its output in `log`."""
+    with open(log, "w") as out:
+        return pretrain(run, shards, tokenizer, *overrides, world=1, stage=0, start=subprocess.Popen, start_new_session=True,
+                        stdout=out, stderr=subprocess.STDOUT)
+
+
+def lock_holder(run) -> str:
+    """What the run directory's lock file says (its holder, once one has taken it)."""
+    path = run / ".lock"
+    return path.read_text() if path.exists() else ""
+
+
+def wait_for(condition, process, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, "the launch ended, or never got there"
+        time.sleep(0.05)
+
+
+def kill_group(process) -> None:
+    """kill -9 of a launch started in a session of its own, as a crash or `scancel` would end it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def test_non_finite_loss_skips_then_aborts_with_the_last_good_checkpoint(tmp_path, train_shards, bert_tokenizer):
