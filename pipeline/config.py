@@ -82,9 +82,9 @@ class TrainConfig:
             checks.integer(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed", "max_bad_steps", "threads_per_rank"):
             checks.integer(name, getattr(self, name), minimum=0)
-        for name in ("lr", "adam_eps", "dist_timeout_s"):
+        for name in ("adam_eps", "dist_timeout_s"):
             checks.number(name, getattr(self, name), positive=True)
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("lr", "weight_decay", "grad_clip"):  # lr 0: a run that updates nothing (a check of its start)
             checks.number(name, getattr(self, name))
         checks.unit_interval("min_lr_ratio", self.min_lr_ratio, one=True)
         for name in ("adam_beta1", "adam_beta2"):
