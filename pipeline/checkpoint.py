@@ -33,6 +33,7 @@ import deepspeed.comm as dist
 
 from data_prep import atomic
 from data_prep.errors import UserError
+from pipeline import weights_only
 from pipeline.freeat import at_boundary
 from pipeline.integrity import file_digests
 from pipeline.rng import RngState, restore_saved
@@ -223,8 +224,9 @@ def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
     """Load a complete checkpoint into the engine; returns its client state.
 
     An engine configured with `checkpoint.load_universal` reads the universal copy of the
-    checkpoint (see `make_universal`).
+    checkpoint (see `make_universal`). DeepSpeed reads the files weights-only (`pipeline.weights_only`).
     """
+    weights_only.enforce()
     root = Path(run_dir) / CHECKPOINTS
     universal = engine.load_universal_checkpoint()
     load_dir, load_tag = (root / tag, UNIVERSAL) if universal else (root, tag)
@@ -259,9 +261,10 @@ def make_universal(run_dir: Path, tag: str) -> bool:
 
 
 def _convert_to_universal(tag_dir: Path, target: Path) -> None:
-    """DeepSpeed's ds_to_universal into a temporary directory, renamed once complete."""
+    """DeepSpeed's ds_to_universal (reading weights-only) into a temporary directory, renamed once complete."""
     from deepspeed.checkpoint import ds_to_universal
 
+    weights_only.enforce()
     with atomic.directory(target, replace=True) as partial:
         args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
                                   keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -305,7 +308,7 @@ def restore_rng(run_dir: Path, tag: str, reseed: int) -> str | None:
     """This rank's RNG states as they were when the checkpoint was written, as far as this
     machine has their generators (`pipeline.rng.restore_saved`: None, or what differs)."""
     path = Path(run_dir) / CHECKPOINTS / tag / f"rng_rank{dist.get_rank():05d}.pt"
-    return restore_saved(torch.load(path, weights_only=False), reseed)
+    return restore_saved(torch.load(path, weights_only=True), reseed)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from data_prep import atomic, output_dir
 from data_prep.errors import UserError
-from pipeline import checkpoint
+from pipeline import checkpoint, weights_only
 from pipeline.rundir import MODEL
 
 COMMAND = "alum export"
@@ -38,6 +38,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, overwri
         complete = sorted(p.name for p in root.iterdir() if p.is_dir() and checkpoint.is_complete(p)) if root.is_dir() else []
         raise UserError(f"{tag_dir}: not a complete checkpoint (complete: {', '.join(complete) or 'none'})")
     output_dir.check_out(out, COMMAND, [("--run-dir", run_dir)], overwrite)
+    refused = weights_only.refusal(tag_dir)
+    if refused:
+        raise UserError(refused)
     model = load_exported_weights(run_dir, tag)
     _write(model, run_dir / MODEL / "tokenizer", out, overwrite)
     return out
@@ -62,12 +65,14 @@ def load_exported_weights(run_dir: Path, tag: str):
 
 
 def _fp32_state_dict(root: Path, tag: str) -> dict:
+    """Read weights-only (`pipeline.weights_only`), zero_to_fp32's loads included."""
+    weights_only.enforce()
     tag_dir = root / tag
     if any(tag_dir.glob("*zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in state["module"].items()}
 
 

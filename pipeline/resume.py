@@ -16,7 +16,7 @@ import torch
 import torch.distributed
 
 from data_prep.errors import UserError
-from pipeline import checkpoint
+from pipeline import checkpoint, weights_only
 from pipeline.integrity import problems
 
 
@@ -69,14 +69,18 @@ def _checkpoint_source(path: Path) -> tuple[Path, str]:
 def verified(start: StartPoint | None, rank: int) -> StartPoint | None:
     """The start point if its files are as they were saved. A damaged checkpoint of the
     run's own is set aside and the previous complete one taken instead; with none left, or
-    a damaged checkpoint.init_from, the launch stops. Rank 0 checks, every rank agrees."""
+    a damaged checkpoint.init_from, the launch stops. An intact one whose files would run
+    code when loaded (`pipeline.weights_only`) stops it too. Rank 0 checks, every rank agrees."""
     while start is not None:
         tag_dir = start.run_dir / checkpoint.CHECKPOINTS / start.tag
-        found = [problems(tag_dir, checkpoint.recorded_files(start.run_dir, start.tag)) if rank == 0 else None]
+        found = [_inspect(start) if rank == 0 else None]
         torch.distributed.broadcast_object_list(found, src=0)
-        if not found[0]:
+        damaged, refused = found[0]
+        if refused:
+            raise UserError(refused)
+        if not damaged:
             return start
-        damage = found[0][0] + (f" and {len(found[0]) - 1} more" if len(found[0]) > 1 else "")
+        damage = damaged[0] + (f" and {len(damaged) - 1} more" if len(damaged) > 1 else "")
         previous = checkpoint.previous_complete(start.run_dir, start.tag) if start.resume else None
         if previous is None:
             raise UserError(f"{tag_dir}: damaged ({damage}) and no earlier complete checkpoint to "
@@ -87,6 +91,14 @@ def verified(start: StartPoint | None, rank: int) -> StartPoint | None:
         torch.distributed.barrier()
         start = StartPoint(start.run_dir, previous, True, checkpoint.saved_world_size(start.run_dir, previous))
     return None
+
+
+def _inspect(start: StartPoint) -> tuple[list[str], str | None]:
+    """(what differs from the files as saved, why loading them would run code): the second
+    only for a checkpoint with nothing of the first."""
+    tag_dir = start.run_dir / checkpoint.CHECKPOINTS / start.tag
+    damaged = problems(tag_dir, checkpoint.recorded_files(start.run_dir, start.tag))
+    return damaged, None if damaged else weights_only.refusal(tag_dir)
 
 
 def dropout_seed(seed: int, rank: int) -> int:

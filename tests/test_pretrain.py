@@ -256,11 +256,12 @@ def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previ
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_the_run_goes_on_once_there_is_space(
+def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_keeps_the_previous_checkpoint(
         reference, small_disk, train_shards, bert_tokenizer):
     """torch.save reports a full disk as a RuntimeError ("inline_container.cc ... unexpected pos"),
     not an OSError. On a tmpfs with room for the run and half a checkpoint, the step-4 checkpoint
-    resumed, step 5's save fails."""
+    resumed, step 5's save fails. What a relaunch then loads is the step-4 checkpoint, as after
+    any stop (test_resume_equals_the_uninterrupted_run)."""
     import shutil
 
     _, uninterrupted = reference
@@ -280,10 +281,6 @@ def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_the_r
     assert "Traceback" not in failed.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000004"]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
-
-    small_disk.resize(64 << 20)  # space freed: the same command goes on from step 4
-    assert f"resumed from {run_dir / 'checkpoints' / 'step00000004'} (step 4)" in ok(pretrain(run_dir, train_shards, bert_tokenizer, *to_step_5)).stdout
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000005"
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
