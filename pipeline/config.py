@@ -74,7 +74,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
     threads_per_rank: int = 0  # torch threads per process; 0 = the job's cores (CPU affinity, as SLURM binds) / local ranks
     peak_tflops: float = 0.0  # per accelerator, for perf/mfu; 0: known GPUs by name (pipeline/flops.py), else no perf/mfu
-    stop_signals: str = "SIGTERM,SIGUSR1"  # any of these to any rank: checkpoint at the next step, exit 0
+    stop_signals: str = "SIGTERM,SIGUSR1,SIGINT"  # any of these to any rank: checkpoint at the next step, exit 0 (pipeline/stop.py)
     dist_timeout_s: float = 600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
 
     def __post_init__(self) -> None:

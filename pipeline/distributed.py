@@ -7,7 +7,9 @@ a failed one in a collective until the timeout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import socket
 import sys
@@ -43,7 +45,8 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     _announce_op_build(accelerator)
     try:
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
+        with _without_built_notice():
+            deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
     except torch.distributed.DistError as e:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise UserError(
@@ -64,6 +67,20 @@ def _announce_op_build(accelerator) -> None:
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
     if builder is not None and not built_extension(builder.NAME).is_file():
         print("building DeepSpeed's CPU communication op: once per machine and environment, a few minutes", flush=True)
+
+
+@contextlib.contextmanager
+def _without_built_notice():
+    """DeepSpeed prints "DeepSpeed ... built successfully" from every rank of every launch on a
+    CPU, whether it compiled anything or loaded the cached op; everything else printed passes."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not line.rstrip().endswith("built successfully")]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
 
 
 def built_extension(name: str) -> Path:

@@ -55,17 +55,27 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            try:
+                self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            except OSError as e:  # its service was killed: a Ctrl-C to DeepSpeed's launcher SIGTERMs rank 0's whole tree
+                print(f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the metrics are in "
+                      f"{self.path} only", file=sys.stderr, flush=True)
+                self.run = None
 
     def close(self) -> None:
-        """Finish the W&B run. On a full disk W&B cannot flush its own log file when it closes
+        """Finish the W&B run and say where it is (W&B's own 30-line summary is off: the metrics
+        are in metrics.jsonl and `alum plot`). On a full disk W&B cannot flush its own log file when it closes
         it (an OSError out of `finish`): that is said in one line, so that it does not replace
         the error the run stopped with (a checkpoint that could not be saved)."""
-        if self.run is not None:
-            try:
-                self.run.finish()
-            except OSError as e:
-                print(f"{self.path.parent / 'wandb'}: W&B could not finish writing its files ({e.strerror or e})", file=sys.stderr, flush=True)
+        if self.run is None:
+            return
+        where = self.run.url if not self.run.offline else f"offline, `wandb sync {self.run.dir.removesuffix('/files')}` uploads it"
+        try:
+            self.run.finish()
+        except OSError as e:
+            print(f"{self.path.parent / 'wandb'}: W&B could not finish writing its files ({e.strerror or e})", file=sys.stderr, flush=True)
+            return
+        print(f"wandb: run {self.run.id} ({where})", flush=True)
 
 
 def step_record(stats, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
@@ -127,7 +137,7 @@ def _start_wandb(run_dir: Path, settings, wandb_id: str | None, config: dict):
 
     def start(mode: str):
         return wandb.init(project=settings.project, entity=settings.entity, name=settings.name, mode=mode, dir=str(run_dir),
-                          id=run_id, resume="allow", config=config, settings=wandb.Settings(init_timeout=settings.init_timeout_s))
+                          id=run_id, resume="allow", config=config, settings=wandb.Settings(init_timeout=settings.init_timeout_s, quiet=True))
 
     if settings.mode != "online":
         return start(settings.mode)

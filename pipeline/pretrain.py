@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,26 +48,8 @@ from pipeline.run_lock import RunLock
 from pipeline.freeat import Carry, at_boundary, replay_index
 from pipeline.companion import Companion, companion_for
 from pipeline.prefetch import StepInputs
+from pipeline.stop import StopRequest
 from pipeline.step import StepStats, TrainingAborted, account, check_health, consumed_after, train_step
-
-
-class StopRequest:
-    """Set by a stop signal; the ranks agree on it at the next step boundary.
-
-    The handler only records the signal: the step in flight finishes, then every rank sees
-    the request in the step's all-reduce, saves one checkpoint together and exits 0.
-    """
-
-    signal_name: str | None = None
-
-    @classmethod
-    def install(cls, names: list[str]) -> None:
-        for name in names:
-            signal.signal(getattr(signal, name), cls._handle)
-
-    @classmethod
-    def _handle(cls, signum, frame) -> None:
-        cls.signal_name = signal.Signals(signum).name
 
 
 class AlreadyFinished(Exception):
@@ -187,7 +168,11 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         write_run_files(run_dir, config, model_config, tokenizer)
     dist.barrier()
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    peak = peak_flops(device_name, resolved_precision(config.train.precision), config.train.peak_tflops)
+    precision = resolved_precision(config.train.precision)
+    if rank == 0:
+        gpu_note = "" if engine.device.type != "cpu" else " (no GPU found)"
+        print(f"pretrain: {world_size} rank(s) on {device_name}{gpu_note}, {precision}, ZeRO stage {zero_stage(ds_config)}", flush=True)
+    peak = peak_flops(device_name, precision, config.train.peak_tflops)
     return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak, lock)
 
 
@@ -225,7 +210,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.companion, carries)
         if state.step + 1 < max_steps:  # the next step's batch, built while the device runs this one
             inputs(state.step + 1, consumed_after(config, state.step + 1, state.consumed_samples))
-        stats = StepStats.gather(sums, stop=StopRequest.signal_name is not None)
+        stats = StepStats.gather(sums, stop=StopRequest.requested())
         account(state, stats, config, engine)
         seconds = time.perf_counter() - started
         evaluated = evaluator() if evaluator.due(state.step) else {}
@@ -240,7 +225,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
             checkpointer.save(state)
         if stats.stop and at_boundary(config.adversarial, state.step):
             if rank == 0:
-                print(f"stop requested ({StopRequest.signal_name or 'by another rank'}): saved step {state.step}; re-run the same command to continue", flush=True)
+                print(f"stop requested ({StopRequest.reason or 'by another rank'}): saved step {state.step}; re-run the same command to continue", flush=True)
             return
         started = time.perf_counter()
 

@@ -3,14 +3,14 @@
 COMMAND starts this node's share of the job: DeepSpeed's runner, torchrun or
 `python -m pipeline.pretrain` itself (the scripts in launch/ put it under the supervisor).
 The supervisor exists because the launchers are what a scheduler signals, and they handle
-it badly: DeepSpeed's runner dies on SIGTERM and leaves its launch.py running; launch.py
-SIGTERMs each rank's whole process tree (W&B's service included), SIGKILLs it 30 s later
-and exits 1. The ranks stop well on their own: a stop signal to any rank makes every rank
+it badly: DeepSpeed's runner dies on SIGTERM and leaves its launch.py running (the ranks
+then stop as their launcher chain broke, pipeline.stop); launch.py SIGTERMs each rank's
+whole process tree (W&B's service included), SIGKILLs it 30 s later and exits 1. The ranks stop well on their own: a stop signal to any rank makes every rank
 save one checkpoint at the next step boundary and exit 0. Hence:
 
 - Pre-emption. COMMAND runs in a session of its own, and SIGTERM, SIGUSR1 or SIGINT to the
-  supervisor goes to the training ranks only (SIGINT as SIGTERM: the ranks stop on
-  `train.stop_signals`, SIGTERM and SIGUSR1 by default, and SIGINT would be a traceback).
+  supervisor goes to the training ranks only (SIGINT as SIGTERM, which a
+  `train.stop_signals` without SIGINT still lists).
   The launcher sees the ranks exit 0 and exits 0, and so does the supervisor, without
   relaunching. The launchers inherit SIGUSR1 ignored, so a scheduler that signals every
   process of the job (SLURM's `--signal`) does not kill them under the saving ranks.

@@ -1,0 +1,23 @@
+"""What the commands print is what a user needs: `--help` says nothing of DeepSpeed (which
+logs its accelerator choice when imported), and a training run's own lines are counted in
+tests/test_stop.py, where a real 2-rank launch runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+
+@pytest.mark.parametrize("command", [["-m", "pipeline.pretrain"], ["-m", "pipeline.cli", "pretrain"],
+                                     ["-m", "pipeline.finetune"], ["-m", "pipeline.cli", "finetune"]],
+                         ids=["python -m pipeline.pretrain", "alum pretrain", "python -m pipeline.finetune", "alum finetune"])
+def test_help_is_only_the_usage(command):
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("usage: "), result.stdout[:300]
