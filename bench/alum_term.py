@@ -2,7 +2,7 @@
 
 A study, not a benchmark of speed. On a small BERT pretrained for a few hundred steps on
 WikiText-2 (a random model's predictions are nearly flat, a trained one's are not), it runs
-the project's own objective (`pipeline.adversarial.compute_losses` through `MaskedLM`) for
+the project's own objective (`pipeline.methods.adversarial.compute_losses` through `MaskedLM`) for
 every combination of
 
     update rule (paper | official) x perturb_at (word_embeddings | embedding_output)
@@ -45,12 +45,12 @@ from data_prep.inputs import expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.objective import mlm_loss, symmetric_kl
-from pipeline.data import Batches, ShardDataset, masked_batch
-from pipeline.masking import MaskVocab
-from pipeline.model import MaskedLM, build_model, hf_config
-from pipeline.perturbation import token_norm
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss, symmetric_kl
+from pipeline.data.batches import Batches, ShardDataset, masked_batch
+from pipeline.data.masking import MaskVocab
+from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
+from pipeline.model.perturbation import token_norm
 from data_dir import wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,14 +30,14 @@ import torch
 
 from bench_step import SEED, add_model_arguments, build_models, build_shards
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.adversarial import METHODS, AdversarialConfig, objective, run_objective
-from pipeline.data import Batches, ShardDataset
-from pipeline.engine import make_optimizer
-from pipeline.masking import MaskVocab
-from pipeline.freeat import Carry, replay_index
-from pipeline.companion import Companion, companion_for, teacher_and_adversaries
-from pipeline.model import MaskedLM
-from pipeline.smart import Teacher
+from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, run_objective
+from pipeline.data.batches import Batches, ShardDataset
+from pipeline.train.deepspeed_setup import make_optimizer
+from pipeline.data.masking import MaskVocab
+from pipeline.methods.freeat import Carry, replay_index
+from pipeline.methods.companion import Companion, companion_for, teacher_and_adversaries
+from pipeline.model.masked_lm import MaskedLM
+from pipeline.methods.smart import Teacher
 
 OPTIMIZER = argparse.Namespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
 

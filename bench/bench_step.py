@@ -1,7 +1,7 @@
 """Benchmark one training step: the project's MLM step vs HF's, ALUM vs standard, data loading.
 
 Three ratios, all taken on CPU in fp32 with plain PyTorch (a module, `torch.optim.AdamW`
-from `pipeline.engine.make_optimizer`, `loss.backward()`, `optimizer.step()`). No DeepSpeed
+from `pipeline.train.deepspeed_setup.make_optimizer`, `loss.backward()`, `optimizer.step()`). No DeepSpeed
 engine: the ratios are about the computation of a step, which the engine wraps without
 changing it; its own per-step work (gradient clipping, ZeRO bookkeeping) is the same for
 every variant and is left out. The model is a small BERT built by the project's own
@@ -14,9 +14,9 @@ same weights, and a check in eval mode confirms HF and the project compute the s
    ratio project / HF (target >= 1.3).
 2. ALUM step: `compute_losses` with adversarial.method=alum, K=1, start_step=0, its
    `forward` / `ascent_forward` closures calling `MaskedLM` directly (as
-   `pipeline.step.train_step` does through the engine), + backward + step. Time ratio
+   `pipeline.train.step.train_step` does through the engine), + backward + step. Time ratio
    ALUM / standard (target <= 2.8; the FLOP count gives about 2.67).
-3. Data: `pipeline.data.Batches.for_step` (sample order, `ShardDataset` rows, masking, tensors)
+3. Data: `pipeline.data.batches.Batches.for_step` (sample order, `ShardDataset` rows, masking, tensors)
    for one global batch of the benchmark's size, on real shards (a tokenizer trained and
    WikiText-2 train sharded once, into a temporary directory, with the project's API). Its
    time as a fraction of the standard step (target <= 3%) and of the ALUM step.
@@ -54,12 +54,12 @@ from data_prep.inputs import expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.objective import mlm_loss
-from pipeline.data import Batches, ShardDataset
-from pipeline.masking import MaskVocab
-from pipeline.engine import make_optimizer
-from pipeline.model import MaskedLM, build_model, hf_config
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss
+from pipeline.data.batches import Batches, ShardDataset
+from pipeline.data.masking import MaskVocab
+from pipeline.train.deepspeed_setup import make_optimizer
+from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
 from data_dir import wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]

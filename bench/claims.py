@@ -16,8 +16,8 @@ already there, so a re-run continues where the last one stopped.
    - `standard`: standard MLM for S steps;
    - `alum`: the paper's two stages: the standard run's step-S/2 checkpoint (weights,
      optimizer, schedule, data position) continued with ALUM to step S (equal steps);
-   - `alum-amortized`: the same two stages with amortized ALUM (pipeline/alum.py);
-   - `asa`: the same two stages with adversarial self-attention (pipeline/asa.py), its KL
+   - `alum-amortized`: the same two stages with amortized ALUM (pipeline/methods/alum.py);
+   - `asa`: the same two stages with adversarial self-attention (pipeline/methods/asa.py), its KL
      weighted 1 as in the ASA paper;
    - `standard-compute`: standard MLM from scratch for S/2 + r * S/2 steps, where r is the
      measured time of an ALUM step over a standard one (equal compute);
@@ -358,7 +358,7 @@ def main() -> None:
     setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=sum(invocations), invocations=len(invocations))
     study = {"setup": setup, "models": models}
     write(study, args.out)
-    command("-m", "pipeline.plot", *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
+    command("-m", "pipeline.tasks.plot", *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
             "--labels", ",".join(PRETRAINED), "--out", str(args.out / "pretraining.png"), what="pretraining curves")
     print(table(study))
 

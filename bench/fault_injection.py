@@ -35,7 +35,7 @@ whether the metrics equal the reference exactly (wall-clock `perf/` keys left ou
 finish, or its metrics differ from the reference.
 
 DeepSpeed's CPU all-reduce maps a 64 MiB segment per rank in /dev/shm (RAM) and never
-unlinks it; `pipeline.pretrain` unlinks its own once every rank has mapped them, so a launch
+unlinks it; `pipeline.train.pretrain` unlinks its own once every rank has mapped them, so a launch
 leaves none, killed or not. The harness checks that: it counts (and removes) any its
 launches left behind; the report must say 0.
 

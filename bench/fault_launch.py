@@ -31,7 +31,7 @@ class Launch:
     """
 
     def __init__(self, args: list[str], log: Path, world: int = 2):
-        from pipeline.distributed import free_port  # imports DeepSpeed: not at import, which the tests do at collection
+        from pipeline.train.distributed import free_port  # imports DeepSpeed: not at import, which the tests do at collection
 
         self.port = free_port()
         command = [*launch_command("deepspeed", world, self.port), *args]

@@ -21,9 +21,9 @@ def smart(out: Path) -> None:
     device's attention kernels and dropout, as it is on the CPU (tests/test_smart.py)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from pipeline.adversarial import AdversarialConfig, compute_losses
-    from pipeline.model import MaskedLM
-    from pipeline.smart import Teacher
+    from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+    from pipeline.model.masked_lm import MaskedLM
+    from pipeline.methods.smart import Teacher
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def timing(work: Path) -> str:
     def mfu(rows):
         if all("perf/mfu" in r for r in rows):
             return f", MFU {median(rows, 'perf/mfu'):.1%}"
-        return ", no MFU (no peak in pipeline/flops.py)" if run.name == "bert-base" else ""
+        return ", no MFU (no peak in pipeline/train/flops.py)" if run.name == "bert-base" else ""
 
     return (f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, batch {batch} x {seq_len}: "
             f"standard {median(standard, 'perf/step_seconds'):.3f} s/step ({median(standard, 'perf/tokens_per_s'):,.0f} tok/s"

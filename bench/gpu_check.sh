@@ -10,7 +10,7 @@
 # 5. alum finetune --deepspeed (ZeRO-2, precision auto) of run 2's export for 6 steps: it saves float32 weights.
 # 6. The shipped bert-base config at batch 256 x 128 (2 micro-batches of 128: the model, not kernel launches, sets
 #    the time; GPU only): 8 standard steps, then 8 ALUM steps; tokens/s, perf/mfu and the ALUM/standard step time
-#    (medians after 2 warm-up steps of each). perf/mfu needs the GPU's exact name in pipeline/flops.py.
+#    (medians after 2 warm-up steps of each). perf/mfu needs the GPU's exact name in pipeline/train/flops.py.
 # Without CUDA, 4 and 6 are skipped (the output says so) and the timing line comes from run 2, so the script is
 # tested on a CPU (tests/test_gpu_check.py). Every line starts with "gpu_check:"; the exit code is 1 if a check failed.
 set -euo pipefail

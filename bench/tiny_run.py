@@ -48,7 +48,7 @@ def build_shards(text: Path, tokenizer: Path, out: Path) -> Path:
 
 def pretrain_args(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, stage: int = 2,
                   config: str = CONFIG) -> list[str]:
-    """`pipeline.pretrain`'s arguments: TRAIN_OVERRIDES, then `overrides` (of the same key, the
+    """`pipeline.train.pretrain`'s arguments: TRAIN_OVERRIDES, then `overrides` (of the same key, the
     later wins). No tokenizer: the run's default (model.init_from's)."""
     return ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
             *([f"data.tokenizer={tokenizer}"] if tokenizer else []),

@@ -1,4 +1,4 @@
-"""Fine-tune a classifier with HF's Trainer and ALUM, FGM or PGD (pipeline.hf_trainer.AdversarialTrainer).
+"""Fine-tune a classifier with HF's Trainer and ALUM, FGM or PGD (pipeline.tasks.hf_trainer.AdversarialTrainer).
 
 The model is an exported one (`alum export`) or any HF BERT/RoBERTa directory:
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
-from pipeline.adversarial import AdversarialConfig
-from pipeline.hf_trainer import AdversarialTrainer
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.tasks.hf_trainer import AdversarialTrainer
 
 
 def fail(message: str):

@@ -38,7 +38,7 @@ export_network_env() {
     fi
 }
 
-# The command every launcher runs under (pipeline/supervise.py): it stops the ranks cleanly on
+# The command every launcher runs under (pipeline/train/supervise.py): it stops the ranks cleanly on
 # SIGTERM/SIGUSR1/SIGINT and relaunches a failed job RESTARTS times. Sets SUPERVISE.
 supervisor() {
     local name

@@ -13,7 +13,7 @@
 #               loss) are never retried.
 # STOP_TIMEOUT  seconds the job gets to stop after a stop signal before it is killed (default 600)
 #
-# The launcher runs under pipeline.supervise, which is this script's pid (exec). Over ssh the
+# The launcher runs under pipeline.train.supervise, which is this script's pid (exec). Over ssh the
 # ranks are not its descendants (pdsh starts them through each host's sshd, this host's too),
 # so a stop signal to it can only reach DeepSpeed's runner: it SIGTERMs the launchers on every
 # host, which SIGTERM their ranks (they save at the next step boundary) and SIGKILL whatever

@@ -15,7 +15,7 @@
 # STOP_TIMEOUT  seconds the ranks get to save and exit after a stop signal (default 600)
 # The run directory must be on a filesystem every node sees (checkpoints are written by all ranks).
 #
-# The launcher runs under pipeline.supervise, which is this script's pid (exec): SIGTERM,
+# The launcher runs under pipeline.train.supervise, which is this script's pid (exec): SIGTERM,
 # SIGUSR1 or SIGINT to it makes every rank of the job save one checkpoint at the next step
 # boundary and exit 0 (then this script exits 0); a job still running STOP_TIMEOUT seconds
 # later is killed (exit 1). Re-running the same command continues where it stopped.

@@ -4,7 +4,7 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 GPUS_PER_NODE=8 launch/torchrun.sh --config configs/bert-base.yaml --run-dir runs/base
 #
 # MASTER_PORT, NET_IFACE, RESTARTS and STOP_TIMEOUT as in launch/node.sh: torchrun runs under
-# pipeline.supervise (this script's pid), so SIGTERM/SIGUSR1/SIGINT to it stops the ranks with
+# pipeline.train.supervise (this script's pid), so SIGTERM/SIGUSR1/SIGINT to it stops the ranks with
 # a checkpoint and a failed job is relaunched RESTARTS times. torchrun reports any failed rank
 # as exit 1, so a bad input (exit 2 of the ranks) is retried under torchrun, and fails again.
 set -euo pipefail

@@ -12,7 +12,7 @@ import sys
 
 from data_prep.cores import usable_cores
 from data_prep.errors import UserError
-from pipeline.help_format import DefaultsHelpFormatter
+from pipeline.core.help_format import DefaultsHelpFormatter
 
 
 OVERWRITE_HELP = "replace --out if {command} wrote it (its marker says so) and it holds nothing else"
@@ -119,13 +119,13 @@ def cmd_merge(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from pipeline.export import export
+    from pipeline.tasks.export import export
 
     print(f"exported: {export(args.run_dir, args.out, tag=args.tag, overwrite=args.overwrite)}")
 
 
 def cmd_demo(args) -> None:
-    from pipeline.demo import run_demo
+    from pipeline.tasks.demo import run_demo
 
     run_demo(args.out, workers=args.workers)
 
@@ -193,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose module parses its own arguments: `alum NAME ARGS` is `python -m MODULE ARGS`.
 PASSED_THROUGH = {
-    "pretrain": ("pipeline.pretrain", "train in this process"),
-    "supervise": ("pipeline.supervise", "run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure"),
-    "eval": ("pipeline.mlm_eval", "MLM loss, perplexity, accuracy and robustness of an HF model on a shard split"),
-    "finetune": ("pipeline.finetune", "fine-tune a BERT/RoBERTa classifier (SST-2, RTE, your own data), standard or ALUM"),
-    "plot": ("pipeline.plot", "loss components, mask rate, learning rate and eval perplexity of runs, as a PNG"),
+    "pretrain": ("pipeline.train.pretrain", "train in this process"),
+    "supervise": ("pipeline.train.supervise", "run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure"),
+    "eval": ("pipeline.tasks.mlm_eval", "MLM loss, perplexity, accuracy and robustness of an HF model on a shard split"),
+    "finetune": ("pipeline.tasks.finetune", "fine-tune a BERT/RoBERTa classifier (SST-2, RTE, your own data), standard or ALUM"),
+    "plot": ("pipeline.tasks.plot", "loss components, mask rate, learning rate and eval perplexity of runs, as a PNG"),
 }
 
 

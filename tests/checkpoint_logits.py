@@ -1,6 +1,6 @@
 """Test helper, run under the DeepSpeed launcher: the training model's logits at a checkpoint.
 
-Builds the engine exactly as training does (`pipeline.pretrain.prepare`, the run's stored
+Builds the engine exactly as training does (`pipeline.train.pretrain.prepare`, the run's stored
 config), loads a checkpoint (TAG "start": none, the weights training starts from), and has
 rank 0 save the masked-position logits of a fixed batch, so a test can compare them with a
 Hugging Face model's (the export, or the model a run continued from).
@@ -17,9 +17,9 @@ import torch
 
 def main() -> None:
     run_dir, tag, out = Path(sys.argv[-3]), sys.argv[-2], Path(sys.argv[-1])
-    from pipeline import checkpoint
-    from pipeline.data import masked_batch
-    from pipeline.pretrain import prepare
+    from pipeline.train import checkpoint
+    from pipeline.data.batches import masked_batch
+    from pipeline.train.pretrain import prepare
 
     run = prepare(None, run_dir, [], finished_ok=True)
     if tag != "start":

@@ -2,7 +2,7 @@
 
     python tests/count_step_syncs.py RUN_DIR OUT.json key=value ...
 
-Runs training as `alum pretrain` does (`pipeline.pretrain.train`, config `tiny` plus the
+Runs training as `alum pretrain` does (`pipeline.train.pretrain.train`, config `tiny` plus the
 overrides) under `host_syncs.HostSyncs`, every library's syncs included, with a mark each
 time a step's batches are built. The record is cut after each `.tolist()` read-back (the
 step's own, in `StepStats.gather`): piece N holds what ran after step N - 1's read-back up
@@ -22,9 +22,9 @@ from host_syncs import HostSyncs
 
 
 def main() -> None:
-    from pipeline.data import Batches
-    from pipeline.distributed import shutdown_distributed
-    from pipeline.pretrain import train
+    from pipeline.data.batches import Batches
+    from pipeline.train.distributed import shutdown_distributed
+    from pipeline.train.pretrain import train
 
     run_dir, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     counter = HostSyncs()

@@ -57,7 +57,7 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
     `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
     run's default (model.init_from's). `python_path`: folders put first on the processes'
     PYTHONPATH (a fault injected through a sitecustomize.py)."""
-    from pipeline.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
+    from pipeline.train.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
 
     command = (launch_command(launcher or ("deepspeed" if world > 1 else "python"), world, free_port())
                + pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage, config=config))
@@ -79,7 +79,7 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
 def pretrain_several(runs: list[tuple[Path, tuple[str, ...]]], shards: Path, tokenizer: Path, world: int = 2, stage: int = 2,
                      timeout: int = 900) -> subprocess.CompletedProcess:
     """Several runs (run dir, overrides), one after another in one launch (tests/several_runs.py)."""
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     command = [arg if arg != "pipeline.pretrain" else "several_runs" for arg in launch_command("deepspeed", world, free_port())]
     for i, (run_dir, overrides) in enumerate(runs):

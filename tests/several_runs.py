@@ -2,10 +2,10 @@
 
     deepspeed --num_gpus 2 --module several_runs ARGS [--next ARGS ...]
 
-each ARGS being `pipeline.pretrain`'s. Tests of many short runs (one per adversarial method,
+each ARGS being `pipeline.train.pretrain`'s. Tests of many short runs (one per adversarial method,
 a run and its resumption) pay the launch, the imports and the process group once instead
 of once per run; every run still builds its own engine, reads its own checkpoints and
-writes its own run directory through `pipeline.pretrain.train`.
+writes its own run directory through `pipeline.train.pretrain.train`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.distributed import exit_process, shutdown_distributed
-from pipeline.pretrain import parse_args, train
+from pipeline.train.distributed import exit_process, shutdown_distributed
+from pipeline.train.pretrain import parse_args, train
 
 
 def main(argv: list[str]) -> int:

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline import accumulated, perturbation
-from pipeline.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
-from pipeline.freeat import Carry, at_boundary, replay_index
-from pipeline.objective import kl, log_probs, mlm_loss
+from pipeline.methods import accumulated
+
+from pipeline.model import perturbation
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
+from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.methods.objective import kl, log_probs, mlm_loss
 
 from test_adversarial import Closures, batch, tiny_bert
 

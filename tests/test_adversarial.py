@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.objective import mlm_loss, symmetric_kl
-from pipeline.perturbation import ascent_update, token_norm
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss, symmetric_kl
+from pipeline.model.perturbation import ascent_update, token_norm
 
 torch.set_num_threads(1)
 
@@ -63,7 +63,7 @@ class Closures:
     def run(self, delta):
         embedded = self.model.bert.embeddings.word_embeddings(self.ids)
         delta = delta(embedded) if callable(delta) else delta
-        inputs = embedded if delta is None else embedded + delta.to(embedded.dtype)  # as pipeline.model.Perturbation adds it
+        inputs = embedded if delta is None else embedded + delta.to(embedded.dtype)  # as pipeline.model.masked_lm.Perturbation adds it
         logits = self.model(inputs_embeds=inputs, attention_mask=torch.ones_like(self.ids)).logits
         return logits[self.mask], embedded
 

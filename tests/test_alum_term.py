@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline import vanishing
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.objective import mlm_loss
-from pipeline.config import load_config
-from pipeline.data import Batches, ShardDataset, masked_batch
-from pipeline.masking import MaskVocab
-from pipeline.model import MaskedLM, build_model, hf_config
+from pipeline.train import vanishing
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss
+from pipeline.train.config import load_config
+from pipeline.data.batches import Batches, ShardDataset, masked_batch
+from pipeline.data.masking import MaskVocab
+from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

@@ -9,9 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from data_prep.errors import UserError
-from pipeline.adversarial import AdversarialConfig, objective, run_objective
-from pipeline.asa import Adversary, AsaConfig, AttentionAdversaries, GradientReversal, StraightThroughMask
-from pipeline.model import MaskedLM
+from pipeline.methods.adversarial import AdversarialConfig, objective, run_objective
+from pipeline.methods.asa import Adversary, AsaConfig, AttentionAdversaries, GradientReversal, StraightThroughMask
+from pipeline.model.masked_lm import MaskedLM
 
 from test_adversarial import MASK_ID, VOCAB, tiny_bert
 

@@ -1,4 +1,4 @@
-"""A rank's training batches (pipeline.data.Batches): a pure function of (step, consumed
+"""A rank's training batches (pipeline.data.batches.Batches): a pure function of (step, consumed
 samples, rate), the same global batch whatever the world size, tensors the model can use,
 and no more than the training step copies to the device."""
 
@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.data import Batches, ShardDataset, masked_batch
-from pipeline.masking import MaskVocab, mask_tokens
+from pipeline.data.batches import Batches, ShardDataset, masked_batch
+from pipeline.data.masking import MaskVocab, mask_tokens
 
 
 @pytest.fixture(scope="module")

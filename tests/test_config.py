@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from data_prep.errors import UserError
-from pipeline.adversarial import AdversarialConfig
-from pipeline.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config, missing_paths
-from pipeline.curriculum import MaskSchedule
-from pipeline.engine import deepspeed_config, zero_stage
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.train.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config, missing_paths
+from pipeline.data.curriculum import MaskSchedule
+from pipeline.train.deepspeed_setup import deepspeed_config, zero_stage
 
 from helpers import minimal, raises_naming, write_yaml
 
@@ -331,7 +331,7 @@ def test_a_section_rebuilt_with_replace_is_checked_again():
 
 
 def test_overrides_may_come_before_and_after_the_options():
-    from pipeline.pretrain import parse_args
+    from pipeline.train.pretrain import parse_args
 
     args = parse_args(["--config", "configs/tiny.yaml", "train.max_steps=3", "--run-dir", "runs/x", "train.lr=1e-4", "--local_rank=1"])
     assert (args.config, args.run_dir, args.local_rank) == ("configs/tiny.yaml", "runs/x", 1)
@@ -348,7 +348,7 @@ def test_every_option_shows_its_default_in_help():
 def test_decay_steps_keeps_the_schedule_when_max_steps_is_raised():
     import torch
 
-    from pipeline.engine import make_scheduler
+    from pipeline.train.deepspeed_setup import make_scheduler
 
     def lrs(train, steps):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr)
@@ -371,7 +371,7 @@ def test_decay_steps_keeps_the_schedule_when_max_steps_is_raised():
 def test_config_paths_work_from_any_folder(tmp_path, monkeypatch):
     """Paths in a YAML file are relative to it, on the command line to the current folder;
     a shipped config can be named; every missing path is reported at once."""
-    from pipeline.config import missing_paths
+    from pipeline.train.config import missing_paths
 
     monkeypatch.chdir(tmp_path)
     by_name = load_config("tiny", ["data.shards=shards", "data.tokenizer=tok"])

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.curriculum import MaskSchedule
+from pipeline.data.curriculum import MaskSchedule
 
 PAPER_RATES = [
     (0.0, 0.05),

@@ -10,8 +10,8 @@ import pytest
 from deepspeed.accelerator import get_accelerator
 
 from data_prep.errors import UserError
-from pipeline.config import load_config
-from pipeline.engine import deepspeed_config, zero_stage
+from pipeline.train.config import load_config
+from pipeline.train.deepspeed_setup import deepspeed_config, zero_stage
 
 from helpers import REPO, minimal
 

@@ -8,8 +8,8 @@ from data_prep import output_dir
 from data_prep.differences import first_difference
 from data_prep.errors import UserError
 from data_prep.manifest import describe_difference
-from pipeline.config import dump, load_config
-from pipeline.rundir import COMMAND, CONFIG, resolve_run_config
+from pipeline.train.config import dump, load_config
+from pipeline.train.rundir import COMMAND, CONFIG, resolve_run_config
 
 
 def test_the_first_differing_key_in_sorted_order_with_both_values():

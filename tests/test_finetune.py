@@ -20,9 +20,9 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from helpers import REPO, data_file
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline import finetune
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.glue import load_task, read_advglue, read_tsv
+from pipeline.tasks import finetune
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.data.glue import load_task, read_advglue, read_tsv
 
 SST2_COLUMNS, SST2_LABELS = ("sentence",), ("0", "1")
 
@@ -287,7 +287,7 @@ def dropout_free_model(tmp_path_factory, small_model) -> Path:
 
 @pytest.mark.slow
 def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_path):
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     options = args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "one", **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75})
     assert finetune.main(options) == 0
@@ -311,7 +311,7 @@ def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_pat
 def test_a_bf16_deepspeed_run_saves_its_float32_master_weights(small_model, small_task, tmp_path):
     """DeepSpeed bf16 casts the module in place; the saved model holds the optimizer's float32
     master weights (partitioned over 2 ZeRO-2 ranks), of which the bf16 module is the cast."""
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 4, "--eval-every": 4,
                "--batch-size": 16, "--deepspeed": "configs/deepspeed/zero2.json", "--precision": "bf16"}

@@ -1,4 +1,4 @@
-"""The FLOPs formula behind perf/mfu (pipeline.flops), against PyTorch's FLOP counter."""
+"""The FLOPs formula behind perf/mfu (pipeline.train.flops), against PyTorch's FLOP counter."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.flops import flops_per_token, mfu, model_flops_per_token, peak_flops
-from pipeline.model import MaskedLM
+from pipeline.train.flops import flops_per_token, mfu, model_flops_per_token, peak_flops
+from pipeline.model.masked_lm import MaskedLM
 
 
 @pytest.mark.parametrize("hidden, layers, intermediate, vocab, seq_len", [(64, 2, 256, 2000, 64), (96, 3, 384, 3000, 128)])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.model import MaskedLM
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.model.masked_lm import MaskedLM
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_float32_and_bf16_ascent_gradients_are_unchanged_by_the_scaling(weights)
         model = MaskedLM(hf.to(dtype))
         ids = torch.randint(5, 30000, (2, 16), generator=torch.Generator().manual_seed(3))
         index, mask = torch.arange(0, 32, 4), torch.ones_like(ids)
-        from pipeline.objective import input_gradient, log_probs, nll
+        from pipeline.methods.objective import input_gradient, log_probs, nll
 
         delta = torch.zeros(2, 16, 32, requires_grad=True)
         logits = model(ids, mask, index, delta)[0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.adversarial import AdversarialConfig
-from pipeline.objective import mlm_loss
-from pipeline.perturbation import token_norm
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.methods.objective import mlm_loss
+from pipeline.model.perturbation import token_norm
 
 from test_adversarial import batch, clean_loss, run_step
 

@@ -1,4 +1,4 @@
-"""`pipeline.hf_trainer.AdversarialTrainer`: its loss is `compute_losses` on the Trainer's model,
+"""`pipeline.tasks.hf_trainer.AdversarialTrainer`: its loss is `compute_losses` on the Trainer's model,
 the adversarial term starts at Trainer's step `start_step` and is logged, evaluation scores the
 clean loss; and examples/hf_trainer_finetune.py fine-tunes an exported model where DeepSpeed is
 not installed."""
@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from helpers import REPO, data_file
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.finetune import Classifier
-from pipeline.glue import read_tsv
-from pipeline.hf_trainer import AdversarialTrainer
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.tasks.finetune import Classifier
+from pipeline.data.glue import read_tsv
+from pipeline.tasks.hf_trainer import AdversarialTrainer
 from test_finetune import small_model  # noqa: F401 (a fixture: a tiny BERT directory as `alum export` writes it)
 
 EXAMPLE = REPO / "examples" / "hf_trainer_finetune.py"

@@ -14,9 +14,9 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from host_syncs import HostSyncs
-from pipeline.adversarial import AdversarialConfig, objective, run_objective
-from pipeline.asa import AsaConfig, AttentionAdversaries
-from pipeline.model import MaskedLM
+from pipeline.methods.adversarial import AdversarialConfig, objective, run_objective
+from pipeline.methods.asa import AsaConfig, AttentionAdversaries
+from pipeline.model.masked_lm import MaskedLM
 
 REPO_TESTS = os.path.dirname(__file__)
 
@@ -58,7 +58,7 @@ def micro_batch(method: str, attention: torch.Tensor | None):
 def test_a_micro_batch_without_padding_has_no_host_sync_and_equals_one_with_a_mask_of_ones(method):
     """Every sync counted, the libraries' included. Given a mask, transformers' SDPA mask code
     asks the device whether every token is real (masking_utils.py `padding_mask.all()`) once
-    per forward: a batch of packed rows passes no mask (pipeline.data.masked_batch), and
+    per forward: a batch of packed rows passes no mask (pipeline.data.batches.masked_batch), and
     computes exactly what the mask of ones computes."""
     counter, stats, grads = micro_batch(method, None)
     assert counter.syncs == [] and counter.read_backs == []
@@ -104,7 +104,7 @@ def test_a_training_step_reads_back_once_besides_deepspeeds_own_syncs(tmp_path, 
     assert len(pieces) == 4 and pieces[0]["marks"] == ["batch 0", "batch 1"]
     for step, piece in enumerate(pieces[1:], start=1):  # piece 0 holds the set-up too
         assert piece["syncs"] == DEEPSPEED_SYNCS, (step, piece)
-        assert len(piece["read_backs"]) == 1 and piece["read_backs"][0].startswith("pipeline/step.py:"), (step, piece)
+        assert len(piece["read_backs"]) == 1 and piece["read_backs"][0].startswith("pipeline/train/step.py:"), (step, piece)
         assert piece["marks"] == ([f"batch {step + 1}"] if step < 3 else []), (step, piece)  # the next batch, before the read-back
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4 and last["train/loss_adv"] > 0
@@ -115,8 +115,8 @@ def test_the_alum_loss_runs_without_importing_deepspeed():
     code = """
 import sys, torch
 from transformers import BertConfig, BertForMaskedLM
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.model import MaskedLM
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.model.masked_lm import MaskedLM
 model = MaskedLM(BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
 ids = torch.randint(5, 50, (2, 8))
 out = compute_losses(lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d), lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d)[0],

@@ -1,10 +1,10 @@
-"""Checkpoint file records (pipeline.integrity): what a damaged file looks like to the resume."""
+"""Checkpoint file records (pipeline.train.integrity): what a damaged file looks like to the resume."""
 
 from __future__ import annotations
 
 import hashlib
 
-from pipeline.integrity import digest, file_digests, problems
+from pipeline.train.integrity import digest, file_digests, problems
 
 
 def test_digests_are_size_and_sha256_and_every_kind_of_damage_is_named(tmp_path):

@@ -1,7 +1,7 @@
 """launch/: multi-node launch rehearsed on this machine, and the launchers' bad inputs.
 
 Two "nodes" are two DeepSpeed launchers started with `launch/node.sh` (no ssh), each with
-one rank, meeting on 127.0.0.1 only. Each launcher runs under pipeline.supervise (see
+one rank, meeting on 127.0.0.1 only. Each launcher runs under pipeline.train.supervise (see
 tests/test_supervise.py for what that adds).
 """
 
@@ -26,7 +26,7 @@ def node(rank: int | str, hostfile, run_dir, shards, tokenizer, port: int, *extr
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_two_node_rehearsal_equals_one_node(reference, tmp_path, train_shards, bert_tokenizer):
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     _, one_node = reference
     hostfile = tmp_path / "hostfile"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.masking import MaskVocab, mask_tokens
+from pipeline.data.masking import MaskVocab, mask_tokens
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIAL = [PAD, UNK, CLS, SEP]

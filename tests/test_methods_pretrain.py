@@ -100,9 +100,9 @@ def test_an_asa_export_is_a_plain_masked_lm_with_the_training_models_clean_logit
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.asa import AsaConfig, AttentionAdversaries
-    from pipeline.export import export, load_exported_weights
-    from pipeline.model import MaskedLM
+    from pipeline.methods.asa import AsaConfig, AttentionAdversaries
+    from pipeline.tasks.export import export, load_exported_weights
+    from pipeline.model.masked_lm import MaskedLM
 
     run_dir = runs / "asa-straight"
     out = export(run_dir, tmp_path / "hf")

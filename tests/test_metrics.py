@@ -8,9 +8,9 @@ import json
 import pytest
 
 from data_prep.errors import UserError
-from pipeline.config import RunConfig, WandbConfig
-from pipeline.metrics import METRICS, MetricsLogger
-from pipeline.resume import TrainState
+from pipeline.train.config import RunConfig, WandbConfig
+from pipeline.train.metrics import METRICS, MetricsLogger
+from pipeline.train.resume import TrainState
 
 
 def test_resume_cuts_the_log_back_and_drops_a_line_torn_by_a_kill(tmp_path):
@@ -27,7 +27,7 @@ def test_resume_cuts_the_log_back_and_drops_a_line_torn_by_a_kill(tmp_path):
 @pytest.fixture
 def unreachable_wandb(monkeypatch):
     """A W&B API key and a server address where nothing listens, as on a compute node without internet."""
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")

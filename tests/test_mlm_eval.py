@@ -1,4 +1,4 @@
-"""`alum eval` (pipeline.mlm_eval) on a real, briefly trained tiny BERT and real WikiText-2 shards."""
+"""`alum eval` (pipeline.tasks.mlm_eval) on a real, briefly trained tiny BERT and real WikiText-2 shards."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from data_prep.corpus import ReadOptions
 from data_prep.inputs import expand_inputs
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.data import ShardDataset, masked_batch
-from pipeline.masking import MaskVocab
-from pipeline.evaluate import EVAL_SEED_OFFSET
-from pipeline.fill_mask import fill_mask_examples, format_examples
-from pipeline.mlm_eval import evaluate_model, main
+from pipeline.data.batches import ShardDataset, masked_batch
+from pipeline.data.masking import MaskVocab
+from pipeline.train.validation import EVAL_SEED_OFFSET
+from pipeline.tasks.fill_mask import fill_mask_examples, format_examples
+from pipeline.tasks.mlm_eval import evaluate_model, main
 
 SMALL = {"batches": 3, "batch_size": 8}  # 24 val rows of 64 tokens
 

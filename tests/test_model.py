@@ -1,4 +1,4 @@
-"""MaskedLM (pipeline.model): masked-position logits of the HF model, and the perturbation
+"""MaskedLM (pipeline.model.masked_lm): masked-position logits of the HF model, and the perturbation
 added where `adversarial.perturb_at` says, checked against the HF model driven by hand."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.model import MaskedLM
+from pipeline.model.masked_lm import MaskedLM
 
 
 def _bert() -> BertForMaskedLM:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from data_prep.errors import UserError
-from pipeline.model import hf_config
+from pipeline.model.masked_lm import hf_config
 
 from helpers import REPO, raises_naming, write_yaml
 

@@ -12,7 +12,7 @@ from helpers import REPO
 
 ANNOUNCE = """
 from deepspeed.accelerator import get_accelerator
-from pipeline.distributed import _announce_op_build, built_extension
+from pipeline.train.distributed import _announce_op_build, built_extension
 print(built_extension("deepspeed_shm_comm"))
 _announce_op_build(get_accelerator())
 """

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.engine import make_optimizer
+from pipeline.train.deepspeed_setup import make_optimizer
 
 TRAIN = SimpleNamespace(lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
 

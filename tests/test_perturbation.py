@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from data_prep.errors import UserError
-from pipeline import vanishing
-from pipeline.adversarial import AdversarialConfig
-from pipeline.objective import symmetric_kl
-from pipeline.perturbation import ascent_update, initial_noise, lost_fraction, real_mean, token_norm, token_scale
+from pipeline.train import vanishing
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.methods.objective import symmetric_kl
+from pipeline.model.perturbation import ascent_update, initial_noise, lost_fraction, real_mean, token_norm, token_scale
 
 ALUM = AdversarialConfig(method="alum")
 

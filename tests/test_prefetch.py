@@ -1,4 +1,4 @@
-"""The loop's prefetch (pipeline.prefetch.StepInputs): the batch built for step N + 1 before
+"""The loop's prefetch (pipeline.train.prefetch.StepInputs): the batch built for step N + 1 before
 step N's read-back is exactly the one the loop built after counting step N, across mask-rate
 changes and FreeAT's replays, and the loop then uses it without building it again."""
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.config import load_config
-from pipeline.data import Batches, ShardDataset, StepBatches
-from pipeline.freeat import replay_index
-from pipeline.masking import MaskVocab
-from pipeline.prefetch import StepInputs
-from pipeline.resume import TrainState
-from pipeline.sampling import epoch_fraction
-from pipeline.step import StepStats, account, consumed_after
+from pipeline.train.config import load_config
+from pipeline.data.batches import Batches, ShardDataset, StepBatches
+from pipeline.methods.freeat import replay_index
+from pipeline.data.masking import MaskVocab
+from pipeline.train.prefetch import StepInputs
+from pipeline.train.resume import TrainState
+from pipeline.data.sampling import epoch_fraction
+from pipeline.train.step import StepStats, account, consumed_after
 
 COUNTED = StepStats(loss=1.0, loss_mlm=1.0, loss_adv=0.0, delta_norm=0.0, adv_grad_norm=0.0, delta_lost=0.0,
                     nonfinite=False, adv_skipped=False, stop=False)

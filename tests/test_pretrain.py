@@ -25,11 +25,11 @@ from helpers import (REPO, RUN, comparable, kill_when, ok, pretrain, raises_nami
                      wandb_history, wandb_records)
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.data import ShardDataset, masked_batch
-from pipeline.masking import MaskVocab
-from pipeline.evaluate import EVAL_SEED_OFFSET
-from pipeline.flops import flops_per_token
-from pipeline.distributed import free_port
+from pipeline.data.batches import ShardDataset, masked_batch
+from pipeline.data.masking import MaskVocab
+from pipeline.train.validation import EVAL_SEED_OFFSET
+from pipeline.train.flops import flops_per_token
+from pipeline.train.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +170,7 @@ def test_a_run_directory_from_before_the_marker_resumes_and_gets_the_marker(refe
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(reference, tmp_path, train_shards, bert_tokenizer):
     import shutil
 
-    from pipeline.integrity import problems
+    from pipeline.train.integrity import problems
 
     _, uninterrupted = reference
     run_dir = tmp_path / "run"
@@ -195,7 +195,7 @@ def test_a_checkpoint_written_on_gpus_resumes_on_cpus(reference, tmp_path, train
     has no use for: the CPU's are restored, the launch says so, and the run goes on exactly."""
     import shutil
 
-    from pipeline.integrity import digest
+    from pipeline.train.integrity import digest
 
     _, uninterrupted = reference
     run_dir = tmp_path / "run"
@@ -289,11 +289,11 @@ def test_a_step_saved_again_over_its_complete_checkpoint_is_what_the_next_launch
     """A kill after step 8's complete.json was written but before `latest` moved leaves `latest`
     at step 4 (written here as the kill leaves it): the relaunch trains steps 5-8 again and saves
     step 8 over the complete one, keeping only it (keep_last=1). The next launch must find it
-    as saved: it checks exactly this (`pipeline.resume.verified`) before loading."""
+    as saved: it checks exactly this (`pipeline.train.resume.verified`) before loading."""
     import shutil
 
-    from pipeline import checkpoint
-    from pipeline.integrity import problems
+    from pipeline.train import checkpoint
+    from pipeline.train.integrity import problems
 
     _, uninterrupted = reference
     run_dir = tmp_path / "run"
@@ -310,7 +310,7 @@ def test_a_step_saved_again_over_its_complete_checkpoint_is_what_the_next_launch
 def test_export_matches_the_training_model(reference, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from pipeline.export import export
+    from pipeline.tasks.export import export
 
     stage, run_dir = reference
     out = export(run_dir, tmp_path / "hf")
@@ -335,7 +335,7 @@ def test_export_matches_the_training_model(reference, tmp_path):
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_export_replaces_only_its_own_output_and_never_the_run(reference, tmp_path):
-    from pipeline.export import export
+    from pipeline.tasks.export import export
 
     _, source = reference
     run_dir = tmp_path / "run"
@@ -356,7 +356,7 @@ def test_export_replaces_only_its_own_output_and_never_the_run(reference, tmp_pa
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_continual_pretraining_from_an_export_and_from_a_checkpoint(reference, tmp_path, train_shards, bert_tokenizer):
-    from pipeline.export import export, load_exported_weights
+    from pipeline.tasks.export import export, load_exported_weights
 
     stage, run_dir = reference
     exported = export(run_dir, tmp_path / "hf")

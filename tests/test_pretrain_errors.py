@@ -14,7 +14,7 @@ import pytest
 from deepspeed.accelerator import get_accelerator
 
 from helpers import REPO, pretrain, pretrain_args, read_metrics, tree_digest
-from pipeline.distributed import free_port
+from pipeline.train.distributed import free_port
 from data_prep.corpus import ReadOptions
 from data_prep.inputs import expand_inputs
 from data_prep.tokenizer import train_tokenizer

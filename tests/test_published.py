@@ -167,7 +167,7 @@ def test_alum_tokenizer_kinds_load_with_autotokenizer_and_shard(kind, cls_name, 
 
 def logits_at_start(run_dir: Path, out: Path) -> dict:
     """The training engine's masked-position logits before its first step (2 ranks)."""
-    from pipeline.distributed import free_port
+    from pipeline.train.distributed import free_port
 
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}

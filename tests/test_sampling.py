@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipeline.sampling import epoch_fraction, global_batch_indices, permute, rank_slice, sample_digest
+from pipeline.data.sampling import epoch_fraction, global_batch_indices, permute, rank_slice, sample_digest
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4096, 65537])

@@ -10,7 +10,7 @@ import pytest
 from data_prep import manifest
 from data_prep.errors import UserError
 from data_prep.shard import ShardSettings, shard_corpus
-from pipeline.data import ShardDataset
+from pipeline.data.batches import ShardDataset
 from test_shard import rows as arrow_rows
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.adversarial import AdversarialConfig, compute_losses
-from pipeline.smart import Teacher
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.smart import Teacher
 
 from test_adversarial import Closures, batch, tiny_bert
 

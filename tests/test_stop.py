@@ -1,4 +1,4 @@
-"""Stopping a run the obvious ways (pipeline.stop): a signal to the `deepspeed` command, Ctrl-C,
+"""Stopping a run the obvious ways (pipeline.train.stop): a signal to the `deepspeed` command, Ctrl-C,
 and a launcher that dies. Each launch is the real DeepSpeed launcher with 2 CPU ranks, in a
 session of its own, as a terminal's job is; the stopped run must equal the uninterrupted
 reference run up to the step it saved, and nothing of it may be left running."""
@@ -17,8 +17,8 @@ import psutil
 import pytest
 from helpers import REPO, RUN, comparable, launch_command, pretrain, pretrain_args, read_metrics
 
-from pipeline.distributed import free_port
-from pipeline.stop import chain_intact, is_launcher, launcher_chain
+from pipeline.train.distributed import free_port
+from pipeline.train.stop import chain_intact, is_launcher, launcher_chain
 
 
 class Job:

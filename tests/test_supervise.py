@@ -1,4 +1,4 @@
-"""pipeline.supervise: pre-emption, relaunch after a failure, and no process left behind.
+"""pipeline.train.supervise: pre-emption, relaunch after a failure, and no process left behind.
 
 The training tests launch `launch/node.sh` (one node, two ranks: the supervisor is the
 script's pid, as a scheduler sees it) and compare with the uninterrupted 2-rank reference
@@ -19,7 +19,7 @@ import psutil
 import pytest
 from helpers import REPO, RUN, comparable, pretrain_args, read_metrics, run_alum
 
-from pipeline.distributed import free_port
+from pipeline.train.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -238,7 +238,7 @@ def test_a_signal_before_any_rank_stops_the_launcher_and_leaves_nothing(launches
 
 
 def test_a_rank_that_does_not_stop_is_killed_after_the_stop_timeout(tmp_path, launches):
-    # A stand-in rank (its program is pipeline/pretrain.py) that handles SIGTERM but never stops,
+    # A stand-in rank (its program is pipeline/train/pretrain.py) that handles SIGTERM but never stops,
     # with a child in a session of its own.
     rank, ready = tmp_path / "pipeline" / "pretrain.py", tmp_path / "ready"
     rank.parent.mkdir()

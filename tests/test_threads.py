@@ -15,7 +15,7 @@ ONE_CPU = """
 import os
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import torch
-from pipeline.distributed import set_threads
+from pipeline.train.distributed import set_threads
 set_threads(0)
 print(torch.get_num_threads())
 """

@@ -1,4 +1,4 @@
-"""Loading a checkpoint never runs code (pipeline/weights_only.py).
+"""Loading a checkpoint never runs code (pipeline/train/weights_only.py).
 
 A pickle payload planted in a checkpoint file, with complete.json's digests rewritten to match,
 is refused in one line naming the file on resume, on `alum export` and on
@@ -30,7 +30,7 @@ class Payload:
 
 def plant(path: Path, marker: Path) -> None:
     """Add a payload to a checkpoint file and record the file's new digest in complete.json."""
-    from pipeline.integrity import digest
+    from pipeline.train.integrity import digest
 
     state = torch.load(path, weights_only=False)  # the reference run's own file
     state["notes"] = Payload(marker)
@@ -75,7 +75,7 @@ def _deepspeed_loaders():
 @pytest.mark.parametrize("loader", ["engine", "ds_to_universal", "zero_to_fp32"])
 def test_deepspeeds_own_loaders_read_weights_only(loader, tmp_path, monkeypatch):
     """What `enforce` guarantees beyond the check: DeepSpeed passes weights_only=False, and is overruled."""
-    from pipeline import weights_only
+    from pipeline.train import weights_only
 
     monkeypatch.delenv(weights_only.FORCE, raising=False)  # the switch is undone after the test
     marker = tmp_path / "the-payload-ran"
@@ -88,7 +88,7 @@ def test_deepspeeds_own_loaders_read_weights_only(loader, tmp_path, monkeypatch)
 
 
 def test_the_check_names_the_first_file_that_would_run_code(tmp_path):
-    from pipeline import weights_only
+    from pipeline.train import weights_only
 
     torch.save({"module": {"w": torch.zeros(2)}}, tmp_path / "a.pt")
     assert weights_only.refusal(tmp_path) is None

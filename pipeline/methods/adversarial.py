@@ -1,0 +1,215 @@
+"""The adversarial objectives behind one call, `compute_losses`, and their config section.
+
+`adversarial.method` picks one; all perturb the embeddings through the same mechanics
+(`pipeline.methods.objective`: dropout replay, float32 losses, the non-finite guard;
+`pipeline.model.perturbation`: units, norms, update rules, projection), and each method's own
+file holds only what makes it itself:
+
+- ``alum`` (`pipeline.methods.alum`): the clean loss plus alpha times a virtual-adversarial
+  symmetric KL (Liu et al. 2020), the pretraining method this project is built around;
+- ``fgsm`` and ``fgm`` (`pipeline.methods.fgm`): one sign / L2 gradient step, clean plus adversarial loss;
+- ``pgd`` (`pipeline.methods.pgd`): K projected steps from a random start, adversarial loss alone;
+- ``alum_amortized`` (`pipeline.methods.alum`): ALUM's term with the ascent direction taken from the
+  clean loss's own backward, so a step costs two forward and two backward passes;
+- ``smart`` (`pipeline.methods.smart`): ALUM's term plus a proximal term towards an EMA teacher;
+- ``freelb`` and ``yopo`` (`pipeline.methods.accumulated`): parameter gradients accumulated over K
+  (or m) passes, the perturbation moved once (or n times) between them;
+- ``freeat`` (`pipeline.methods.freeat`): each batch replayed m times, one optimizer step per replay,
+  the perturbation carried from replay to replay;
+- ``asa`` (`pipeline.methods.asa`): adversarial self-attention, which masks attention units instead
+  of perturbing the embeddings: per layer an adversary, trained by gradient reversal in the
+  same backward, picks the units whose masking changes the prediction most.
+
+Methods that need nothing after their backward are one `compute_losses` call; the others
+(amortized ALUM, FreeLB, YOPO, FreeAT) use the gradient their backward leaves on delta, and
+ASA backwards a penalty that only its adversaries see.
+Every method is also an `objective`: a generator that yields each loss to backward and
+returns the micro-batch's numbers; `run_objective(objective(...), backward)` drives it, and
+`passes(config, step)` says how many backward passes it takes (a DeepSpeed trainer marks
+only the last one as its gradient-accumulation boundary, so no optimizer step falls inside).
+
+The same call serves pretraining (masked-LM logits of the masked tokens) and fine-tuning
+(classification logits, one row per example), from DeepSpeed or from any PyTorch loop: it
+imports no DeepSpeed. docs/ALUM.md says where each default comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pipeline.core import checks
+from pipeline.methods.accumulated import accumulated_passes
+from pipeline.methods.alum import alum_losses, amortized_alum_passes
+from pipeline.methods.asa import AsaConfig, AttentionAdversaries, asa_pass
+from pipeline.methods.fgm import fgm_losses
+from pipeline.methods.freeat import Carry, freeat_pass
+from pipeline.methods.objective import AscentForward, Forward, StepLosses, clean_pass
+from pipeline.model.perturbation import NORMS, SCALES, UPDATES
+from pipeline.methods.pgd import pgd_losses
+from pipeline.methods.smart import with_proximal
+
+METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freeat", "freelb", "yopo", "asa")
+# adversarial.steps when left null: ALUM's K = 1 (the paper); PGD's K = 3; FreeLB's K = 2
+# (the FreeLB repository's launch scripts); YOPO's and FreeAT's m = 2, FreeLB's budget.
+DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
+# adversarial.norm when left null: L-inf (ALUM's official code, Madry's PGD), but L2 for FreeLB
+# and YOPO, FreeLB's code's default: its per-token L-inf step moves every coordinate by
+# step_size, which at FreeLB's default size drove SST-2 fine-tuning to the majority class
+# (3 seeds of 3, docs/results/claims.md) where L2 trained normally.
+DEFAULT_NORM = {"freelb": "l2", "yopo": "l2"}
+# Objectives that read the gradient their backward leaves on delta, by method.
+AFTER_BACKWARD = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
+# The methods only `run_objective` can drive (compute_losses has no backward to wait for;
+# ASA's backwarded loss holds its adversaries' penalty, which the logged loss leaves out).
+DRIVEN = (*AFTER_BACKWARD, "freeat", "asa")
+PERTURB_AT = ("word_embeddings", "embedding_output")
+KL_GRADS = ("detached", "full")
+ON_VANISH = ("warn", "error")
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """The ``adversarial`` config section; docs/ALUM.md says where each default comes from."""
+
+    method: str = "none"
+    start_step: int = 0
+    alpha: float = 10.0
+    steps: int | None = None  # K (ascent steps or passes) or m (YOPO); null: DEFAULT_STEPS, else 1
+    inner_steps: int = 3  # YOPO's n cheap updates per full pass (YOPO-m-n)
+    mu: float = 1.0  # SMART's proximal-term weight
+    teacher_momentum: float = 0.99  # SMART's beta: the teacher's EMA momentum per optimizer step
+    update: str = "paper"
+    scale: str = "relative"
+    step_size: float = 1e-1
+    noise_std: float = 1e-2
+    eps: float | None = None
+    norm: str | None = None  # null: DEFAULT_NORM, else linf
+    grad_eps: float = 1e-12
+    perturb_at: str = "embedding_output"
+    kl_grad: str = "detached"
+    vanish_ratio: float = 1e-5
+    vanish_steps: int = 10
+    on_vanish: str = "warn"
+    asa: AsaConfig = field(default_factory=AsaConfig)  # method asa only
+
+    def __post_init__(self) -> None:
+        """A bad setting fails where the config is built, naming the field (the loader adds ``adversarial.``)."""
+        checks.choice("method", self.method, METHODS)
+        checks.choice("update", self.update, UPDATES)
+        checks.choice("scale", self.scale, SCALES)
+        if self.norm is None:
+            object.__setattr__(self, "norm", DEFAULT_NORM.get(self.method, "linf"))
+        checks.choice("norm", self.norm, NORMS)
+        checks.choice("perturb_at", self.perturb_at, PERTURB_AT)
+        checks.choice("kl_grad", self.kl_grad, KL_GRADS)
+        checks.choice("on_vanish", self.on_vanish, ON_VANISH)
+        checks.integer("start_step", self.start_step, minimum=0)
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS.get(self.method, 1))
+        checks.integer("steps", self.steps, minimum=1)
+        checks.integer("inner_steps", self.inner_steps, minimum=1)
+        checks.integer("vanish_steps", self.vanish_steps, minimum=1)
+        checks.number("alpha", self.alpha)
+        checks.number("step_size", self.step_size)
+        checks.number("noise_std", self.noise_std)
+        checks.number("grad_eps", self.grad_eps, positive=True)
+        checks.number("vanish_ratio", self.vanish_ratio)
+        checks.number("mu", self.mu)
+        checks.number("teacher_momentum", self.teacher_momentum)
+        if not self.teacher_momentum < 1:
+            raise ValueError(f"teacher_momentum: must be < 1 (1 would freeze the teacher), got {self.teacher_momentum!r}")
+        if self.eps is not None:
+            checks.number("eps", self.eps, positive=True)
+
+    def active(self, step: int) -> bool:
+        """Whether the adversarial term is on at this optimizer step (standard phase first)."""
+        return self.method != "none" and step >= self.start_step
+
+
+def passes(config: AdversarialConfig, step: int) -> int:
+    """Backward passes per micro-batch at this step: 2 for amortized ALUM, K for FreeLB, m for
+    YOPO, otherwise (and before adversarial.start_step) 1."""
+    if not config.active(step) or config.method not in AFTER_BACKWARD:
+        return 1
+    return 2 if config.method == "alum_amortized" else config.steps
+
+
+def objective(
+    forward: Forward,
+    ascent_forward: AscentForward,
+    labels: Tensor,
+    config: AdversarialConfig,
+    step: int,
+    real: Tensor | None = None,
+    teacher: Callable[[], Tensor] | None = None,
+    carry: Carry | None = None,
+    adversaries: AttentionAdversaries | None = None,
+) -> Generator[Tensor, None, StepLosses]:
+    """One micro-batch's objective as a sequence of losses: yields each loss to backward (their
+    sum is the objective) and, once each has been backwarded, returns the `StepLosses`.
+    ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch;
+    ``adversaries``: ASA's, attached to the model ``forward`` runs."""
+    if config.active(step) and config.method == "asa":
+        if adversaries is None:
+            raise ValueError("adversarial.method=asa needs the model's AttentionAdversaries (pipeline.methods.asa)")
+        return (yield from asa_pass(forward, labels, config, real, adversaries))
+    if config.active(step) and config.method == "freeat":
+        if carry is None:
+            raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.methods.freeat)")
+        return (yield from freeat_pass(forward, labels, config, real, carry))
+    if config.active(step) and config.method in AFTER_BACKWARD:
+        return (yield from AFTER_BACKWARD[config.method](forward, labels, config, real))
+    out = compute_losses(forward, ascent_forward, labels, config, step, real, teacher)
+    yield out.loss
+    return out
+
+
+def run_objective(losses: Generator[Tensor, None, StepLosses], backward: Callable[[Tensor], None]) -> StepLosses:
+    """Drive an `objective`: `backward` each loss it yields, in order; its micro-batch's numbers."""
+    while True:
+        try:
+            loss = next(losses)
+        except StopIteration as done:
+            return done.value
+        backward(loss)
+
+
+def compute_losses(
+    forward: Forward,
+    ascent_forward: AscentForward,
+    labels: Tensor,
+    config: AdversarialConfig,
+    step: int,
+    real: Tensor | None = None,
+    teacher: Callable[[], Tensor] | None = None,
+) -> StepLosses:
+    """One micro-batch's losses: the clean loss, plus the method's adversarial objective from
+    ``adversarial.start_step`` on.
+
+    ``real`` marks real tokens [B, T] (the attention mask); None means every token is real.
+    ``teacher`` (SMART only) returns the teacher's clean logits for the same batch.
+    Calls no ``backward``: ascent gradients are taken with ``torch.autograd.grad`` with
+    respect to delta alone, so the trainer's single backward of ``loss`` is the only one.
+    No host sync: a non-finite gradient or term is dropped with ``torch.where``.
+    """
+    active = config.active(step)
+    if active and config.method in DRIVEN:
+        raise ValueError(f"adversarial.method={config.method} uses the gradient of its own backward "
+                         f"({passes(config, step)} per batch): drive it with run_objective(objective(...), backward)")
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not (active and config.method == "pgd")):
+        clean = clean_pass(forward, labels, real)
+    if not active:
+        return StepLosses.clean(clean.loss)
+    if config.method == "alum":
+        return alum_losses(clean, forward, ascent_forward, config)
+    if config.method == "smart":
+        if teacher is None:
+            raise ValueError("adversarial.method=smart needs the teacher's forward (pipeline.methods.smart.Teacher)")
+        return with_proximal(alum_losses(clean, forward, ascent_forward, config), clean, teacher, config)
+    if config.method == "pgd":
+        return pgd_losses(clean, forward, ascent_forward, labels, config)
+    return fgm_losses(clean, forward, ascent_forward, labels, config)

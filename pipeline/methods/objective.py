@@ -1,0 +1,231 @@
+"""What every embedding-space adversarial method shares: the clean pass, the dropout replay,
+the float32 losses, the guard against non-finite terms, and the numbers a micro-batch logs.
+
+The trainer supplies two callables, so no method knows DeepSpeed's engine or where the
+perturbation is added:
+
+- ``forward(delta)`` returns ``(logits [N, C], embedded [B, T, H])``; ``forward(None)`` is the
+  clean pass. It goes through ``engine(...)`` so parameter gradients flow. ``delta`` may also
+  be a function of the unperturbed embeddings that returns the delta to add (`ZeroDelta`).
+- ``ascent_forward(delta)`` returns logits. It goes through ``engine.module(...)``: an
+  input-only ``autograd.grad`` through the engine trips DeepSpeed's ZeRO-1/2 gradient hooks.
+
+Shared rules:
+
+- Dropout: every pass after the clean one sees the clean pass's dropout masks; otherwise an
+  ascent chases the difference between two dropout samples instead of the perturbation
+  (FreeLB makes the same point). `Replay` captures the RNG before the clean pass and
+  restores it before each later pass; the state after the clean pass (and any noise drawn
+  right after it) is restored at the end, so the next micro-batch gets fresh masks. This
+  holds only if every pass runs the whole model in the same order (delta added by a hook).
+- Losses are computed in float32 whatever the logits' dtype (float64 for a float64 model).
+- Non-finite ascent gradients or adversarial terms are dropped for the micro-batch (the
+  official ALUM behaviour) with ``torch.where``, not a host-side branch, and every pass still
+  runs, so all ranks run the same forwards and ZeRO-3's gathers stay in step.
+- Logged sizes are averaged over real tokens only; padding has no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.model import perturbation
+from pipeline.model.perturbation import token_norm
+from pipeline.core.rng import RngState
+
+Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
+AscentForward = Callable[[Tensor], Tensor]
+
+# The per-micro-batch numbers a step sums and all-reduces, in `StepLosses.stats` order.
+STATS = ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost", "nonfinite", "adv_skipped", "micro_batches")
+
+
+@dataclass
+class StepLosses:
+    """What one micro-batch produced: the loss to backward and the numbers to log, all 0-dim
+    tensors on the device, so that nothing waits for the accelerator until the step's stats
+    are read back once."""
+
+    loss: Tensor
+    loss_mlm: Tensor  # the clean loss (masked-LM or classification cross-entropy)
+    loss_adv: Tensor  # the method's adversarial term, before its weight; 0 when off or skipped
+    delta_norm: Tensor  # mean per-token norm of the final delta over real tokens
+    adv_grad_norm: Tensor  # mean per-token norm of the last ascent gradient over real tokens
+    delta_lost: Tensor  # fraction of delta's elements that vanish when added to the embeddings
+    skipped: Tensor  # bool: the adversarial term was dropped (non-finite)
+    extras: Tensor | None = None  # a method's own numbers [E], named by it (ASA: `AttentionAdversaries.stat_names`)
+
+    @classmethod
+    def clean(cls, loss_mlm: Tensor) -> StepLosses:
+        zero = torch.zeros((), device=loss_mlm.device)
+        return cls(loss_mlm, loss_mlm, zero, zero, zero, zero, torch.zeros((), dtype=torch.bool, device=loss_mlm.device))
+
+    def stats(self) -> Tensor:
+        """The numbers of `STATS`, then the extras, as one float64 vector, still on the device (no host sync)."""
+        values = (self.loss, self.loss_mlm, self.loss_adv, self.delta_norm, self.adv_grad_norm, self.delta_lost)
+        vector = torch.stack([v.detach().double() for v in values])
+        flags = torch.stack([~torch.isfinite(vector[0]), self.skipped]).double()
+        extras = [] if self.extras is None else [self.extras.detach().double()]
+        return torch.cat([vector, flags, vector.new_ones(1), *extras])
+
+
+@dataclass
+class CleanPass:
+    """The clean pass and what the methods build on it."""
+
+    logits: Tensor
+    log_probs: Tensor  # computed once, shared by the clean loss and the methods' terms
+    loss: Tensor
+    embedded: Tensor  # the unperturbed embeddings delta is added to [B, T, H]
+    real: Tensor  # bool [B, T]
+    replay: Replay
+
+
+class Replay:
+    """The dropout replay (module doc): `start()` before the clean pass, `mark()` once the
+    clean pass and any noise draws are done, `again()` before every later pass, `finish()`."""
+
+    def start(self) -> Replay:
+        self.clean = RngState.capture()
+        return self
+
+    def mark(self) -> None:
+        self.after = RngState.capture()
+
+    def again(self) -> None:
+        self.clean.restore()
+
+    def finish(self) -> None:
+        self.after.restore()
+
+
+class ZeroDelta:
+    """delta = 0, made by the perturbation hook in the shape of the embeddings it is added to
+    (unknown before the first pass), as a leaf: the trainer's backward of that pass leaves the
+    gradient with respect to delta on `tensor`. (Reading it off the embeddings instead, with
+    `retain_grad`, fails under ZeRO-3, whose module hooks re-wrap the tensors.)"""
+
+    def __init__(self):
+        self.tensor: Tensor | None = None
+
+    def __call__(self, embedded: Tensor) -> Tensor:
+        self.tensor = torch.zeros(embedded.shape, dtype=perturbation.work_dtype(embedded.dtype), device=embedded.device, requires_grad=True)
+        return self.tensor
+
+
+def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None, delta: ZeroDelta | None = None) -> CleanPass:
+    """The clean pass; with a `ZeroDelta`, one whose backward gives the gradient at delta = 0."""
+    replay = Replay().start()
+    logits, embedded = forward(delta)
+    log_p = log_probs(logits)
+    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
+    return CleanPass(logits, log_p, nll(log_p, labels), embedded, real, replay)
+
+
+def input_gradient(loss_of: Callable[[Tensor], Tensor], logits: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """(d loss_of(logits) / d delta, zeroed if not finite; whether it was finite), delta alone.
+
+    Through an fp16 model this gradient would underflow: the loss's gradient at the logits is
+    about 1 / (rows x classes) per element (1e-9 for 600 masked tokens and a 30k vocabulary),
+    below fp16's smallest subnormal (6e-8), and DeepSpeed's loss scaler never sees an ascent.
+    So it is taken in two parts: the loss's gradient at the logits in float32, scaled by the
+    power of two that brings its largest element into [1, 2), goes back through the model,
+    and the result is divided by the same power. Scaling by a power of two is exact, so in
+    float32 and bf16 (fp32's range) the result equals the unscaled gradient bit for bit."""
+    wide = logits.to(perturbation.work_dtype(logits.dtype))
+    (at_logits,) = torch.autograd.grad(loss_of(wide), wide)
+    # No scored row (no masked token) has nothing to scale, but still runs the backward: ZeRO-3 gathers in it.
+    largest = at_logits.abs().amax() if at_logits.numel() else at_logits.new_ones(())
+    largest = largest.clamp_min(torch.finfo(at_logits.dtype).tiny)
+    scale = torch.exp2(torch.floor(torch.log2(largest)))
+    (grad,) = torch.autograd.grad(wide, delta, grad_outputs=at_logits / scale)
+    return finite_or_zero(grad.to(scale.dtype) * scale)
+
+
+def finite_or_zero(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad in the work dtype, or zeros if any element is not finite; whether it was finite)."""
+    grad = grad.to(perturbation.work_dtype(grad.dtype))
+    finite = torch.isfinite(grad).all()
+    return torch.where(finite, grad, torch.zeros_like(grad)), finite
+
+
+def backward_gradient(tensor: Tensor) -> tuple[Tensor, Tensor]:
+    """`finite_or_zero` of the gradient the trainer's backward left on ``tensor``, a delta: a
+    multi-pass method's ascent direction comes from the same backward as the parameter
+    gradients. That gradient carries the trainer's scaling (DeepSpeed divides by the
+    accumulation steps, fp16 multiplies by its loss scale): the sign step and the ``paper``
+    rule normalise it away; the ``official`` rule adds it to delta as it is."""
+    if tensor.grad is None:
+        raise RuntimeError("no gradient reached the perturbation: backward each loss an objective yields before asking for the next")
+    return finite_or_zero(tensor.grad)
+
+
+def guarded(term: Callable[[Tensor], Tensor], logits: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    """(term(logits), or exactly 0 where it must be dropped; whether it was kept). Dropped
+    when ``finite`` is False (a non-finite ascent gradient) or the logits or the term are not
+    finite. Non-finite logits are replaced before the term, not after: a NaN term masked
+    to 0 still sends NaN gradients back through the adversarial pass."""
+    logits_finite = torch.isfinite(logits)
+    safe = torch.where(logits_finite, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    value = term(safe)
+    keep = finite & logits_finite.all() & torch.isfinite(value)
+    return torch.where(keep, value, torch.zeros_like(value)), keep
+
+
+def sizes(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(delta's and the gradient's mean per-token norms, the fraction of delta lost to rounding)."""
+    return sizes_at(clean.embedded, clean.real, delta, grad, norm)
+
+
+def sizes_at(embedded: Tensor, real: Tensor, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
+    """`sizes` for a method without a separate clean pass."""
+    return (perturbation.real_mean(token_norm(delta, norm), real), perturbation.real_mean(token_norm(grad, norm), real),
+            perturbation.lost_fraction(embedded, delta, real))
+
+
+def size(config) -> float:
+    """A gradient method's perturbation size: ``adversarial.eps``, or ``step_size`` when eps is null."""
+    return config.eps if config.eps is not None else config.step_size
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the N scored rows (logits [N, C], labels [N]).
+
+    A batch with no masked token gives a zero that still depends on ``logits``, so the
+    trainer's backward (and DeepSpeed's gradient hooks) run as on any other step.
+    """
+    return nll(log_probs(logits), labels)
+
+
+def symmetric_kl(p_logits: Tensor, q_logits: Tensor, kl_grad: str = "detached") -> Tensor:
+    """KL(p||q) + KL(q||p) summed over the classes, averaged over the N rows. ``detached``
+    (mt-dnn's ``SymKlCriterion``) stops the gradient through each direction's target;
+    ``full`` differentiates everything (pipeline.methods.alum says what that changes)."""
+    return symmetric_kl_of(log_probs(p_logits), log_probs(q_logits), kl_grad)
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    return F.log_softmax(logits.to(perturbation.work_dtype(logits.dtype)), dim=-1)
+
+
+def nll(log_probs: Tensor, labels: Tensor) -> Tensor:
+    if labels.numel() == 0:
+        return log_probs.sum() * 0.0
+    return F.nll_loss(log_probs, labels)
+
+
+def kl(target_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """KL(target || q) from log-probabilities, summed over the classes, mean over rows."""
+    total = F.kl_div(log_probs, target_log_probs, reduction="sum", log_target=True)
+    return total / max(log_probs.shape[0], 1)
+
+
+def symmetric_kl_of(log_p: Tensor, log_q: Tensor, kl_grad: str) -> Tensor:
+    if kl_grad == "full":
+        return kl(log_p, log_q) + kl(log_q, log_p)
+    return kl(log_p.detach(), log_q) + kl(log_q.detach(), log_p)

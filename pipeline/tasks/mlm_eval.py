@@ -1,0 +1,241 @@
+"""`alum eval`: how well an exported masked LM predicts masked tokens, and how robustly.
+
+Every figure is taken on the same rows and masks: the first `--batches x --batch-size` rows
+of a split, masked by `pipeline.data.batches.masked_batch` with the trainer's validation seed
+(`--seed` + `EVAL_SEED_OFFSET`, step 0). So numbers are comparable across models and runs;
+with `--seed` a run's train.seed, and its eval.mask_rate and row count, the clean loss is the
+one that run's validation computes.
+Dropout is off and the parameters are frozen.
+
+- clean: MLM loss (mean cross-entropy over the masked tokens), perplexity, accuracy, and
+  the accuracy of always guessing the commonest masked token, without which an accuracy
+  has no scale (a model that learned only unigram frequencies reaches it);
+- worst-case embedding perturbation, the threat ALUM trains against: K sign-gradient PGD
+  steps on a delta added at the embedding output, in the per-token linf ball of radius
+  R x r_t (r_t the token's embedding RMS, `perturbation.token_scale`, so R means the same
+  for any width and weight scale), maximising the masked-token loss. The loss at the final
+  delta is reported as it is: a weak attack shows as a small increase, not a hidden one;
+- random token substitution: a share P of the ordinary, unmasked input tokens replaced by
+  random ordinary ids, a model-independent corruption (the same tokens and replacements
+  for a row whatever the batch, and the tokens hit at a rate include those of any lower rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data_prep import atomic
+from data_prep.errors import UserError
+from pipeline.core.help_format import DefaultsHelpFormatter
+from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokenizer
+from pipeline.data.batches import ShardDataset, masked_batch
+from pipeline.data.masking import MaskVocab
+from pipeline.train.validation import EVAL_SEED_OFFSET
+from pipeline.model.perturbation import token_scale
+
+SUBSTITUTION_SEED_OFFSET = 104729  # keeps substitution draws unrelated to the masking's
+
+
+def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val", batches: int = 50, batch_size: int = 32,
+                   mask_rate: float = 0.15, seed: int = 0, radii=(0.1, 0.3), pgd_steps: int = 3,
+                   substitution_rates=(0.1,), tokenizer: str | Path | None = None) -> dict:
+    """Clean, perturbed and substituted MLM metrics of an HF model directory on a shard split.
+
+    Every input is checked before the model is loaded, so a typo costs no loading time."""
+    _check_options(batches, batch_size, mask_rate, radii, pgd_steps, substitution_rates)
+    model_dir, shards = Path(model_dir), Path(shards)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"--model: {model_dir}: not a Hugging Face model directory (no config.json)")
+    if not shards.is_dir():
+        raise UserError(f"--shards: {shards}: no such directory")
+    dataset = ShardDataset(shards, split)
+    if len(dataset) == 0:
+        raise UserError(f"{shards}: the {split!r} split has no rows")
+    info = _tokenizer(model_dir, tokenizer)
+    fingerprint = dataset.manifest["tokenizer"]["sha256"]
+    if fingerprint != info.sha256:
+        raise UserError(f"{shards}: shards were built with another tokenizer (sha256 {fingerprint[:12]}) "
+                        f"than {info.path} ({info.sha256[:12]})")
+    model = _load_model(model_dir, info, dataset.seq_len)
+    device = next(model.parameters()).device
+
+    vocab = MaskVocab.of(info)
+    ordinary = torch.from_numpy(np.setdiff1d(np.arange(info.vocab_size), vocab.special_ids))
+    rows = min(batches * batch_size, len(dataset))
+    # Per condition: the loss sum and the number of correct predictions.
+    clean, attacked, substituted = np.zeros(2), np.zeros((len(radii), 2)), np.zeros((len(substitution_rates), 2))
+    label_counts = np.zeros(info.vocab_size, dtype=np.int64)
+    eligible_tokens, replaced = 0, np.zeros(len(substitution_rates), dtype=np.int64)
+
+    def scored(logits, labels) -> np.ndarray:
+        return np.array([F.cross_entropy(logits.float(), labels, reduction="sum").item(), (logits.argmax(-1) == labels).sum().item()])
+
+    for start in tqdm(range(0, rows, batch_size), desc="eval", unit="batch", disable=None):
+        indices = np.arange(start, min(start + batch_size, rows))
+        batch = masked_batch(dataset, indices, 0, seed + EVAL_SEED_OFFSET, mask_rate, vocab)
+        on_device = batch.on(device)
+        ids, mask, masked_index, labels = on_device.input_ids, on_device.attention_mask, on_device.masked_index, on_device.labels
+        label_counts += np.bincount(batch.labels.numpy(), minlength=info.vocab_size)
+        with torch.no_grad():
+            logits, embedded = model(ids, mask, masked_index)
+        clean += scored(logits, labels)
+        for i, radius in enumerate(radii):
+            attacked[i] += scored(_pgd(model, ids, mask, masked_index, labels, embedded, radius, pgd_steps), labels)
+        eligible = ~batch.masked & ~torch.isin(batch.input_ids, torch.tensor(vocab.special_ids))
+        draws, replacements = _substitution_draws(indices, dataset.seq_len, seed, ordinary)
+        eligible_tokens += int(eligible.sum())
+        for i, rate in enumerate(substitution_rates):
+            chosen = eligible & (draws < rate)
+            replaced[i] += int(chosen.sum())
+            with torch.no_grad():
+                logits, _ = model(torch.where(chosen, replacements, batch.input_ids).to(device), mask, masked_index)
+            substituted[i] += scored(logits, labels)
+
+    tokens = int(label_counts.sum())
+
+    def metrics(sums: np.ndarray) -> dict:
+        loss = float(sums[0]) / tokens
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": float(sums[1]) / tokens}
+
+    return {
+        "model": str(model_dir), "shards": str(shards), "split": split, "rows": rows, "batch_size": batch_size,
+        "mask_rate": mask_rate, "seed": seed,
+        "clean": {**metrics(clean), "tokens": tokens, "commonest_token_accuracy": int(label_counts.max()) / tokens},
+        "perturbation": [{"radius": r, "steps": pgd_steps, **metrics(sums)} for r, sums in zip(radii, attacked)],
+        "substitution": [{"rate": p, "substituted_share": int(n) / max(eligible_tokens, 1), **metrics(sums)}
+                         for p, n, sums in zip(substitution_rates, replaced, substituted)],
+    }
+
+
+def _check_options(batches, batch_size, mask_rate, radii, pgd_steps, substitution_rates) -> None:
+    for name, value in (("--batches", batches), ("--batch-size", batch_size), ("--pgd-steps", pgd_steps)):
+        if value < 1:
+            raise UserError(f"{name}: must be a positive integer, got {value}")
+    if not 0 < mask_rate < 1:
+        raise UserError(f"--mask-rate: must be in (0, 1), got {mask_rate}")
+    for radius in radii:
+        if not (radius >= 0 and math.isfinite(radius)):
+            raise UserError(f"--radius: must be a finite number >= 0, got {radius}")
+    for rate in substitution_rates:
+        if not 0 <= rate <= 1:
+            raise UserError(f"--substitution-rate: must be in [0, 1], got {rate}")
+
+
+def _tokenizer(model_dir: Path, tokenizer_dir: str | Path | None) -> TokenizerInfo:
+    """The tokenizer `alum export` copied into the model directory, else --tokenizer; when
+    both exist they must be the same tokenizer, so a stray --tokenizer cannot go unnoticed."""
+    own = load_tokenizer(model_dir) if holds_tokenizer(model_dir) else None
+    given = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    if own is None and given is None:
+        raise UserError(f"--model: {model_dir}: holds no tokenizer files; "
+                        "pass --tokenizer, the tokenizer directory the model was trained with")
+    if own is not None and given is not None and own.sha256 != given.sha256:
+        raise UserError(f"--tokenizer: {given.path} (sha256 {given.sha256[:12]}) is not the tokenizer of "
+                        f"--model {model_dir} ({own.sha256[:12]})")
+    return own or given
+
+
+def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
+    """The model in float32 (on the GPU when there is one), in eval mode, parameters frozen;
+    `hf_config` first checks architecture, vocabulary and positions against tokenizer and shards."""
+    from transformers import AutoModelForMaskedLM
+
+    from pipeline.model.masked_lm import MaskedLM, hf_config, local_device
+
+    try:
+        config = hf_config(str(model_dir), info.vocab_size, info.special_token_ids, seq_len)
+        hf = AutoModelForMaskedLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model: {model_dir}: cannot be loaded ({str(e).strip().splitlines()[0]})") from None
+    model = MaskedLM(hf, "embedding_output").eval().requires_grad_(False)
+    return model.to(local_device())
+
+
+def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
+    """Masked-position logits after `steps` sign-gradient ascent steps from delta = 0, each
+    of 2.5 R / K (Madry et al.: long enough to reach the boundary, then move along it)."""
+    unit = token_scale(embedded, "relative")
+    bound, step = radius * unit, 2.5 * radius / steps * unit
+    delta = torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits, _ = model(ids, mask, masked_index, delta)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), delta)
+        delta = torch.maximum(torch.minimum(delta.detach() + step * grad.sign(), bound), -bound)
+    with torch.no_grad():
+        return model(ids, mask, masked_index, delta)[0]
+
+
+def _substitution_draws(indices: np.ndarray, seq_len: int, seed: int, ordinary: torch.Tensor):
+    """Per token, a uniform draw (substituted where it is below the rate) and a random
+    ordinary id, from a generator keyed by (seed, row index): independent of the batching."""
+    draws, replacements = [], []
+    for index in indices:
+        rng = np.random.default_rng([seed, SUBSTITUTION_SEED_OFFSET, int(index)])
+        draws.append(rng.random(seq_len))
+        replacements.append(rng.integers(len(ordinary), size=seq_len))
+    return torch.from_numpy(np.stack(draws)), ordinary[torch.from_numpy(np.stack(replacements))]
+
+
+def format_table(results: dict) -> str:
+    """The metrics as aligned text, one row per condition, the commonest-token baseline beside
+    the clean accuracy."""
+    clean = results["clean"]
+    rows = [("clean", clean)]
+    rows += [(f"embedding PGD r={p['radius']:g} ({p['steps']} steps)", p) for p in results["perturbation"]]
+    rows += [(f"token substitution p={s['rate']:g}", s) for s in results["substitution"]]
+    width = max(len(name) for name in ("condition", *(name for name, _ in rows)))
+    lines = [f"{results['model']} on {results['shards']} ({results['split']}): {results['rows']:,} rows, "
+             f"{clean['tokens']:,} masked tokens (mask rate {results['mask_rate']:g}, seed {results['seed']})",
+             f"{'condition':<{width}}  {'loss':>8}  {'ppl':>10}  {'accuracy':>8}"]
+    for name, m in rows:
+        lines.append(f"{name:<{width}}  {m['loss']:8.4f}  {m['ppl']:10.2f}  {m['accuracy']:8.4f}")
+    lines[2] += f"  (commonest token: {clean['commonest_token_accuracy']:.4f})"
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="an `alum export` (or any HF BERT/RoBERTa masked-LM) directory")
+    p.add_argument("--shards", required=True, help="a shard directory made with the model's tokenizer")
+    p.add_argument("--split", default="val", help="the shard split to evaluate on")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer directory, for a model directory without tokenizer files")
+    p.add_argument("--batches", type=int, default=50, help="batches evaluated (fewer if the split is smaller)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per batch")
+    p.add_argument("--mask-rate", type=float, default=0.15, help="share of tokens masked")
+    p.add_argument("--seed", type=int, default=0, help="masking seed; a run's train.seed masks like its validation")
+    p.add_argument("--radius", type=float, nargs="*", default=[0.1, 0.3], metavar="R",
+                   help="linf radii of the embedding PGD, in units of each token's embedding RMS (none: skip)")
+    p.add_argument("--pgd-steps", type=int, default=3, help="ascent steps of the embedding attack")
+    p.add_argument("--substitution-rate", type=float, nargs="*", default=[0.1], metavar="P",
+                   help="shares of unmasked tokens replaced by random ones (none: skip)")
+    p.add_argument("--out", default=None, help="results JSON (default: MODEL/eval-SPLIT.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alum eval", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.model) / f"eval-{args.split}.json"
+    try:
+        results = evaluate_model(args.model, args.shards, args.split, args.batches, args.batch_size, args.mask_rate, args.seed,
+                                 args.radius, args.pgd_steps, args.substitution_rate, args.tokenizer)
+    except UserError as e:
+        print(f"eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out, results)
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""One optimizer step, and what the trainer learns from it.
+
+`train_step` runs forward, losses and backward for each of this rank's micro-batches and
+lets DeepSpeed step. A method may take several backward passes per micro-batch
+(`pipeline.methods.adversarial.passes`); the trainer marks the step's last backward as DeepSpeed's
+gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
+reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
+Every number stays on the device; `StepStats.gather` sums them over the ranks in one
+all-reduce and reads them back: the step's single host sync. `account` counts the step into
+the run's state (`consumed_after` says in advance what it will count) and `check_health`
+stops a run that cannot go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor
+
+from pipeline.train import checkpoint, vanishing
+from pipeline.methods.adversarial import objective, passes, run_objective
+from pipeline.methods.objective import STATS
+from pipeline.data.batches import MicroBatch
+from pipeline.train.distributed import report
+from pipeline.methods.freeat import Carry, at_boundary
+from pipeline.train.resume import TrainState
+from pipeline.methods.companion import Companion, teacher_and_adversaries
+
+
+class TrainingAborted(Exception):
+    """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
+
+
+def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, companion: Companion | None = None,
+               carries: list[Carry] | None = None) -> Tensor:
+    """This rank's summed `STATS` of the step (then the method's extras), on the device. The
+    `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
+    FreeAT's `carries` (one per micro-batch) hold the perturbations its next replay starts from."""
+    sums = None
+    backward = accumulating_backward(engine, len(micro_batches) * passes(adversarial, step))
+    teacher, adversaries = teacher_and_adversaries(companion)
+    lr = engine.get_lr()[0]  # this step's, before engine.step() moves the schedule on
+    for i, batch in enumerate(micro_batches):
+        batch = batch.on(engine.device)
+
+        def forward(delta):
+            return engine(batch.input_ids, batch.attention_mask, batch.masked_index, delta)
+
+        def ascent_forward(delta):
+            return engine.module(batch.input_ids, batch.attention_mask, batch.masked_index, delta)[0]
+
+        def teacher_forward():
+            return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
+
+        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask,
+                           teacher=teacher_forward if teacher else None, carry=carries[i] if carries else None,
+                           adversaries=adversaries)
+        out = run_objective(losses, backward)
+        engine.step()
+        sums = out.stats() if sums is None else sums + out.stats()
+    if companion is not None:
+        companion.after_step(engine.module, lr)
+    if adversaries is not None and adversarial.active(step):
+        sums = torch.cat([sums, adversaries.grad_norm.double().reshape(1) * len(micro_batches)])  # a mean per micro-batch
+    return sums
+
+
+def accumulating_backward(engine, count: int):
+    """`engine.backward` for the `count` backward passes of one optimizer step, the last one
+    marked as the gradient-accumulation boundary. Each loss is divided by DeepSpeed's
+    gradient_accumulation_steps (the micro-batches), not by the passes: a method's yielded
+    losses sum to its objective."""
+    left = count
+
+    def backward(loss: Tensor) -> None:
+        nonlocal left
+        left -= 1
+        engine.set_gradient_accumulation_boundary(left == 0)
+        engine.backward(loss)
+
+    return backward
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A step's numbers over all ranks: losses and sizes as means per micro-batch."""
+
+    loss: float
+    loss_mlm: float
+    loss_adv: float
+    delta_norm: float
+    adv_grad_norm: float
+    delta_lost: float
+    nonfinite: bool  # some rank's loss was not finite
+    adv_skipped: bool  # some rank dropped its adversarial term
+    stop: bool  # some rank was asked to stop
+    extras: tuple[float, ...] = ()  # the method's own numbers, means per micro-batch (`pipeline.methods.companion`'s names)
+
+    @classmethod
+    def gather(cls, sums: Tensor, stop: bool) -> StepStats:
+        """All-reduce every rank's sums and stop request, and read them back once. NaN-safe:
+        a non-finite loss stays visible."""
+        vector = torch.cat([sums, sums.new_tensor([float(stop)])])
+        dist.all_reduce(vector)
+        values = vector.tolist()
+        total = dict(zip(STATS, values))
+        micro = total["micro_batches"]
+        means = {name: total[name] / micro for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")}
+        return cls(**means, nonfinite=total["nonfinite"] > 0, adv_skipped=total["adv_skipped"] > 0, stop=values[-1] > 0,
+                   extras=tuple(v / micro for v in values[len(STATS):-1]))
+
+    def adv_ratio(self, alpha: float) -> float:
+        """alpha * L_adv / L_mlm: the adversarial term's share of the loss."""
+        return alpha * self.loss_adv / self.loss_mlm if self.loss_mlm > 0 else 0.0
+
+
+def account(state: TrainState, stats: StepStats, config, engine) -> None:
+    """Count the step just done into `state`. An update that was applied although the loss
+    was not finite (ZeRO stage 0 in fp32 cannot skip it) stops the run at once."""
+    adv = config.adversarial
+    active = adv.active(state.step)
+    state.step += 1
+    state.consumed_samples = consumed_after(config, state.step, state.consumed_samples)
+    state.adv_skipped += int(stats.adv_skipped)
+    state.bad_streak = state.bad_streak + 1 if stats.nonfinite else 0
+    if stats.nonfinite and engine.was_step_applied():
+        raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
+    if active:
+        counts = not stats.adv_skipped and vanishing.vanished(adv, stats.adv_ratio(adv.alpha), stats.delta_lost)
+        state.vanish_streak = state.vanish_streak + 1 if counts else 0
+
+
+def consumed_after(config, steps_done: int, consumed: int) -> int:
+    """The samples consumed once ``steps_done`` optimizer steps are done, from ``consumed``
+    before the last of them: a global batch a step, FreeAT's once a batch's last replay is
+    done. It needs no stats, so the trainer knows the next step's batch before this step's
+    read-back (`pipeline.train.prefetch`)."""
+    if at_boundary(config.adversarial, steps_done):
+        return consumed + config.train.global_batch_size
+    return consumed
+
+
+def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:
+    """After the step is logged: say once that the adversarial term vanished (or stop on it),
+    and stop (TrainingAborted) when the loss has stayed non-finite too long."""
+    adv = config.adversarial
+    vanishing.check(adv, state.vanish_streak, state.step, stats.adv_ratio(adv.alpha), stats.delta_lost, report)
+    if state.bad_streak > config.train.max_bad_steps:
+        last, _ = checkpoint.latest_complete(run_dir)
+        raise TrainingAborted(
+            f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row (train.max_bad_steps={config.train.max_bad_steps}); "
+            f"the last good checkpoint is {last or 'none'}"
+        )
