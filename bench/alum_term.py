@@ -39,24 +39,31 @@ import time
 from pathlib import Path
 
 import torch
+from data_dir import wikitext_train
 
 from data_prep.corpus import ReadOptions
 from data_prep.inputs import expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.methods.adversarial import AdversarialConfig, compute_losses
-from pipeline.methods.objective import mlm_loss, symmetric_kl
 from pipeline.data.batches import Batches, ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss, symmetric_kl
 from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
 from pipeline.model.perturbation import token_norm
-from data_dir import wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
 # (step_size, noise_std, grad_eps): the official code's magnitudes first, then larger ones.
-MAGNITUDES = [(1e-3, 1e-5, 1e-6), (1e-3, 1e-5, 1e-12), (1e-2, 1e-3, 1e-12), (3e-2, 1e-2, 1e-12), (1e-1, 1e-2, 1e-12), (3e-1, 3e-2, 1e-12)]
+MAGNITUDES = [
+    (1e-3, 1e-5, 1e-6),
+    (1e-3, 1e-5, 1e-12),
+    (1e-2, 1e-3, 1e-12),
+    (3e-2, 1e-2, 1e-12),
+    (1e-1, 1e-2, 1e-12),
+    (3e-1, 3e-2, 1e-12),
+]
 UPDATES = ("paper", "official")
 PERTURB_AT = ("embedding_output", "word_embeddings")
 SCALES = ("absolute", "relative")
@@ -67,16 +74,25 @@ def prepare_data(work: Path, vocab: int, seq_len: int):
     """A tokenizer trained on WikiText-2 train, and train/valid sharded at seq_len (cached in work)."""
     tokenizer_dir, shards = work / "tokenizer", work / "shards"
     if not (tokenizer_dir / "alum_tokenizer.json").is_file():
-        train_tokenizer(expand_inputs([str(wikitext_train())]), ReadOptions(), tokenizer_dir, vocab_size=vocab, threads=2)
+        train_tokenizer(
+            expand_inputs([str(wikitext_train())]), ReadOptions(), tokenizer_dir, vocab_size=vocab, threads=2
+        )
     if not (shards / "manifest.json").is_file():
-        shard_corpus([str(wikitext_train())], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2)
+        shard_corpus(
+            [str(wikitext_train())], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2
+        )
     tokenizer = load_tokenizer(tokenizer_dir)
     return tokenizer, ShardDataset(shards, "train"), ShardDataset(shards, "val"), MaskVocab.of(tokenizer)
 
 
 def pretrained_model(work: Path, tokenizer, dataset, vocab, args):
     """The project's tiny BERT (configs/models/tiny.yaml), standard MLM for args.train_steps (cached)."""
-    config = hf_config(str(REPO / "configs" / "models" / "tiny.yaml"), tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
+    config = hf_config(
+        str(REPO / "configs" / "models" / "tiny.yaml"),
+        tokenizer.vocab_size,
+        tokenizer.special_token_ids,
+        dataset.seq_len,
+    )
     torch.manual_seed(SEED)
     hf = build_model(config, None, activation_checkpointing=False)
     weights = work / f"model-{args.train_steps}.pt"
@@ -99,7 +115,10 @@ def pretrained_model(work: Path, tokenizer, dataset, vocab, args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if (step + 1) % 100 == 0:
-            print(f"pretraining step {step + 1}/{args.train_steps}: MLM loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"pretraining step {step + 1}/{args.train_steps}: MLM loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     torch.save(hf.state_dict(), weights)
     return hf
 
@@ -136,11 +155,15 @@ def adversarial_gradient(model: MaskedLM, batch, config: AdversarialConfig, seed
         return model(ids, mask, masked_index, delta)
 
     torch.manual_seed(seed)
-    out = compute_losses(forward, lambda d: model(ids, mask, masked_index, d)[0], batch.labels, config, step=0, real=mask)
+    out = compute_losses(
+        forward, lambda d: model(ids, mask, masked_index, d)[0], batch.labels, config, step=0, real=mask
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
     mlm = torch.autograd.grad(out.loss_mlm, params, allow_unused=True)
-    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(gs, params)])
+    flat = lambda gs: torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(gs, params)]
+    )
     return {"mlm": flat(mlm), "adv": flat(total) - flat(mlm)}, out, deltas[-1]
 
 
@@ -162,11 +185,28 @@ def run_grid(hf, batches) -> list[dict]:
     grid = list(itertools.product(UPDATES, PERTURB_AT, SCALES, MAGNITUDES, PRECISIONS))
     started = time.perf_counter()
     for n, (update, perturb_at, scale, (step, noise, grad_eps), precision) in enumerate(grid, 1):
-        config = AdversarialConfig(method="alum", update=update, perturb_at=perturb_at, scale=scale, step_size=step,
-                                   noise_std=noise, grad_eps=grad_eps)
+        config = AdversarialConfig(
+            method="alum",
+            update=update,
+            perturb_at=perturb_at,
+            scale=scale,
+            step_size=step,
+            noise_std=noise,
+            grad_eps=grad_eps,
+        )
         numbers = measure(models[perturb_at, precision], models[perturb_at, "fp64"], batches, config)
-        results.append({"update": update, "perturb_at": perturb_at, "scale": scale, "step_size": step, "noise_std": noise,
-                        "grad_eps": grad_eps, "precision": precision, **numbers})
+        results.append(
+            {
+                "update": update,
+                "perturb_at": perturb_at,
+                "scale": scale,
+                "step_size": step,
+                "noise_std": noise,
+                "grad_eps": grad_eps,
+                "precision": precision,
+                **numbers,
+            }
+        )
         if n % 20 == 0:
             print(f"{n}/{len(grid)} rows ({time.perf_counter() - started:.0f} s)", flush=True)
     return results
@@ -202,7 +242,9 @@ def eval_metrics(hf, val, vocab, batches: int, batch: int) -> tuple[float, float
     losses, correct, total = [], 0, 0
     with torch.no_grad():
         for b in range(batches):
-            mb = masked_batch(val, torch.arange(b * batch, (b + 1) * batch).numpy() % len(val), 0, SEED + 1, 0.15, vocab)
+            mb = masked_batch(
+                val, torch.arange(b * batch, (b + 1) * batch).numpy() % len(val), 0, SEED + 1, 0.15, vocab
+            )
             logits, _ = model(mb.input_ids, mb.attention_mask, mb.masked_index)
             losses.append(mlm_loss(logits, mb.labels).item())
             correct += (logits.argmax(-1) == mb.labels).sum().item()
@@ -212,7 +254,9 @@ def eval_metrics(hf, val, vocab, batches: int, batch: int) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "alum-term", help="tokenizer, shards and model (reused)")
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "runs" / "alum-term", help="tokenizer, shards and model (reused)"
+    )
     parser.add_argument("--train-steps", type=int, default=400, help="standard MLM steps of 32 x 128 before the study")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
@@ -225,12 +269,20 @@ def main() -> None:
     eval_loss, eval_accuracy = eval_metrics(hf, val, vocab, 8, 16)
     print(f"pretrained model: eval MLM loss {eval_loss:.3f}, accuracy {eval_accuracy:.3f}", flush=True)
     indices = torch.arange(args.batches * args.batch).numpy() % len(val)
-    batches = [masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], 0, SEED + 2, 0.15, vocab) for i in range(args.batches)]
+    batches = [
+        masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], 0, SEED + 2, 0.15, vocab)
+        for i in range(args.batches)
+    ]
     rows = run_grid(hf, batches)
     setup = {
         "model": f"BERT hidden {hf.config.hidden_size}, {hf.config.num_hidden_layers} layers, vocab {hf.config.vocab_size}",
-        "train_steps": args.train_steps, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
-        "batches": args.batches, "batch": args.batch, "seq_len": dataset.seq_len, "torch": torch.__version__,
+        "train_steps": args.train_steps,
+        "eval_loss": eval_loss,
+        "eval_accuracy": eval_accuracy,
+        "batches": args.batches,
+        "batch": args.batch,
+        "seq_len": dataset.seq_len,
+        "torch": torch.__version__,
     }
     study = {"setup": setup, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

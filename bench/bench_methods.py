@@ -27,17 +27,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_step import SEED, add_model_arguments, build_models, build_shards
+
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, run_objective
 from pipeline.data.batches import Batches, ShardDataset
-from pipeline.train.deepspeed_setup import make_optimizer
 from pipeline.data.masking import MaskVocab
-from pipeline.methods.freeat import Carry, replay_index
+from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, run_objective
 from pipeline.methods.companion import Companion, companion_for, teacher_and_adversaries
-from pipeline.model.masked_lm import MaskedLM
+from pipeline.methods.freeat import Carry, replay_index
 from pipeline.methods.smart import Teacher
+from pipeline.model.masked_lm import MaskedLM
+from pipeline.train.deepspeed_setup import make_optimizer
 
 OPTIMIZER = argparse.Namespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
 
@@ -69,9 +69,17 @@ def method_step(method: str, model: MaskedLM, companion: Companion | None):
         nonlocal done, carry
         ids, mask, index = batch.input_ids, batch.attention_mask, batch.masked_index
         carry = carry if replay_index(config, done) else Carry()
-        losses = objective(lambda d: model(ids, mask, index, d), lambda d: model(ids, mask, index, d)[0], batch.labels, config, done,
-                           real=mask, teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]), carry=carry,
-                           adversaries=adversaries)
+        losses = objective(
+            lambda d: model(ids, mask, index, d),
+            lambda d: model(ids, mask, index, d)[0],
+            batch.labels,
+            config,
+            done,
+            real=mask,
+            teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]),
+            carry=carry,
+            adversaries=adversaries,
+        )
         run_objective(losses, torch.Tensor.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -97,18 +105,25 @@ def measure(steps: dict, batches: list, rounds: int, warmup: int) -> list[dict]:
                 times[name].append(time.perf_counter() - started)
         medians = {name: statistics.median(values) for name, values in times.items()}
         results.append({name: medians[name] / medians["none"] for name in names})
-        print(f"round {r + 1}: standard {medians['none'] * 1e3:.0f} ms | "
-              + " | ".join(f"{name} {results[-1][name]:.2f}x" for name in names[1:]), flush=True)
+        print(
+            f"round {r + 1}: standard {medians['none'] * 1e3:.0f} ms | "
+            + " | ".join(f"{name} {results[-1][name]:.2f}x" for name in names[1:]),
+            flush=True,
+        )
     return results
 
 
 def markdown(summary: dict, setup: str) -> str:
-    lines = [f"# Adversarial methods: step time over the standard step\n\n{setup}\n",
-             "Regenerate: `python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md`.\n",
-             "| method | step time / standard (median over rounds) | rounds | encoder forwards | encoder backwards (one per graph: input-only ascents, then each graph the loss trains) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Adversarial methods: step time over the standard step\n\n{setup}\n",
+        "Regenerate: `python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md`.\n",
+        "| method | step time / standard (median over rounds) | rounds | encoder forwards | encoder backwards (one per graph: input-only ascents, then each graph the loss trains) |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in summary["methods"].items():
-        lines.append(f"| {name} | {row['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in row['rounds'])} | {row['forwards']} | {row['backwards']} |")
+        lines.append(
+            f"| {name} | {row['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in row['rounds'])} | {row['forwards']} | {row['backwards']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -127,24 +142,38 @@ def main() -> None:
         tokenizer = load_tokenizer(build_shards(Path(tmp), args.vocab, args.seq_len, args.threads))
         dataset = ShardDataset(Path(tmp) / "shards", "train")
         batches_of = Batches(dataset, MaskVocab.of(tokenizer), args.batch, args.batch, SEED)
-        batches = [batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)]
+        batches = [
+            batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)
+        ]
         _, base, _ = build_models(Path(tmp), tokenizer, dataset.seq_len, args)
         models = {name: copy.deepcopy(base).train() for name in METHODS}
-        companions = {name: companion_for(AdversarialConfig(method=name), model, model.hf, OPTIMIZER.weight_decay, 1.0)
-                      for name, model in models.items()}
+        companions = {
+            name: companion_for(AdversarialConfig(method=name), model, model.hf, OPTIMIZER.weight_decay, 1.0)
+            for name, model in models.items()
+        }
         teachers = [t.module for t in companions.values() if isinstance(t, Teacher)]
         passes = {name: Passes(model, *(teachers if name == "smart" else ())) for name, model in models.items()}
         steps = {name: method_step(name, model, companions[name]) for name, model in models.items()}
         steps_total = args.warmup + args.rounds * args.steps
         rounds = measure(steps, batches, args.rounds, args.warmup)
-    setup = (f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq_len}, mask rate 0.15, fp32, "
-             f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM, 3 for PGD, 2 for FreeLB; "
-             f"YOPO m = 2, n = 3; FreeAT m = 2, per replay), "
-             f"{args.rounds} rounds of {args.steps} steps each, after {args.warmup} warm-up steps.")
-    summary = {"setup": setup, "methods": {
-        name: {"ratio": statistics.median(r[name] for r in rounds), "rounds": [r[name] for r in rounds],
-               "forwards": passes[name].forward // steps_total, "backwards": passes[name].backward // steps_total}
-        for name in METHODS}}
+    setup = (
+        f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq_len}, mask rate 0.15, fp32, "
+        f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM, 3 for PGD, 2 for FreeLB; "
+        f"YOPO m = 2, n = 3; FreeAT m = 2, per replay), "
+        f"{args.rounds} rounds of {args.steps} steps each, after {args.warmup} warm-up steps."
+    )
+    summary = {
+        "setup": setup,
+        "methods": {
+            name: {
+                "ratio": statistics.median(r[name] for r in rounds),
+                "rounds": [r[name] for r in rounds],
+                "forwards": passes[name].forward // steps_total,
+                "backwards": passes[name].backward // steps_total,
+            }
+            for name in METHODS
+        },
+    }
     table = markdown(summary, setup)
     print(table)
     if args.json:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import psutil
 import sentencepiece as spm
-
 from data_dir import wikitext_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,12 +138,19 @@ def throughput(work: Path, inputs: list[Path], tokenizer: Path, cores: int, roun
         raw = tokens / (time.perf_counter() - started)
         out = work / f"shards-{r}"
         started = time.perf_counter()
-        subprocess.run(alum("shard", "--input", *inputs, "--tokenizer", tokenizer, "--seq-len", 512, "--out", out),
-                       cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            alum("shard", "--input", *inputs, "--tokenizer", tokenizer, "--seq-len", 512, "--out", out),
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         shard = tokens / (time.perf_counter() - started)
         shutil.rmtree(out)
         ratios.append(shard / raw)
-        print(f"  round {r + 1}: raw {raw:,.0f} tok/s | alum shard {shard:,.0f} tok/s | ratio {shard / raw:.2f}", flush=True)
+        print(
+            f"  round {r + 1}: raw {raw:,.0f} tok/s | alum shard {shard:,.0f} tok/s | ratio {shard / raw:.2f}",
+            flush=True,
+        )
     return ratios
 
 
@@ -153,11 +159,37 @@ def memory(work: Path, tokenizer: Path, small_mb: float, cores: int) -> None:
     for megabytes in (small_mb, 10 * small_mb):
         files = build_corpus(work / f"corpus-{megabytes:.0f}mb", megabytes)
         mb = sum(f.stat().st_size for f in files) / 1e6
-        seconds, shard_peak = peak_rss(alum("shard", "--input", *files, "--tokenizer", tokenizer, "--seq-len", 512,
-                                            "--out", work / f"mem-shards-{megabytes:.0f}"))
-        tok_seconds, tok_peak = peak_rss(alum("tokenizer", "--input", *files, "--vocab-size", 8000, "--sample-lines", 20000,
-                                              "--out", work / f"mem-tok-{megabytes:.0f}", "--threads", cores))
-        print(f"  corpus {mb:6.1f} MB: alum shard {shard_peak:6.0f} MiB ({seconds:5.1f} s) | alum tokenizer {tok_peak:6.0f} MiB ({tok_seconds:5.1f} s)")
+        seconds, shard_peak = peak_rss(
+            alum(
+                "shard",
+                "--input",
+                *files,
+                "--tokenizer",
+                tokenizer,
+                "--seq-len",
+                512,
+                "--out",
+                work / f"mem-shards-{megabytes:.0f}",
+            )
+        )
+        tok_seconds, tok_peak = peak_rss(
+            alum(
+                "tokenizer",
+                "--input",
+                *files,
+                "--vocab-size",
+                8000,
+                "--sample-lines",
+                20000,
+                "--out",
+                work / f"mem-tok-{megabytes:.0f}",
+                "--threads",
+                cores,
+            )
+        )
+        print(
+            f"  corpus {mb:6.1f} MB: alum shard {shard_peak:6.0f} MiB ({seconds:5.1f} s) | alum tokenizer {tok_peak:6.0f} MiB ({tok_seconds:5.1f} s)"
+        )
         shutil.rmtree(work / f"corpus-{megabytes:.0f}mb")
 
 
@@ -172,24 +204,47 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
         work = Path(tmp)
-        corpora = {"one file": single_file_corpus(work / "single", args.mb), "many small files": many_files_corpus(work / "many", args.mb)}
+        corpora = {
+            "one file": single_file_corpus(work / "single", args.mb),
+            "many small files": many_files_corpus(work / "many", args.mb),
+        }
         tokenizers = {}
         for kind in ("bpe", "byte-level-bpe"):
             tokenizers[kind] = work / f"tokenizer-{kind}"
-            subprocess.run(alum("tokenizer", "--input", wikitext_train(), "--vocab-size", 8000, "--kind", kind, "--out", tokenizers[kind]),
-                           cwd=REPO, check=True, capture_output=True)
+            subprocess.run(
+                alum(
+                    "tokenizer",
+                    "--input",
+                    wikitext_train(),
+                    "--vocab-size",
+                    8000,
+                    "--kind",
+                    kind,
+                    "--out",
+                    tokenizers[kind],
+                ),
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+            )
         files = sum(1 for _ in (work / "many").iterdir())
-        print(f"corpus: {args.mb:.0f} MB of WikiText-2 train, as one file and as {files} files; {cores} cores; "
-              f"seq_len 512; alum shard at its defaults (--workers {cores}, --piece-mb 64)")
+        print(
+            f"corpus: {args.mb:.0f} MB of WikiText-2 train, as one file and as {files} files; {cores} cores; "
+            f"seq_len 512; alum shard at its defaults (--workers {cores}, --piece-mb 64)"
+        )
         summary = []
         for kind, tokenizer in tokenizers.items():
             baseline = "SentencePieceProcessor.encode" if kind == "bpe" else "tokenizers encode_batch"
             for name, inputs in corpora.items():
                 print(f"{kind} tokenizer ({baseline}), {name}:")
                 ratios = throughput(work, inputs, tokenizer, cores, args.rounds)
-                summary.append(f"  {kind:15s} {name:17s} median {statistics.median(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
-        print("alum shard / raw encoding, target >= 0.90 (the first byte-level-bpe round also resolves the tokenizer "
-              "with transformers, ~3.5 s here, which later runs read from ~/.cache/alum):")
+                summary.append(
+                    f"  {kind:15s} {name:17s} median {statistics.median(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)})"
+                )
+        print(
+            "alum shard / raw encoding, target >= 0.90 (the first byte-level-bpe round also resolves the tokenizer "
+            "with transformers, ~3.5 s here, which later runs read from ~/.cache/alum):"
+        )
         print("\n".join(summary))
         if args.memory:
             memory(work, tokenizers["bpe"], args.mb / 2, cores)

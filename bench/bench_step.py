@@ -48,19 +48,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from data_dir import wikitext_train
 
 from data_prep.corpus import ReadOptions
 from data_prep.inputs import expand_inputs
 from data_prep.shard import ShardSettings, shard_corpus
 from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.methods.adversarial import AdversarialConfig, compute_losses
-from pipeline.methods.objective import mlm_loss
 from pipeline.data.batches import Batches, ShardDataset
 from pipeline.data.masking import MaskVocab
-from pipeline.train.deepspeed_setup import make_optimizer
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss
 from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
-from data_dir import wikitext_train
+from pipeline.train.deepspeed_setup import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -121,7 +121,9 @@ def hf_labels(batch) -> torch.Tensor:
 def make_steps(hf, standard: MaskedLM, alum: MaskedLM) -> dict:
     """One training step of each variant, as a function of a micro-batch."""
     train = SimpleNamespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
-    optimizers = {name: make_optimizer(m, train, {}) for name, m in (("hf", hf), ("standard", standard), ("alum", alum))}
+    optimizers = {
+        name: make_optimizer(m, train, {}) for name, m in (("hf", hf), ("standard", standard), ("alum", alum))
+    }
     adversarial = AdversarialConfig(method="alum", start_step=0, steps=1)
 
     def update(name: str, loss: torch.Tensor) -> None:
@@ -141,7 +143,9 @@ def make_steps(hf, standard: MaskedLM, alum: MaskedLM) -> dict:
         out = compute_losses(
             lambda delta: alum(ids, mask, masked_index, delta),
             lambda delta: alum(ids, mask, masked_index, delta)[0],
-            batch.labels, adversarial, step=0,
+            batch.labels,
+            adversarial,
+            step=0,
         )
         update("alum", out.loss)
 
@@ -201,11 +205,15 @@ def report(rounds: list[dict]) -> None:
     data_ms, _ = summary("data")
     data_std, data_stds = summary("data_standard", ".2%")
     data_alum, data_alums = summary("data_alum", ".2%")
-    print(f"median standard step: project {std_tok:,.0f} tok/s vs HF BertForMaskedLM {hf_tok:,.0f} tok/s: "
-          f"project/HF {speedup:.2f}x (target >= 1.3; rounds: {speedups})")
+    print(
+        f"median standard step: project {std_tok:,.0f} tok/s vs HF BertForMaskedLM {hf_tok:,.0f} tok/s: "
+        f"project/HF {speedup:.2f}x (target >= 1.3; rounds: {speedups})"
+    )
     print(f"median ALUM step (K=1) / standard step: {ratio:.2f} (target <= 2.8, FLOP bound ~2.67; rounds: {ratios})")
-    print(f"median data loading + masking: {data_ms * 1e3:.1f} ms = {data_std:.2%} of the standard step "
-          f"(target <= 3%; rounds: {data_stds}), {data_alum:.2%} of the ALUM step (rounds: {data_alums})")
+    print(
+        f"median data loading + masking: {data_ms * 1e3:.1f} ms = {data_std:.2%} of the standard step "
+        f"(target <= 3%; rounds: {data_stds}), {data_alum:.2%} of the ALUM step (rounds: {data_alums})"
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,7 +222,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=8000, help="tokenizer vocabulary size (the model's, rounded up to 64)")
+    parser.add_argument(
+        "--vocab", type=int, default=8000, help="tokenizer vocabulary size (the model's, rounded up to 64)"
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (global batch = micro-batch)")
 
@@ -239,7 +249,9 @@ def main() -> None:
         tokenizer = load_tokenizer(build_shards(work, args.vocab, args.seq_len, args.threads))
         dataset = ShardDataset(work / "shards", "train")
         prep = time.perf_counter() - started
-        batches_of = Batches(dataset, MaskVocab.of(tokenizer), global_batch_size=args.batch, micro_batch_size=args.batch, seed=SEED)
+        batches_of = Batches(
+            dataset, MaskVocab.of(tokenizer), global_batch_size=args.batch, micro_batch_size=args.batch, seed=SEED
+        )
 
         def load(step: int):
             """The trainer's per-step data work for one global batch of args.batch sequences."""
@@ -255,8 +267,10 @@ def main() -> None:
             f"batch {args.batch} x {dataset.seq_len}, mask rate {args.mask_rate} ({scored:.1%} of tokens scored); "
             f"fp32, {torch.get_num_threads()} threads, dropout on, malloc {'keeps freed memory' if args.malloc_keep else 'glibc default'}"
         )
-        print(f"data: {len(dataset):,} rows of WikiText-2 train, tokenizer + shards built in {prep:.1f} s; "
-              f"|HF loss - project loss| in eval mode = {gap:.1e}")
+        print(
+            f"data: {len(dataset):,} rows of WikiText-2 train, tokenizer + shards built in {prep:.1f} s; "
+            f"|HF loss - project loss| in eval mode = {gap:.1e}"
+        )
         rounds = measure(make_steps(hf, standard, alum), load, batches, args, args.batch * dataset.seq_len)
         report(rounds)
 

@@ -67,7 +67,9 @@ def command(*args: str, what: str) -> float:
     """Run one of the project's commands from the repository root; its wall time in seconds."""
     started = time.perf_counter()
     print(f"[claims] {what}", flush=True)
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"})
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+    )
     if result.returncode != 0:
         raise SystemExit(f"claims: {what} failed with exit code {result.returncode}; fix it and re-run to continue")
     return time.perf_counter() - started
@@ -77,10 +79,35 @@ def prepare_data(work: Path) -> tuple[Path, Path]:
     tokenizer, shards = work / "tokenizer", work / "shards"
     train = str(wikitext_train())
     if not (tokenizer / "alum_tokenizer.json").is_file():
-        command("-m", "pipeline.cli", "tokenizer", "--input", train, "--vocab-size", "8000", "--out", str(tokenizer), what="tokenizer")
+        command(
+            "-m",
+            "pipeline.cli",
+            "tokenizer",
+            "--input",
+            train,
+            "--vocab-size",
+            "8000",
+            "--out",
+            str(tokenizer),
+            what="tokenizer",
+        )
     if not (shards / "manifest.json").is_file():
-        command("-m", "pipeline.cli", "shard", "--input", train, "--tokenizer", str(tokenizer), "--seq-len", "128",
-                "--val-fraction", "0.02", "--out", str(shards), what="shards")
+        command(
+            "-m",
+            "pipeline.cli",
+            "shard",
+            "--input",
+            train,
+            "--tokenizer",
+            str(tokenizer),
+            "--seq-len",
+            "128",
+            "--val-fraction",
+            "0.02",
+            "--out",
+            str(shards),
+            what="shards",
+        )
     return tokenizer, shards
 
 
@@ -89,12 +116,31 @@ def pretrain(work: Path, name: str, steps: int, *overrides: str) -> None:
     run_dir = work / "pretrain" / name
     if finished(run_dir, steps):
         return
-    command("-m", "pipeline.pretrain", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
-            f"data.shards={work / 'shards'}", f"data.tokenizer={work / 'tokenizer'}", "deepspeed=configs/deepspeed/zero0.json",
-            f"train.max_steps={steps}", "train.global_batch_size=32", "train.micro_batch_size=32", "train.lr=2e-3",
-            "train.warmup_steps=100", "train.log_every=50", f"eval.every_steps={max(1, steps // 10)}", "eval.batches=8",
-            f"checkpoint.every_steps={max(1, steps // 2)}", "checkpoint.keep_last=2", "wandb.mode=disabled",
-            "adversarial.method=none", *overrides, what=f"pretrain {name} ({steps} steps)")
+    command(
+        "-m",
+        "pipeline.pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        f"data.shards={work / 'shards'}",
+        f"data.tokenizer={work / 'tokenizer'}",
+        "deepspeed=configs/deepspeed/zero0.json",
+        f"train.max_steps={steps}",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=32",
+        "train.lr=2e-3",
+        "train.warmup_steps=100",
+        "train.log_every=50",
+        f"eval.every_steps={max(1, steps // 10)}",
+        "eval.batches=8",
+        f"checkpoint.every_steps={max(1, steps // 2)}",
+        "checkpoint.keep_last=2",
+        "wandb.mode=disabled",
+        "adversarial.method=none",
+        *overrides,
+        what=f"pretrain {name} ({steps} steps)",
+    )
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -119,13 +165,23 @@ def pretrain_two_stage(work: Path, name: str, steps: int) -> float:
     """The standard run's step-S/2 checkpoint continued with TWO_STAGE[name] to step S; its step-time ratio."""
     half = steps // 2
     method, *overrides = TWO_STAGE[name]
-    pretrain(work, name, steps, f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
-             "checkpoint.init_optimizer=true", f"adversarial.method={method}", f"adversarial.start_step={half}", *overrides)
+    pretrain(
+        work,
+        name,
+        steps,
+        f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
+        "checkpoint.init_optimizer=true",
+        f"adversarial.method={method}",
+        f"adversarial.start_step={half}",
+        *overrides,
+    )
     return step_time_ratio(work, name, half)
 
 
 def ratio_key(name: str) -> str:
-    return {"alum": "alum_step_time_ratio", "alum-amortized": "amortized_step_time_ratio"}.get(name, f"{name}_step_time_ratio")
+    return {"alum": "alum_step_time_ratio", "alum-amortized": "amortized_step_time_ratio"}.get(
+        name, f"{name}_step_time_ratio"
+    )
 
 
 def pretrain_all(work: Path, steps: int, continual: int) -> dict:
@@ -136,19 +192,45 @@ def pretrain_all(work: Path, steps: int, continual: int) -> dict:
     compute_steps = half + round(ratio * half)
     pretrain(work, "standard-compute", compute_steps)
     for name, method in (("continual-standard", "none"), ("continual-alum", "alum")):
-        pretrain(work, name, continual, f"checkpoint.init_from={work / 'pretrain' / 'standard'}", "train.lr=4e-4",
-                 f"adversarial.method={method}", "adversarial.start_step=0")
+        pretrain(
+            work,
+            name,
+            continual,
+            f"checkpoint.init_from={work / 'pretrain' / 'standard'}",
+            "train.lr=4e-4",
+            f"adversarial.method={method}",
+            "adversarial.start_step=0",
+        )
     return {"steps": steps, "continual_steps": continual, "standard_compute_steps": compute_steps, **ratios}
 
 
 def export_and_eval(work: Path, name: str) -> dict:
     model = work / "models" / name
     if not (model / "config.json").is_file():
-        command("-m", "pipeline.cli", "export", "--run-dir", str(work / "pretrain" / name), "--out", str(model), what=f"export {name}")
+        command(
+            "-m",
+            "pipeline.cli",
+            "export",
+            "--run-dir",
+            str(work / "pretrain" / name),
+            "--out",
+            str(model),
+            what=f"export {name}",
+        )
     result = model / "eval-val.json"
     if not result.is_file():
-        command("-m", "pipeline.cli", "eval", "--model", str(model), "--shards", str(work / "shards"), "--batches", "20",
-                what=f"eval {name}")
+        command(
+            "-m",
+            "pipeline.cli",
+            "eval",
+            "--model",
+            str(model),
+            "--shards",
+            str(work / "shards"),
+            "--batches",
+            "20",
+            what=f"eval {name}",
+        )
     return json.loads(result.read_text())
 
 
@@ -157,10 +239,32 @@ def finetune(work: Path, name: str, method: str, args) -> dict:
     expected = {int(s) for s in args.seeds.split(",")}
     done = out / "results.json"
     if not (done.is_file() and {s["seed"] for s in json.loads(done.read_text())["seeds"]} == expected):
-        command("-m", "pipeline.cli", "finetune", "--model", str(work / "models" / name), "--task", "sst2",
-                "--data", str(data_dir() / "sst2"), "--advglue", str(data_dir() / "advglue" / "dev.json"), "--out", str(out),
-                "--method", method, "--seeds", args.seeds, "--max-steps", str(args.finetune_steps),
-                "--eval-every", str(args.finetune_steps), "--lr", "5e-4", what=f"finetune {name} ({method})")
+        command(
+            "-m",
+            "pipeline.cli",
+            "finetune",
+            "--model",
+            str(work / "models" / name),
+            "--task",
+            "sst2",
+            "--data",
+            str(data_dir() / "sst2"),
+            "--advglue",
+            str(data_dir() / "advglue" / "dev.json"),
+            "--out",
+            str(out),
+            "--method",
+            method,
+            "--seeds",
+            args.seeds,
+            "--max-steps",
+            str(args.finetune_steps),
+            "--eval-every",
+            str(args.finetune_steps),
+            "--lr",
+            "5e-4",
+            what=f"finetune {name} ({method})",
+        )
     return json.loads(done.read_text())
 
 
@@ -203,14 +307,18 @@ def table(study: dict) -> str:
         "Regenerate: `python bench/claims.py`.",
         "",
         "| model | val ppl | val acc (commonest {:.3f}) | PGD r=0.1 loss | PGD r=0.3 loss | subst. 0.1 loss | FT | SST-2 dev | AdvGLUE-SST2 |".format(
-            study["models"]["standard"]["eval"]["clean"]["commonest_token_accuracy"]),
+            study["models"]["standard"]["eval"]["clean"]["commonest_token_accuracy"]
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, model in study["models"].items():
         ev = model["eval"]
         for method in FINETUNE_BOTH:
             ft, ref = model["finetune"][method], study["models"]["standard"]["finetune"][method]
-            marks = {key: "*" if name != "standard" and exceeds(ft[key], ref[key]) else "" for key in ("dev_accuracy", "advglue_accuracy")}
+            marks = {
+                key: "*" if name != "standard" and exceeds(ft[key], ref[key]) else ""
+                for key in ("dev_accuracy", "advglue_accuracy")
+            }
             pgd = {p["radius"]: p["loss"] for p in ev["perturbation"]}
             lines.append(
                 f"| {name} | {ev['clean']['ppl']:.1f} | {ev['clean']['accuracy']:.4f} | {pgd.get(0.1, float('nan')):.3f} | "
@@ -225,7 +333,7 @@ def masked_fractions(work: Path, name: str) -> dict[str, list[float]]:
     """An ASA run's logged masked fraction per layer, by step (`asa/masked_fraction/layerN`)."""
     records = [r for r in metrics(work / "pretrain" / name) if "asa/penalty" in r]
     prefix = "asa/masked_fraction/"
-    layers = sorted(k[len(prefix):] for k in records[0] if k.startswith(prefix))
+    layers = sorted(k[len(prefix) :] for k in records[0] if k.startswith(prefix))
     return {"step": [r["step"] for r in records], **{layer: [r[prefix + layer] for r in records] for layer in layers}}
 
 
@@ -240,23 +348,34 @@ def asa_lines(study: dict) -> list[str]:
     def cells(i: int) -> str:
         return ", ".join(f"{layer} {fractions[layer][i]:.1%}" for layer in layers)
 
-    return ["", f"ASA pretraining: the adversaries masked {cells(0)} of the real attention units at step {steps[0]}, "
-                f"{cells(-1)} at step {steps[-1]}" + (f"; under 1% in every layer from step {below} on." if below else ".")]
+    return [
+        "",
+        f"ASA pretraining: the adversaries masked {cells(0)} of the real attention units at step {steps[0]}, "
+        f"{cells(-1)} at step {steps[-1]}" + (f"; under 1% in every layer from step {below} on." if below else "."),
+    ]
 
 
 def finetune_methods_table(study: dict) -> list[str]:
     """The `standard` model fine-tuned with each method; * against standard fine-tuning."""
     runs = study["models"]["standard"]["finetune"]
     ref = runs["standard"]
-    lines = ["", "## Fine-tuning methods on the `standard` model", "",
-             f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), seeds {study['setup']['seeds']}; "
-             "mean +- std over seeds; * = differs from standard fine-tuning by more than both spreads together. "
-             "Seconds: wall time of one seed's fine-tuning here (training and evaluation).", "",
-             "| FT method | SST-2 dev | AdvGLUE-SST2 | seconds per seed |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "## Fine-tuning methods on the `standard` model",
+        "",
+        f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), seeds {study['setup']['seeds']}; "
+        "mean +- std over seeds; * = differs from standard fine-tuning by more than both spreads together. "
+        "Seconds: wall time of one seed's fine-tuning here (training and evaluation).",
+        "",
+        "| FT method | SST-2 dev | AdvGLUE-SST2 | seconds per seed |",
+        "|---|---|---|---|",
+    ]
     for method in FINETUNE_METHODS:
         ft = runs[method]
-        cells = [f"{ft[key]['mean']:.4f} +- {ft[key]['std']:.4f}{'*' if method != 'standard' and exceeds(ft[key], ref[key]) else ''}"
-                 for key in ("dev_accuracy", "advglue_accuracy")]
+        cells = [
+            f"{ft[key]['mean']:.4f} +- {ft[key]['std']:.4f}{'*' if method != 'standard' and exceeds(ft[key], ref[key]) else ''}"
+            for key in ("dev_accuracy", "advglue_accuracy")
+        ]
         seconds = sum(seed["seconds"] for seed in ft["seeds"]) / len(ft["seeds"])
         lines.append(f"| {method} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
     return lines
@@ -273,8 +392,14 @@ def figure(study: dict, out: Path) -> None:
         ax = fig.add_subplot(1, 2, column + 1)
         for offset, method in zip((-0.2, 0.2), FINETUNE_BOTH):
             values = [study["models"][n]["finetune"][method][key] for n in names]
-            ax.bar([i + offset for i in range(len(names))], [v["mean"] for v in values], 0.4, yerr=[v["std"] for v in values],
-                   capsize=3, label=f"{method} fine-tuning")
+            ax.bar(
+                [i + offset for i in range(len(names))],
+                [v["mean"] for v in values],
+                0.4,
+                yerr=[v["std"] for v in values],
+                capsize=3,
+                label=f"{method} fine-tuning",
+            )
         split = key.split("_")[0]
         baseline = study["models"][names[0]]["finetune"]["standard"][f"{split}_majority_baseline"]
         ax.axhline(baseline, linestyle="--", color="gray", label=f"majority class ({baseline:.3f})")
@@ -293,26 +418,34 @@ def merged(args, names: list[str]) -> dict:
     setup = study["setup"]
     unknown = [n for n in names if n not in TWO_STAGE and n not in FINETUNE_METHODS[1:]]
     if unknown:
-        raise SystemExit(f"claims: --only {unknown[0]}: neither a two-stage model ({', '.join(TWO_STAGE)}) "
-                         f"nor a fine-tuning method ({', '.join(FINETUNE_METHODS[1:])})")
+        raise SystemExit(
+            f"claims: --only {unknown[0]}: neither a two-stage model ({', '.join(TWO_STAGE)}) "
+            f"nor a fine-tuning method ({', '.join(FINETUNE_METHODS[1:])})"
+        )
     asked = {"steps": args.pretrain_steps, "finetune_steps": args.finetune_steps, "seeds": args.seeds}
     for key, value in asked.items():
         if setup[key] != value:
-            raise SystemExit(f"claims: --only: {key} is {value!r} here but {setup[key]!r} in {args.out / 'claims.json'}")
+            raise SystemExit(
+                f"claims: --only: {key} is {value!r} here but {setup[key]!r} in {args.out / 'claims.json'}"
+            )
     started = time.perf_counter()
     prepare_data(args.work)
     pretrain(args.work, "standard", args.pretrain_steps)
     committed, here = study["models"]["standard"]["eval"]["clean"], export_and_eval(args.work, "standard")["clean"]
     if any(abs(here[key] - value) > 1e-6 * max(1.0, abs(value)) for key, value in committed.items()):
-        raise SystemExit(f"claims: --only: the standard model in {args.work} evaluates to {here} but the committed one to "
-                         f"{committed}; run the whole experiment instead")
+        raise SystemExit(
+            f"claims: --only: the standard model in {args.work} evaluates to {here} but the committed one to "
+            f"{committed}; run the whole experiment instead"
+        )
     for name in names:
         if name in TWO_STAGE:
             setup[ratio_key(name)] = pretrain_two_stage(args.work, name, args.pretrain_steps)
             study["models"][name] = model_entry(args.work, name, FINETUNE_BOTH, args)
         if name in FINETUNE_METHODS:
             study["models"]["standard"]["finetune"][name] = finetune(args.work, "standard", name, args)
-    setup.update(wall_seconds=setup["wall_seconds"] + time.perf_counter() - started, invocations=setup["invocations"] + 1)
+    setup.update(
+        wall_seconds=setup["wall_seconds"] + time.perf_counter() - started, invocations=setup["invocations"] + 1
+    )
     study["models"] = {name: study["models"][name] for name in PRETRAINED if name in study["models"]}
     return study
 
@@ -332,9 +465,14 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=500, help="per seed: about a quarter of an SST-2 epoch")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--render", action="store_true", help="only rewrite claims.md and claims.png from OUT/claims.json")
-    parser.add_argument("--only", help="comma-separated two-stage models and fine-tuning methods to run and merge into OUT/claims.json "
-                        f"(models: {', '.join(TWO_STAGE)}; methods: {', '.join(FINETUNE_METHODS[1:])})")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite claims.md and claims.png from OUT/claims.json"
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated two-stage models and fine-tuning methods to run and merge into OUT/claims.json "
+        f"(models: {', '.join(TWO_STAGE)}; methods: {', '.join(FINETUNE_METHODS[1:])})",
+    )
     args = parser.parse_args()
     if args.only:
         study = merged(args, args.only.split(","))
@@ -355,11 +493,24 @@ def main() -> None:
         methods = FINETUNE_METHODS if name == "standard" else FINETUNE_BOTH
         models[name] = model_entry(args.work, name, methods, args)
     invocations = wall_times(args.work, time.perf_counter() - started)
-    setup.update(finetune_steps=args.finetune_steps, seeds=args.seeds, wall_seconds=sum(invocations), invocations=len(invocations))
+    setup.update(
+        finetune_steps=args.finetune_steps,
+        seeds=args.seeds,
+        wall_seconds=sum(invocations),
+        invocations=len(invocations),
+    )
     study = {"setup": setup, "models": models}
     write(study, args.out)
-    command("-m", "pipeline.tasks.plot", *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
-            "--labels", ",".join(PRETRAINED), "--out", str(args.out / "pretraining.png"), what="pretraining curves")
+    command(
+        "-m",
+        "pipeline.tasks.plot",
+        *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
+        "--labels",
+        ",".join(PRETRAINED),
+        "--out",
+        str(args.out / "pretraining.png"),
+        what="pretraining curves",
+    )
     print(table(study))
 
 

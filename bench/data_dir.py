@@ -9,7 +9,9 @@ from pathlib import Path
 def data_dir() -> Path:
     value = os.environ.get("ALUM_SHARED_DATA")
     if not value:
-        raise SystemExit("ALUM_SHARED_DATA is not set: set it to the test-data directory (wikitext-2/, sst2/, advglue/, ...)")
+        raise SystemExit(
+            "ALUM_SHARED_DATA is not set: set it to the test-data directory (wikitext-2/, sst2/, advglue/, ...)"
+        )
     return Path(value)
 
 

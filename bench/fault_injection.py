@@ -87,8 +87,17 @@ def prepare_data(out: Path, data: Path) -> tuple[Path, Path]:
     return tokenizer, shards
 
 
-def run_with_faults(args: list[str], run_dir: Path, faults: list[Fault], log_dir: Path, launch_timeout: float = 600,
-                    exit_timeout: float = 120, grace: float = 5, world: int = 2, echo=print) -> FaultedRun:
+def run_with_faults(
+    args: list[str],
+    run_dir: Path,
+    faults: list[Fault],
+    log_dir: Path,
+    launch_timeout: float = 600,
+    exit_timeout: float = 120,
+    grace: float = 5,
+    world: int = 2,
+    echo=print,
+) -> FaultedRun:
     """Launch, inject each fault in turn (relaunching after each), then let the run finish."""
     started = time.monotonic()
     results: list[FaultResult] = []
@@ -99,8 +108,10 @@ def run_with_faults(args: list[str], run_dir: Path, faults: list[Fault], log_dir
             launch = every[-1]
             result = inject(launch, fault, index, run_dir, launch_timeout, exit_timeout, grace)
             if result is None:
-                echo(f"fault {index} ({fault.kind} at step {fault.step}): not injected, the launch ended first "
-                     f"(exit code {launch.poll()}, log {launch.log_path})")
+                echo(
+                    f"fault {index} ({fault.kind} at step {fault.step}): not injected, the launch ended first "
+                    f"(exit code {launch.poll()}, log {launch.log_path})"
+                )
                 break
             results.append(result)
             echo(_fault_line(result))
@@ -113,17 +124,30 @@ def run_with_faults(args: list[str], run_dir: Path, faults: list[Fault], log_dir
         leftovers = [describe(p) for p in every[-1].wait_gone(grace)]
     finally:
         every[-1].close()
-    return FaultedRun(results, final_code, len(every), round(time.monotonic() - started, 1), leftovers,
-                      sum(one.shm_removed[0] for one in every), sum(one.shm_removed[1] for one in every))
+    return FaultedRun(
+        results,
+        final_code,
+        len(every),
+        round(time.monotonic() - started, 1),
+        leftovers,
+        sum(one.shm_removed[0] for one in every),
+        sum(one.shm_removed[1] for one in every),
+    )
 
 
 def _fault_line(result: FaultResult) -> str:
     """Where a fault struck and what the job left: the line printed once the job has ended."""
-    return (f"fault {result.index}: {result.what}; job exited in {result.exit_seconds} s (code {result.launcher_exit_code})"
-            + (f", LEFT BEHIND: {result.leftovers}" if result.leftovers else "")
-            + f"; last logged step {result.last_logged_step}, newest complete {result.newest_complete}"
-            + ("" if result.newest_complete == result.complete_at_kill else f" (completed after the kill; {result.complete_at_kill} before)")
-            + f", partial {result.partials or '-'}")
+    return (
+        f"fault {result.index}: {result.what}; job exited in {result.exit_seconds} s (code {result.launcher_exit_code})"
+        + (f", LEFT BEHIND: {result.leftovers}" if result.leftovers else "")
+        + f"; last logged step {result.last_logged_step}, newest complete {result.newest_complete}"
+        + (
+            ""
+            if result.newest_complete == result.complete_at_kill
+            else f" (completed after the kill; {result.complete_at_kill} before)"
+        )
+        + f", partial {result.partials or '-'}"
+    )
 
 
 def _relaunch_lines(launch: Launch, number: int, result: FaultResult) -> list[str]:
@@ -131,11 +155,21 @@ def _relaunch_lines(launch: Launch, number: int, result: FaultResult) -> list[st
     lines = []
     if not launch.steps and launch.poll() != 0:
         tail = "\n    ".join(launch.output().splitlines()[-5:])
-        lines.append(f"  relaunch {number} failed before its first step (exit code {launch.poll()}, log {launch.log_path}):\n    {tail}")
-    start = result.resumed_line or "no 'resumed from' line, " + ("started from step 1" if launch.steps and launch.steps[0][1] == 1 else "did not start")
-    lines.append(f"  relaunch {number}: {start} -> "
-                 f"{'resumed' if result.resumed else 'DID NOT RESUME CORRECTLY'}, {result.steps_lost} step(s) recomputed"
-                 + ("" if result.partial_noted is None else f", partial checkpoint {'named' if result.partial_noted else 'NOT NAMED'}"))
+        lines.append(
+            f"  relaunch {number} failed before its first step (exit code {launch.poll()}, log {launch.log_path}):\n    {tail}"
+        )
+    start = result.resumed_line or "no 'resumed from' line, " + (
+        "started from step 1" if launch.steps and launch.steps[0][1] == 1 else "did not start"
+    )
+    lines.append(
+        f"  relaunch {number}: {start} -> "
+        f"{'resumed' if result.resumed else 'DID NOT RESUME CORRECTLY'}, {result.steps_lost} step(s) recomputed"
+        + (
+            ""
+            if result.partial_noted is None
+            else f", partial checkpoint {'named' if result.partial_noted else 'NOT NAMED'}"
+        )
+    )
     return lines
 
 
@@ -163,18 +197,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--faults", type=int, default=6, help="how many faults to inject (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault plan (default 0)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated fault kinds (default {','.join(KINDS)})")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"comma-separated fault kinds (default {','.join(KINDS)})"
+    )
     parser.add_argument("--stage", type=int, default=2, help="ZeRO stage (default 2)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (after the harness's)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (after the harness's)"
+    )
     parser.add_argument("--tokenizer", type=Path, help="an existing tokenizer directory (with --shards)")
     parser.add_argument("--shards", type=Path, help="existing shards made with that tokenizer")
     parser.add_argument("--data", type=Path, help="the test-data directory (default: $ALUM_SHARED_DATA)")
-    parser.add_argument("--work-dir", type=Path, help="where data, runs and logs go (default: a temporary directory, removed unless --keep)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where data, runs and logs go (default: a temporary directory, removed unless --keep)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    parser.add_argument("--exit-timeout", type=float, default=120, help="seconds a faulted job may take to exit by itself (default 120)")
+    parser.add_argument(
+        "--exit-timeout", type=float, default=120, help="seconds a faulted job may take to exit by itself (default 120)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     args.kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -182,7 +228,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--kinds: choose from {', '.join(KINDS)}")
     if (args.tokenizer is None) != (args.shards is None):
         parser.error("--tokenizer and --shards go together")
-    if args.work_dir and args.work_dir.exists() and any((args.work_dir / name).exists() for name in ("reference", "faulted")):
+    if (
+        args.work_dir
+        and args.work_dir.exists()
+        and any((args.work_dir / name).exists() for name in ("reference", "faulted"))
+    ):
         parser.error(f"--work-dir {args.work_dir}: holds runs already; give a new directory")
     return args
 
@@ -198,22 +248,51 @@ def _rehearse(args: argparse.Namespace, work: Path) -> int:
     overrides = (*OVERRIDES, *args.set)
     reference_dir, run_dir, logs = work / "reference" / "run", work / "faulted" / "run", work / "logs"
     print(f"reference: uninterrupted 2-rank run in {reference_dir}", flush=True)
-    reference_seconds = run_reference(pretrain_args(reference_dir, shards, tokenizer, *overrides, stage=args.stage), logs / "reference.log")
+    reference_seconds = run_reference(
+        pretrain_args(reference_dir, shards, tokenizer, *overrides, stage=args.stage), logs / "reference.log"
+    )
     settings = run_settings(reference_dir)
-    print(f"reference: {settings['max_steps']} steps, checkpoint every {settings['every']}, {reference_seconds} s", flush=True)
+    print(
+        f"reference: {settings['max_steps']} steps, checkpoint every {settings['every']}, {reference_seconds} s",
+        flush=True,
+    )
     faults = plan_faults(args.faults, args.seed, settings["max_steps"], kinds=args.kinds)
-    print("plan (seed {}): {}".format(args.seed, ", ".join(
-        f"{f.kind} after step {f.step}" + (f" (rank {f.rank})" if f.rank is not None else "") for f in faults)), flush=True)
-    run = run_with_faults(pretrain_args(run_dir, shards, tokenizer, *overrides, stage=args.stage), run_dir, faults, logs,
-                          exit_timeout=args.exit_timeout, echo=lambda line: print(line, flush=True))
+    print(
+        "plan (seed {}): {}".format(
+            args.seed,
+            ", ".join(
+                f"{f.kind} after step {f.step}" + (f" (rank {f.rank})" if f.rank is not None else "") for f in faults
+            ),
+        ),
+        flush=True,
+    )
+    run = run_with_faults(
+        pretrain_args(run_dir, shards, tokenizer, *overrides, stage=args.stage),
+        run_dir,
+        faults,
+        logs,
+        exit_timeout=args.exit_timeout,
+        echo=lambda line: print(line, flush=True),
+    )
     comparison = compare(run_dir, reference_dir, settings["global_batch_size"])
     summary = summarize(run, comparison, reference_seconds)
     print()
     print(report(run, comparison, summary), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"seed": args.seed, "plan": [asdict(f) for f in faults], "summary": summary,
-                                         "faults": [asdict(f) for f in run.faults], "comparison": asdict(comparison),
-                                         "work_dir": str(work)}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "seed": args.seed,
+                    "plan": [asdict(f) for f in faults],
+                    "summary": summary,
+                    "faults": [asdict(f) for f in run.faults],
+                    "comparison": asdict(comparison),
+                    "work_dir": str(work),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if args.work_dir or args.keep:
         print(f"runs and launch logs: {work}")
     return 0 if passed(summary) else 1

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from run_files import read_metrics
 from tiny_run import launch_command
 
@@ -31,7 +30,9 @@ class Launch:
     """
 
     def __init__(self, args: list[str], log: Path, world: int = 2):
-        from pipeline.train.distributed import free_port  # imports DeepSpeed: not at import, which the tests do at collection
+        from pipeline.train.distributed import (
+            free_port,
+        )  # imports DeepSpeed: not at import, which the tests do at collection
 
         self.port = free_port()
         command = [*launch_command("deepspeed", world, self.port), *args]
@@ -39,8 +40,16 @@ class Launch:
         self.log_path = Path(log)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, errors="replace", start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         self.pgid = self.process.pid
         self.lines: list[str] = []
         self.steps: list[tuple[float, int]] = []  # (monotonic time, step) of each progress line
@@ -49,7 +58,9 @@ class Launch:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._last_look = 0.0
-        self.reaped_at: float | None = None  # wall time the launcher was reaped (its pid, the group's id, is free from then)
+        self.reaped_at: float | None = (
+            None  # wall time the launcher was reaped (its pid, the group's id, is free from then)
+        )
         self.shm_removed = (0, 0)  # (files, bytes) of DeepSpeed's shared-memory buffers removed by close()
 
     def poll(self) -> int | None:

@@ -37,12 +37,23 @@ def compare(run_dir: Path, reference_dir: Path, global_batch_size: int) -> Compa
         expected = by_step.get(r["step"])
         if expected is None:
             continue
-        if r.get("data/sample_digest") != expected["data/sample_digest"] or r.get("data/consumed_samples") != expected["data/consumed_samples"]:
+        if (
+            r.get("data/sample_digest") != expected["data/sample_digest"]
+            or r.get("data/consumed_samples") != expected["data/consumed_samples"]
+        ):
             mismatched.add(r["step"])
         if r.get("train/loss") != expected["train/loss"]:
             loss_mismatch.add(r["step"])
     samples = global_batch_size * (len(missing) + extra + len(mismatched))
-    return Comparison(len(ref), missing, repeated, sorted(mismatched), sorted(loss_mismatch), samples, comparable(got) == comparable(ref))
+    return Comparison(
+        len(ref),
+        missing,
+        repeated,
+        sorted(mismatched),
+        sorted(loss_mismatch),
+        samples,
+        comparable(got) == comparable(ref),
+    )
 
 
 def summarize(run: FaultedRun, comparison: Comparison, reference_seconds: float | None = None) -> dict:
@@ -73,8 +84,12 @@ def summarize(run: FaultedRun, comparison: Comparison, reference_seconds: float 
 
 def passed(summary: dict) -> bool:
     """Nothing skipped or repeated, every relaunch resumed, the run finished with the reference's metrics."""
-    return (summary["samples_skipped_or_repeated"] == 0 and summary["relaunches_resumed"] == summary["faults_injected"]
-            and summary["final_exit_code"] == 0 and summary["metrics_equal_reference"])
+    return (
+        summary["samples_skipped_or_repeated"] == 0
+        and summary["relaunches_resumed"] == summary["faults_injected"]
+        and summary["final_exit_code"] == 0
+        and summary["metrics_equal_reference"]
+    )
 
 
 def report(run: FaultedRun, comparison: Comparison, summary: dict) -> str:
@@ -83,16 +98,48 @@ def report(run: FaultedRun, comparison: Comparison, summary: dict) -> str:
 
 def _table(run: FaultedRun) -> list[str]:
     """One line a fault: where it struck, how the job ended, where the relaunch resumed."""
-    header = ("#", "kind", "plan", "struck", "where", "exit s", "gone s", "code", "last", "ckpt", "resumed", "lost", "partial", "left")
+    header = (
+        "#",
+        "kind",
+        "plan",
+        "struck",
+        "where",
+        "exit s",
+        "gone s",
+        "code",
+        "last",
+        "ckpt",
+        "resumed",
+        "lost",
+        "partial",
+        "left",
+    )
     rows = []
     for f in run.faults:
         where = f"saving {f.save_tag}" if f.save_tag else (f"rank {f.rank}" if f.rank is not None else "group")
-        partial = "-" if not f.partials else ("named" if f.partial_noted else "NOT NAMED") + f" ({','.join(f.partials)})"
+        partial = (
+            "-" if not f.partials else ("named" if f.partial_noted else "NOT NAMED") + f" ({','.join(f.partials)})"
+        )
         if f.save_tag and f.partial_when_killed is False:
             partial += " (save finished first)"
-        rows.append((f.index, f.kind, f.planned_step, f.struck_after_step, where, f.exit_seconds, f.all_gone_seconds,
-                     f.launcher_exit_code, f.last_logged_step, f.newest_complete or "none",
-                     f"{f.resumed_step} {'ok' if f.resumed else 'NO'}", f.steps_lost, partial, len(f.leftovers)))
+        rows.append(
+            (
+                f.index,
+                f.kind,
+                f.planned_step,
+                f.struck_after_step,
+                where,
+                f.exit_seconds,
+                f.all_gone_seconds,
+                f.launcher_exit_code,
+                f.last_logged_step,
+                f.newest_complete or "none",
+                f"{f.resumed_step} {'ok' if f.resumed else 'NO'}",
+                f.steps_lost,
+                partial,
+                len(f.leftovers),
+            )
+        )
     table = [header, *[tuple("-" if v is None else str(v) for v in row) for row in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
@@ -107,13 +154,18 @@ def _figures(run: FaultedRun, comparison: Comparison, s: dict) -> list[str]:
         f"steps lost to recomputation: {s['steps_lost_total']} ({', '.join(str(f.steps_lost) for f in run.faults)})",
         f"fault to job exit:           max {s['exit_seconds_max']} s ({', '.join(f'{f.kind} {f.exit_seconds}' for f in run.faults)})",
         f"fault to last process gone:  max {s['gone_seconds_max']} s",
-        f"processes left behind:       {s['leftover_processes']}" + (f"; launchers that hung: {s['hung_launchers']}" if s["hung_launchers"] else ""),
+        f"processes left behind:       {s['leftover_processes']}"
+        + (f"; launchers that hung: {s['hung_launchers']}" if s["hung_launchers"] else ""),
         f"partial checkpoints unnamed: {s['partials_not_named']}",
         f"/dev/shm left by launches:   {s['shm_buffers_left']} DeepSpeed all-reduce buffers, {s['shm_mib_left']} MiB (removed by the harness)",
         f"samples skipped or repeated: {s['samples_skipped_or_repeated']}"
-        + (f" (missing steps {comparison.missing_steps}, repeated {comparison.repeated_steps}, other batch {comparison.mismatched_steps})"
-           if s["samples_skipped_or_repeated"] else ""),
-        f"losses equal the reference:  {s['losses_equal']}" + (f" (differ at {comparison.loss_mismatch_steps})" if comparison.loss_mismatch_steps else ""),
+        + (
+            f" (missing steps {comparison.missing_steps}, repeated {comparison.repeated_steps}, other batch {comparison.mismatched_steps})"
+            if s["samples_skipped_or_repeated"]
+            else ""
+        ),
+        f"losses equal the reference:  {s['losses_equal']}"
+        + (f" (differ at {comparison.loss_mismatch_steps})" if comparison.loss_mismatch_steps else ""),
         f"metrics equal the reference: {s['metrics_equal_reference']} ({comparison.steps} steps)",
         f"final launch exit code:      {s['final_exit_code']} after {s['launches']} launches, {s['faulted_run_seconds']} s"
         + (f" (uninterrupted: {s['reference_seconds']} s)" if s["reference_seconds"] is not None else ""),

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fault_launch import Launch, describe
-from run_files import checkpoint_dirs, checkpoint_steps, newest_complete, partial_checkpoints, read_metrics, run_settings, save_seconds, tag_step
+from run_files import (
+    checkpoint_dirs,
+    checkpoint_steps,
+    newest_complete,
+    partial_checkpoints,
+    read_metrics,
+    run_settings,
+    save_seconds,
+    tag_step,
+)
 
 KINDS = ("kill-group", "kill-rank", "kill-in-save")
 RESUMED = re.compile(r"resumed from (\S+) \(step (\d+)\)")
@@ -76,8 +85,15 @@ class FaultedRun:
     shm_bytes: int = 0
 
 
-def inject(launch: Launch, fault: Fault, index: int, run_dir: Path, launch_timeout: float, exit_timeout: float,
-           grace: float = 5) -> FaultResult | None:
+def inject(
+    launch: Launch,
+    fault: Fault,
+    index: int,
+    run_dir: Path,
+    launch_timeout: float,
+    exit_timeout: float,
+    grace: float = 5,
+) -> FaultResult | None:
     """Strike `fault` at `launch`, wait for the job to end and note what it left on disk; None
     if the launch ended before the fault's moment."""
     result = FaultResult(index, fault.kind, fault.step)
@@ -136,8 +152,9 @@ def _kill_mid_step(launch: Launch, fault: Fault, result: FaultResult, run_dir: P
     return killed
 
 
-def _kill_in_save(launch: Launch, fault: Fault, result: FaultResult, run_dir: Path, step: int, settings: dict,
-                  timeout: float) -> float | None:
+def _kill_in_save(
+    launch: Launch, fault: Fault, result: FaultResult, run_dir: Path, step: int, settings: dict, timeout: float
+) -> float | None:
     """kill-in-save: the first checkpoint at or after `step` that is not complete yet, `fraction`
     of the first half of what earlier saves took after its directory appeared."""
     expected = save_seconds(run_dir)
@@ -203,7 +220,9 @@ def check_resume(launch: Launch, result: FaultResult, run_dir: Path, timeout: fl
         result.resumed_line = match.group(0)
         result.resumed_step = int(match.group(2))
         tag_ok = result.newest_complete is not None and Path(match.group(1)).name == result.newest_complete
-        result.resumed = tag_ok and result.resumed_step == tag_step(result.newest_complete) and goes_on_after(result.resumed_step)
+        result.resumed = (
+            tag_ok and result.resumed_step == tag_step(result.newest_complete) and goes_on_after(result.resumed_step)
+        )
     else:
         result.resumed_step = 0
         result.resumed = result.newest_complete is None and goes_on_after(0)
@@ -211,4 +230,3 @@ def check_resume(launch: Launch, result: FaultResult, run_dir: Path, timeout: fl
         lines = [line for line in output.splitlines() if "partial checkpoint" in line]
         result.partial_noted = all(any(tag in line for line in lines) for tag in result.partials)
     result.steps_lost = result.last_logged_step - result.resumed_step
-

@@ -22,13 +22,19 @@ def smart(out: Path) -> None:
     from transformers import BertConfig, BertForMaskedLM
 
     from pipeline.methods.adversarial import AdversarialConfig, compute_losses
-    from pipeline.model.masked_lm import MaskedLM
     from pipeline.methods.smart import Teacher
+    from pipeline.model.masked_lm import MaskedLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                        max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=8000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=128,
+    )
     student = MaskedLM(BertForMaskedLM(config)).to(device).train()
     teacher = Teacher(student)
     student.to(torch.bfloat16)
@@ -39,15 +45,25 @@ def smart(out: Path) -> None:
 
     def losses(method: str, teacher_module) -> torch.Tensor:
         torch.manual_seed(1)
-        return compute_losses(lambda d: student(ids, mask, index, d), lambda d: student(ids, mask, index, d)[0], ids.flatten()[index],
-                              AdversarialConfig(method=method), 0, teacher=lambda: teacher_module(ids, mask, index)[0]).loss
+        return compute_losses(
+            lambda d: student(ids, mask, index, d),
+            lambda d: student(ids, mask, index, d)[0],
+            ids.flatten()[index],
+            AdversarialConfig(method=method),
+            0,
+            teacher=lambda: teacher_module(ids, mask, index)[0],
+        ).loss
 
     alum = losses("alum", teacher.module)
     proximal = (losses("smart", teacher.module) - alum).item()
-    float32_teacher = (losses("smart", teacher.ema) - alum).item()  # what ran before: a float32 teacher beside the bf16 student
+    float32_teacher = (
+        losses("smart", teacher.ema) - alum
+    ).item()  # what ran before: a float32 teacher beside the bf16 student
     ok = proximal == 0.0
-    line = (f"SMART, bf16 student = teacher on {device.type}: proximal term {proximal:.3g} (a float32 teacher: "
-            f"{float32_teacher:.3g}): {'OK' if ok else 'FAILED'}")
+    line = (
+        f"SMART, bf16 student = teacher on {device.type}: proximal term {proximal:.3g} (a float32 teacher: "
+        f"{float32_teacher:.3g}): {'OK' if ok else 'FAILED'}"
+    )
     out.write_text(json.dumps({"line": line, "ok": ok}))
 
 
@@ -72,8 +88,10 @@ def alum_steps(work: Path, name: str, precision: str, key: str, what: str) -> tu
     guard = "numerically zero" in (work / f"{name}.log").read_text()
     ok = len(active) == 4 and all(r[key] > 0 for r in active) and not guard
     values = [r[key] for r in active]
-    return (f"tiny model, {precision} ALUM: {len(active)} ALUM steps, {what} from {min(values):.2e} to {max(values):.2e}, "
-            f"guard {'fired' if guard else 'silent'}: {'OK' if ok else 'FAILED'}"), ok
+    return (
+        f"tiny model, {precision} ALUM: {len(active)} ALUM steps, {what} from {min(values):.2e} to {max(values):.2e}, "
+        f"guard {'fired' if guard else 'silent'}: {'OK' if ok else 'FAILED'}"
+    ), ok
 
 
 def finetuned(work: Path) -> tuple[str, bool]:
@@ -83,8 +101,10 @@ def finetuned(work: Path) -> tuple[str, bool]:
     result = json.loads((seed / "result.json").read_text())
     dtypes = {str(t.dtype).removeprefix("torch.") for t in load_file(seed / "model.safetensors").values()}
     ok = dtypes == {"float32"} and json.loads((seed / "config.json").read_text())["dtype"] == "float32"
-    return (f"alum finetune --deepspeed, {result['steps']} steps: dev accuracy {result['dev_accuracy']:.3f}, "
-            f"saved weights {', '.join(sorted(dtypes))}: {'OK' if ok else 'FAILED'}"), ok
+    return (
+        f"alum finetune --deepspeed, {result['steps']} steps: dev accuracy {result['dev_accuracy']:.3f}, "
+        f"saved weights {', '.join(sorted(dtypes))}: {'OK' if ok else 'FAILED'}"
+    ), ok
 
 
 def timing(work: Path) -> str:
@@ -106,18 +126,28 @@ def timing(work: Path) -> str:
             return f", MFU {median(rows, 'perf/mfu'):.1%}"
         return ", no MFU (no peak in pipeline/train/flops.py)" if run.name == "bert-base" else ""
 
-    return (f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, batch {batch} x {seq_len}: "
-            f"standard {median(standard, 'perf/step_seconds'):.3f} s/step ({median(standard, 'perf/tokens_per_s'):,.0f} tok/s"
-            f"{mfu(standard)}); ALUM {median(alum, 'perf/step_seconds'):.3f} s/step ({median(alum, 'perf/tokens_per_s'):,.0f} tok/s"
-            f"{mfu(alum)}); ALUM/standard step time {median(alum, 'perf/step_seconds') / median(standard, 'perf/step_seconds'):.2f}")
+    return (
+        f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, batch {batch} x {seq_len}: "
+        f"standard {median(standard, 'perf/step_seconds'):.3f} s/step ({median(standard, 'perf/tokens_per_s'):,.0f} tok/s"
+        f"{mfu(standard)}); ALUM {median(alum, 'perf/step_seconds'):.3f} s/step ({median(alum, 'perf/tokens_per_s'):,.0f} tok/s"
+        f"{mfu(alum)}); ALUM/standard step time {median(alum, 'perf/step_seconds') / median(standard, 'perf/step_seconds'):.2f}"
+    )
 
 
 def report(work: Path) -> int:
     smart_check = json.loads((work / "smart.json").read_text())
-    checks = [alum_steps(work, "tiny-bf16", "bf16", "train/loss_adv", "loss_adv"), (smart_check["line"], smart_check["ok"]),
-              alum_steps(work, "tiny-fp16", "fp16", "train/adv_grad_norm", "ascent gradient norm"), finetuned(work)]
+    checks = [
+        alum_steps(work, "tiny-bf16", "bf16", "train/loss_adv", "loss_adv"),
+        (smart_check["line"], smart_check["ok"]),
+        alum_steps(work, "tiny-fp16", "fp16", "train/adv_grad_norm", "ascent gradient norm"),
+        finetuned(work),
+    ]
     for check in checks:
-        print(f"gpu_check: {check[0]}" if check else "gpu_check: tiny model, fp16 ALUM: skipped (no CUDA; a CPU has no fp16)")
+        print(
+            f"gpu_check: {check[0]}"
+            if check
+            else "gpu_check: tiny model, fp16 ALUM: skipped (no CUDA; a CPU has no fp16)"
+        )
     if not (work / "bert-base").is_dir():
         print("gpu_check: bert-base: skipped (no CUDA); the timing below is the tiny bf16 run's")
     print(f"gpu_check: {timing(work)}")

@@ -30,7 +30,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def tag_step(tag: str) -> int:
-    return int(tag[len("step"):])
+    return int(tag[len("step") :])
 
 
 def newest_complete(run_dir: Path) -> str | None:
@@ -41,14 +41,21 @@ def newest_complete(run_dir: Path) -> str | None:
 def partial_checkpoints(run_dir: Path) -> list[str]:
     """Checkpoint directories newer than the newest complete one, without complete.json."""
     newest = newest_complete(run_dir)
-    return [p.name for p in checkpoint_dirs(run_dir) if not (p / "complete.json").is_file() and (newest is None or p.name > newest)]
+    return [
+        p.name
+        for p in checkpoint_dirs(run_dir)
+        if not (p / "complete.json").is_file() and (newest is None or p.name > newest)
+    ]
 
 
 def run_settings(run_dir: Path) -> dict:
     """max_steps, checkpoint every, global batch: from the run's resolved config.yaml."""
     config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    return {"max_steps": config["train"]["max_steps"], "every": config["checkpoint"]["every_steps"],
-            "global_batch_size": config["train"]["global_batch_size"]}
+    return {
+        "max_steps": config["train"]["max_steps"],
+        "every": config["checkpoint"]["every_steps"],
+        "global_batch_size": config["train"]["global_batch_size"],
+    }
 
 
 def save_seconds(run_dir: Path) -> float | None:

@@ -29,9 +29,16 @@ TRAIN_OVERRIDES = (
 )
 # 8 steps, ALUM from step 4, a checkpoint and an evaluation every 4 steps. The perturbation is
 # large enough that the adversarial term is well above float32 rounding of the loss.
-RUN = ("train.max_steps=8", "adversarial.method=alum", "adversarial.start_step=4", "adversarial.step_size=0.1",
-       "adversarial.noise_std=0.01", "checkpoint.every_steps=4", "eval.every_steps=4",
-       "train.peak_tflops=0.5")  # a CPU has no known peak: this one logs perf/mfu
+RUN = (
+    "train.max_steps=8",
+    "adversarial.method=alum",
+    "adversarial.start_step=4",
+    "adversarial.step_size=0.1",
+    "adversarial.noise_std=0.01",
+    "checkpoint.every_steps=4",
+    "eval.every_steps=4",
+    "train.peak_tflops=0.5",
+)  # a CPU has no known peak: this one logs perf/mfu
 
 
 def build_tokenizer(text: Path, out: Path) -> Path:
@@ -46,23 +53,48 @@ def build_shards(text: Path, tokenizer: Path, out: Path) -> Path:
     return out
 
 
-def pretrain_args(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, stage: int = 2,
-                  config: str = CONFIG) -> list[str]:
+def pretrain_args(
+    run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, stage: int = 2, config: str = CONFIG
+) -> list[str]:
     """`pipeline.train.pretrain`'s arguments: TRAIN_OVERRIDES, then `overrides` (of the same key, the
     later wins). No tokenizer: the run's default (model.init_from's)."""
-    return ["--config", config, "--run-dir", str(run_dir), f"data.shards={shards}",
-            *([f"data.tokenizer={tokenizer}"] if tokenizer else []),
-            f"deepspeed=configs/deepspeed/zero{stage}.json", *TRAIN_OVERRIDES, *overrides]
+    return [
+        "--config",
+        config,
+        "--run-dir",
+        str(run_dir),
+        f"data.shards={shards}",
+        *([f"data.tokenizer={tokenizer}"] if tokenizer else []),
+        f"deepspeed=configs/deepspeed/zero{stage}.json",
+        *TRAIN_OVERRIDES,
+        *overrides,
+    ]
 
 
 def launch_command(launcher: str, world: int, port: int) -> list[str]:
     """The command before pretrain_args, as users start training: `deepspeed`, `torchrun`,
     `python -m pipeline.pretrain` (one rank) or `alum pretrain` (one rank)."""
     return {
-        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port", str(port),
-                      "--module", "pipeline.pretrain"],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
-                     "-m", "pipeline.pretrain"],
+        "deepspeed": [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(world),
+            "--master_port",
+            str(port),
+            "--module",
+            "pipeline.pretrain",
+        ],
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(port),
+            "-m",
+            "pipeline.pretrain",
+        ],
         "python": [sys.executable, "-m", "pipeline.pretrain"],
         "alum": [sys.executable, "-m", "pipeline.cli", "pretrain"],
     }[launcher]

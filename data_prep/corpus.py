@@ -142,8 +142,10 @@ def _binary(where: str, column: int) -> UserError:
 
 
 def _too_long(where: str, what: str) -> UserError:
-    return UserError(f"{where}: {what} is longer than {MAX_DOCUMENT_BYTES >> 20} MiB, the most a document may be; "
-                     "split such documents into smaller ones")
+    return UserError(
+        f"{where}: {what} is longer than {MAX_DOCUMENT_BYTES >> 20} MiB, the most a document may be; "
+        "split such documents into smaller ones"
+    )
 
 
 def _parquet_pieces(f: InputFile, options: ReadOptions) -> list[Piece]:
@@ -169,7 +171,9 @@ def _check_arrow(f: InputFile, options: ReadOptions) -> None:
 
 def _check_text_column(f: InputFile, schema: pa.Schema, options: ReadOptions) -> None:
     if options.text_field not in schema.names:
-        raise UserError(f"{f.path}: no column {options.text_field!r} (columns: {', '.join(schema.names)}); set --text-field")
+        raise UserError(
+            f"{f.path}: no column {options.text_field!r} (columns: {', '.join(schema.names)}); set --text-field"
+        )
     kind = schema.field(options.text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"{f.path}: column {options.text_field!r} holds {kind}, not text")
@@ -221,7 +225,11 @@ def _column_documents(piece: Piece, options: ReadOptions) -> Iterator[list[str]]
 
 def _jsonl_documents(piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[list[str]]:
     for first_line, lines in _decoded_blocks(piece, options, stats):
-        yield [_jsonl_text(line, piece, line_no, options) for line_no, line in enumerate(lines, start=first_line) if line.strip()]
+        yield [
+            _jsonl_text(line, piece, line_no, options)
+            for line_no, line in enumerate(lines, start=first_line)
+            if line.strip()
+        ]
 
 
 def _jsonl_text(line: str, piece: Piece, line_no: int, options: ReadOptions) -> str:
@@ -233,7 +241,9 @@ def _jsonl_text(line: str, piece: Piece, line_no: int, options: ReadOptions) -> 
         raise UserError(f"{_where(piece, line_no)}: no field {options.text_field!r}; set --text-field")
     text = record[options.text_field]
     if not isinstance(text, str):
-        raise UserError(f"{_where(piece, line_no)}: field {options.text_field!r} is {type(text).__name__}, not a string")
+        raise UserError(
+            f"{_where(piece, line_no)}: field {options.text_field!r} is {type(text).__name__}, not a string"
+        )
     return text
 
 
@@ -265,7 +275,7 @@ def _decoded_blocks(piece: Piece, options: ReadOptions, stats: ReadStats) -> Ite
     first_line = 1
     for block_no, block in enumerate(_line_blocks(piece)):
         if block_no == 0 and piece.start == 0 and block.startswith(codecs.BOM_UTF8):
-            block = block[len(codecs.BOM_UTF8):]
+            block = block[len(codecs.BOM_UTF8) :]
         nul = block.find(b"\x00")
         if nul >= 0:
             raise _binary(_where(piece, first_line + block.count(b"\n", 0, nul)), nul - block.rfind(b"\n", 0, nul))
@@ -345,7 +355,9 @@ def _read(fh, size: int, f: InputFile, offset: int) -> bytes:
     except (OSError, EOFError, lzma.LZMAError, _zstd_error()) as e:
         if not f.compression:
             raise
-        raise UserError(f"{f.path}: not a valid {f.compression} file: {e} (reading from decompressed byte {offset:,})") from None
+        raise UserError(
+            f"{f.path}: not a valid {f.compression} file: {e} (reading from decompressed byte {offset:,})"
+        ) from None
 
 
 def _zstd_error() -> type[Exception]:

@@ -32,8 +32,12 @@ def train_hf_tokenizer(sample: list[str], kind: str, vocab_size: int, special_to
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     else:
         tokenizer = Tokenizer(models.WordPiece(unk_token=special_tokens["unk"]))
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
@@ -46,13 +50,22 @@ def train_hf_tokenizer(sample: list[str], kind: str, vocab_size: int, special_to
         # to run; WordPiece's greedy longest match does not use ids, so sorting changes nothing else.
         vocab = tokenizer.get_vocab()
         ordered = specials + sorted(set(vocab) - set(specials))
-        tokenizer.model = models.WordPiece({token: i for i, token in enumerate(ordered)}, unk_token=special_tokens["unk"])
+        tokenizer.model = models.WordPiece(
+            {token: i for i, token in enumerate(ordered)}, unk_token=special_tokens["unk"]
+        )
     ids = {token: tokenizer.token_to_id(token) for token in (cls, sep)}
     roles = {f"{role}_token": token for role, token in special_tokens.items()}
     if kind == "byte-level-bpe":
-        tokenizer.post_processor = processors.RobertaProcessing((sep, ids[sep]), (cls, ids[cls]), add_prefix_space=False)
-        tokenizer.add_special_tokens([AddedToken(special_tokens["mask"], lstrip=True, rstrip=False, normalized=False, special=True)])
-        return RobertaTokenizerFast(tokenizer_object=tokenizer, add_prefix_space=False, bos_token=cls, eos_token=sep, **roles)
+        tokenizer.post_processor = processors.RobertaProcessing(
+            (sep, ids[sep]), (cls, ids[cls]), add_prefix_space=False
+        )
+        tokenizer.add_special_tokens(
+            [AddedToken(special_tokens["mask"], lstrip=True, rstrip=False, normalized=False, special=True)]
+        )
+        return RobertaTokenizerFast(
+            tokenizer_object=tokenizer, add_prefix_space=False, bos_token=cls, eos_token=sep, **roles
+        )
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=list(ids.items()))
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=list(ids.items())
+    )
     return BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=False, **roles)

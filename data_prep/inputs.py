@@ -48,19 +48,16 @@ def _expand_path(path: Path) -> list[InputFile]:
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             return _hf_dataset_files(path)
-        return [
-            f
-            for child in sorted(path.iterdir())
-            if not child.name.startswith(".")
-            for f in _expand_path(child)
-        ]
+        return [f for child in sorted(path.iterdir()) if not child.name.startswith(".") for f in _expand_path(child)]
     return [_classify(path)]
 
 
 def _classify(path: Path) -> InputFile:
     suffixes = [s.lower() for s in path.suffixes]
     compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
-    inner = suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes and not compression else "")
+    inner = (
+        suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes and not compression else "")
+    )
     if inner == ".parquet":
         if compression:
             raise UserError(f"{path}: compressed Parquet files are not supported (Parquet compresses internally)")

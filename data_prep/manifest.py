@@ -55,18 +55,37 @@ def dataset_identity(settings, tokenizer, files, num_pieces: int) -> dict:
         "val_fraction": settings.val_fraction,
         "piece_bytes": settings.piece_bytes,
         "unit_bytes": min(UNIT_BYTES, settings.piece_bytes),
-        "read": {"text_field": settings.read.text_field, "txt_docs": settings.read.txt_docs, "utf8_errors": settings.read.utf8_errors},
-        "tokenizer": {"sha256": tokenizer.sha256, "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "style": tokenizer.style},
+        "read": {
+            "text_field": settings.read.text_field,
+            "txt_docs": settings.read.txt_docs,
+            "utf8_errors": settings.read.utf8_errors,
+        },
+        "tokenizer": {
+            "sha256": tokenizer.sha256,
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "style": tokenizer.style,
+        },
         "special_token_ids": tokenizer.special_token_ids,
         "inputs": [{"path": f.path, "bytes": Path(f.path).stat().st_size} for f in files],
         "num_pieces": num_pieces,
     }
 
 
-FLAGS = {"seq_len": "--seq-len", "val_fraction": "--val-fraction", "piece_bytes": "--piece-mb", "unit_bytes": "--piece-mb",
-         "read.text_field": "--text-field", "read.txt_docs": "--txt-docs", "read.utf8_errors": "--utf8-errors",
-         "tokenizer": "--tokenizer", "special_token_ids": "--tokenizer", "dtype": "--tokenizer", "inputs": "--input",
-         "num_pieces": "--input or --piece-mb"}
+FLAGS = {
+    "seq_len": "--seq-len",
+    "val_fraction": "--val-fraction",
+    "piece_bytes": "--piece-mb",
+    "unit_bytes": "--piece-mb",
+    "read.text_field": "--text-field",
+    "read.txt_docs": "--txt-docs",
+    "read.utf8_errors": "--utf8-errors",
+    "tokenizer": "--tokenizer",
+    "special_token_ids": "--tokenizer",
+    "dtype": "--tokenizer",
+    "inputs": "--input",
+    "num_pieces": "--input or --piece-mb",
+}
 
 
 def describe_difference(old: dict, new: dict) -> str:
@@ -76,7 +95,11 @@ def describe_difference(old: dict, new: dict) -> str:
         return "same settings"
     key, was, now = difference
     flag = FLAGS.get(key) or FLAGS.get(key.split(".")[0], "")
-    values = f"{was!r} then, {now!r} now" if not isinstance(was, (dict, list)) and not isinstance(now, (dict, list)) else "differs"
+    values = (
+        f"{was!r} then, {now!r} now"
+        if not isinstance(was, (dict, list)) and not isinstance(now, (dict, list))
+        else "differs"
+    )
     return f"{key} {values}" + (f": {flag}" if flag else "")
 
 
@@ -162,8 +185,10 @@ def shard_path(directory: Path, shard: dict) -> Path:
     path = directory / relative
     real_directory = Path(directory).resolve()
     if relative.is_absolute() or ".." in relative.parts or real_directory not in path.resolve().parents:
-        raise UserError(f"{directory / MANIFEST}: shard path {str(relative)!r} leads outside the shard directory; "
-                        "a manifest names its shards relative to it (as `alum shard` writes them)")
+        raise UserError(
+            f"{directory / MANIFEST}: shard path {str(relative)!r} leads outside the shard directory; "
+            "a manifest names its shards relative to it (as `alum shard` writes them)"
+        )
     if not path.is_file():
         raise UserError(f"{path}: shard listed in the manifest is missing")
     size = path.stat().st_size

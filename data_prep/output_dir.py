@@ -62,9 +62,19 @@ def check_apart(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> None:
     real = Path(os.path.realpath(out))
     for what, path in inputs:
         other = Path(os.path.realpath(path))
-        relation = "is" if other == real else "lies inside" if other in real.parents else "contains" if real in other.parents else None
+        relation = (
+            "is"
+            if other == real
+            else "lies inside"
+            if other in real.parents
+            else "contains"
+            if real in other.parents
+            else None
+        )
         if relation:
-            raise UserError(f"--out {out}: {relation} the {what} {path}; choose an --out apart from what the command reads")
+            raise UserError(
+                f"--out {out}: {relation} the {what} {path}; choose an --out apart from what the command reads"
+            )
     for parent in real.parents:
         owner = written_by(parent)
         if owner:
@@ -75,10 +85,18 @@ def check_replaceable(out: Path, command: str) -> None:
     """Refuse to replace `out` unless `command` wrote it and nothing else has been put in it."""
     marker = _marker(out)
     if marker is None or marker["written_by"] != command:
-        why = f"{marker['written_by']} wrote it" if marker else f"it has no {MARKER} (another program's directory, or written before alum marked its outputs)"
-        raise UserError(f"{out}: --overwrite replaces only what {command} wrote, and {why}; nothing was deleted: delete it yourself or choose another --out")
+        why = (
+            f"{marker['written_by']} wrote it"
+            if marker
+            else f"it has no {MARKER} (another program's directory, or written before alum marked its outputs)"
+        )
+        raise UserError(
+            f"{out}: --overwrite replaces only what {command} wrote, and {why}; nothing was deleted: delete it yourself or choose another --out"
+        )
     known = {*marker.get("names", ()), MARKER}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in known and not atomic.is_temporary(p))
     if foreign:
-        raise UserError(f"{out / foreign[0]}: not written by {command}; --overwrite would delete it with {out}, so nothing was deleted: "
-                        "move it out, or choose another --out")
+        raise UserError(
+            f"{out / foreign[0]}: not written by {command}; --overwrite would delete it with {out}, so nothing was deleted: "
+            "move it out, or choose another --out"
+        )

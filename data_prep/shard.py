@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from data_prep import atomic, manifest, output_dir
 from data_prep.corpus import Piece, ReadOptions
-from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
+from data_prep.inputs import expand_inputs
 from data_prep.shard_file import GroupWriter
 from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer
 from data_prep.work_units import SPLITS, UnitTokens, plan_groups, tokenize_unit
@@ -58,7 +58,9 @@ class ShardSettings:
 
     def check(self) -> None:
         if self.seq_len < MIN_SEQ_LEN:
-            raise UserError(f"--seq-len {self.seq_len} is too small: rows need at least {MIN_SEQ_LEN} tokens ([CLS] and [SEP] take 2)")
+            raise UserError(
+                f"--seq-len {self.seq_len} is too small: rows need at least {MIN_SEQ_LEN} tokens ([CLS] and [SEP] take 2)"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
         if self.piece_bytes < 4096:
@@ -85,7 +87,10 @@ def shard_corpus(
         raise UserError(f"--node-rank {node_rank}: must be in [0, {num_nodes}) for --num-nodes {num_nodes}")
     tokenizer = load_tokenizer(tokenizer_dir)
     files = expand_inputs(inputs)
-    output_dir.check_apart(out, [("--tokenizer", tokenizer_dir), *(("input", path) for path in inputs), *(("input", f.path) for f in files)])
+    output_dir.check_apart(
+        out,
+        [("--tokenizer", tokenizer_dir), *(("input", path) for path in inputs), *(("input", f.path) for f in files)],
+    )
     groups = plan_groups(files, settings.read, settings.piece_bytes)
     identity = manifest.dataset_identity(settings, tokenizer, files, len(groups))
 
@@ -128,8 +133,10 @@ def stop_when_full(out: Path):
     except OSError as e:
         if e.errno not in FULL_DISK:
             raise
-        raise UserError(f"{out}: {os.strerror(e.errno)}; the shards finished so far are kept: "
-                        "free some space and run the same command again to continue") from None
+        raise UserError(
+            f"{out}: {os.strerror(e.errno)}; the shards finished so far are kept: "
+            "free some space and run the same command again to continue"
+        ) from None
 
 
 def finalize(out: str | Path, created_out: bool = False) -> Path:
@@ -147,11 +154,15 @@ def finalize(out: str | Path, created_out: bool = False) -> Path:
         return out / manifest.MANIFEST  # another node finished at the same time and is tidying up
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise UserError(f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining nodes")
+        raise UserError(
+            f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining nodes"
+        )
     data = manifest.build(identity, [records[i] for i in sorted(records)])
     if data["stats"]["documents"] == 0:
         _remove_outputs(out, created_out)
-        raise UserError(f"{', '.join(f['path'] for f in identity['inputs'])}: no documents in the inputs (empty or whitespace only)")
+        raise UserError(
+            f"{', '.join(f['path'] for f in identity['inputs'])}: no documents in the inputs (empty or whitespace only)"
+        )
     with stop_when_full(out):
         path = manifest.write(out, data)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
@@ -168,7 +179,9 @@ def _already_complete(out: Path, identity: dict, overwrite: bool) -> bool:
         return False
     existing = manifest.read(out)
     if existing["settings"] != identity:
-        raise UserError(f"{out}: already holds a different dataset ({manifest.describe_difference(existing['settings'], identity)}); use --overwrite to replace it")
+        raise UserError(
+            f"{out}: already holds a different dataset ({manifest.describe_difference(existing['settings'], identity)}); use --overwrite to replace it"
+        )
     return True
 
 
@@ -186,7 +199,9 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool, mine: set[int]) 
         elif not state.is_file():
             raise UserError(f"{out}: exists and is not a shard directory; choose an empty or new --out")
         elif manifest.load_json(state) != identity:
-            raise UserError(f"{out}: holds a different unfinished dataset ({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it")
+            raise UserError(
+                f"{out}: holds a different unfinished dataset ({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it"
+            )
         else:
             _remove_temporaries(out, mine)
             (out / PROGRESS_DIR).mkdir(exist_ok=True)
@@ -223,7 +238,9 @@ def _finished_pieces(out: Path) -> dict[int, dict]:
     records = {}
     for path in sorted((out / PROGRESS_DIR).glob("piece-*.json")):
         record = manifest.load_json(path)
-        if all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"] for s in record["shards"]):
+        if all(
+            (out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"] for s in record["shards"]
+        ):
             records[record["piece"]] = record
     return records
 
@@ -274,7 +291,9 @@ def _tokenized(job: _Job, units: list[Piece], workers: int):
         yield from map(_tokenize, units)
         return
     # fork: workers start in milliseconds and inherit the job (the tokenizer included).
-    with multiprocessing.get_context("fork").Pool(min(workers, len(units)), initializer=_worker_init, initargs=(job,)) as pool:
+    with multiprocessing.get_context("fork").Pool(
+        min(workers, len(units)), initializer=_worker_init, initargs=(job,)
+    ) as pool:
         pending: collections.deque = collections.deque()
         queued = iter(units)
         for unit in itertools.islice(queued, IN_FLIGHT_PER_WORKER * workers):
@@ -313,8 +332,13 @@ class _ProgressBar:
         self.documents += stats["documents"]
         self.tokens += stats["tokens"]
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix(shards=f"{self.written}/{self.groups}", docs=self.documents, tokens=self.tokens,
-                             tok_per_s=f"{rate:,.0f}", refresh=False)
+        self.bar.set_postfix(
+            shards=f"{self.written}/{self.groups}",
+            docs=self.documents,
+            tokens=self.tokens,
+            tok_per_s=f"{rate:,.0f}",
+            refresh=False,
+        )
         self.bar.update(1)
 
     def group_done(self) -> None:

@@ -47,7 +47,10 @@ class GroupWriter:
         first, last = self.units[0], self.units[-1]
         return {
             "piece": self.index,
-            "source": {"first": {"path": first.file.path, "start": first.start}, "last": {"path": last.file.path, "end": last.end}},
+            "source": {
+                "first": {"path": first.file.path, "start": first.start},
+                "last": {"path": last.file.path, "end": last.end},
+            },
             "shards": shards,
             "stats": {**self.stats, "sequences": sum(s["num_rows"] for s in shards)},
         }

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from data_prep import atomic, output_dir
 from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
-from data_prep.inputs import InputFile
 from data_prep.errors import UserError
+from data_prep.inputs import InputFile
 from data_prep.tokenizer_dir import ALUM_META as META_FILE
 from data_prep.tokenizer_dir import SENTENCEPIECE_MODEL as MODEL_FILE
 
@@ -101,7 +101,9 @@ def train_tokenizer(
     if kind != "bpe":
         del settings["character_coverage"], settings["byte_fallback"]  # sentencepiece's alone
     if kind == "bpe":
-        model = _train_model(sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1)
+        model = _train_model(
+            sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1
+        )
         write = functools.partial(_write_sentencepiece, model=model, style=style, settings=settings)
     else:
         from data_prep.hf_training import train_hf_tokenizer
@@ -244,7 +246,10 @@ def hf_tokenizer(model: bytes, style: str):
     # and the text after it keeps its own, so "a [MASK] b" and "a [MASK]; b" read like
     # training data ("▁a", mask, "▁b" and "▁a", mask, ";", "▁b").
     tok.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True, lstrip=(role == "mask"), rstrip=False) for role, t in tokens.items()]
+        [
+            AddedToken(t, normalized=False, special=True, lstrip=(role == "mask"), rstrip=False)
+            for role, t in tokens.items()
+        ]
     )
     cls, sep = tokens["cls"], tokens["sep"]
     pair = f"{cls} $A {sep} $B:1 {sep}:1" if style == "bert" else f"{cls} $A {sep} {sep} $B {sep}"

@@ -32,8 +32,17 @@ from data_prep.errors import UserError
 SENTENCEPIECE_MODEL = "spm.model"
 ALUM_META = "alum_tokenizer.json"
 # Files that can make up a Hugging Face tokenizer (what a run copies and export ships).
-HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-            "vocab.json", "merges.txt", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
+HF_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
 ROLES = ("pad", "unk", "cls", "sep", "mask")
 
 
@@ -88,25 +97,35 @@ def _sentencepiece(directory: Path) -> TokenizerInfo:
     meta = json.loads(meta_path.read_text())
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     if sha != meta["sha256"]:
-        raise UserError(f"{model}: sha256 {sha[:12]} does not match {ALUM_META} ({meta['sha256'][:12]}); the model was altered")
+        raise UserError(
+            f"{model}: sha256 {sha[:12]} does not match {ALUM_META} ({meta['sha256'][:12]}); the model was altered"
+        )
     files = tuple(name for name in (SENTENCEPIECE_MODEL, ALUM_META, *HF_FILES) if (directory / name).is_file())
-    return TokenizerInfo(directory, "sentencepiece", sha, meta["vocab_size"], meta["style"], meta["special_token_ids"], files)
+    return TokenizerInfo(
+        directory, "sentencepiece", sha, meta["vocab_size"], meta["style"], meta["special_token_ids"], files
+    )
 
 
 def _hugging_face(directory: Path) -> TokenizerInfo:
     files = tuple(name for name in HF_FILES if (directory / name).is_file())
     if not files:
-        raise UserError(f"{directory}: not a tokenizer directory (no {SENTENCEPIECE_MODEL} from `alum tokenizer`, no Hugging Face "
-                        "tokenizer files: tokenizer.json, vocab.json + merges.txt or vocab.txt)")
+        raise UserError(
+            f"{directory}: not a tokenizer directory (no {SENTENCEPIECE_MODEL} from `alum tokenizer`, no Hugging Face "
+            "tokenizer files: tokenizer.json, vocab.json + merges.txt or vocab.txt)"
+        )
     sha = fingerprint(directory, files)
     cached = _cache_path(sha)
     if cached is not None and cached.is_file():
         meta = json.loads(cached.read_text())
-        return TokenizerInfo(directory, "hf", sha, meta["vocab_size"], meta["style"], meta["special_token_ids"], files, meta["backend"])
+        return TokenizerInfo(
+            directory, "hf", sha, meta["vocab_size"], meta["style"], meta["special_token_ids"], files, meta["backend"]
+        )
     tokenizer = _auto_tokenizer(directory)
     if not tokenizer.is_fast:
-        raise UserError(f"{directory}: transformers loads only a slow tokenizer ({type(tokenizer).__name__}) from it; "
-                        "sharding needs a fast one (a tokenizer.json, or vocab files a fast tokenizer class reads)")
+        raise UserError(
+            f"{directory}: transformers loads only a slow tokenizer ({type(tokenizer).__name__}) from it; "
+            "sharding needs a fast one (a tokenizer.json, or vocab files a fast tokenizer class reads)"
+        )
     ids = _special_ids(directory, tokenizer)
     backend = tokenizer.backend_tokenizer
     backend.no_truncation()
@@ -133,7 +152,12 @@ def _cache_path(sha: str) -> Path | None:
 def _store(path: Path | None, info: TokenizerInfo) -> None:
     if path is None:
         return
-    meta = {"vocab_size": info.vocab_size, "style": info.style, "special_token_ids": info.special_token_ids, "backend": info.backend}
+    meta = {
+        "vocab_size": info.vocab_size,
+        "style": info.style,
+        "special_token_ids": info.special_token_ids,
+        "backend": info.backend,
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -151,7 +175,9 @@ def _auto_tokenizer(directory: Path):
     logging.set_verbosity_error()  # "you are using a model of type ..." and similar are not the user's problem here
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError, TypeError ... for unreadable directories
+    except (
+        Exception
+    ) as e:  # transformers raises OSError, ValueError, KeyError, TypeError ... for unreadable directories
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{directory}: not a tokenizer directory transformers can load ({first})") from None
     finally:
@@ -168,8 +194,10 @@ def _special_ids(directory: Path, tokenizer) -> dict[str, int]:
     }
     missing = [role for role in ROLES if ids[role] is None]
     if missing:
-        raise UserError(f"{directory}: the tokenizer has no {' or '.join(missing)} token; masked-LM shards need "
-                        "pad, unk, cls (or bos), sep (or eos) and mask")
+        raise UserError(
+            f"{directory}: the tokenizer has no {' or '.join(missing)} token; masked-LM shards need "
+            "pad, unk, cls (or bos), sep (or eos) and mask"
+        )
     return ids
 
 

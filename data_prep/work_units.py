@@ -67,8 +67,13 @@ def tokenize_unit(unit: Piece, options: ReadOptions, val_fraction: float, encode
             for doc, val in zip(ids, in_val):
                 encoded["val" if val else "train"].append(doc)
     streams = {split: _stream(docs, sep_id, dtype) for split, docs in encoded.items()}
-    counts = {"documents": stats.documents, "empty_documents": stats.empty_documents,
-              "replaced_characters": stats.replaced_characters, "val_documents": val_documents, "tokens": tokens}
+    counts = {
+        "documents": stats.documents,
+        "empty_documents": stats.empty_documents,
+        "replaced_characters": stats.replaced_characters,
+        "val_documents": val_documents,
+        "tokens": tokens,
+    }
     return UnitTokens(streams, counts)
 
 

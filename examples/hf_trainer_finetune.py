@@ -69,12 +69,27 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     num_labels = max(row["label"] for row in train + dev) + 1
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
-    training = TrainingArguments(args.out, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
-                                 per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-                                 warmup_steps=0.1, weight_decay=0.01, logging_steps=50, save_strategy="no", report_to="none")
-    trainer = AdversarialTrainer(model=model, args=training, train_dataset=encode(tokenizer, train), processing_class=tokenizer,
-                                 data_collator=DataCollatorWithPadding(tokenizer),
-                                 adversarial=AdversarialConfig(method=args.method, alpha=args.alpha))
+    training = TrainingArguments(
+        args.out,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+    )
+    trainer = AdversarialTrainer(
+        model=model,
+        args=training,
+        train_dataset=encode(tokenizer, train),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        adversarial=AdversarialConfig(method=args.method, alpha=args.alpha),
+    )
     trainer.train()
     trainer.save_model(args.out)  # model and tokenizer, loadable with from_pretrained
     predictions = trainer.predict(encode(tokenizer, dev))

@@ -14,15 +14,24 @@ from data_prep.cores import usable_cores
 from data_prep.errors import UserError
 from pipeline.core.help_format import DefaultsHelpFormatter
 
-
 OVERWRITE_HELP = "replace --out if {command} wrote it (its marker says so) and it holds nothing else"
 
 
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     p.add_argument("--text-field", default="text", help="JSON lines field / Parquet or Arrow column holding the text")
-    p.add_argument("--txt-docs", choices=["line", "blank"], default="line", help="text files: a document per line, or blank-line separated")
-    p.add_argument("--utf8-errors", choices=["replace", "fail"], default="replace", help="invalid UTF-8: replace with U+FFFD and count, or stop")
+    p.add_argument(
+        "--txt-docs",
+        choices=["line", "blank"],
+        default="line",
+        help="text files: a document per line, or blank-line separated",
+    )
+    p.add_argument(
+        "--utf8-errors",
+        choices=["replace", "fail"],
+        default="replace",
+        help="invalid UTF-8: replace with U+FFFD and count, or stop",
+    )
 
 
 def _read_options(args):
@@ -131,49 +140,99 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alum", description="ALUM adversarial pretraining pipeline", formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="alum", description="ALUM adversarial pretraining pipeline", formatter_class=DefaultsHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tokenizer", formatter_class=DefaultsHelpFormatter, help="train a tokenizer (sentencepiece BPE, byte-level BPE or WordPiece) on a corpus sample")
+    p = sub.add_parser(
+        "tokenizer",
+        formatter_class=DefaultsHelpFormatter,
+        help="train a tokenizer (sentencepiece BPE, byte-level BPE or WordPiece) on a corpus sample",
+    )
     _add_read_options(p)
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="tokenizer directory to create")
-    p.add_argument("--kind", choices=["bpe", "byte-level-bpe", "wordpiece"], default="bpe",
-                   help="bpe: sentencepiece BPE; byte-level-bpe: RoBERTa/GPT-2 style; wordpiece: BERT style")
-    p.add_argument("--style", choices=["bert", "roberta"], default=None,
-                   help="special tokens: [CLS]/[SEP]/... or <s>/</s>/... (default: roberta for byte-level-bpe, else bert)")
+    p.add_argument(
+        "--kind",
+        choices=["bpe", "byte-level-bpe", "wordpiece"],
+        default="bpe",
+        help="bpe: sentencepiece BPE; byte-level-bpe: RoBERTa/GPT-2 style; wordpiece: BERT style",
+    )
+    p.add_argument(
+        "--style",
+        choices=["bert", "roberta"],
+        default=None,
+        help="special tokens: [CLS]/[SEP]/... or <s>/</s>/... (default: roberta for byte-level-bpe, else bert)",
+    )
     p.add_argument("--character-coverage", type=float, default=0.9995, help="--kind bpe only")
-    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
-                   help="--kind bpe only: map unknown characters to [UNK] instead of bytes (default: bytes)")
+    p.add_argument(
+        "--no-byte-fallback",
+        dest="byte_fallback",
+        action="store_false",
+        help="--kind bpe only: map unknown characters to [UNK] instead of bytes (default: bytes)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
     p.add_argument("--threads", type=int, default=None, help="sentencepiece training threads (default: all cores)")
-    p.add_argument("--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)")
+    p.add_argument(
+        "--sample-lines", type=int, default=1_000_000, help="lines in the seeded training sample (bounds memory)"
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="alum tokenizer"))
     p.set_defaults(func=cmd_tokenizer)
 
-    p = sub.add_parser("shard", formatter_class=DefaultsHelpFormatter, help="tokenize and pack a corpus into Arrow shards")
+    p = sub.add_parser(
+        "shard", formatter_class=DefaultsHelpFormatter, help="tokenize and pack a corpus into Arrow shards"
+    )
     _add_read_options(p)
-    p.add_argument("--tokenizer", required=True,
-                   help="a directory written by `alum tokenizer`, or any Hugging Face (fast) tokenizer or model directory")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a directory written by `alum tokenizer`, or any Hugging Face (fast) tokenizer or model directory",
+    )
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=usable_cores(), help=f"tokenizer processes (default: every core, {usable_cores()} here; output does not depend on it)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents (by content hash) in the val split that training validates on")
-    p.add_argument("--piece-mb", type=float, default=64.0, help="input MiB per shard file (and per unit of resume and of --num-nodes)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help=f"tokenizer processes (default: every core, {usable_cores()} here; output does not depend on it)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents (by content hash) in the val split that training validates on",
+    )
+    p.add_argument(
+        "--piece-mb",
+        type=float,
+        default=64.0,
+        help="input MiB per shard file (and per unit of resume and of --num-nodes)",
+    )
     p.add_argument("--num-nodes", type=int, default=1, help="machines sharing the work")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's rank in [0, num-nodes)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(command="alum shard"))
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("verify", formatter_class=DefaultsHelpFormatter, help="check a shard directory's schema, counts and checksums")
+    p = sub.add_parser(
+        "verify", formatter_class=DefaultsHelpFormatter, help="check a shard directory's schema, counts and checksums"
+    )
     p.add_argument("dir")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("merge", formatter_class=DefaultsHelpFormatter, help="write the manifest once every node's shards are in one directory")
+    p = sub.add_parser(
+        "merge",
+        formatter_class=DefaultsHelpFormatter,
+        help="write the manifest once every node's shards are in one directory",
+    )
     p.add_argument("dir")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", formatter_class=DefaultsHelpFormatter, help="turn a checkpoint (any ZeRO stage) into a Hugging Face model directory")
+    p = sub.add_parser(
+        "export",
+        formatter_class=DefaultsHelpFormatter,
+        help="turn a checkpoint (any ZeRO stage) into a Hugging Face model directory",
+    )
     p.add_argument("--run-dir", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--out", required=True)
@@ -184,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, text) in PASSED_THROUGH.items():
         sub.add_parser(name, formatter_class=DefaultsHelpFormatter, help=f"{text} (same as python -m {module} --help)")
 
-    p = sub.add_parser("demo", formatter_class=DefaultsHelpFormatter, help="the whole pipeline on a corpus built from Python's docstrings")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=DefaultsHelpFormatter,
+        help="the whole pipeline on a corpus built from Python's docstrings",
+    )
     p.add_argument("--out", default="runs/demo", help="where the demo writes corpus, tokenizer, shards, run and export")
     p.add_argument("--workers", type=int, default=2, help="sharding processes and CPU training ranks")
     p.set_defaults(func=cmd_demo)
@@ -194,9 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose module parses its own arguments: `alum NAME ARGS` is `python -m MODULE ARGS`.
 PASSED_THROUGH = {
     "pretrain": ("pipeline.train.pretrain", "train in this process"),
-    "supervise": ("pipeline.train.supervise", "run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure"),
-    "eval": ("pipeline.tasks.mlm_eval", "MLM loss, perplexity, accuracy and robustness of an HF model on a shard split"),
-    "finetune": ("pipeline.tasks.finetune", "fine-tune a BERT/RoBERTa classifier (SST-2, RTE, your own data), standard or ALUM"),
+    "supervise": (
+        "pipeline.train.supervise",
+        "run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure",
+    ),
+    "eval": (
+        "pipeline.tasks.mlm_eval",
+        "MLM loss, perplexity, accuracy and robustness of an HF model on a shard split",
+    ),
+    "finetune": (
+        "pipeline.tasks.finetune",
+        "fine-tune a BERT/RoBERTa classifier (SST-2, RTE, your own data), standard or ALUM",
+    ),
     "plot": ("pipeline.tasks.plot", "loss components, mask rate, learning rate and eval perplexity of runs, as a PNG"),
 }
 

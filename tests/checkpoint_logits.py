@@ -17,8 +17,8 @@ import torch
 
 def main() -> None:
     run_dir, tag, out = Path(sys.argv[-3]), sys.argv[-2], Path(sys.argv[-1])
-    from pipeline.train import checkpoint
     from pipeline.data.batches import masked_batch
+    from pipeline.train import checkpoint
     from pipeline.train.pretrain import prepare
 
     run = prepare(None, run_dir, [], finished_ok=True)
@@ -29,7 +29,15 @@ def main() -> None:
     with torch.no_grad():
         logits, _ = run.engine.module(batch.input_ids, batch.attention_mask, batch.masked_index)
     if torch.distributed.get_rank() == 0:
-        torch.save({"logits": logits, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "masked": batch.masked}, out)
+        torch.save(
+            {
+                "logits": logits,
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "masked": batch.masked,
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import RUN, SmallDisk, build_shards, build_tokenizer, data_file, ok, pretrain
 
 

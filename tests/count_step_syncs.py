@@ -54,16 +54,18 @@ def _pieces(events: list[tuple[str, str, str]]) -> list[list[tuple[str, str, str
 
 def _summary(piece: list[tuple[str, str, str]]) -> dict:
     """Syncs counted by library-relative file:line and op; read-backs and marks in order."""
-    return {"syncs": Counter(f"{_short(where)} {op}" for kind, where, op in piece if kind == "sync"),
-            "read_backs": [_short(where) for kind, where, _ in piece if kind == "read_back"],
-            "marks": [label for kind, _, label in piece if kind == "mark"]}
+    return {
+        "syncs": Counter(f"{_short(where)} {op}" for kind, where, op in piece if kind == "sync"),
+        "read_backs": [_short(where) for kind, where, _ in piece if kind == "read_back"],
+        "marks": [label for kind, _, label in piece if kind == "mark"],
+    }
 
 
 def _short(where: str) -> str:
     """file:line from its package down: .../site-packages/deepspeed/runtime/utils.py:233 -> deepspeed/runtime/utils.py:233."""
     parts = Path(where).parts
     starts = [i for i, part in enumerate(parts) if part in ("pipeline", "deepspeed", "transformers")]
-    return str(Path(*parts[starts[0]:])) if starts else where
+    return str(Path(*parts[starts[0] :])) if starts else where
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import struct
@@ -20,7 +20,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
-sys.path.append(str(REPO / "bench"))  # the tiny run is shared with bench/fault_injection.py, whose modules the tests import
+sys.path.append(
+    str(REPO / "bench")
+)  # the tiny run is shared with bench/fault_injection.py, whose modules the tests import
 
 # The tests import these from here too: RUN, build_shards, build_tokenizer, comparable, pretrain_args.
 from tiny_run import CONFIG, RUN, build_shards, build_tokenizer, comparable, launch_command, pretrain_args  # noqa: E402,F401
@@ -50,22 +52,46 @@ def run_alum(*args: str, cwd: Path | None = None, check: bool = False) -> subpro
     return result
 
 
-def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: str, world: int = 2, stage: int = 2,
-             launcher: str | None = None, config: str = CONFIG, timeout: int = 600, start=subprocess.run,
-             python_path: tuple[Path, ...] = (), **kwargs):
+def pretrain(
+    run_dir: Path,
+    shards: Path,
+    tokenizer: Path | None,
+    *overrides: str,
+    world: int = 2,
+    stage: int = 2,
+    launcher: str | None = None,
+    config: str = CONFIG,
+    timeout: int = 600,
+    start=subprocess.run,
+    python_path: tuple[Path, ...] = (),
+    **kwargs,
+):
     """Launch training the way users do: `deepspeed` (default for several ranks), `torchrun`,
     `python -m pipeline.pretrain` (default for one) or `alum pretrain`. No tokenizer: the
     run's default (model.init_from's). `python_path`: folders put first on the processes'
     PYTHONPATH (a fault injected through a sitecustomize.py)."""
     from pipeline.train.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
 
-    command = (launch_command(launcher or ("deepspeed" if world > 1 else "python"), world, free_port())
-               + pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage, config=config))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
+    command = launch_command(launcher or ("deepspeed" if world > 1 else "python"), world, free_port()) + pretrain_args(
+        run_dir, shards, tokenizer, *overrides, stage=stage, config=config
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, REPO / "tests"))),
+        "WANDB_SILENT": "true",
+    }
     if start is subprocess.run:
         # Its own session, so a launch that times out is killed whole (launcher, ranks, W&B).
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True, **kwargs)
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            **kwargs,
+        )
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -76,12 +102,20 @@ def pretrain(run_dir: Path, shards: Path, tokenizer: Path | None, *overrides: st
     return start(command, cwd=REPO, env=env, **kwargs)
 
 
-def pretrain_several(runs: list[tuple[Path, tuple[str, ...]]], shards: Path, tokenizer: Path, world: int = 2, stage: int = 2,
-                     timeout: int = 900) -> subprocess.CompletedProcess:
+def pretrain_several(
+    runs: list[tuple[Path, tuple[str, ...]]],
+    shards: Path,
+    tokenizer: Path,
+    world: int = 2,
+    stage: int = 2,
+    timeout: int = 900,
+) -> subprocess.CompletedProcess:
     """Several runs (run dir, overrides), one after another in one launch (tests/several_runs.py)."""
     from pipeline.train.distributed import free_port
 
-    command = [arg if arg != "pipeline.pretrain" else "several_runs" for arg in launch_command("deepspeed", world, free_port())]
+    command = [
+        arg if arg != "pipeline.pretrain" else "several_runs" for arg in launch_command("deepspeed", world, free_port())
+    ]
     for i, (run_dir, overrides) in enumerate(runs):
         command += [*(["--next"] if i else []), *pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
@@ -113,9 +147,13 @@ class SmallDisk:
 
     def mount(self, size: int) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)], capture_output=True, text=True
+        )
         if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): a full disk needs a small real filesystem")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({result.stderr.strip()}): a full disk needs a small real filesystem"
+            )
         self.mounted = True
         return self.path
 
@@ -128,13 +166,19 @@ class SmallDisk:
 
     def unmount(self) -> None:
         if self.mounted and subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(self.path)], check=True)  # busy: detached now, freed when the last user exits
+            subprocess.run(
+                ["umount", "--lazy", str(self.path)], check=True
+            )  # busy: detached now, freed when the last user exits
         self.mounted = False
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under a directory, by relative path."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def refused_in_one_line(result: subprocess.CompletedProcess, *fragments: str) -> str:

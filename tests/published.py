@@ -43,8 +43,15 @@ def make_roberta(text_file: Path, out: Path, seed: int = 0) -> Path:
         tokenizer.save_pretrained(tmp)
         (out / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=64 + 2, pad_token_id=1, bos_token_id=0,
-                           eos_token_id=2, type_vocab_size=1, **SIZE)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64 + 2,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        **SIZE,
+    )
     RobertaForMaskedLM(config).save_pretrained(str(out))
     return out
 

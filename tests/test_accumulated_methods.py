@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_adversarial import Closures, batch, tiny_bert
 from torch import Tensor
 
 from pipeline.methods import accumulated
-
-from pipeline.model import perturbation
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
 from pipeline.methods.freeat import Carry, at_boundary, replay_index
 from pipeline.methods.objective import kl, log_probs, mlm_loss
-
-from test_adversarial import Closures, batch, tiny_bert
+from pipeline.model import perturbation
 
 
 def setup(train: bool = False):
@@ -82,13 +80,17 @@ def test_yopo_makes_m_full_passes_and_m_times_n_updates(monkeypatch):
     monkeypatch.setattr(accumulated.perturbation, "ascent_update", lambda *a: calls.append(1) or real_update(*a))
     config = AdversarialConfig(method="yopo", steps=3, inner_steps=4, start_step=0, eps=0.5)
     out, _, yielded, closures = run(config)
-    assert len(yielded) == 3 == passes(config, 0) and len(closures.deltas) == 2  # m backwards: the clean one and 2 perturbed
+    assert (
+        len(yielded) == 3 == passes(config, 0) and len(closures.deltas) == 2
+    )  # m backwards: the clean one and 2 perturbed
     assert len(calls) == 3 * 4
     assert out.delta_norm > 0
 
 
 def test_yopo_inner_updates_reuse_one_gradient_inside_the_eps_ball():
-    config = AdversarialConfig(method="yopo", steps=2, inner_steps=3, start_step=0, scale="absolute", eps=0.05, step_size=0.02)
+    config = AdversarialConfig(
+        method="yopo", steps=2, inner_steps=3, start_step=0, scale="absolute", eps=0.05, step_size=0.02
+    )
     _, _, _, closures = run(config)
     model, by_hand, labels = setup()
     logits, embedded = by_hand.forward(None)
@@ -143,8 +145,10 @@ def test_freeat_carries_its_perturbation_across_replays():
     assert closures.deltas == []  # replay 0 is at delta = 0
     first = carry.delta.clone()
     assert set(first.abs().unique().tolist()) <= {0.0, 2.0**-7} and (first.abs() == 2.0**-7).float().mean() > 0.99
-    out = run_objective(objective(closures.forward, closures.ascent_forward, labels, config, 1, carry=carry), Tensor.backward)
+    out = run_objective(
+        objective(closures.forward, closures.ascent_forward, labels, config, 1, carry=carry), Tensor.backward
+    )
     assert torch.equal(closures.deltas[0].detach(), first)  # replay 1 starts where replay 0 left delta
     grad = closures.deltas[0].grad
-    torch.testing.assert_close(carry.delta, (first + 2.0**-7 * grad.sign()).clamp(-2.0**-7, 2.0**-7))
+    torch.testing.assert_close(carry.delta, (first + 2.0**-7 * grad.sign()).clamp(-(2.0**-7), 2.0**-7))
     assert out.loss_adv > 0 and replay_index(config, 1) == 1 and at_boundary(config, 2) and not at_boundary(config, 1)

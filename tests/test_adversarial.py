@@ -63,7 +63,9 @@ class Closures:
     def run(self, delta):
         embedded = self.model.bert.embeddings.word_embeddings(self.ids)
         delta = delta(embedded) if callable(delta) else delta
-        inputs = embedded if delta is None else embedded + delta.to(embedded.dtype)  # as pipeline.model.masked_lm.Perturbation adds it
+        inputs = (
+            embedded if delta is None else embedded + delta.to(embedded.dtype)
+        )  # as pipeline.model.masked_lm.Perturbation adds it
         logits = self.model(inputs_embeds=inputs, attention_mask=torch.ones_like(self.ids)).logits
         return logits[self.mask], embedded
 
@@ -101,7 +103,13 @@ def clean_loss(seed: int = 7) -> torch.Tensor:
 def test_method_none_is_exactly_the_clean_mlm_loss():
     result, _ = run_step(AdversarialConfig(method="none"))
     assert torch.equal(result.loss, clean_loss())
-    assert (result.loss_adv, result.delta_norm, result.adv_grad_norm, result.delta_lost, result.skipped) == (0.0, 0.0, 0.0, 0.0, False)
+    assert (result.loss_adv, result.delta_norm, result.adv_grad_norm, result.delta_lost, result.skipped) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        False,
+    )
 
 
 def test_alpha_zero_is_exactly_the_standard_loss_though_the_term_is_computed():

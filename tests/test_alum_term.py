@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.train import vanishing
-from pipeline.methods.adversarial import AdversarialConfig, compute_losses
-from pipeline.methods.objective import mlm_loss
-from pipeline.train.config import load_config
 from pipeline.data.batches import Batches, ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.objective import mlm_loss
 from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
+from pipeline.train import vanishing
+from pipeline.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -38,7 +38,9 @@ def trained(train_shards, bert_tokenizer):
     train, val = ShardDataset(train_shards, "train"), ShardDataset(train_shards, "val")
     vocab = MaskVocab.of(tokenizer)
     batches = Batches(train, vocab, global_batch_size=16, micro_batch_size=16, seed=0)
-    config = hf_config(str(REPO / "configs" / "models" / "tiny.yaml"), tokenizer.vocab_size, tokenizer.special_token_ids, train.seq_len)
+    config = hf_config(
+        str(REPO / "configs" / "models" / "tiny.yaml"), tokenizer.vocab_size, tokenizer.special_token_ids, train.seq_len
+    )
     torch.manual_seed(0)
     torch.set_num_threads(2)
     hf = build_model(config, None, activation_checkpointing=False)
@@ -50,7 +52,9 @@ def trained(train_shards, bert_tokenizer):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    batches = [masked_batch(val, torch.arange(8 * i, 8 * i + 8).numpy() % len(val), 0, 1, 0.15, vocab) for i in range(3)]
+    batches = [
+        masked_batch(val, torch.arange(8 * i, 8 * i + 8).numpy() % len(val), 0, 1, 0.15, vocab) for i in range(3)
+    ]
     return hf, batches
 
 
@@ -67,10 +71,22 @@ def ratios(trained, config: AdversarialConfig, precision: str) -> list[tuple[flo
     for i, batch in enumerate(batches):
         ids, mask, masked_index = batch.input_ids, batch.attention_mask, batch.masked_index
         torch.manual_seed(i)
-        losses = compute_losses(lambda d: model(ids, mask, masked_index, d), lambda d: model(ids, mask, masked_index, d)[0],
-                                batch.labels, config, step=0, real=mask)
+        losses = compute_losses(
+            lambda d: model(ids, mask, masked_index, d),
+            lambda d: model(ids, mask, masked_index, d)[0],
+            batch.labels,
+            config,
+            step=0,
+            real=mask,
+        )
         assert not losses.skipped
-        out.append((losses.loss_adv.item(), config.alpha * losses.loss_adv.item() / losses.loss_mlm.item(), losses.delta_lost.item()))
+        out.append(
+            (
+                losses.loss_adv.item(),
+                config.alpha * losses.loss_adv.item() / losses.loss_mlm.item(),
+                losses.delta_lost.item(),
+            )
+        )
     return out
 
 
@@ -92,7 +108,9 @@ def test_the_old_values_vanish_in_bf16_and_the_guard_fires(trained):
     lines = guard_lines(replace(OLD, vanish_steps=steps), measured)
     # once, when the streak reaches vanish_steps, and naming bf16 rounding (not the ascent) as the cause
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"warning: step {steps}: the adversarial term has been numerically zero for {steps} active steps"), lines
+    assert lines[0].startswith(
+        f"warning: step {steps}: the adversarial term has been numerically zero for {steps} active steps"
+    ), lines
     assert "of delta's elements vanish when added to the embeddings" in lines[0], lines
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_adversarial import MASK_ID, VOCAB, tiny_bert
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -12,8 +13,6 @@ from data_prep.errors import UserError
 from pipeline.methods.adversarial import AdversarialConfig, objective, run_objective
 from pipeline.methods.asa import Adversary, AsaConfig, AttentionAdversaries, GradientReversal, StraightThroughMask
 from pipeline.model.masked_lm import MaskedLM
-
-from test_adversarial import MASK_ID, VOCAB, tiny_bert
 
 ASA = AdversarialConfig(method="asa", alpha=1.0)
 
@@ -40,8 +39,15 @@ def attacked(asa: AsaConfig = AsaConfig(), seed: int = 3):
 def step_losses(model, adversaries, config=ASA, seed=7):
     ids, real, index, labels = padded_batch()
     torch.manual_seed(seed)
-    losses = objective(lambda d: model(ids, real, index, d), lambda d: model(ids, real, index, d)[0], labels, config, 0,
-                       real=real, adversaries=adversaries)
+    losses = objective(
+        lambda d: model(ids, real, index, d),
+        lambda d: model(ids, real, index, d)[0],
+        labels,
+        config,
+        0,
+        real=real,
+        adversaries=adversaries,
+    )
     yielded = []
     out = run_objective(losses, lambda loss: (yielded.append(loss.detach()), loss.backward()))
     return out, yielded[0]
@@ -66,7 +72,7 @@ def test_the_gradient_reversal_flips_the_adversarys_gradient_exactly():
     (adversary(hidden, real) * weights).sum().backward()
     reversed_grads = [p.grad.clone() for p in adversary.parameters()]
     adversary.zero_grad()
-    scores = adversary.query(hidden) @ adversary.key(hidden).transpose(-1, -2) / 8 ** 0.5
+    scores = adversary.query(hidden) @ adversary.key(hidden).transpose(-1, -2) / 8**0.5
     (StraightThroughMask.apply(scores) * weights).sum().backward()  # the same without the reversal
     assert any(g.abs().sum() > 0 for g in reversed_grads)
     for flipped, plain in zip(reversed_grads, (p.grad for p in adversary.parameters())):
@@ -221,7 +227,9 @@ def test_only_the_chosen_layers_are_attacked():
     assert adversaries.stat_names() == ["asa/penalty", "asa/masked_fraction/layer1", "asa/grad_norm"]
 
 
-@pytest.mark.parametrize("layers, message", [("0,x", "layers: expected all or layer indices"), ("1,1", "distinct"), (-1, ">= 0")])
+@pytest.mark.parametrize(
+    "layers, message", [("0,x", "layers: expected all or layer indices"), ("1,1", "distinct"), (-1, ">= 0")]
+)
 def test_bad_layer_lists_are_refused(layers, message):
     with pytest.raises(ValueError, match=message):
         AsaConfig(layers=layers)

@@ -21,7 +21,9 @@ def source(train_shards, bert_tokenizer):
 
 def batches(source, world_size: int = 1, rank: int = 0, micro: int = 4) -> Batches:
     dataset, vocab = source
-    return Batches(dataset, vocab, global_batch_size=16, micro_batch_size=micro, seed=3, rank=rank, world_size=world_size)
+    return Batches(
+        dataset, vocab, global_batch_size=16, micro_batch_size=micro, seed=3, rank=rank, world_size=world_size
+    )
 
 
 def test_the_global_batch_splits_over_ranks_into_the_same_rows_and_masks(source):
@@ -38,8 +40,12 @@ def test_a_step_is_a_pure_function_of_its_arguments(source):
     first, again = batches(source).for_step(2, 32, 0.15), batches(source).for_step(2, 32, 0.15)
     assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(first.micro_batches, again.micro_batches))
     other_step = batches(source).for_step(3, 32, 0.15)
-    assert np.array_equal(other_step.global_indices, first.global_indices)  # same samples: the order is keyed on consumed samples
-    assert not all(torch.equal(a.masked, b.masked) for a, b in zip(first.micro_batches, other_step.micro_batches))  # new masks
+    assert np.array_equal(
+        other_step.global_indices, first.global_indices
+    )  # same samples: the order is keyed on consumed samples
+    assert not all(
+        torch.equal(a.masked, b.masked) for a, b in zip(first.micro_batches, other_step.micro_batches)
+    )  # new masks
 
 
 def test_micro_batch_tensors_agree_with_each_other_and_the_rows(source):

@@ -4,18 +4,28 @@ the guard stops a run whose term vanishes (the official magnitudes, which bf16 r
 from __future__ import annotations
 
 import pytest
-
 from helpers import ok, pretrain, read_metrics
 
 pytestmark = pytest.mark.slow
 
-BF16 = ("train.precision=bf16", "train.max_steps=4", "adversarial.method=alum", "adversarial.start_step=2",
-        "checkpoint.every_steps=4", "eval.every_steps=0")
+BF16 = (
+    "train.precision=bf16",
+    "train.max_steps=4",
+    "adversarial.method=alum",
+    "adversarial.start_step=2",
+    "checkpoint.every_steps=4",
+    "eval.every_steps=0",
+)
 
 
 def test_two_rank_bf16_run_has_a_real_adversarial_term(tmp_path, train_shards, bert_tokenizer):
     # The tiny config's adversarial section (the defaults), not the test suite's larger sizes.
-    sizes = ("adversarial.step_size=0.1", "adversarial.noise_std=0.01", "adversarial.grad_eps=1e-12", "adversarial.vanish_steps=1")
+    sizes = (
+        "adversarial.step_size=0.1",
+        "adversarial.noise_std=0.01",
+        "adversarial.grad_eps=1e-12",
+        "adversarial.vanish_steps=1",
+    )
     result = ok(pretrain(tmp_path / "run", train_shards, bert_tokenizer, *BF16, *sizes, world=2, stage=2))
     records = read_metrics(tmp_path / "run")
     assert [r["train/adv_active"] for r in records] == [0, 0, 1, 1]
@@ -28,8 +38,14 @@ def test_two_rank_bf16_run_has_a_real_adversarial_term(tmp_path, train_shards, b
 
 
 def test_bf16_run_with_the_official_magnitudes_stops_on_the_guard(tmp_path, train_shards, bert_tokenizer):
-    old = ("adversarial.scale=absolute", "adversarial.step_size=1e-3", "adversarial.noise_std=1e-5", "adversarial.grad_eps=1e-6",
-           "adversarial.on_vanish=error", "adversarial.vanish_steps=2")
+    old = (
+        "adversarial.scale=absolute",
+        "adversarial.step_size=1e-3",
+        "adversarial.noise_std=1e-5",
+        "adversarial.grad_eps=1e-6",
+        "adversarial.on_vanish=error",
+        "adversarial.vanish_steps=2",
+    )
     result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, *BF16, *old, world=1, stage=0)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]

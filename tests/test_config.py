@@ -11,14 +11,21 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import minimal, raises_naming, write_yaml
 
 from data_prep.errors import UserError
-from pipeline.methods.adversarial import AdversarialConfig
-from pipeline.train.config import CheckpointConfig, EvalConfig, RunConfig, TrainConfig, WandbConfig, load_config, missing_paths
 from pipeline.data.curriculum import MaskSchedule
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    RunConfig,
+    TrainConfig,
+    WandbConfig,
+    load_config,
+    missing_paths,
+)
 from pipeline.train.deepspeed_setup import deepspeed_config, zero_stage
-
-from helpers import minimal, raises_naming, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -31,7 +38,6 @@ PAPER_SCHEDULE = MaskSchedule(kind="stepwise", start=0.05, end=0.25, increment=0
 def in_repo(monkeypatch):
     """Config files name each other relative to the repository root, as users run them."""
     monkeypatch.chdir(REPO)
-
 
 
 def expected_bf16() -> bool:
@@ -117,8 +123,15 @@ def test_continual_configs_follow_the_paper(name, beta2):
 def test_dotted_overrides_use_yaml_typing(tmp_path):
     config = load_config(
         minimal(tmp_path, adversarial={"eps": 1.0e-5}),
-        ["train.max_steps=7", "adversarial.eps=null", "adversarial.grad_eps=1e-12", "train.lr=3e-4",
-         "model.activation_checkpointing=true", "wandb.mode=offline", "masking.schedule.start=0.1"],
+        [
+            "train.max_steps=7",
+            "adversarial.eps=null",
+            "adversarial.grad_eps=1e-12",
+            "train.lr=3e-4",
+            "model.activation_checkpointing=true",
+            "wandb.mode=offline",
+            "masking.schedule.start=0.1",
+        ],
     )
     assert config.train.max_steps == 7 and type(config.train.max_steps) is int
     assert config.adversarial.eps is None
@@ -182,7 +195,10 @@ def test_wrong_types_are_named(tmp_path, override, key):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lr=nan", "train.lr: must be a finite number >= 0, got nan"),  # was "another config than rank 0" (NaN != NaN)
+        (
+            "train.lr=nan",
+            "train.lr: must be a finite number >= 0, got nan",
+        ),  # was "another config than rank 0" (NaN != NaN)
         ("train.lr=inf", "train.lr: must be a finite number >= 0, got inf"),  # was trained: NaN losses, exit 0
         ("train.lr=-1", "train.lr: must be a finite number >= 0, got -1.0"),  # was Adam's ValueError traceback
         ("train.adam_beta2=1", "train.adam_beta2: must be in [0, 1), got 1.0"),
@@ -205,7 +221,9 @@ def test_nan_settings_count_as_the_same_on_every_rank():
 
 
 def test_a_near_miss_key_gets_a_suggestion_and_an_unknown_config_name_lists_the_shipped_ones(tmp_path):
-    with pytest.raises(UserError, match=r"^train\.max_step: unknown config key \(did you mean train\.max_steps\? known: "):
+    with pytest.raises(
+        UserError, match=r"^train\.max_step: unknown config key \(did you mean train\.max_steps\? known: "
+    ):
         load_config(minimal(tmp_path), ["train.max_step=3"])
     with pytest.raises(UserError, match=r"^nope: file not found \(shipped configs, by name: bert-base, .*\btiny\)$"):
         load_config("nope")
@@ -241,7 +259,9 @@ def test_data_paths_are_required(tmp_path):
 
 
 def test_global_batch_must_be_a_multiple_of_the_micro_batch(tmp_path):
-    with pytest.raises(UserError, match=re.escape("train.global_batch_size: must be a multiple of micro_batch_size (8), got 30")):
+    with pytest.raises(
+        UserError, match=re.escape("train.global_batch_size: must be a multiple of micro_batch_size (8), got 30")
+    ):
         load_config(minimal(tmp_path, train={"global_batch_size": 30, "micro_batch_size": 8}))
 
 
@@ -289,10 +309,16 @@ def test_component_validation_surfaces_as_user_error(tmp_path, override, key):
     [
         ("train.max_steps=0", "train.max_steps: must be at least 1, got 0"),
         ("train.stop_signals=SIGTERM,TERM", "train.stop_signals: 'TERM' is not a signal name (e.g. SIGTERM,SIGUSR1)"),
-        ("adversarial.method=x", "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb, yopo or asa, got 'x'"),
+        (
+            "adversarial.method=x",
+            "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb, yopo or asa, got 'x'",
+        ),
         ("adversarial.steps=0", "adversarial.steps: must be at least 1, got 0"),
         ("adversarial.asa.tau=-1", "adversarial.asa.tau: must be a finite number >= 0, got -1.0"),
-        ("adversarial.asa.layers=0,a", "adversarial.asa.layers: expected all or layer indices such as 0,1,2, got '0,a'"),
+        (
+            "adversarial.asa.layers=0,a",
+            "adversarial.asa.layers: expected all or layer indices such as 0,1,2, got '0,a'",
+        ),
         ("masking.schedule.start=1.5", "masking.schedule.start: must be in (0, 1], got 1.5"),
         ("masking.schedule.start=0.3", "masking.schedule.start: must be <= end (0.25), got 0.3"),
         ("wandb.init_timeout_s=0", "wandb.init_timeout_s: must be a finite number > 0, got 0.0"),
@@ -308,7 +334,11 @@ def test_the_loader_puts_the_key_path_in_front_once(tmp_path, override, message)
     [
         (TrainConfig, {"max_steps": 0}, "max_steps: must be at least 1, got 0"),
         (TrainConfig, {"max_steps": 1.5}, "max_steps: expected an integer, got 1.5"),
-        (TrainConfig, {"peak_tflops": -1.0}, "peak_tflops: must be a finite number >= 0 (0: known GPUs by name), got -1.0"),
+        (
+            TrainConfig,
+            {"peak_tflops": -1.0},
+            "peak_tflops: must be a finite number >= 0 (0: known GPUs by name), got -1.0",
+        ),
         (TrainConfig, {"precision": "fp8"}, "precision: expected auto, fp32, bf16 or fp16, got 'fp8'"),
         (EvalConfig, {"mask_rate": 1.0}, "mask_rate: must be in (0, 1), got 1.0"),
         (CheckpointConfig, {"keep_last": 0}, "keep_last: must be at least 1, got 0"),
@@ -333,7 +363,9 @@ def test_a_section_rebuilt_with_replace_is_checked_again():
 def test_overrides_may_come_before_and_after_the_options():
     from pipeline.train.pretrain import parse_args
 
-    args = parse_args(["--config", "configs/tiny.yaml", "train.max_steps=3", "--run-dir", "runs/x", "train.lr=1e-4", "--local_rank=1"])
+    args = parse_args(
+        ["--config", "configs/tiny.yaml", "train.max_steps=3", "--run-dir", "runs/x", "train.lr=1e-4", "--local_rank=1"]
+    )
     assert (args.config, args.run_dir, args.local_rank) == ("configs/tiny.yaml", "runs/x", 1)
     assert args.overrides == ["train.max_steps=3", "train.lr=1e-4"]
 
@@ -383,13 +415,20 @@ def test_config_paths_work_from_any_folder(tmp_path, monkeypatch):
 
     mine = tmp_path / "project" / "run.yaml"
     mine.parent.mkdir()
-    mine.write_text("data: {shards: data/shards, tokenizer: data/tok}\nmodel: {config: nope.yaml}\ndeepspeed: ds.json\n")
+    mine.write_text(
+        "data: {shards: data/shards, tokenizer: data/tok}\nmodel: {config: nope.yaml}\ndeepspeed: ds.json\n"
+    )
     config = load_config(mine)
     assert config.data.shards == str(mine.parent / "data" / "shards")
     with pytest.raises(UserError) as error:
         missing_paths(config)
     message = str(error.value)
-    for key, path in (("data.shards", "data/shards"), ("data.tokenizer", "data/tok"), ("model.config", "nope.yaml"), ("deepspeed", "ds.json")):
+    for key, path in (
+        ("data.shards", "data/shards"),
+        ("data.tokenizer", "data/tok"),
+        ("model.config", "nope.yaml"),
+        ("deepspeed", "ds.json"),
+    ):
         assert f"{key}: {mine.parent / path}" in message
     assert "\n" not in message
 
@@ -406,6 +445,9 @@ def test_a_shipped_configs_placeholder_paths_are_no_setting(tmp_path):
     instead of taking the model directory's tokenizer, its documented default."""
     config = load_config("tiny", ["data.shards=/data/shards", "model.init_from=/models/roberta-base"])
     assert (config.data.shards, config.data.tokenizer) == ("/data/shards", "/models/roberta-base")
-    with pytest.raises(UserError, match=r"^data\.shards, data\.tokenizer: still the config's placeholder \(/path/to/shards\); "
-                                        r"set data\.shards=\.\.\. on the command line or in the config$"):
+    with pytest.raises(
+        UserError,
+        match=r"^data\.shards, data\.tokenizer: still the config's placeholder \(/path/to/shards\); "
+        r"set data\.shards=\.\.\. on the command line or in the config$",
+    ):
         missing_paths(load_config("tiny"))

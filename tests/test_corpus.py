@@ -12,8 +12,8 @@ import pytest
 import zstandard
 
 from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
-from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
+from data_prep.inputs import expand_inputs
 
 
 def documents(paths, options=ReadOptions(), piece_bytes=None, stats=None):
@@ -43,7 +43,12 @@ def test_every_input_kind_yields_the_same_documents(tmp_path, reference_docs):
     (tmp_path / "f.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
     pq.write_table(pa.table({"body": docs}), tmp_path / "g.parquet", row_group_size=100)
     datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "h_dataset"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:150]}), "test": datasets.Dataset.from_dict({"text": docs[150:]})}).save_to_disk(str(tmp_path / "i_dict"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": docs[:150]}),
+            "test": datasets.Dataset.from_dict({"text": docs[150:]}),
+        }
+    ).save_to_disk(str(tmp_path / "i_dict"))
 
     assert documents([tmp_path / "a.txt"]) == docs
     blank = documents([tmp_path / "b.txt"], ReadOptions(txt_docs="blank"))
@@ -160,11 +165,18 @@ def test_a_document_over_16_mib_is_refused_naming_where_it_is(tmp_path, kind):
         where, options = rf"{path}: row 1 of row group 0: column 'text'", ReadOptions()
     elif kind == "blank":
         path = tmp_path / "corpus.txt"
-        path.write_text("a short document\n\n" + "\n".join(HUGE[i:i + 1000] for i in range(0, len(HUGE), 1000)) + "\n")
-        where, options = rf"{path}:\d+: the blank-line separated document ending after this line", ReadOptions(txt_docs="blank")
+        path.write_text(
+            "a short document\n\n" + "\n".join(HUGE[i : i + 1000] for i in range(0, len(HUGE), 1000)) + "\n"
+        )
+        where, options = (
+            rf"{path}:\d+: the blank-line separated document ending after this line",
+            ReadOptions(txt_docs="blank"),
+        )
     else:
         path = tmp_path / f"corpus.{kind}"
-        lines = ["short", HUGE, "short"] if kind == "txt" else [json.dumps({"text": t}) for t in ("short", HUGE, "short")]
+        lines = (
+            ["short", HUGE, "short"] if kind == "txt" else [json.dumps({"text": t}) for t in ("short", HUGE, "short")]
+        )
         path.write_text("\n".join(lines) + "\n")
         where, options = rf"{path}:2: this line", ReadOptions()
     with pytest.raises(UserError, match=rf"^{where} is longer than 16 MiB, the most a document may be"):
@@ -183,8 +195,12 @@ def broken_compressed_files(directory) -> dict[str, bytes]:
 
     text = b"hello world\n" * 20000
     gz, xz, zst = gzip.compress(text), lzma.compress(text), zstandard.ZstdCompressor().compress(text)
-    return {"not-gzip.txt.gz": b"plain text, not gzip\n", "truncated.txt.gz": gz[: len(gz) // 2],
-            "truncated.txt.xz": xz[: len(xz) // 2], "corrupt.txt.zst": zst[:10] + b"\x00garbage" + zst[20:]}
+    return {
+        "not-gzip.txt.gz": b"plain text, not gzip\n",
+        "truncated.txt.gz": gz[: len(gz) // 2],
+        "truncated.txt.xz": xz[: len(xz) // 2],
+        "corrupt.txt.zst": zst[:10] + b"\x00garbage" + zst[20:],
+    }
 
 
 @pytest.mark.parametrize("name", ["not-gzip.txt.gz", "truncated.txt.gz", "truncated.txt.xz", "corrupt.txt.zst"])

@@ -8,12 +8,11 @@ import re
 
 import pytest
 from deepspeed.accelerator import get_accelerator
+from helpers import REPO, minimal
 
 from data_prep.errors import UserError
 from pipeline.train.config import load_config
 from pipeline.train.deepspeed_setup import deepspeed_config, zero_stage
-
-from helpers import REPO, minimal
 
 DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 
@@ -22,7 +21,6 @@ DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 def in_repo(monkeypatch):
     """Config files name each other relative to the repository root, as users run them."""
     monkeypatch.chdir(REPO)
-
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
@@ -59,7 +57,11 @@ def test_deepspeed_config_needs_a_world_size_that_divides_the_batch(tmp_path):
 @pytest.mark.parametrize("key", ["optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"])
 def test_deepspeed_json_may_not_set_what_the_run_config_owns(tmp_path, key):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, key: {"type": "AdamW"} if key in ("optimizer", "scheduler") else 8}))
+    path.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 2}, key: {"type": "AdamW"} if key in ("optimizer", "scheduler") else 8}
+        )
+    )
     config = load_config(minimal(tmp_path), [f"deepspeed={path}"])
     with pytest.raises(UserError, match=f"deepspeed: remove '{key}'"):
         deepspeed_config(config, 1)
@@ -79,10 +81,16 @@ def test_deepspeed_json_missing_or_invalid(tmp_path):
 FP16 = bool(get_accelerator().is_fp16_supported())
 
 
-@pytest.mark.parametrize(("precision", "bf16", "fp16"), [
-    ("fp32", False, False), ("bf16", True, False),
-    pytest.param("fp16", False, True, marks=pytest.mark.skipif(not FP16, reason="this machine's accelerator has no fp16")),
-])
+@pytest.mark.parametrize(
+    ("precision", "bf16", "fp16"),
+    [
+        ("fp32", False, False),
+        ("bf16", True, False),
+        pytest.param(
+            "fp16", False, True, marks=pytest.mark.skipif(not FP16, reason="this machine's accelerator has no fp16")
+        ),
+    ],
+)
 def test_explicit_precision_is_written_into_the_deepspeed_config(tmp_path, precision, bf16, fp16):
     config = load_config(minimal(tmp_path), [f"train.precision={precision}"])
     ds = deepspeed_config(config, 1)
@@ -95,4 +103,7 @@ def test_a_precision_the_accelerator_lacks_is_refused_by_key(tmp_path):
     device = get_accelerator().device_name()
     with pytest.raises(UserError) as refused:
         deepspeed_config(config, 1)
-    assert str(refused.value) == f"train.precision=fp16: this machine's accelerator ({device}) does not support fp16; use bf16 or fp32"
+    assert (
+        str(refused.value)
+        == f"train.precision=fp16: this machine's accelerator ({device}) does not support fp16; use bf16 or fp32"
+    )

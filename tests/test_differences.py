@@ -27,11 +27,18 @@ def test_nested_mappings_are_named_by_their_dotted_key():
 def test_a_missing_key_counts_as_none_and_other_values_are_compared_whole():
     assert first_difference({"a": 1}, {}) == ("a", 1, None)
     assert first_difference({"a": None}, {}) is None
-    assert first_difference({"inputs": [{"path": "a"}]}, {"inputs": [{"path": "b"}]}) == ("inputs", [{"path": "a"}], [{"path": "b"}])
+    assert first_difference({"inputs": [{"path": "a"}]}, {"inputs": [{"path": "b"}]}) == (
+        "inputs",
+        [{"path": "a"}],
+        [{"path": "b"}],
+    )
 
 
 def test_dataset_identities_name_the_setting_and_its_flag():
-    assert describe_difference({"val_fraction": 0.1}, {"val_fraction": 0.2}) == "val_fraction 0.1 then, 0.2 now: --val-fraction"
+    assert (
+        describe_difference({"val_fraction": 0.1}, {"val_fraction": 0.2})
+        == "val_fraction 0.1 then, 0.2 now: --val-fraction"
+    )
     assert describe_difference({"seq_len": 64}, {"seq_len": 64}) == "same settings"
 
 

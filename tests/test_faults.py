@@ -7,7 +7,6 @@ checkpoint and the finished run equals the uninterrupted one sample for sample.
 from __future__ import annotations
 
 import pytest
-
 from fault_injection import run_with_faults  # bench/ is on sys.path: tests/helpers.py, which conftest.py imports
 from fault_report import compare, passed, report, summarize
 from faults import KINDS, Fault, plan_faults
@@ -59,7 +58,9 @@ def test_killed_run_resumes_without_skipping_or_repeating_samples(reference, tmp
     assert in_save.kind == "kill-in-save" and in_save.save_tag == "step00000008", details
     assert in_save.partial_when_killed, details  # killed before complete.json was written
     assert in_save.last_logged_step == 8 and in_save.steps_lost == 4, details
-    assert in_save.partials == ["step00000008"] and in_save.partial_noted, details  # the relaunch says it passed over it
+    assert in_save.partials == ["step00000008"] and in_save.partial_noted, (
+        details
+    )  # the relaunch says it passed over it
     assert in_save.newest_complete == "step00000004" and in_save.resumed_step == 4, details
     assert "step00000004" in in_save.resumed_line, details
 

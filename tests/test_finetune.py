@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, data_file
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
-from helpers import REPO, data_file
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
-from pipeline.tasks import finetune
-from pipeline.methods.adversarial import AdversarialConfig, compute_losses
 from pipeline.data.glue import load_task, read_advglue, read_tsv
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.tasks import finetune
 
 SST2_COLUMNS, SST2_LABELS = ("sentence",), ("0", "1")
 
@@ -44,7 +44,11 @@ def test_sst2_rows_labels_and_quotes(sst2):
     train = read_tsv(sst2 / "train.tsv", SST2_COLUMNS, SST2_LABELS)
     dev = read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS)
     assert (len(train), len(dev)) == (67_349, 872)
-    assert (train[0].text, train[0].text_pair, train[0].label) == ("hide new secretions from the parental units", None, 0)
+    assert (train[0].text, train[0].text_pair, train[0].label) == (
+        "hide new secretions from the parental units",
+        None,
+        0,
+    )
     assert (dev[0].text, dev[0].label) == ("it 's a charming and often affecting journey .", 1)
     assert sum(e.label for e in dev) == 444  # GLUE SST-2 dev: 444 positive, 428 negative
 
@@ -59,7 +63,10 @@ def test_rte_string_labels_map_to_glue_ids(tmp_path):
     assert first.label == 1 and task.labels[1] == "not_entailment"
     assert sum(e.label == 0 for e in task.train) == 1_249  # entailment
     # Split on tabs without CSV quoting: the quotes stay part of the text.
-    assert task.train[12].text == 'Valero Energy Corp., on Monday, said it found "extensive" additional damage at its 250,000-barrel-per-day Port Arthur refinery.'
+    assert (
+        task.train[12].text
+        == 'Valero Energy Corp., on Monday, said it found "extensive" additional damage at its 250,000-barrel-per-day Port Arthur refinery.'
+    )
     assert sum('"' in e.text or '"' in e.text_pair for e in task.train) > 100
 
 
@@ -67,7 +74,9 @@ def test_advglue_subsets(advglue):
     sst = read_advglue(advglue, "sst2", SST2_COLUMNS, 2)
     rte = read_advglue(advglue, "rte", ("sentence1", "sentence2"), 2)
     assert (len(sst), len(rte)) == (148, 81)
-    assert sst[0].text.startswith("it 's an uneven treat that bores fun at the democratic exercise") and sst[0].label == 1
+    assert (
+        sst[0].text.startswith("it 's an uneven treat that bores fun at the democratic exercise") and sst[0].label == 1
+    )
     assert rte[0].text_pair == "Doctors Without Borders is an international aid organization ." and rte[0].label == 0
 
 
@@ -79,7 +88,11 @@ def test_an_empty_dev_file_is_named(tmp_path):
 
 
 def test_own_jsonl_task_takes_sorted_labels(tmp_path):
-    rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "fine", "text_pair": "ok", "label": "pos"}]
+    rows = [
+        {"text": "good", "label": "pos"},
+        {"text": "bad", "label": "neg"},
+        {"text": "fine", "text_pair": "ok", "label": "pos"},
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dev.jsonl").write_text(json.dumps({"text": "meh", "label": "neg"}) + "\n")
     task = load_task(str(tmp_path), None)
@@ -113,7 +126,9 @@ def test_blank_lines_in_a_tsv_are_skipped_and_later_rows_keep_their_line_numbers
 
 
 def test_an_unknown_task_name_lists_the_known_ones(tmp_path):
-    with pytest.raises(UserError, match=r"^--task: sst3: neither a task this command knows \(sst2, rte\) nor a directory of your own"):
+    with pytest.raises(
+        UserError, match=r"^--task: sst3: neither a task this command knows \(sst2, rte\) nor a directory of your own"
+    ):
         load_task("sst3", None)
 
 
@@ -130,18 +145,27 @@ def test_missing_files_and_bad_model_dirs(tmp_path, sst2):
 
 
 def test_cli_reports_one_line_and_exit_2(tmp_path, sst2, capsys):
-    code = finetune.main(["--model", str(tmp_path / "missing"), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out")])
+    code = finetune.main(
+        ["--model", str(tmp_path / "missing"), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("finetune: error: --model:")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("option, value, message", [("--alpha", "inf", "--alpha: must be a finite number >= 0, got inf"),
-                                                    ("--alpha", "-1", "--alpha: must be a finite number >= 0, got -1.0"),
-                                                    ("--max-steps", "-2", "--max-steps: must not be negative, got -2"),
-                                                    ("--precision", "bf16", "--precision bf16: needs --deepspeed (a run without it trains in fp32)")])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--alpha", "inf", "--alpha: must be a finite number >= 0, got inf"),
+        ("--alpha", "-1", "--alpha: must be a finite number >= 0, got -1.0"),
+        ("--max-steps", "-2", "--max-steps: must not be negative, got -2"),
+        ("--precision", "bf16", "--precision bf16: needs --deepspeed (a run without it trains in fp32)"),
+    ],
+)
 def test_bad_numbers_are_refused_in_one_line(tmp_path, sst2, capsys, option, value, message):
-    code = finetune.main(["--model", str(tmp_path), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out"), option, value])
+    code = finetune.main(
+        ["--model", str(tmp_path), "--task", "sst2", "--data", str(sst2), "--out", str(tmp_path / "out"), option, value]
+    )
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"finetune: error: {message}"]
 
 
@@ -153,8 +177,15 @@ def small_model(tmp_path_factory, bert_tokenizer) -> Path:
     """A 64-wide, 2-layer BERT (random weights) saved with the project's tokenizer files."""
     tokenizer = load_tokenizer(bert_tokenizer)
     ids = tokenizer.special_token_ids
-    config = BertConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=256, max_position_embeddings=256, pad_token_id=ids["pad"])
+    config = BertConfig(
+        vocab_size=-(-tokenizer.vocab_size // 64) * 64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=256,
+        pad_token_id=ids["pad"],
+    )
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model") / "hf"
     BertForMaskedLM(config).save_pretrained(out)
@@ -193,8 +224,19 @@ def test_alum_loss_is_cross_entropy_plus_alpha_times_symmetric_kl(small_model, s
 
 
 def args(model: Path, data: Path, advglue: Path, out: Path, **changes) -> list[str]:
-    options = {"--model": model, "--task": "sst2", "--data": data, "--advglue": advglue, "--out": out, "--seeds": "1,2",
-               "--max-steps": 150, "--eval-every": 75, "--lr": 1e-3, "--batch-size": 32, **changes}
+    options = {
+        "--model": model,
+        "--task": "sst2",
+        "--data": data,
+        "--advglue": advglue,
+        "--out": out,
+        "--seeds": "1,2",
+        "--max-steps": 150,
+        "--eval-every": 75,
+        "--lr": 1e-3,
+        "--batch-size": 32,
+        **changes,
+    }
     return [str(item) for pair in options.items() for item in pair]
 
 
@@ -210,7 +252,9 @@ def test_fgm_and_fgsm_train_on_clean_plus_adversarial_cross_entropy(small_model,
         deltas.append(delta)
         return model(input_ids, mask, delta)
 
-    out = compute_losses(forward, lambda d: model(input_ids, mask, d)[0], labels, AdversarialConfig(method=method), step=0, real=mask)
+    out = compute_losses(
+        forward, lambda d: model(input_ids, mask, d)[0], labels, AdversarialConfig(method=method), step=0, real=mask
+    )
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(model(input_ids, mask)[0], labels)
         ce_adv = torch.nn.functional.cross_entropy(model(input_ids, mask, deltas[-1])[0], labels)
@@ -224,18 +268,31 @@ def small_task(tmp_path_factory, sst2) -> Path:
     out = tmp_path_factory.mktemp("task")
     rows = read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS)
     for name, part in (("train", rows[:48]), ("dev", rows[48:64])):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": row.text, "label": row.label}) + "\n" for row in part))
+        (out / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": row.text, "label": row.label}) + "\n" for row in part)
+        )
     return out
 
 
 @pytest.mark.parametrize("method", ["alum_amortized", "smart", "freeat", "freelb", "yopo", "asa"])
 def test_every_method_fine_tunes_from_the_cli(method, small_model, small_task, tmp_path, capsys):
-    options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 6, "--eval-every": 3,
-               "--batch-size": 16, "--method": method}
+    options = {
+        "--model": small_model,
+        "--task": small_task,
+        "--out": tmp_path,
+        "--seeds": "1",
+        "--max-steps": 6,
+        "--eval-every": 3,
+        "--batch-size": 16,
+        "--method": method,
+    }
     assert finetune.main([str(item) for pair in options.items() for item in pair]) == 0
     # Without a terminal (here, captured) there is no progress bar: a line per evaluation says how it goes.
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"seed 1 ({method}): step ")]
-    assert [line.split(" | ")[0] for line in progress] == [f"seed 1 ({method}): step 3/6", f"seed 1 ({method}): step 6/6"]
+    assert [line.split(" | ")[0] for line in progress] == [
+        f"seed 1 ({method}): step 3/6",
+        f"seed 1 ({method}): step 6/6",
+    ]
     (seed,) = json.loads((tmp_path / "results.json").read_text())["seeds"]
     assert [h["step"] for h in seed["history"]] == [3, 6]
     assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in seed["history"])
@@ -257,7 +314,9 @@ def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2,
     assert summary["dev_accuracy"]["std"] == pytest.approx(statistics.stdev(dev))
     adversarial = [s["advglue_accuracy"] * 148 for s in summary["seeds"]]  # AdvGLUE-SST2 dev: 148 sentences
     assert all(abs(n - round(n)) < 1e-9 for n in adversarial) and summary["advglue_accuracy"]["n"] == 2
-    assert summary["advglue_accuracy"]["mean"] == pytest.approx(statistics.mean(s["advglue_accuracy"] for s in summary["seeds"]))
+    assert summary["advglue_accuracy"]["mean"] == pytest.approx(
+        statistics.mean(s["advglue_accuracy"] for s in summary["seeds"])
+    )
     assert [h["step"] for h in summary["seeds"][0]["history"]] == [75, 150]
     # The saved model is an HF classifier with named labels that reproduces the dev accuracy.
     saved = AutoModelForSequenceClassification.from_pretrained(out / "seed-1")
@@ -289,12 +348,33 @@ def dropout_free_model(tmp_path_factory, small_model) -> Path:
 def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_path):
     from pipeline.train.distributed import free_port
 
-    options = args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "one", **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75})
+    options = args(
+        dropout_free_model,
+        sst2,
+        data_file("advglue/dev.json"),
+        tmp_path / "one",
+        **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75},
+    )
     assert finetune.main(options) == 0
-    two = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "pipeline.finetune", *args(dropout_free_model, sst2, data_file("advglue/dev.json"), tmp_path / "two",
-                                      **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75, "--deepspeed": "configs/deepspeed/zero2.json"})]
-    result = subprocess.run(two, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    two = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pipeline.finetune",
+        *args(
+            dropout_free_model,
+            sst2,
+            data_file("advglue/dev.json"),
+            tmp_path / "two",
+            **{"--seeds": "3", "--max-steps": 150, "--eval-every": 75, "--deepspeed": "configs/deepspeed/zero2.json"},
+        ),
+    ]
+    result = subprocess.run(
+        two, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one_result = json.loads((tmp_path / "one" / "results.json").read_text())["seeds"][0]
     two_result = json.loads((tmp_path / "two" / "results.json").read_text())["seeds"][0]
@@ -313,11 +393,30 @@ def test_a_bf16_deepspeed_run_saves_its_float32_master_weights(small_model, smal
     master weights (partitioned over 2 ZeRO-2 ranks), of which the bf16 module is the cast."""
     from pipeline.train.distributed import free_port
 
-    options = {"--model": small_model, "--task": small_task, "--out": tmp_path, "--seeds": "1", "--max-steps": 4, "--eval-every": 4,
-               "--batch-size": 16, "--deepspeed": "configs/deepspeed/zero2.json", "--precision": "bf16"}
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-               "pipeline.finetune", *(str(item) for pair in options.items() for item in pair)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    options = {
+        "--model": small_model,
+        "--task": small_task,
+        "--out": tmp_path,
+        "--seeds": "1",
+        "--max-steps": 4,
+        "--eval-every": 4,
+        "--batch-size": 16,
+        "--deepspeed": "configs/deepspeed/zero2.json",
+        "--precision": "bf16",
+    }
+    command = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pipeline.finetune",
+        *(str(item) for pair in options.items() for item in pair),
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     weights = load_file(tmp_path / "seed-1" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}

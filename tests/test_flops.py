@@ -7,15 +7,24 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertForMaskedLM
 
-from pipeline.train.flops import flops_per_token, mfu, model_flops_per_token, peak_flops
 from pipeline.model.masked_lm import MaskedLM
+from pipeline.train.flops import flops_per_token, mfu, model_flops_per_token, peak_flops
 
 
-@pytest.mark.parametrize("hidden, layers, intermediate, vocab, seq_len", [(64, 2, 256, 2000, 64), (96, 3, 384, 3000, 128)])
+@pytest.mark.parametrize(
+    "hidden, layers, intermediate, vocab, seq_len", [(64, 2, 256, 2000, 64), (96, 3, 384, 3000, 128)]
+)
 def test_the_formula_counts_every_matmul_of_a_training_step(hidden, layers, intermediate, vocab, seq_len):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=intermediate, max_position_embeddings=seq_len, attn_implementation="sdpa")
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=intermediate,
+        max_position_embeddings=seq_len,
+        attn_implementation="sdpa",
+    )
     model = MaskedLM(BertForMaskedLM(config))
     batch = 3
     ids = torch.randint(5, vocab, (batch, seq_len))
@@ -25,7 +34,9 @@ def test_the_formula_counts_every_matmul_of_a_training_step(hidden, layers, inte
         logits.logsumexp(-1).sum().backward()
     rate = masked.sum().item() / masked.numel()
     assert model_flops_per_token(config, seq_len, rate) * batch * seq_len == counter.get_total_flops()
-    assert model_flops_per_token(config, seq_len, rate) == flops_per_token(hidden, layers, intermediate, vocab, seq_len, rate)
+    assert model_flops_per_token(config, seq_len, rate) == flops_per_token(
+        hidden, layers, intermediate, vocab, seq_len, rate
+    )
 
 
 def test_bert_base_costs_about_six_flops_per_parameter_per_token():
@@ -35,21 +46,24 @@ def test_bert_base_costs_about_six_flops_per_parameter_per_token():
     assert 5.6e8 < per_token < 5.9e8
 
 
-@pytest.mark.parametrize("name, bf16, fp16, fp32", [
-    ("NVIDIA H100 80GB HBM3", 989, 989, 67),
-    ("NVIDIA H100 PCIe", 756, 756, 51),
-    ("NVIDIA H100 NVL", 835, 835, 60),
-    ("NVIDIA H200", 989, 989, 67),
-    ("NVIDIA A100-SXM4-80GB", 312, 312, 19.5),
-    ("NVIDIA A100-PCIE-40GB", 312, 312, 19.5),
-    ("NVIDIA A100 80GB PCIe", 312, 312, 19.5),
-    ("NVIDIA L40S", 362, 362, 91.6),
-    ("NVIDIA L40", 181, 181, 90.5),
-    ("NVIDIA L4", 121, 121, 30.3),
-    ("NVIDIA A10", 125, 125, 31.2),
-    ("Tesla V100-SXM2-32GB", None, 125, 15.7),
-    ("Tesla V100-PCIE-16GB", None, 112, 14),
-])
+@pytest.mark.parametrize(
+    "name, bf16, fp16, fp32",
+    [
+        ("NVIDIA H100 80GB HBM3", 989, 989, 67),
+        ("NVIDIA H100 PCIe", 756, 756, 51),
+        ("NVIDIA H100 NVL", 835, 835, 60),
+        ("NVIDIA H200", 989, 989, 67),
+        ("NVIDIA A100-SXM4-80GB", 312, 312, 19.5),
+        ("NVIDIA A100-PCIE-40GB", 312, 312, 19.5),
+        ("NVIDIA A100 80GB PCIe", 312, 312, 19.5),
+        ("NVIDIA L40S", 362, 362, 91.6),
+        ("NVIDIA L40", 181, 181, 90.5),
+        ("NVIDIA L4", 121, 121, 30.3),
+        ("NVIDIA A10", 125, 125, 31.2),
+        ("Tesla V100-SXM2-32GB", None, 125, 15.7),
+        ("Tesla V100-PCIE-16GB", None, 112, 14),
+    ],
+)
 def test_each_gpu_has_its_own_data_sheet_peak_per_precision(name, bf16, fp16, fp32):
     # Dense figures; fp32 is the CUDA-core one (TF32 is left off). V100 has no bf16: no peak, no MFU.
     peaks = [peak_flops(name, precision, 0) for precision in ("bf16", "fp16", "fp32")]

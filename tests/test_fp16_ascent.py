@@ -19,8 +19,16 @@ def weights() -> dict:
     return BertForMaskedLM(CONFIG).state_dict()
 
 
-CONFIG = BertConfig(vocab_size=30528, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                    max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CONFIG = BertConfig(
+    vocab_size=30528,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 
 def ascent(weights: dict, dtype: torch.dtype, method: str):
@@ -37,7 +45,9 @@ def ascent(weights: dict, dtype: torch.dtype, method: str):
         return model(ids, mask, index, delta)
 
     torch.manual_seed(2)
-    out = compute_losses(forward, lambda d: model(ids, mask, index, d)[0], ids.flatten()[index], AdversarialConfig(method=method), 0)
+    out = compute_losses(
+        forward, lambda d: model(ids, mask, index, d)[0], ids.flatten()[index], AdversarialConfig(method=method), 0
+    )
     return out, deltas[-1]
 
 

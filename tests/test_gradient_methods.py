@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_adversarial import batch, clean_loss, run_step
 
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.objective import mlm_loss
 from pipeline.model.perturbation import token_norm
-
-from test_adversarial import batch, clean_loss, run_step
 
 EPS = 2.0**-4  # exact in float32, so delta's elements can equal it
 ABSOLUTE = dict(scale="absolute", eps=EPS)  # sizes in plain units: delta itself must have the size
@@ -58,7 +57,9 @@ def test_pgd_trains_on_the_adversarial_loss_alone():
     result, closures = run_step(AdversarialConfig(method="pgd", **ABSOLUTE))
     assert not result.loss_mlm.requires_grad  # the clean pass ran without a graph
     result.loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in closures.model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in closures.model.parameters() if p.requires_grad
+    )
 
 
 @pytest.mark.parametrize("method", ["fgsm", "fgm"])
@@ -78,5 +79,6 @@ def test_pgd_drops_the_micro_batch_on_a_non_finite_term():
 
 def test_without_eps_the_size_is_the_step_size():
     _, closures = run_step(AdversarialConfig(method="fgm", scale="absolute", step_size=0.25))
-    torch.testing.assert_close(token_norm(closures.deltas[0], "l2"), torch.full(closures.deltas[0].shape[:-1], 0.25), rtol=1e-5, atol=0)
-
+    torch.testing.assert_close(
+        token_norm(closures.deltas[0], "l2"), torch.full(closures.deltas[0].shape[:-1], 0.25), rtol=1e-5, atol=0
+    )

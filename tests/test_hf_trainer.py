@@ -15,14 +15,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO, data_file
+from test_finetune import small_model  # noqa: F401 (a fixture: a tiny BERT directory as `alum export` writes it)
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-from helpers import REPO, data_file
+from pipeline.data.glue import read_tsv
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses
 from pipeline.tasks.finetune import Classifier
-from pipeline.data.glue import read_tsv
 from pipeline.tasks.hf_trainer import AdversarialTrainer
-from test_finetune import small_model  # noqa: F401 (a fixture: a tiny BERT directory as `alum export` writes it)
 
 EXAMPLE = REPO / "examples" / "hf_trainer_finetune.py"
 # A step 10 times the default: on this random model the term is then 4e-5 of a 0.69 loss, far above float32 round-off.
@@ -32,8 +32,17 @@ ALUM = {"method": "alum", "alpha": 1.0, "step_size": 1.0}
 def dropout_free_classifier() -> BertForSequenceClassification:
     """Without dropout, so that a pass in train mode (as Trainer runs it) can be repeated by hand."""
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                    intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 @pytest.fixture
@@ -51,7 +60,9 @@ def trainer_for(model, tmp_path, **adversarial) -> AdversarialTrainer:
 
 def clean_loss(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        return F.cross_entropy(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
 
 
 def test_compute_loss_is_compute_losses_on_the_model(tmp_path, batch):
@@ -62,8 +73,14 @@ def test_compute_loss_is_compute_losses_on_the_model(tmp_path, batch):
     loss = trainer.compute_loss(model, batch)
     torch.manual_seed(3)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    expected = compute_losses(lambda d: by_hand(ids, mask, d), lambda d: by_hand(ids, mask, d)[0], batch["labels"],
-                              AdversarialConfig(**ALUM), step=0, real=mask)
+    expected = compute_losses(
+        lambda d: by_hand(ids, mask, d),
+        lambda d: by_hand(ids, mask, d)[0],
+        batch["labels"],
+        AdversarialConfig(**ALUM),
+        step=0,
+        real=mask,
+    )
     loss.backward()
     expected.loss.backward()
     assert loss.item() == expected.loss.item()
@@ -76,7 +93,9 @@ def test_start_step_logging_and_evaluation(tmp_path, batch):
     model = dropout_free_classifier().train()
     trainer = trainer_for(model, tmp_path, **ALUM, start_step=2)
     ce = clean_loss(model, batch)
-    assert trainer.compute_loss(model, batch).item() == pytest.approx(ce.item(), rel=1e-6)  # Trainer's step 0 < start_step
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(
+        ce.item(), rel=1e-6
+    )  # Trainer's step 0 < start_step
     trainer.state.global_step = 2
     term = trainer.compute_loss(model, batch).item() - ce.item()
     assert term > 0
@@ -116,15 +135,33 @@ def write_jsonl(path, split: str, rows: int = 64):
 
 def run_example(*args) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", WITHOUT_DEEPSPEED, str(EXAMPLE), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_the_example_fine_tunes_an_exported_model_without_deepspeed(small_model, tmp_path):
     out = tmp_path / "out"
-    result = run_example("--model", small_model, "--train", write_jsonl(tmp_path / "train.jsonl", "train"),
-                         "--dev", write_jsonl(tmp_path / "dev.jsonl", "dev"), "--method", "alum", "--out", out,
-                         "--max-steps", 3, "--batch-size", 16)
+    result = run_example(
+        "--model",
+        small_model,
+        "--train",
+        write_jsonl(tmp_path / "train.jsonl", "train"),
+        "--dev",
+        write_jsonl(tmp_path / "dev.jsonl", "dev"),
+        "--method",
+        "alum",
+        "--out",
+        out,
+        "--max-steps",
+        3,
+        "--batch-size",
+        16,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     *_, last, imported = result.stdout.splitlines()
     assert last.startswith("dev accuracy: ") and 0 <= float(last.split(": ")[1]) <= 1
@@ -133,8 +170,14 @@ def test_the_example_fine_tunes_an_exported_model_without_deepspeed(small_model,
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("content, message", [(None, ": no such file"), ('{"text": "fine"}\n', ":1: expected a JSON object with text and label"),
-                                              ('{"text": "fine", "label": "pos"}\n', ":1: text must be a string and label an integer >= 0")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, ": no such file"),
+        ('{"text": "fine"}\n', ":1: expected a JSON object with text and label"),
+        ('{"text": "fine", "label": "pos"}\n', ":1: text must be a string and label an integer >= 0"),
+    ],
+)
 def test_the_example_names_a_bad_data_file_in_one_line(tmp_path, capsys, content, message):
     read_rows = runpy.run_path(str(EXAMPLE))["read_rows"]
     path = tmp_path / "train.jsonl"
@@ -148,5 +191,8 @@ def test_the_example_names_a_bad_data_file_in_one_line(tmp_path, capsys, content
 
 @pytest.mark.parametrize("method", ["alum_amortized", "freelb", "yopo", "freeat", "smart", "asa"])
 def test_methods_beyond_one_backward_are_refused_with_the_way_to_run_them(method, tmp_path):
-    with pytest.raises(ValueError, match=f"adversarial.method={method} needs more than Trainer's one backward per batch and optimizer; use `alum finetune`"):
+    with pytest.raises(
+        ValueError,
+        match=f"adversarial.method={method} needs more than Trainer's one backward per batch and optimizer; use `alum finetune`",
+    ):
         trainer_for(dropout_free_classifier(), tmp_path, method=method)

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from host_syncs import HostSyncs
 from transformers import BertConfig, BertForMaskedLM
 
-from host_syncs import HostSyncs
 from pipeline.methods.adversarial import AdversarialConfig, objective, run_objective
 from pipeline.methods.asa import AsaConfig, AttentionAdversaries
 from pipeline.model.masked_lm import MaskedLM
@@ -24,15 +24,38 @@ REPO_TESTS = os.path.dirname(__file__)
 def test_the_counter_sees_each_kind_of_sync_where_it_happens():
     x, keep = torch.randn(4, 3), torch.tensor([True, False, True, False])
     with HostSyncs() as counter:
-        x[keep], x.sum().item(), bool(x.sum() > 0), x.sum(0).tolist(), torch.where(x > 0, x, 0), x.index_select(0, keep.nonzero()[:, 0])
+        (
+            x[keep],
+            x.sum().item(),
+            bool(x.sum() > 0),
+            x.sum(0).tolist(),
+            torch.where(x > 0, x, 0),
+            x.index_select(0, keep.nonzero()[:, 0]),
+        )
         counter.mark("halfway")
         x[keep] = 0.0
-        torch.equal(x, x), torch.unique(keep), torch.bincount(keep.long()), torch.repeat_interleave(torch.tensor([1, 2]))
+        (
+            torch.equal(x, x),
+            torch.unique(keep),
+            torch.bincount(keep.long()),
+            torch.repeat_interleave(torch.tensor([1, 2])),
+        )
         x[torch.tensor([0, 2])] = 1.0  # an index of positions, not a mask: no sync
-    assert [op for _, op in counter.syncs] == ["aten.index.Tensor", "aten._local_scalar_dense.default", "aten._local_scalar_dense.default",
-                                               "aten.nonzero.default", "aten.index_put_.default", "aten.equal.default",
-                                               "aten._unique2.default", "aten.bincount.default", "aten.repeat_interleave.Tensor"]
-    assert [kind for kind, _, _ in counter.events].index("read_back") == 3 and counter.events[5][::2] == ("mark", "halfway")
+    assert [op for _, op in counter.syncs] == [
+        "aten.index.Tensor",
+        "aten._local_scalar_dense.default",
+        "aten._local_scalar_dense.default",
+        "aten.nonzero.default",
+        "aten.index_put_.default",
+        "aten.equal.default",
+        "aten._unique2.default",
+        "aten.bincount.default",
+        "aten.repeat_interleave.Tensor",
+    ]
+    assert [kind for kind, _, _ in counter.events].index("read_back") == 3 and counter.events[5][::2] == (
+        "mark",
+        "halfway",
+    )
     assert all(where.startswith(__file__) for where, _ in counter.syncs) and len(counter.read_backs) == 1
 
 
@@ -40,15 +63,29 @@ def micro_batch(method: str, attention: torch.Tensor | None):
     """One micro-batch of `method` on a tiny BERT (dropout on) under the counter: (the
     counter, its numbers, the model's gradients)."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     model = MaskedLM(BertForMaskedLM(config).train())
     adversaries = AttentionAdversaries(model.hf, AsaConfig()) if method == "asa" else None
     ids = torch.randint(5, 100, (2, 16))
     masked = torch.zeros(2, 16, dtype=torch.bool)
     masked[:, [3, 7, 11]] = True
     index, labels = masked.flatten().nonzero()[:, 0], ids[masked]
-    losses = objective(lambda d: model(ids, attention, index, d), lambda d: model(ids, attention, index, d)[0], labels,
-                       AdversarialConfig(method=method, steps=2), 0, real=attention, adversaries=adversaries)
+    losses = objective(
+        lambda d: model(ids, attention, index, d),
+        lambda d: model(ids, attention, index, d)[0],
+        labels,
+        AdversarialConfig(method=method, steps=2),
+        0,
+        real=attention,
+        adversaries=adversaries,
+    )
     with HostSyncs() as counter:
         stats = run_objective(losses, lambda loss: loss.backward()).stats()
     return counter, stats, [p.grad for p in model.parameters()]
@@ -66,8 +103,9 @@ def test_a_micro_batch_without_padding_has_no_host_sync_and_equals_one_with_a_ma
     ones_counter, ones_stats, ones_grads = micro_batch(method, torch.ones(2, 16, dtype=torch.long))
     assert torch.equal(stats, ones_stats) and all(torch.equal(a, b) for a, b in zip(grads, ones_grads) if a is not None)
     forwards = {"alum": 4, "asa": 2}[method]  # ALUM (K = 2): clean, 2 ascents, adversarial; ASA: clean, masked
-    assert [(where.split("site-packages/")[-1], op) for where, op in ones_counter.syncs] == \
-        [("transformers/masking_utils.py:354", "aten._local_scalar_dense.default")] * forwards
+    assert [(where.split("site-packages/")[-1], op) for where, op in ones_counter.syncs] == [
+        ("transformers/masking_utils.py:354", "aten._local_scalar_dense.default")
+    ] * forwards
 
 
 # DeepSpeed's own syncs in a ZeRO-2 fp32 step with two parameter groups (decay, no decay);
@@ -93,19 +131,40 @@ def test_a_training_step_reads_back_once_besides_deepspeeds_own_syncs(tmp_path, 
     packed rows passed no attention mask, transformers added one sync per forward
     (masking_utils.py:354, `padding_mask.all()`): 2 in a standard step, 6 in an ALUM one."""
     out = tmp_path / "syncs.json"
-    overrides = [f"data.shards={train_shards}", f"data.tokenizer={bert_tokenizer}", "train.max_steps=4", "train.global_batch_size=8",
-                 "train.micro_batch_size=4", "adversarial.method=alum", "adversarial.start_step=2", "eval.every_steps=0",
-                 "train.log_every=100", "checkpoint.every_steps=100", "wandb.mode=disabled"]
+    overrides = [
+        f"data.shards={train_shards}",
+        f"data.tokenizer={bert_tokenizer}",
+        "train.max_steps=4",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "adversarial.method=alum",
+        "adversarial.start_step=2",
+        "eval.every_steps=0",
+        "train.log_every=100",
+        "checkpoint.every_steps=100",
+        "wandb.mode=disabled",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{os.path.dirname(REPO_TESTS)}:{REPO_TESTS}"}
-    result = subprocess.run([sys.executable, os.path.join(REPO_TESTS, "count_step_syncs.py"), str(tmp_path / "run"), str(out), *overrides],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_TESTS, "count_step_syncs.py"), str(tmp_path / "run"), str(out), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     pieces = json.loads(out.read_text())
     assert len(pieces) == 4 and pieces[0]["marks"] == ["batch 0", "batch 1"]
     for step, piece in enumerate(pieces[1:], start=1):  # piece 0 holds the set-up too
         assert piece["syncs"] == DEEPSPEED_SYNCS, (step, piece)
-        assert len(piece["read_backs"]) == 1 and piece["read_backs"][0].startswith("pipeline/train/step.py:"), (step, piece)
-        assert piece["marks"] == ([f"batch {step + 1}"] if step < 3 else []), (step, piece)  # the next batch, before the read-back
+        assert len(piece["read_backs"]) == 1 and piece["read_backs"][0].startswith("pipeline/train/step.py:"), (
+            step,
+            piece,
+        )
+        assert piece["marks"] == ([f"batch {step + 1}"] if step < 3 else []), (
+            step,
+            piece,
+        )  # the next batch, before the read-back
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4 and last["train/loss_adv"] > 0
 
@@ -124,7 +183,12 @@ out = compute_losses(lambda d: model(ids, torch.ones_like(ids), torch.tensor([1,
 out.loss.backward()
 print(float(out.loss_adv) > 0, "deepspeed" in sys.modules)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": os.path.dirname(REPO_TESTS)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(REPO_TESTS)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "False"]

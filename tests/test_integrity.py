@@ -13,7 +13,9 @@ def test_digests_are_size_and_sha256_and_every_kind_of_damage_is_named(tmp_path)
     for name, data in contents.items():
         (tmp_path / name).write_bytes(data)
     recorded = file_digests(tmp_path, sorted(contents))
-    assert recorded == {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in contents.items()}
+    assert recorded == {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in contents.items()
+    }
     assert digest(tmp_path / "a.pt") == recorded["a.pt"]
     assert problems(tmp_path, recorded) == []
 

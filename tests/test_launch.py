@@ -17,9 +17,28 @@ from helpers import REPO, RUN, comparable, pretrain_args, read_metrics
 pytestmark = pytest.mark.slow
 
 
-def node(rank: int | str, hostfile, run_dir, shards, tokenizer, port: int, *extra: str, start=subprocess.Popen, env: dict | None = None):
-    env = {**os.environ, "HOSTFILE": str(hostfile), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(env or {})}
+def node(
+    rank: int | str,
+    hostfile,
+    run_dir,
+    shards,
+    tokenizer,
+    port: int,
+    *extra: str,
+    start=subprocess.Popen,
+    env: dict | None = None,
+):
+    env = {
+        **os.environ,
+        "HOSTFILE": str(hostfile),
+        "NODE_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "WANDB_SILENT": "true",
+        **(env or {}),
+    }
     command = ["bash", str(REPO / "launch" / "node.sh"), *pretrain_args(run_dir, shards, tokenizer, *RUN, *extra)]
     return start(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -34,7 +53,9 @@ def test_two_node_rehearsal_equals_one_node(reference, tmp_path, train_shards, b
     run_dir, port = tmp_path / "two-nodes", free_port()
     # One rank per "node" would get both cores; the one-node ranks get one each. Thread count
     # changes float summation order, so pin it to compare bit for bit.
-    nodes = [node(rank, hostfile, run_dir, train_shards, bert_tokenizer, port, "train.threads_per_rank=1") for rank in (0, 1)]
+    nodes = [
+        node(rank, hostfile, run_dir, train_shards, bert_tokenizer, port, "train.threads_per_rank=1") for rank in (0, 1)
+    ]
     for process in nodes:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]

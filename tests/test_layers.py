@@ -27,7 +27,10 @@ def imported(tree: ast.AST) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from pipeline import train` names a layer; `from pipeline.train import step` a module
-            found += [(node.lineno, f"{node.module}.{alias.name}" if node.module == "pipeline" else node.module) for alias in node.names]
+            found += [
+                (node.lineno, f"{node.module}.{alias.name}" if node.module == "pipeline" else node.module)
+                for alias in node.names
+            ]
     return found
 
 
@@ -40,8 +43,10 @@ def upward_imports() -> list[str]:
         for line, module in imported(ast.parse(path.read_text())):
             target = layer_of(module)
             if target is not None and target > own:
-                wrong.append(f"{relative}.py:{line} imports {module} ({LAYERS[own] if own < TOP else 'top'} -> "
-                             f"{LAYERS[target] if target < TOP else 'top'})")
+                wrong.append(
+                    f"{relative}.py:{line} imports {module} ({LAYERS[own] if own < TOP else 'top'} -> "
+                    f"{LAYERS[target] if target < TOP else 'top'})"
+                )
     return wrong
 
 

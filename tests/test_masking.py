@@ -86,7 +86,11 @@ def test_mask_depends_on_step_seed_and_sample_index():
     ids = make_batch(4, 128)
     base = mask(ids, step=1, seed=0, rate=0.2)
     assert np.array_equal(base.input_ids, mask(ids, step=1, seed=0, rate=0.2).input_ids)
-    for changed in (mask(ids, step=2, seed=0, rate=0.2), mask(ids, step=1, seed=1, rate=0.2), mask(ids, indices=[4, 5, 6, 7], step=1, rate=0.2)):
+    for changed in (
+        mask(ids, step=2, seed=0, rate=0.2),
+        mask(ids, step=1, seed=1, rate=0.2),
+        mask(ids, indices=[4, 5, 6, 7], step=1, rate=0.2),
+    ):
         assert not np.array_equal(base.masked, changed.masked)
 
 

@@ -11,28 +11,51 @@ import math
 
 import pytest
 import torch
-
 from helpers import comparable, ok, pretrain_several, read_metrics
 
 pytestmark = pytest.mark.slow
 
 # Two steps, the method on from the first, no validation and one checkpoint.
-SHORT = ("train.max_steps=2", "adversarial.start_step=0", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
+SHORT = (
+    "train.max_steps=2",
+    "adversarial.start_step=0",
+    "eval.every_steps=0",
+    "checkpoint.every_steps=2",
+    "wandb.mode=disabled",
+)
 CROSS_ENTROPY = ("fgsm", "fgm", "pgd", "freeat", "freelb", "yopo")  # their adversarial term is a cross-entropy
 DIVERGENCE = ("alum_amortized", "smart", "asa")  # a symmetric KL
-RESUMED = ("adversarial.start_step=1", "train.decay_steps=6", "eval.every_steps=0", "checkpoint.every_steps=2", "wandb.mode=disabled")
+RESUMED = (
+    "adversarial.start_step=1",
+    "train.decay_steps=6",
+    "eval.every_steps=0",
+    "checkpoint.every_steps=2",
+    "wandb.mode=disabled",
+)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, train_shards, bert_tokenizer):
     root = tmp_path_factory.mktemp("methods")
     plan = [(root / method, (*SHORT, f"adversarial.method={method}")) for method in (*CROSS_ENTROPY, *DIVERGENCE)]
-    for method, steps in (("smart", (4, 2, 4)), ("asa", (4, 2, 4)), ("freeat", (5, 3, 5))):  # FreeAT: batch 1 replayed at steps 2-3, 2 at 4-5
+    for method, steps in (
+        ("smart", (4, 2, 4)),
+        ("asa", (4, 2, 4)),
+        ("freeat", (5, 3, 5)),
+    ):  # FreeAT: batch 1 replayed at steps 2-3, 2 at 4-5
         first = (f"adversarial.method={method}", *RESUMED)
-        plan += [(root / f"{method}-straight", (*first, f"train.max_steps={steps[0]}")),
-                 *[(root / f"{method}-resumed", (*first, f"train.max_steps={n}")) for n in steps[1:]]]
-    plan += [(root / f"{method}-zero{stage}", (*SHORT, f"adversarial.method={method}", f"deepspeed=configs/deepspeed/zero{stage}.json"))
-             for method in ("freelb", "asa") for stage in (1, 3)]
+        plan += [
+            (root / f"{method}-straight", (*first, f"train.max_steps={steps[0]}")),
+            *[(root / f"{method}-resumed", (*first, f"train.max_steps={n}")) for n in steps[1:]],
+        ]
+    plan += [
+        (
+            root / f"{method}-zero{stage}",
+            (*SHORT, f"adversarial.method={method}", f"deepspeed=configs/deepspeed/zero{stage}.json"),
+        )
+        for method in ("freelb", "asa")
+        for stage in (1, 3)
+    ]
     ok(pretrain_several(plan, train_shards, bert_tokenizer, world=2, stage=2))
     return root
 
@@ -78,7 +101,13 @@ def test_every_zero_stage_trains_as_zero2(method, stage, runs):
     pass lost or counted twice at an accumulation boundary would change. ASA: step 2's
     numbers depend on the adversaries' first update as well as the model's."""
     reference, other = read_metrics(runs / method), read_metrics(runs / f"{method}-zero{stage}")
-    keys = ("train/loss", "train/loss_mlm", "train/loss_adv", "train/grad_norm", *(k for k in reference[0] if k.startswith("asa/")))
+    keys = (
+        "train/loss",
+        "train/loss_mlm",
+        "train/loss_adv",
+        "train/grad_norm",
+        *(k for k in reference[0] if k.startswith("asa/")),
+    )
     for r, expected in zip(other, reference, strict=True):
         for key in keys:
             assert r[key] == pytest.approx(expected[key], rel=1e-5), (r["step"], key)
@@ -101,15 +130,17 @@ def test_an_asa_export_is_a_plain_masked_lm_with_the_training_models_clean_logit
     from transformers import AutoModelForMaskedLM
 
     from pipeline.methods.asa import AsaConfig, AttentionAdversaries
-    from pipeline.tasks.export import export, load_exported_weights
     from pipeline.model.masked_lm import MaskedLM
+    from pipeline.tasks.export import export, load_exported_weights
 
     run_dir = runs / "asa-straight"
     out = export(run_dir, tmp_path / "hf")
     assert not any("adversar" in key or "asa" in key for key in load_file(out / "model.safetensors"))
     assert "asa" not in (out / "config.json").read_text()
     exported = AutoModelForMaskedLM.from_pretrained(out).eval()
-    client = torch.load(next((run_dir / "checkpoints" / "step00000004").glob("mp_rank_00_model_states.pt")), weights_only=False)
+    client = torch.load(
+        next((run_dir / "checkpoints" / "step00000004").glob("mp_rank_00_model_states.pt")), weights_only=False
+    )
     training = MaskedLM(load_exported_weights(run_dir, "step00000004"))
     adversaries = AttentionAdversaries(training.hf, AsaConfig())
     adversaries.load_state_dict(client[AttentionAdversaries.CLIENT_KEY])

@@ -35,14 +35,18 @@ def unreachable_wandb(monkeypatch):
 
 
 @pytest.mark.slow  # W&B takes about 12 s to give up on the server
-def test_an_unreachable_wandb_server_falls_back_to_offline_logging_under_the_same_run(tmp_path, unreachable_wandb, capsys):
+def test_an_unreachable_wandb_server_falls_back_to_offline_logging_under_the_same_run(
+    tmp_path, unreachable_wandb, capsys
+):
     settings = WandbConfig(mode="online", init_timeout_s=2, fallback="offline")
     logger = MetricsLogger(tmp_path, RunConfig(wandb=settings), TrainState(wandb_id="keepthis1"), enabled=True)
     logger.log(1, {"train/loss": 2.5})
     logger.close()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wandb: no W&B server")]
-    assert warnings == [f"wandb: no W&B server within 2 s ({warnings[0].split('(', 1)[1].split(')')[0]}); logging offline as run "
-                        f"keepthis1: `wandb sync {tmp_path / 'wandb'}/offline-run-*` uploads it later"]
+    assert warnings == [
+        f"wandb: no W&B server within 2 s ({warnings[0].split('(', 1)[1].split(')')[0]}); logging offline as run "
+        f"keepthis1: `wandb sync {tmp_path / 'wandb'}/offline-run-*` uploads it later"
+    ]
     assert logger.wandb_id == "keepthis1"
     assert [p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")] == ["keepthis1"]
 
@@ -50,6 +54,8 @@ def test_an_unreachable_wandb_server_falls_back_to_offline_logging_under_the_sam
 @pytest.mark.slow
 def test_an_unreachable_wandb_server_stops_the_run_when_asked_to(tmp_path, unreachable_wandb):
     settings = WandbConfig(mode="online", init_timeout_s=2, fallback="error")
-    with pytest.raises(UserError, match=r"^wandb: no W&B server within wandb.init_timeout_s=2 s \(.*\); set wandb.mode=offline"):
+    with pytest.raises(
+        UserError, match=r"^wandb: no W&B server within wandb.init_timeout_s=2 s \(.*\); set wandb.mode=offline"
+    ):
         MetricsLogger(tmp_path, RunConfig(wandb=settings), TrainState(), enabled=True)
     assert not list((tmp_path / "wandb").glob("offline-run-*"))

@@ -17,9 +17,9 @@ from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
-from pipeline.train.validation import EVAL_SEED_OFFSET
 from pipeline.tasks.fill_mask import fill_mask_examples, format_examples
 from pipeline.tasks.mlm_eval import evaluate_model, main
+from pipeline.train.validation import EVAL_SEED_OFFSET
 
 SMALL = {"batches": 3, "batch_size": 8}  # 24 val rows of 64 tokens
 
@@ -36,8 +36,17 @@ def model_dir(tmp_path_factory, bert_tokenizer, train_shards):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=2048,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForMaskedLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     dataset, vocab = ShardDataset(train_shards, "val"), _vocab(bert_tokenizer)
@@ -68,7 +77,9 @@ def test_clean_metrics_equal_a_direct_hf_computation(results, model_dir, train_s
     labels, predictions = [], []
     with torch.no_grad():
         for start in range(0, SMALL["batches"] * SMALL["batch_size"], SMALL["batch_size"]):
-            batch = masked_batch(dataset, np.arange(start, start + SMALL["batch_size"]), 0, EVAL_SEED_OFFSET, 0.15, vocab)
+            batch = masked_batch(
+                dataset, np.arange(start, start + SMALL["batch_size"]), 0, EVAL_SEED_OFFSET, 0.15, vocab
+            )
             logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.masked]
             loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
             correct += (logits.argmax(-1) == batch.labels).sum().item()
@@ -130,16 +141,33 @@ def refused(capsys, argv, out, *fragments) -> str:
     return err
 
 
-def test_bad_inputs_are_one_line_errors_and_write_nothing(capsys, tmp_path, model_dir, train_shards, bert_tokenizer, wikitext_valid):
+def test_bad_inputs_are_one_line_errors_and_write_nothing(
+    capsys, tmp_path, model_dir, train_shards, bert_tokenizer, wikitext_valid
+):
     out = tmp_path / "eval.json"
     base = ["--model", model_dir, "--shards", train_shards]
-    refused(capsys, ["--model", tmp_path / "no-model", "--shards", train_shards], out, str(tmp_path / "no-model"), "no config.json")
-    refused(capsys, ["--model", model_dir, "--shards", tmp_path / "no-shards"], out, "--shards", str(tmp_path / "no-shards"))
+    refused(
+        capsys,
+        ["--model", tmp_path / "no-model", "--shards", train_shards],
+        out,
+        str(tmp_path / "no-model"),
+        "no config.json",
+    )
+    refused(
+        capsys, ["--model", model_dir, "--shards", tmp_path / "no-shards"], out, "--shards", str(tmp_path / "no-shards")
+    )
     refused(capsys, [*base, "--split", "test"], out, "'test'")
     # Options are checked first: these name the option even though the model directory is missing.
     missing = ["--model", tmp_path / "no-model", "--shards", train_shards]
-    for option, value in (("--mask-rate", "0"), ("--mask-rate", "1.5"), ("--radius", "-0.1"), ("--radius", "nan"),
-                          ("--substitution-rate", "2"), ("--pgd-steps", "0"), ("--batches", "0")):
+    for option, value in (
+        ("--mask-rate", "0"),
+        ("--mask-rate", "1.5"),
+        ("--radius", "-0.1"),
+        ("--radius", "nan"),
+        ("--substitution-rate", "2"),
+        ("--pgd-steps", "0"),
+        ("--batches", "0"),
+    ):
         refused(capsys, [*missing, option, value], out, option, value)
 
     other = tmp_path / "other-shards"
@@ -148,8 +176,14 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(capsys, tmp_path, mode
     real = manifest["tokenizer"]["sha256"]
     manifest["tokenizer"]["sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
-    refused(capsys, ["--model", model_dir, "--shards", other], out, f"{other}: shards were built with another tokenizer",
-            "000000000000", real[:12])
+    refused(
+        capsys,
+        ["--model", model_dir, "--shards", other],
+        out,
+        f"{other}: shards were built with another tokenizer",
+        "000000000000",
+        real[:12],
+    )
 
     plain = tmp_path / "plain-hf"  # weights only: the tokenizer must come from --tokenizer
     plain.mkdir()
@@ -158,7 +192,13 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(capsys, tmp_path, mode
     refused(capsys, ["--model", plain, "--shards", train_shards], out, "--tokenizer", "holds no tokenizer files")
     another = tmp_path / "another-tokenizer"
     train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), another, vocab_size=800, threads=2)
-    refused(capsys, [*base, "--tokenizer", another], out, f"--tokenizer: {another}", f"is not the tokenizer of --model {model_dir}")
+    refused(
+        capsys,
+        [*base, "--tokenizer", another],
+        out,
+        f"--tokenizer: {another}",
+        f"is not the tokenizer of --model {model_dir}",
+    )
     gpt = tmp_path / "gpt"
     gpt.mkdir()
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -170,16 +210,49 @@ def test_main_writes_the_numbers_of_evaluate_model(capsys, tmp_path, model_dir, 
     plain.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(model_dir / name, plain / name)
-    argv = ["--model", plain, "--tokenizer", bert_tokenizer, "--shards", train_shards, "--batches", "2", "--batch-size", "4",
-            "--radius", "0.1", "--substitution-rate", "0.2", "--seed", "3"]
+    argv = [
+        "--model",
+        plain,
+        "--tokenizer",
+        bert_tokenizer,
+        "--shards",
+        train_shards,
+        "--batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--radius",
+        "0.1",
+        "--substitution-rate",
+        "0.2",
+        "--seed",
+        "3",
+    ]
     assert main(list(map(str, argv))) == 0
     stdout = capsys.readouterr().out
     written = json.loads((plain / "eval-val.json").read_text())  # the default --out
-    expected = evaluate_model(plain, train_shards, batches=2, batch_size=4, seed=3, radii=[0.1], substitution_rates=[0.2],
-                              tokenizer=bert_tokenizer)
+    expected = evaluate_model(
+        plain,
+        train_shards,
+        batches=2,
+        batch_size=4,
+        seed=3,
+        radii=[0.1],
+        substitution_rates=[0.2],
+        tokenizer=bert_tokenizer,
+    )
     assert same(written, expected)
-    assert {k: written[k] for k in ("rows", "split", "seed", "mask_rate")} == {"rows": 8, "split": "val", "seed": 3, "mask_rate": 0.15}
-    assert "commonest token" in stdout and "embedding PGD r=0.1 (3 steps)" in stdout and "token substitution p=0.2" in stdout
+    assert {k: written[k] for k in ("rows", "split", "seed", "mask_rate")} == {
+        "rows": 8,
+        "split": "val",
+        "seed": 3,
+        "mask_rate": 0.15,
+    }
+    assert (
+        "commonest token" in stdout
+        and "embedding PGD r=0.1 (3 steps)" in stdout
+        and "token substitution p=0.2" in stdout
+    )
     assert f"{expected['clean']['loss']:8.4f}" in stdout
 
 
@@ -200,7 +273,9 @@ def test_fill_mask_masks_a_whole_word_of_held_out_text_and_shows_the_models_gues
         masked = torch.from_numpy(row.copy())[None]
         masked[0, example.position] = tokenizer.mask_token_id
         with torch.no_grad():
-            logits = hf(input_ids=masked, attention_mask=(masked != tokenizer.pad_token_id).long()).logits[0, example.position]
+            logits = hf(input_ids=masked, attention_mask=(masked != tokenizer.pad_token_id).long()).logits[
+                0, example.position
+            ]
         top = tokenizer.convert_ids_to_tokens(logits.topk(3).indices.tolist())
         assert example.guesses == tuple(t.removeprefix("▁") or t for t in top)
     assert len({e.guesses for e in examples}) == 3  # this model has learned its rows: the guesses depend on the text

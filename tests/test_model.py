@@ -11,8 +11,15 @@ from pipeline.model.masked_lm import MaskedLM
 
 def _bert() -> BertForMaskedLM:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=32, attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return BertForMaskedLM(config).eval()
 
 

@@ -19,8 +19,10 @@ def model() -> torch.nn.Module:
 
 def moments(module: torch.nn.Module) -> list[dict]:
     generator = torch.Generator().manual_seed(1)
-    return [{"exp_avg": torch.randn(p.shape, generator=generator), "exp_avg_sq": torch.rand(p.shape, generator=generator)}
-            for p in module.parameters()]
+    return [
+        {"exp_avg": torch.randn(p.shape, generator=generator), "exp_avg_sq": torch.rand(p.shape, generator=generator)}
+        for p in module.parameters()
+    ]
 
 
 def stepped(state_of_group, state_of_param) -> list[torch.Tensor]:
@@ -49,7 +51,9 @@ def test_a_fused_adam_checkpoint_steps_as_a_native_one():
     native = stepped(lambda group: group, lambda m: {"step": torch.tensor(5.0), **m})
     # FusedAdam's layout: an integer step, its own group keys, none of torch's.
     fused_keys = ("lr", "betas", "eps", "weight_decay", "params")
-    fused = stepped(lambda group: {**{k: group[k] for k in fused_keys}, "bias_correction": True, "step": 5},
-                    lambda m: {"step": 5, **m})
+    fused = stepped(
+        lambda group: {**{k: group[k] for k in fused_keys}, "bias_correction": True, "step": 5},
+        lambda m: {"step": 5, **m},
+    )
     # Equal to the native state's step, decoupled weight decay included (Adam's L2 decay would differ).
     assert all(torch.equal(a, b) for a, b in zip(native, fused))

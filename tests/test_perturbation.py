@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from data_prep.errors import UserError
-from pipeline.train import vanishing
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.objective import symmetric_kl
 from pipeline.model.perturbation import ascent_update, initial_noise, lost_fraction, real_mean, token_norm, token_scale
+from pipeline.train import vanishing
 
 ALUM = AdversarialConfig(method="alum")
 
@@ -59,7 +59,9 @@ def test_noise_is_float32_for_a_bf16_model_and_float64_for_a_float64_one():
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_official_rule_gives_unit_per_token_norm(norm):
     e = embeddings()
-    config = replace(ALUM, update="official", scale="absolute", norm=norm, noise_std=1e-5, step_size=1e-3, grad_eps=1e-12)
+    config = replace(
+        ALUM, update="official", scale="absolute", norm=norm, noise_std=1e-5, step_size=1e-3, grad_eps=1e-12
+    )
     unit = token_scale(e, config.scale)
     delta = initial_noise(e, unit, config.noise_std)
     out = ascent_update(delta, embeddings() * 1e-9, unit, config)

@@ -10,8 +10,8 @@ import matplotlib.image
 import pytest
 
 from data_prep.errors import UserError
-from pipeline.train.metrics import METRICS
 from pipeline.tasks.plot import main, plot_runs, read_series
+from pipeline.train.metrics import METRICS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = list(range(1, 21))

@@ -20,25 +20,49 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    REPO,
+    RUN,
+    comparable,
+    kill_when,
+    ok,
+    pretrain,
+    raises_naming,
+    read_metrics,
+    refused_in_one_line,
+    run_alum,
+    tree_digest,
+    wandb_history,
+    wandb_records,
+)
 
-from helpers import (REPO, RUN, comparable, kill_when, ok, pretrain, raises_naming, read_metrics, refused_in_one_line, run_alum, tree_digest,
-                     wandb_history, wandb_records)
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
-from pipeline.train.validation import EVAL_SEED_OFFSET
-from pipeline.train.flops import flops_per_token
 from pipeline.train.distributed import free_port
+from pipeline.train.flops import flops_per_token
+from pipeline.train.validation import EVAL_SEED_OFFSET
 
 pytestmark = pytest.mark.slow
+
 
 def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     _, run_dir = reference
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 9))
-    required = {"train/loss", "train/loss_mlm", "train/loss_adv", "train/mask_rate", "train/lr", "train/grad_norm",
-                "train/adv_skipped", "perf/tokens_per_s", "data/consumed_samples", "data/sample_digest"}
+    required = {
+        "train/loss",
+        "train/loss_mlm",
+        "train/loss_adv",
+        "train/mask_rate",
+        "train/lr",
+        "train/grad_norm",
+        "train/adv_skipped",
+        "perf/tokens_per_s",
+        "data/consumed_samples",
+        "data/sample_digest",
+    }
     assert all(required <= set(r) for r in records)
     standard, alum = records[:4], records[4:]
     assert all(r["train/loss_adv"] == 0.0 and r["train/adv_active"] == 0 for r in standard)
@@ -63,12 +87,22 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     val = ShardDataset(train_shards, "val")
     labels = masked_batch(val, np.arange(16) % len(val), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
     for r in (records[3], records[7]):
-        assert r["eval/commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / labels.numel(), abs=1e-12)
-        assert r["eval/accuracy"] * labels.numel() == pytest.approx(round(r["eval/accuracy"] * labels.numel()), abs=1e-6)
+        assert r["eval/commonest_token_accuracy"] == pytest.approx(
+            torch.bincount(labels).max().item() / labels.numel(), abs=1e-12
+        )
+        assert r["eval/accuracy"] * labels.numel() == pytest.approx(
+            round(r["eval/accuracy"] * labels.numel()), abs=1e-6
+        )
     model = json.loads((run_dir / "model" / "config.json").read_text())
     for r in records:
-        per_token = flops_per_token(model["hidden_size"], model["num_hidden_layers"], model["intermediate_size"],
-                                    model["vocab_size"], 64, r["train/mask_rate"])
+        per_token = flops_per_token(
+            model["hidden_size"],
+            model["num_hidden_layers"],
+            model["intermediate_size"],
+            model["vocab_size"],
+            64,
+            r["train/mask_rate"],
+        )
         assert r["perf/mfu"] == pytest.approx(per_token * r["perf/tokens_per_s"] / (0.5e12 * 2), rel=1e-9)
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
@@ -77,8 +111,16 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
 def test_validation_reads_the_same_rows_on_one_and_on_two_ranks(tmp_path, train_shards, bert_tokenizer):
     """12 rows (3 x 4): 6 per rank, padded to 8 with repeats that count for nothing. It read
     eval.batches x micro-batch rows per rank: twice as many on 2 ranks (perplexity 867 vs 1061)."""
-    common = ("model.config=configs/models/tiny-no-dropout.yaml", "train.max_steps=1", "eval.every_steps=1", "eval.batches=3",
-              "train.micro_batch_size=4", "train.global_batch_size=8", "adversarial.method=none", "checkpoint.every_steps=100")
+    common = (
+        "model.config=configs/models/tiny-no-dropout.yaml",
+        "train.max_steps=1",
+        "eval.every_steps=1",
+        "eval.batches=3",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+        "adversarial.method=none",
+        "checkpoint.every_steps=100",
+    )
     evaluated = []
     for world in (1, 2):
         ok(pretrain(tmp_path / f"world{world}", train_shards, bert_tokenizer, *common, world=world, stage=2))
@@ -90,15 +132,23 @@ def test_validation_reads_the_same_rows_on_one_and_on_two_ranks(tmp_path, train_
         assert two[key] == pytest.approx(one[key], rel=1e-5), key  # no dropout: the same model up to float rounding
     vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
     labels = masked_batch(ShardDataset(train_shards, "val"), np.arange(12), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
-    assert one["eval/commonest_token_accuracy"] == pytest.approx(torch.bincount(labels).max().item() / labels.numel(), abs=1e-12)
+    assert one["eval/commonest_token_accuracy"] == pytest.approx(
+        torch.bincount(labels).max().item() / labels.numel(), abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 @pytest.mark.parametrize("launcher, world, stage", [("alum", 1, 0), ("torchrun", 2, 1)])
-def test_sample_order_does_not_depend_on_launcher_world_size_or_stage(reference, tmp_path, train_shards, bert_tokenizer, launcher, world, stage):
+def test_sample_order_does_not_depend_on_launcher_world_size_or_stage(
+    reference, tmp_path, train_shards, bert_tokenizer, launcher, world, stage
+):
     _, run_dir = reference
     other = tmp_path / launcher
-    ok(pretrain(other, train_shards, bert_tokenizer, *RUN, "train.max_steps=3", launcher=launcher, world=world, stage=stage))
+    ok(
+        pretrain(
+            other, train_shards, bert_tokenizer, *RUN, "train.max_steps=3", launcher=launcher, world=world, stage=stage
+        )
+    )
     digests = [r["data/sample_digest"] for r in read_metrics(other)]
     assert digests == [r["data/sample_digest"] for r in read_metrics(run_dir)][:3]
 
@@ -122,8 +172,17 @@ def test_wandb_offline_run_has_the_same_metrics(reference):
 def test_resume_equals_the_uninterrupted_run(reference, tmp_path, train_shards, bert_tokenizer):
     stage, uninterrupted = reference
     run_dir = tmp_path / "interrupted"
-    process = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=stage, start=subprocess.Popen,
-                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = pretrain(
+        run_dir,
+        train_shards,
+        bert_tokenizer,
+        *RUN,
+        stage=stage,
+        start=subprocess.Popen,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_when(run_dir / "checkpoints" / "step00000004" / "complete.json", process)
     assert not (run_dir / "checkpoints" / "step00000008" / "complete.json").exists(), "killed too late to test resume"
 
@@ -146,13 +205,18 @@ def test_a_finished_run_relaunched_does_nothing(reference, tmp_path, train_shard
     shutil.copytree(run_dir, finished)
     before = sorted(p.name for p in (finished / "wandb").iterdir())
     result = ok(pretrain(finished, train_shards, bert_tokenizer, *RUN, world=1, stage=2))
-    assert f"{finished}: already at train.max_steps=8 (step00000008); nothing to do (raise train.max_steps to continue)" in result.stdout
+    assert (
+        f"{finished}: already at train.max_steps=8 (step00000008); nothing to do (raise train.max_steps to continue)"
+        in result.stdout
+    )
     assert "resumed from" not in result.stdout and "step 8/8" not in result.stdout
     assert sorted(p.name for p in (finished / "wandb").iterdir()) == before  # no new W&B run
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_a_run_directory_from_before_the_marker_resumes_and_gets_the_marker(reference, tmp_path, train_shards, bert_tokenizer):
+def test_a_run_directory_from_before_the_marker_resumes_and_gets_the_marker(
+    reference, tmp_path, train_shards, bert_tokenizer
+):
     import shutil
 
     _, run_dir = reference
@@ -167,7 +231,9 @@ def test_a_run_directory_from_before_the_marker_resumes_and_gets_the_marker(refe
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(reference, tmp_path, train_shards, bert_tokenizer):
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    reference, tmp_path, train_shards, bert_tokenizer
+):
     import shutil
 
     from pipeline.train.integrity import problems
@@ -182,8 +248,10 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
     with open(step8 / largest, "r+b") as f:
         f.truncate(recorded[largest]["size"] // 2)
     result = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
-    assert (f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when saved); "
-            "set aside, resuming from step00000004") in result.stdout
+    assert (
+        f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when saved); "
+        "set aside, resuming from step00000004"
+    ) in result.stdout
     assert "resumed from" in result.stdout and "(step 4)" in result.stdout
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
     assert problems(step8, json.loads((step8 / "complete.json").read_text())["files"]) == []  # saved again, whole
@@ -212,8 +280,10 @@ def test_a_checkpoint_written_on_gpus_resumes_on_cpus(reference, tmp_path, train
         complete["files"][name] = digest(step4 / name)
     (step4 / "complete.json").write_text(json.dumps(complete))
     result = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
-    assert (f"{step4}: its accelerator's RNG states were written on a GPU and are unused here (no accelerator): "
-            "the CPU's are restored") in result.stdout.splitlines()
+    assert (
+        f"{step4}: its accelerator's RNG states were written on a GPU and are unused here (no accelerator): "
+        "the CPU's are restored"
+    ) in result.stdout.splitlines()
     assert "(step 4)" in result.stdout
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(uninterrupted))
 
@@ -234,21 +304,27 @@ def test_with_every_checkpoint_damaged_the_run_stops_in_one_line(reference, tmp_
     assert result.stderr.strip().splitlines()[-1] == (
         f"pretrain: error: {step4}: damaged (rng_rank00000.pt: {step4.joinpath('rng_rank00000.pt').stat().st_size:,} bytes, "
         f"{step4.joinpath('rng_rank00000.pt').stat().st_size - 1:,} when saved) and no earlier complete checkpoint to resume from; "
-        "restore it, or start another run directory")
+        "restore it, or start another run directory"
+    )
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previous_checkpoint(
-        reference, tmp_path, train_shards, bert_tokenizer, monkeypatch):
+    reference, tmp_path, train_shards, bert_tokenizer, monkeypatch
+):
     _, uninterrupted = reference
     run_dir = tmp_path / "run"
     full = run_dir / "checkpoints" / "step00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    monkeypatch.setenv("ALUM_TEST_DISK_FULL", str(full.relative_to(run_dir / "checkpoints")))  # rank 1's share of step 8
+    monkeypatch.setenv(
+        "ALUM_TEST_DISK_FULL", str(full.relative_to(run_dir / "checkpoints"))
+    )  # rank 1's share of step 8
     failed = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2, python_path=(REPO / "tests" / "disk_full",))
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("pretrain:")]
-    assert errors == [f"pretrain: stopped: checkpoint step00000008 not saved ({full}: No space left on device); "
-                      "it was removed, and step00000004 stays the latest complete one"], failed.stderr[-3000:]
+    assert errors == [
+        f"pretrain: stopped: checkpoint step00000008 not saved ({full}: No space left on device); "
+        "it was removed, and step00000004 stays the latest complete one"
+    ], failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr
     assert not full.parent.exists() and (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
     # What a relaunch then loads is the step-4 checkpoint, as after any stop (test_resume_equals_the_uninterrupted_run).
@@ -257,7 +333,8 @@ def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previ
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_keeps_the_previous_checkpoint(
-        reference, small_disk, train_shards, bert_tokenizer):
+    reference, small_disk, train_shards, bert_tokenizer
+):
     """torch.save reports a full disk as a RuntimeError ("inline_container.cc ... unexpected pos"),
     not an OSError. On a tmpfs with room for the run and half a checkpoint, the step-4 checkpoint
     resumed, step 5's save fails. What a relaunch then loads is the step-4 checkpoint, as after
@@ -276,8 +353,11 @@ def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_keeps
     failed = pretrain(run_dir, train_shards, bert_tokenizer, *to_step_5)
     assert failed.returncode == 3, failed.stderr[-3000:]
     errors = [line for line in failed.stderr.splitlines() if line.startswith("pretrain:")]
-    assert len(errors) == 1 and re.fullmatch(r"pretrain: stopped: checkpoint step00000005 not saved \(.+\); it was removed, "
-                                             r"and step00000004 stays the latest complete one", errors[0]), failed.stderr[-3000:]
+    assert len(errors) == 1 and re.fullmatch(
+        r"pretrain: stopped: checkpoint step00000005 not saved \(.+\); it was removed, "
+        r"and step00000004 stays the latest complete one",
+        errors[0],
+    ), failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000004"]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
@@ -285,7 +365,8 @@ def test_a_checkpoint_that_fills_a_real_disk_stops_the_job_in_one_line_and_keeps
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_a_step_saved_again_over_its_complete_checkpoint_is_what_the_next_launch_resumes_from(
-        reference, tmp_path, train_shards, bert_tokenizer):
+    reference, tmp_path, train_shards, bert_tokenizer
+):
     """A kill after step 8's complete.json was written but before `latest` moved leaves `latest`
     at step 4 (written here as the kill leaves it): the relaunch trains steps 5-8 again and saves
     step 8 over the complete one, keeping only it (keep_last=1). The next launch must find it
@@ -301,7 +382,10 @@ def test_a_step_saved_again_over_its_complete_checkpoint_is_what_the_next_launch
     (run_dir / "checkpoints" / "latest").write_text("step00000004")
     ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, "checkpoint.keep_last=1"))
     step8 = run_dir / "checkpoints" / "step00000008"
-    assert checkpoint.complete_tags(run_dir) == ["step00000008"] and checkpoint.latest_complete(run_dir) == ("step00000008", None)
+    assert checkpoint.complete_tags(run_dir) == ["step00000008"] and checkpoint.latest_complete(run_dir) == (
+        "step00000008",
+        None,
+    )
     recorded = checkpoint.recorded_files(run_dir, "step00000008")
     assert sorted(recorded) == sorted(p.name for p in step8.iterdir() if p.name != "complete.json")
     assert problems(step8, recorded) == []
@@ -317,12 +401,33 @@ def test_export_matches_the_training_model(reference, tmp_path):
     logits_file = tmp_path / "logits.pt"
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    ok(subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "checkpoint_logits",
-                       str(run_dir), "step00000008", str(logits_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    ok(
+        subprocess.run(
+            [
+                launcher,
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "checkpoint_logits",
+                str(run_dir),
+                "step00000008",
+                str(logits_file),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     expected = torch.load(logits_file)
     model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[expected["masked"]]
+        logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[
+            expected["masked"]
+        ]
     assert logits.shape == expected["logits"].shape
     torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -341,8 +446,10 @@ def test_export_replaces_only_its_own_output_and_never_the_run(reference, tmp_pa
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     before = tree_digest(run_dir)
-    refused_in_one_line(run_alum("export", "--run-dir", run_dir, "--out", run_dir, "--overwrite"),
-                        f"alum export: error: --out {run_dir}: is the --run-dir {run_dir}")
+    refused_in_one_line(
+        run_alum("export", "--run-dir", run_dir, "--out", run_dir, "--overwrite"),
+        f"alum export: error: --out {run_dir}: is the --run-dir {run_dir}",
+    )
     with raises_naming(f"--out {run_dir / 'model'}: lies inside the --run-dir {run_dir}"):
         export(run_dir, run_dir / "model", overwrite=True)
     with raises_naming(f"--out {tmp_path}: contains the --run-dir {run_dir}"):
@@ -364,21 +471,53 @@ def test_continual_pretraining_from_an_export_and_from_a_checkpoint(reference, t
 
     # From the exported HF model, with lr 0: the new run's weights are exactly the export's.
     from_hf = tmp_path / "from-hf"
-    ok(pretrain(from_hf, train_shards, bert_tokenizer, "train.max_steps=1", "train.lr=0.0", f"model.init_from={exported}",
-                "adversarial.method=alum", "adversarial.start_step=0", "checkpoint.every_steps=1", world=1, stage=0))
+    ok(
+        pretrain(
+            from_hf,
+            train_shards,
+            bert_tokenizer,
+            "train.max_steps=1",
+            "train.lr=0.0",
+            f"model.init_from={exported}",
+            "adversarial.method=alum",
+            "adversarial.start_step=0",
+            "checkpoint.every_steps=1",
+            world=1,
+            stage=0,
+        )
+    )
     assert _same_weights(load_exported_weights(from_hf, "step00000001").state_dict(), original)
 
     # From the run's checkpoint, weights only: a fresh schedule and data order.
     weights_only = tmp_path / "weights-only"
-    ok(pretrain(weights_only, train_shards, bert_tokenizer, "train.max_steps=1", "train.lr=0.0", f"checkpoint.init_from={run_dir}",
-                "checkpoint.every_steps=1"))
+    ok(
+        pretrain(
+            weights_only,
+            train_shards,
+            bert_tokenizer,
+            "train.max_steps=1",
+            "train.lr=0.0",
+            f"checkpoint.init_from={run_dir}",
+            "checkpoint.every_steps=1",
+        )
+    )
     assert _same_weights(load_exported_weights(weights_only, "step00000001").state_dict(), original)
     assert read_metrics(weights_only)[0]["data/consumed_samples"] == 16
 
     # Weights and optimizer: the standard run goes on with ALUM from where it stopped.
     continued = tmp_path / "continued"
-    ok(pretrain(continued, train_shards, bert_tokenizer, "train.max_steps=10", f"checkpoint.init_from={run_dir}",
-                "checkpoint.init_optimizer=true", "adversarial.method=alum", "checkpoint.every_steps=5"))
+    ok(
+        pretrain(
+            continued,
+            train_shards,
+            bert_tokenizer,
+            "train.max_steps=10",
+            f"checkpoint.init_from={run_dir}",
+            "checkpoint.init_optimizer=true",
+            "adversarial.method=alum",
+            "checkpoint.every_steps=5",
+        )
+    )
     records = read_metrics(continued)
     assert [r["step"] for r in records] == [9, 10]
     assert records[0]["data/consumed_samples"] == 9 * 16
@@ -395,13 +534,23 @@ def test_sigterm_to_one_rank_saves_exits_zero_and_resumes_exactly(reference, tmp
 
     _, uninterrupted = reference
     run_dir = tmp_path / "preempted"
-    process = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, start=subprocess.Popen,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = pretrain(
+        run_dir,
+        train_shards,
+        bert_tokenizer,
+        *RUN,
+        start=subprocess.Popen,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < deadline:
         time.sleep(0.02)
-    ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if "pipeline.pretrain" in " ".join(p.cmdline())]
+    ranks = [
+        p for p in psutil.Process(process.pid).children(recursive=True) if "pipeline.pretrain" in " ".join(p.cmdline())
+    ]
     second = next(p for p in ranks if "--local_rank=1" in p.cmdline())
     second.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO, ok, pretrain, read_metrics, run_alum
+from published import make_bert, make_roberta
+from test_shard import rows, tree_digest
+
 from data_prep import manifest
 from data_prep.tokenizer_dir import load_tokenizer
 from data_prep.work_units import in_validation
-from published import make_bert, make_roberta
-from test_shard import rows, tree_digest
 
 SEQ_LEN = 64
 
@@ -31,7 +31,10 @@ SEQ_LEN = 64
 @pytest.fixture(scope="session")
 def published(tmp_path_factory, wikitext_train) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("published")
-    return {"roberta": make_roberta(wikitext_train, root / "roberta-base"), "bert": make_bert(wikitext_train, root / "bert-base-cased")}
+    return {
+        "roberta": make_roberta(wikitext_train, root / "roberta-base"),
+        "bert": make_bert(wikitext_train, root / "bert-base-cased"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +44,22 @@ def published_shards(tmp_path_factory, published, wikitext_valid) -> dict[str, P
     out = {}
     for name, directory in published.items():
         out[name] = root / name
-        run_alum("shard", "--input", wikitext_valid, "--tokenizer", directory, "--seq-len", SEQ_LEN, "--out", out[name],
-                 "--val-fraction", "0.1", "--workers", "1", check=True)
+        run_alum(
+            "shard",
+            "--input",
+            wikitext_valid,
+            "--tokenizer",
+            directory,
+            "--seq-len",
+            SEQ_LEN,
+            "--out",
+            out[name],
+            "--val-fraction",
+            "0.1",
+            "--workers",
+            "1",
+            check=True,
+        )
     return out
 
 
@@ -57,11 +74,24 @@ def test_rows_use_the_tokenizers_framing_and_decode_to_the_documents(name, publi
     tokenizer = AutoTokenizer.from_pretrained(str(published[name]))
     data = manifest.read(published_shards[name])
     info = load_tokenizer(published[name])
-    assert data["tokenizer"] == {"sha256": info.sha256, "kind": "hf", "vocab_size": len(tokenizer), "style": type(tokenizer).__name__}
+    assert data["tokenizer"] == {
+        "sha256": info.sha256,
+        "kind": "hf",
+        "vocab_size": len(tokenizer),
+        "style": type(tokenizer).__name__,
+    }
     cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    assert data["special_token_ids"] == {"pad": pad, "unk": tokenizer.unk_token_id, "cls": cls, "sep": sep, "mask": tokenizer.mask_token_id}
-    assert (name, cls, sep) in (("roberta", tokenizer.convert_tokens_to_ids("<s>"), tokenizer.convert_tokens_to_ids("</s>")),
-                                ("bert", tokenizer.convert_tokens_to_ids("[CLS]"), tokenizer.convert_tokens_to_ids("[SEP]")))
+    assert data["special_token_ids"] == {
+        "pad": pad,
+        "unk": tokenizer.unk_token_id,
+        "cls": cls,
+        "sep": sep,
+        "mask": tokenizer.mask_token_id,
+    }
+    assert (name, cls, sep) in (
+        ("roberta", tokenizer.convert_tokens_to_ids("<s>"), tokenizer.convert_tokens_to_ids("</s>")),
+        ("bert", tokenizer.convert_tokens_to_ids("[CLS]"), tokenizer.convert_tokens_to_ids("[SEP]")),
+    )
     docs = documents(wikitext_valid)
     for split in ("train", "val"):
         table = rows(published_shards[name], split)
@@ -79,13 +109,47 @@ def test_rows_use_the_tokenizers_framing_and_decode_to_the_documents(name, publi
 
 
 @pytest.mark.parametrize("name", ["roberta", "bert"])
-def test_hf_tokenizer_shards_do_not_depend_on_the_worker_count(name, tmp_path, published, published_shards, wikitext_valid):
+def test_hf_tokenizer_shards_do_not_depend_on_the_worker_count(
+    name, tmp_path, published, published_shards, wikitext_valid
+):
     out = tmp_path / "two-workers"
-    run_alum("shard", "--input", wikitext_valid, "--tokenizer", published[name], "--seq-len", SEQ_LEN, "--out", out,
-             "--val-fraction", "0.1", "--workers", "2", "--piece-mb", "0.5", check=True)
+    run_alum(
+        "shard",
+        "--input",
+        wikitext_valid,
+        "--tokenizer",
+        published[name],
+        "--seq-len",
+        SEQ_LEN,
+        "--out",
+        out,
+        "--val-fraction",
+        "0.1",
+        "--workers",
+        "2",
+        "--piece-mb",
+        "0.5",
+        check=True,
+    )
     single = tmp_path / "one-worker"
-    run_alum("shard", "--input", wikitext_valid, "--tokenizer", published[name], "--seq-len", SEQ_LEN, "--out", single,
-             "--val-fraction", "0.1", "--workers", "1", "--piece-mb", "0.5", check=True)
+    run_alum(
+        "shard",
+        "--input",
+        wikitext_valid,
+        "--tokenizer",
+        published[name],
+        "--seq-len",
+        SEQ_LEN,
+        "--out",
+        single,
+        "--val-fraction",
+        "0.1",
+        "--workers",
+        "1",
+        "--piece-mb",
+        "0.5",
+        check=True,
+    )
     assert tree_digest(out) == tree_digest(single)
     assert len(manifest.read(out)["splits"]["train"]["shards"]) > 1
 
@@ -102,7 +166,18 @@ def test_special_token_strings_in_the_corpus_stay_text(tmp_path, published):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a <mask> and a </s> in the text\n")
     info = load_tokenizer(published["roberta"])
-    run_alum("shard", "--input", corpus, "--tokenizer", published["roberta"], "--seq-len", SEQ_LEN, "--out", tmp_path / "s", check=True)
+    run_alum(
+        "shard",
+        "--input",
+        corpus,
+        "--tokenizer",
+        published["roberta"],
+        "--seq-len",
+        SEQ_LEN,
+        "--out",
+        tmp_path / "s",
+        check=True,
+    )
     ids = rows(tmp_path / "s")[0]
     special = set(info.special_token_ids.values())
     content = ids[1:][ids[1:] != info.special_token_ids["pad"]][:-2]  # before the document's and the row's separator
@@ -116,9 +191,21 @@ def test_a_tokenizer_directory_that_is_neither_kind(tmp_path, wikitext_valid):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizer"}))
-    for directory, message in ((notes, f"{notes}: not a tokenizer directory (no spm.model from `alum tokenizer`"),
-                               (broken, f"{broken}: not a tokenizer directory transformers can load")):
-        result = run_alum("shard", "--input", wikitext_valid, "--tokenizer", directory, "--seq-len", SEQ_LEN, "--out", tmp_path / "out")
+    for directory, message in (
+        (notes, f"{notes}: not a tokenizer directory (no spm.model from `alum tokenizer`"),
+        (broken, f"{broken}: not a tokenizer directory transformers can load"),
+    ):
+        result = run_alum(
+            "shard",
+            "--input",
+            wikitext_valid,
+            "--tokenizer",
+            directory,
+            "--seq-len",
+            SEQ_LEN,
+            "--out",
+            tmp_path / "out",
+        )
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr
         assert not (tmp_path / "out").exists()
@@ -128,22 +215,29 @@ def test_a_slow_only_tokenizer_is_refused(tmp_path, wikitext_valid):
     slow = tmp_path / "byt5"
     slow.mkdir()
     (slow / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByT5Tokenizer"}))
-    result = run_alum("shard", "--input", wikitext_valid, "--tokenizer", slow, "--seq-len", SEQ_LEN, "--out", tmp_path / "out")
+    result = run_alum(
+        "shard", "--input", wikitext_valid, "--tokenizer", slow, "--seq-len", SEQ_LEN, "--out", tmp_path / "out"
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"{slow}: transformers loads only a slow tokenizer (ByT5Tokenizer)" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind, cls_name, specials", [
-    ("byte-level-bpe", "RobertaTokenizer", ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
-    ("wordpiece", "BertTokenizer", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]),
-])
+@pytest.mark.parametrize(
+    "kind, cls_name, specials",
+    [
+        ("byte-level-bpe", "RobertaTokenizer", ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]),
+        ("wordpiece", "BertTokenizer", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]),
+    ],
+)
 def test_alum_tokenizer_kinds_load_with_autotokenizer_and_shard(kind, cls_name, specials, tmp_path, wikitext_valid):
     from transformers import AutoTokenizer
 
     outs = [tmp_path / f"{kind}-{i}" for i in (1, 2)]
     for out in outs:
-        run_alum("tokenizer", "--input", wikitext_valid, "--vocab-size", "1500", "--kind", kind, "--out", out, check=True)
+        run_alum(
+            "tokenizer", "--input", wikitext_valid, "--vocab-size", "1500", "--kind", kind, "--out", out, check=True
+        )
     assert tree_digest(outs[0]) == tree_digest(outs[1])  # deterministic
     tokenizer = AutoTokenizer.from_pretrained(str(outs[0]))
     assert type(tokenizer).__name__ == cls_name and tokenizer.is_fast and len(tokenizer) == 1500
@@ -156,10 +250,14 @@ def test_alum_tokenizer_kinds_load_with_autotokenizer_and_shard(kind, cls_name, 
     if kind == "byte-level-bpe":
         assert tokenizer.decode(encoded, skip_special_tokens=True) == text
     shards = tmp_path / "shards"
-    run_alum("shard", "--input", wikitext_valid, "--tokenizer", outs[0], "--seq-len", SEQ_LEN, "--out", shards, check=True)
+    run_alum(
+        "shard", "--input", wikitext_valid, "--tokenizer", outs[0], "--seq-len", SEQ_LEN, "--out", shards, check=True
+    )
     first = rows(shards)[0]
     assert first[0] == tokenizer.cls_token_id
-    assert tokenizer.decode(first[1:12].tolist()) == tokenizer.decode(tokenizer.encode(documents(wikitext_valid)[0], add_special_tokens=False)[:11])
+    assert tokenizer.decode(first[1:12].tolist()) == tokenizer.decode(
+        tokenizer.encode(documents(wikitext_valid)[0], add_special_tokens=False)[:11]
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -171,8 +269,27 @@ def logits_at_start(run_dir: Path, out: Path) -> dict:
 
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    ok(subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "checkpoint_logits",
-                       str(run_dir), "start", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    ok(
+        subprocess.run(
+            [
+                launcher,
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "checkpoint_logits",
+                str(run_dir),
+                "start",
+                str(out),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     return torch.load(out)
 
 
@@ -183,9 +300,21 @@ def test_continual_alum_from_a_published_checkpoint(name, tmp_path, published, p
 
     run_dir = tmp_path / "run"
     # The shipped continual config, shortened; data.tokenizer is left to default to model.init_from.
-    ok(pretrain(run_dir, published_shards[name], None, f"model.init_from={published[name]}", "train.max_steps=4",
-                "adversarial.start_step=2", "checkpoint.every_steps=4", "train.lr=1e-3", world=2, stage=2,
-                config=f"configs/{name}-base-continual.yaml"))
+    ok(
+        pretrain(
+            run_dir,
+            published_shards[name],
+            None,
+            f"model.init_from={published[name]}",
+            "train.max_steps=4",
+            "adversarial.start_step=2",
+            "checkpoint.every_steps=4",
+            "train.lr=1e-3",
+            world=2,
+            stage=2,
+            config=f"configs/{name}-base-continual.yaml",
+        )
+    )
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["train/loss_adv"] == 0 for m in metrics[:2]) and all(m["train/loss_adv"] > 0 for m in metrics[2:])
@@ -202,7 +331,10 @@ def test_continual_alum_from_a_published_checkpoint(name, tmp_path, published, p
     model = AutoModelForMaskedLM.from_pretrained(str(exported))
     assert type(model) is type(original)
     assert not torch.equal(model.get_input_embeddings().weight, original.get_input_embeddings().weight)  # it trained
-    source, tokenizer = AutoTokenizer.from_pretrained(str(published[name])), AutoTokenizer.from_pretrained(str(exported))
+    source, tokenizer = (
+        AutoTokenizer.from_pretrained(str(published[name])),
+        AutoTokenizer.from_pretrained(str(exported)),
+    )
     text = "Continual pretraining of a published model."
     assert tokenizer(text).input_ids == source(text).input_ids
     assert load_tokenizer(exported).sha256 == load_tokenizer(published[name]).sha256
@@ -217,29 +349,82 @@ def test_training_refuses_mismatched_published_inputs(tmp_path, published, publi
 
     roberta, config = published["roberta"], "configs/roberta-base-continual.yaml"
     # Shards made with another Hugging Face tokenizer than the model's.
-    refused(pretrain(tmp_path / "a", published_shards["bert"], None, f"model.init_from={roberta}", world=1, stage=0, config=config),
-            f"{published_shards['bert']}: shards were built with another tokenizer")
+    refused(
+        pretrain(
+            tmp_path / "a",
+            published_shards["bert"],
+            None,
+            f"model.init_from={roberta}",
+            world=1,
+            stage=0,
+            config=config,
+        ),
+        f"{published_shards['bert']}: shards were built with another tokenizer",
+    )
     # A model whose vocabulary is smaller than its tokenizer's.
     small = tmp_path / "small-vocab"
     shutil.copytree(roberta, small)
     small_config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**small_config, "vocab_size": 1000}))
-    refused(pretrain(tmp_path / "b", published_shards["roberta"], roberta, f"model.init_from={small}", world=1, stage=0, config=config),
-            f"{small}: model vocab_size 1000 is smaller than the tokenizer's 2000")
+    refused(
+        pretrain(
+            tmp_path / "b",
+            published_shards["roberta"],
+            roberta,
+            f"model.init_from={small}",
+            world=1,
+            stage=0,
+            config=config,
+        ),
+        f"{small}: model vocab_size 1000 is smaller than the tokenizer's 2000",
+    )
     # A checkpoint directory without weights.
     bare = tmp_path / "no-weights"
     shutil.copytree(roberta, bare, ignore=shutil.ignore_patterns("*.safetensors"))
-    refused(pretrain(tmp_path / "c", published_shards["roberta"], roberta, f"model.init_from={bare}", world=1, stage=0, config=config),
-            f"model.init_from: {bare}: no weights (model.safetensors or pytorch_model.bin)")
+    refused(
+        pretrain(
+            tmp_path / "c",
+            published_shards["roberta"],
+            roberta,
+            f"model.init_from={bare}",
+            world=1,
+            stage=0,
+            config=config,
+        ),
+        f"model.init_from: {bare}: no weights (model.safetensors or pytorch_model.bin)",
+    )
     assert not any((tmp_path / run).exists() for run in "abc")
 
 
 @pytest.mark.slow
 def test_a_byte_level_bpe_tokenizer_trains_a_model_from_scratch(tmp_path, wikitext_valid):
     tokenizer, shards = tmp_path / "tokenizer", tmp_path / "shards"
-    run_alum("tokenizer", "--input", wikitext_valid, "--vocab-size", "1500", "--kind", "byte-level-bpe", "--out", tokenizer, check=True)
-    run_alum("shard", "--input", wikitext_valid, "--tokenizer", tokenizer, "--seq-len", SEQ_LEN, "--out", shards,
-             "--val-fraction", "0.1", check=True)
+    run_alum(
+        "tokenizer",
+        "--input",
+        wikitext_valid,
+        "--vocab-size",
+        "1500",
+        "--kind",
+        "byte-level-bpe",
+        "--out",
+        tokenizer,
+        check=True,
+    )
+    run_alum(
+        "shard",
+        "--input",
+        wikitext_valid,
+        "--tokenizer",
+        tokenizer,
+        "--seq-len",
+        SEQ_LEN,
+        "--out",
+        shards,
+        "--val-fraction",
+        "0.1",
+        check=True,
+    )
     ok(pretrain(tmp_path / "run", shards, tokenizer, "train.max_steps=3", world=1, stage=0))
     losses = [m["train/loss_mlm"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 3 and all(np.isfinite(losses)) and abs(losses[0] - np.log(1536)) < 1.0

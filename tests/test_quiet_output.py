@@ -12,12 +12,25 @@ import pytest
 from helpers import REPO
 
 
-@pytest.mark.parametrize("command", [["-m", "pipeline.pretrain"], ["-m", "pipeline.cli", "pretrain"],
-                                     ["-m", "pipeline.finetune"], ["-m", "pipeline.cli", "finetune"]],
-                         ids=["python -m pipeline.pretrain", "alum pretrain", "python -m pipeline.finetune", "alum finetune"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "pipeline.pretrain"],
+        ["-m", "pipeline.cli", "pretrain"],
+        ["-m", "pipeline.finetune"],
+        ["-m", "pipeline.cli", "finetune"],
+    ],
+    ids=["python -m pipeline.pretrain", "alum pretrain", "python -m pipeline.finetune", "alum finetune"],
+)
 def test_help_is_only_the_usage(command):
-    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, *command, "--help"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith("usage: "), result.stdout[:300]

@@ -6,19 +6,21 @@ import shutil
 
 import numpy as np
 import pytest
+from test_shard import rows as arrow_rows
 
 from data_prep import manifest
 from data_prep.errors import UserError
 from data_prep.shard import ShardSettings, shard_corpus
 from pipeline.data.batches import ShardDataset
-from test_shard import rows as arrow_rows
 
 
 @pytest.fixture(scope="module")
 def several_shards(tmp_path_factory, wikitext_valid, bert_tokenizer):
     """WikiText-2 valid in 0.25 MiB pieces: several shard files (and blocks) per split."""
     out = tmp_path_factory.mktemp("several-shards") / "shards"
-    shard_corpus([str(wikitext_valid)], bert_tokenizer, out, ShardSettings(seq_len=64, val_fraction=0.1, piece_bytes=1 << 18))
+    shard_corpus(
+        [str(wikitext_valid)], bert_tokenizer, out, ShardSettings(seq_len=64, val_fraction=0.1, piece_bytes=1 << 18)
+    )
     return out
 
 
@@ -62,7 +64,10 @@ def open_error(directory) -> str:
 def test_a_truncated_shard_is_named(shards):
     entry, path = first_shard(shards)
     path.write_bytes(path.read_bytes()[:-100])
-    assert open_error(shards) == f"{path}: {entry['bytes'] - 100} bytes, the manifest says {entry['bytes']} (truncated or altered)"
+    assert (
+        open_error(shards)
+        == f"{path}: {entry['bytes'] - 100} bytes, the manifest says {entry['bytes']} (truncated or altered)"
+    )
 
 
 def test_a_missing_shard_is_named(shards):
@@ -76,14 +81,19 @@ def test_a_row_count_other_than_the_manifests_is_named(shards):
     entry = data["splits"]["train"]["shards"][0]
     entry["num_rows"] += 1
     manifest.write(shards, data)
-    assert open_error(shards) == f"{shards / entry['path']}: {entry['num_rows'] - 1} rows, the manifest says {entry['num_rows']}"
+    assert (
+        open_error(shards)
+        == f"{shards / entry['path']}: {entry['num_rows'] - 1} rows, the manifest says {entry['num_rows']}"
+    )
 
 
 def test_a_schema_other_than_the_manifests_is_named(shards):
     manifest.write(shards, {**manifest.read(shards), "dtype": "int32"})
     _, path = first_shard(shards)
-    assert open_error(shards) == (f"{path}: schema input_ids: fixed_size_list<item: uint16>[64] differs from the expected "
-                                  "input_ids: fixed_size_list<item: int32>[64]")
+    assert open_error(shards) == (
+        f"{path}: schema input_ids: fixed_size_list<item: uint16>[64] differs from the expected "
+        "input_ids: fixed_size_list<item: int32>[64]"
+    )
 
 
 def test_altered_bytes_of_the_same_size_fail_the_checksum_of_the_rank_that_holds_them(shards):
@@ -117,8 +127,10 @@ def test_a_shard_path_leading_outside_the_directory_is_refused_by_training_and_v
         (shards / "train" / "link.arrow").symlink_to(outside)
         entry["path"] = "train/link.arrow"
     manifest.write(shards, data)
-    expected = (f"{shards / manifest.MANIFEST}: shard path {entry['path']!r} leads outside the shard directory; "
-                "a manifest names its shards relative to it (as `alum shard` writes them)")
+    expected = (
+        f"{shards / manifest.MANIFEST}: shard path {entry['path']!r} leads outside the shard directory; "
+        "a manifest names its shards relative to it (as `alum shard` writes them)"
+    )
     assert open_error(shards) == expected
     with pytest.raises(UserError) as error:
         manifest.verify(shards)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from test_adversarial import Closures, batch, tiny_bert
 
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses
 from pipeline.methods.smart import Teacher
-
-from test_adversarial import Closures, batch, tiny_bert
 
 SMART = AdversarialConfig(method="smart", start_step=0)
 ALUM = AdversarialConfig(method="alum", start_step=0)
@@ -18,7 +17,9 @@ def losses(config, student, teacher_model, seed=7):
     closures = Closures(student, ids, mask)
     teacher_closures = Closures(teacher_model, ids, mask)
     torch.manual_seed(seed)
-    return compute_losses(closures.forward, closures.ascent_forward, labels, config, 0, teacher=lambda: teacher_closures.forward(None)[0])
+    return compute_losses(
+        closures.forward, closures.ascent_forward, labels, config, 0, teacher=lambda: teacher_closures.forward(None)[0]
+    )
 
 
 def test_the_teacher_follows_the_ema_rule():
@@ -65,9 +66,13 @@ def test_teacher_state_round_trips():
             p.mul_(2.0)
     teacher.update(student, momentum=0.5)
     copy = Teacher(tiny_bert())
-    assert not all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(), teacher.module.state_dict().values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(), teacher.module.state_dict().values())
+    )
     copy.load_state_dict(teacher.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(), teacher.module.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(copy.module.state_dict().values(), teacher.module.state_dict().values())
+    )
 
 
 def test_a_bf16_students_teacher_computes_in_bf16_so_the_proximal_term_is_exactly_zero():

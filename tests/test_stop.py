@@ -27,9 +27,14 @@ class Job:
     def __init__(self, run_dir: Path, shards: Path, tokenizer: Path):
         self.run_dir, self.log = run_dir, run_dir.with_suffix(".log")
         command = launch_command("deepspeed", 2, free_port()) + pretrain_args(run_dir, shards, tokenizer, *RUN)
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}  # W&B not silenced: its lines are counted
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+        }  # W&B not silenced: its lines are counted
         with open(self.log, "w") as out:
-            self.runner = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.runner = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def output(self) -> str:
         return self.log.read_text()
@@ -66,7 +71,9 @@ def stopped(job: Job, tree: list[psutil.Process], reference: Path, reason: str) 
     gone, alive = psutil.wait_procs(tree, timeout=300)
     output = job.output()
     assert alive == [], output[-3000:]
-    line = next((line for line in output.splitlines() if line.startswith(f"stop requested ({reason}): saved step ")), None)
+    line = next(
+        (line for line in output.splitlines() if line.startswith(f"stop requested ({reason}): saved step ")), None
+    )
     assert line is not None, output[-3000:]
     step = int(line.split("saved step ")[1].split(";")[0])
     assert 2 <= step < 8
@@ -78,8 +85,9 @@ def stopped(job: Job, tree: list[psutil.Process], reference: Path, reason: str) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_sigterm_to_the_deepspeed_command_saves_stops_every_rank_and_resumes_exactly(reference, tmp_path, train_shards,
-                                                                                     bert_tokenizer, jobs):
+def test_sigterm_to_the_deepspeed_command_saves_stops_every_rank_and_resumes_exactly(
+    reference, tmp_path, train_shards, bert_tokenizer, jobs
+):
     # DeepSpeed's runner dies of the signal at once (it has no handler on one node); its ranks
     # see their launcher chain break, save together and exit 0 instead of training on as orphans.
     _, uninterrupted = reference

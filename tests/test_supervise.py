@@ -32,10 +32,21 @@ class Launch:
     def __init__(self, tmp_path: Path, run_dir: Path, shards: Path, tokenizer: Path, *extra: str, restarts: int = 0):
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("localhost slots=2\n")
-        self.stdout, self.stderr = (tmp_path / f"{run_dir.name}-{time.monotonic_ns()}.{kind}" for kind in ("out", "err"))
+        self.stdout, self.stderr = (
+            tmp_path / f"{run_dir.name}-{time.monotonic_ns()}.{kind}" for kind in ("out", "err")
+        )
         self.port = free_port()
-        env = {**os.environ, "HOSTFILE": str(hostfile), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port),
-               "RESTARTS": str(restarts), "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+        env = {
+            **os.environ,
+            "HOSTFILE": str(hostfile),
+            "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(self.port),
+            "RESTARTS": str(restarts),
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO),
+            "WANDB_SILENT": "true",
+        }
         command = ["bash", str(REPO / "launch" / "node.sh"), *pretrain_args(run_dir, shards, tokenizer, *RUN, *extra)]
         with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
@@ -50,7 +61,9 @@ class Launch:
         """Poll `condition` while the launch runs; the time it became true."""
         deadline = time.monotonic() + timeout
         while not condition():
-            assert self.process.poll() is None, f"the launch ended first (exit {self.process.returncode}):\n{self.output()[-3000:]}"
+            assert self.process.poll() is None, (
+                f"the launch ended first (exit {self.process.returncode}):\n{self.output()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"timed out:\n{self.output()[-3000:]}"
             time.sleep(0.02)
         return time.monotonic()
@@ -104,7 +117,9 @@ def latest(run_dir: Path) -> str:
 
 
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_sigterm_to_the_supervisor_saves_exits_zero_and_resumes_exactly(reference, tmp_path, train_shards, bert_tokenizer, launches):
+def test_sigterm_to_the_supervisor_saves_exits_zero_and_resumes_exactly(
+    reference, tmp_path, train_shards, bert_tokenizer, launches
+):
     _, uninterrupted = reference
     run_dir = tmp_path / "preempted"
     launch = Launch(tmp_path, run_dir, train_shards, bert_tokenizer)
@@ -165,7 +180,9 @@ def test_a_bad_input_is_not_retried(tmp_path, train_shards, bert_tokenizer, laun
     assert launch.process.wait(timeout=300) == 2
     errors = launch.stderr.read_text()
     assert errors.count("pretrain: error:") == 1 and "train.no_such_key" in errors
-    assert "supervise: the job exited with 2 (a bad input: relaunching would fail the same way); not relaunching" in errors
+    assert (
+        "supervise: the job exited with 2 (a bad input: relaunching would fail the same way); not relaunching" in errors
+    )
     assert "attempt 2" not in errors
 
 
@@ -200,26 +217,47 @@ sys.exit(0 if attempt >= int(sys.argv[2]) else 1)
 """
 
 
-@pytest.mark.parametrize("succeeds_on, restarts, expected", [(3, 3, 0), (3, 1, 1)], ids=["succeeds", "restarts-used-up"])
+@pytest.mark.parametrize(
+    "succeeds_on, restarts, expected", [(3, 3, 0), (3, 1, 1)], ids=["succeeds", "restarts-used-up"]
+)
 def test_failures_are_relaunched_up_to_restarts(tmp_path, succeeds_on, restarts, expected):
     counter = tmp_path / "attempts"
-    result = run_alum("supervise", "--restarts", str(restarts), "--backoff", "0", "--",
-                      sys.executable, "-c", COUNTING_JOB, counter, str(succeeds_on))
+    result = run_alum(
+        "supervise",
+        "--restarts",
+        str(restarts),
+        "--backoff",
+        "0",
+        "--",
+        sys.executable,
+        "-c",
+        COUNTING_JOB,
+        counter,
+        str(succeeds_on),
+    )
     assert result.returncode == expected
     attempts = min(succeeds_on, restarts + 1)
     assert counter.read_text() == str(attempts)
     lines = result.stderr.splitlines()
-    relaunches = [f"supervise: attempt {n} of {restarts + 1}: the job exited with 1; relaunching, it resumes from the latest complete checkpoint"
-                  for n in range(2, attempts + 1)]
+    relaunches = [
+        f"supervise: attempt {n} of {restarts + 1}: the job exited with 1; relaunching, it resumes from the latest complete checkpoint"
+        for n in range(2, attempts + 1)
+    ]
     if expected:
-        relaunches.append(f"supervise: the job exited with 1 on attempt {attempts} of {attempts}; not relaunching (--restarts {restarts})")
+        relaunches.append(
+            f"supervise: the job exited with 1 on attempt {attempts} of {attempts}; not relaunching (--restarts {restarts})"
+        )
     assert lines == relaunches
 
 
 def test_a_job_killed_by_a_signal_exits_128_plus_the_signal():
-    result = subprocess.run([*SUPERVISE, "--", "sh", "-c", "kill -9 $$"], check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*SUPERVISE, "--", "sh", "-c", "kill -9 $$"], check=False, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 137
-    assert result.stderr == "supervise: the job was killed by SIGKILL on attempt 1 of 1; not relaunching (--restarts 0)\n"
+    assert (
+        result.stderr == "supervise: the job was killed by SIGKILL on attempt 1 of 1; not relaunching (--restarts 0)\n"
+    )
 
 
 def test_a_signal_before_any_rank_stops_the_launcher_and_leaves_nothing(launches):
@@ -242,13 +280,19 @@ def test_a_rank_that_does_not_stop_is_killed_after_the_stop_timeout(tmp_path, la
     # with a child in a session of its own.
     rank, ready = tmp_path / "pipeline" / "pretrain.py", tmp_path / "ready"
     rank.parent.mkdir()
-    rank.write_text("import pathlib, signal, subprocess, sys, time\n"
-                    "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
-                    "signal.signal(signal.SIGTERM, lambda *_: print('ignoring SIGTERM', flush=True))\n"
-                    "pathlib.Path(sys.argv[1]).touch()\n"
-                    "time.sleep(300)\n")
-    process = subprocess.Popen([*SUPERVISE, "--stop-timeout", "2", "--", sys.executable, str(rank), str(ready)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank.write_text(
+        "import pathlib, signal, subprocess, sys, time\n"
+        "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('ignoring SIGTERM', flush=True))\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "time.sleep(300)\n"
+    )
+    process = subprocess.Popen(
+        [*SUPERVISE, "--stop-timeout", "2", "--", sys.executable, str(rank), str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     launches.append(process)
     deadline = time.monotonic() + 60
     while not ready.exists() and time.monotonic() < deadline:
@@ -273,12 +317,16 @@ def test_ranks_that_saved_before_the_supervisor_looked_leave_the_launcher_to_fin
     stopped as if nothing had run (CI saw exit 138 there)."""
     rank, ready = tmp_path / "pipeline" / "pretrain.py", tmp_path / "ready"
     rank.parent.mkdir()
-    rank.write_text("import pathlib, signal, sys, time\n"
-                    "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))\n"
-                    "pathlib.Path(sys.argv[1]).touch()\n"
-                    "time.sleep(300)\n")
-    launcher = (f"import subprocess, sys, time; code = subprocess.call([sys.executable, {str(rank)!r}, {str(ready)!r}]); "
-                "time.sleep(3); sys.exit(code)")
+    rank.write_text(
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "time.sleep(300)\n"
+    )
+    launcher = (
+        f"import subprocess, sys, time; code = subprocess.call([sys.executable, {str(rank)!r}, {str(ready)!r}]); "
+        "time.sleep(3); sys.exit(code)"
+    )
     process = subprocess.Popen([*SUPERVISE, "--", sys.executable, "-c", launcher], stderr=subprocess.PIPE, text=True)
     launches.append(process)
     deadline = time.monotonic() + 60
@@ -303,5 +351,10 @@ def _pid_of(processes: list[psutil.Process], program: str) -> int:
 def test_usage_errors():
     result = subprocess.run([*SUPERVISE, "--restarts", "1"], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "error: no command: put it after --" in result.stderr
-    result = subprocess.run([*SUPERVISE, "--", "no-such-launcher"], check=False, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 127 and result.stderr == "supervise: cannot run no-such-launcher: No such file or directory\n"
+    result = subprocess.run(
+        [*SUPERVISE, "--", "no-such-launcher"], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert (
+        result.returncode == 127
+        and result.stderr == "supervise: cannot run no-such-launcher: No such file or directory\n"
+    )

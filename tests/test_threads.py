@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
 
 # As SLURM's CPU binding or `taskset -c` start a job: bound to one CPU of a machine with more.
@@ -21,7 +20,9 @@ print(torch.get_num_threads())
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs CPU affinity and 2 CPUs")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs CPU affinity and 2 CPUs"
+)
 def test_a_rank_bound_to_one_cpu_runs_one_thread():
     env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_SIZE", "OMP_NUM_THREADS")}
     env.update(PYTHONPATH=str(REPO), LOCAL_WORLD_SIZE="1")

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import sentencepiece as spm
+from helpers import data_file, refused_in_one_line, run_alum, tree_digest
 from transformers import AutoTokenizer
 
-from helpers import data_file, refused_in_one_line, run_alum, tree_digest
 from data_prep.corpus import ReadOptions
-from data_prep.inputs import expand_inputs
 from data_prep.errors import UserError
+from data_prep.inputs import expand_inputs
 from data_prep.tokenizer import reservoir_sample, train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 
@@ -46,7 +46,13 @@ def test_bert_special_tokens(bert_tokenizer):
     info = load_tokenizer(bert_tokenizer)
     assert info.special_token_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     hf = AutoTokenizer.from_pretrained(str(bert_tokenizer))
-    assert (hf.pad_token, hf.unk_token, hf.cls_token, hf.sep_token, hf.mask_token) == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    assert (hf.pad_token, hf.unk_token, hf.cls_token, hf.sep_token, hf.mask_token) == (
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+    )
     assert [hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id] == [0, 1, 2, 3, 4]
     sp = spm.SentencePieceProcessor(model_file=str(info.path / "spm.model"))
     assert hf("a [MASK] b", add_special_tokens=False)["input_ids"] == [*sp.encode("a"), 4, *sp.encode("b")]
@@ -55,13 +61,16 @@ def test_bert_special_tokens(bert_tokenizer):
     assert info.vocab_size == 2000 == len(hf)
 
 
-@pytest.mark.parametrize("masked, filled", [
-    ("free [MASK]; you", "free the; you"),      # before punctuation
-    ("[MASK] is a", "the is a"),                # at the start
-    ("one of [MASK]", "one of the"),            # at the end
-    ("one of [MASK].", "one of the."),          # at the end, before punctuation
-    ("of [MASK] [MASK] and", "of the the and"),  # two in a row
-])
+@pytest.mark.parametrize(
+    "masked, filled",
+    [
+        ("free [MASK]; you", "free the; you"),  # before punctuation
+        ("[MASK] is a", "the is a"),  # at the start
+        ("one of [MASK]", "one of the"),  # at the end
+        ("one of [MASK].", "one of the."),  # at the end, before punctuation
+        ("of [MASK] [MASK] and", "of the the and"),  # two in a row
+    ],
+)
 def test_fill_mask_inputs_read_like_training_data(bert_tokenizer, masked, filled):
     """The mask stands for one training piece ("▁the"): the pieces around it are the ones
     sentencepiece gives the filled-in text."""
@@ -77,11 +86,19 @@ def test_fill_mask_inputs_read_like_training_data(bert_tokenizer, masked, filled
 
 def test_roberta_style_tokenizer(tmp_path, wikitext_valid):
     out = tmp_path / "roberta"
-    train_tokenizer(expand_inputs([str(wikitext_valid)]), ReadOptions(), out, vocab_size=1000, style="roberta", threads=2)
+    train_tokenizer(
+        expand_inputs([str(wikitext_valid)]), ReadOptions(), out, vocab_size=1000, style="roberta", threads=2
+    )
     info = load_tokenizer(out)
     assert info.special_token_ids == {"cls": 0, "pad": 1, "sep": 2, "unk": 3, "mask": 4}
     hf = AutoTokenizer.from_pretrained(str(out))
-    assert (hf.cls_token, hf.sep_token, hf.pad_token, hf.mask_token, hf.bos_token) == ("<s>", "</s>", "<pad>", "<mask>", "<s>")
+    assert (hf.cls_token, hf.sep_token, hf.pad_token, hf.mask_token, hf.bos_token) == (
+        "<s>",
+        "</s>",
+        "<pad>",
+        "<mask>",
+        "<s>",
+    )
     sp = spm.SentencePieceProcessor(model_file=str(info.path / "spm.model"))
     # WikiText spells unknown words "<unk>", RoBERTa's unk token: HF maps special-token strings
     # to their ids, sentencepiece never does (documented in data_prep.tokenizer).
@@ -131,12 +148,26 @@ def test_overwrite_replaces_only_its_own_output_and_never_an_input(tmp_path, wik
     before = tree_digest(corpus)
 
     def tokenizer(out, *extra):
-        return run_alum("tokenizer", "--input", corpus, "--vocab-size", "500", "--sample-lines", "2000", "--threads", "1",
-                        "--out", out, *extra)
+        return run_alum(
+            "tokenizer",
+            "--input",
+            corpus,
+            "--vocab-size",
+            "500",
+            "--sample-lines",
+            "2000",
+            "--threads",
+            "1",
+            "--out",
+            out,
+            *extra,
+        )
 
     # The input itself, a file in it, a directory holding it: refused before anything is read or deleted.
     refused_in_one_line(tokenizer(corpus, "--overwrite"), f"--out {corpus}: contains the input {corpus / 'a.txt'}")
-    refused_in_one_line(tokenizer(corpus / "a.txt", "--overwrite"), f"--out {corpus / 'a.txt'}: is the input {corpus / 'a.txt'}")
+    refused_in_one_line(
+        tokenizer(corpus / "a.txt", "--overwrite"), f"--out {corpus / 'a.txt'}: is the input {corpus / 'a.txt'}"
+    )
     refused_in_one_line(tokenizer(tmp_path, "--overwrite"), f"--out {tmp_path}: contains the input")
     assert tree_digest(corpus) == before
 
@@ -146,15 +177,22 @@ def test_overwrite_replaces_only_its_own_output_and_never_an_input(tmp_path, wik
     assert tokenizer(out, "--overwrite", "--seed", "1").returncode == 0
     assert json.loads((out / ".alum-output.json").read_text())["written_by"] == "alum tokenizer"
     (out / "notes.txt").write_text("mine")
-    refused_in_one_line(tokenizer(out, "--overwrite"), f"{out / 'notes.txt'}: not written by alum tokenizer; --overwrite would delete it")
-    refused_in_one_line(tokenizer(out / "inner"), f"--out {out / 'inner'}: lies inside {out}, which alum tokenizer wrote")
+    refused_in_one_line(
+        tokenizer(out, "--overwrite"),
+        f"{out / 'notes.txt'}: not written by alum tokenizer; --overwrite would delete it",
+    )
+    refused_in_one_line(
+        tokenizer(out / "inner"), f"--out {out / 'inner'}: lies inside {out}, which alum tokenizer wrote"
+    )
     assert (out / "notes.txt").read_text() == "mine" and not (out / "inner").exists()
 
 
 def test_tokenizer_dir_without_model(tmp_path, wikitext_valid):
     empty = tmp_path / "not-a-tokenizer"
     empty.mkdir()
-    result = run_alum("shard", "--input", wikitext_valid, "--tokenizer", empty, "--seq-len", "64", "--out", tmp_path / "out")
+    result = run_alum(
+        "shard", "--input", wikitext_valid, "--tokenizer", empty, "--seq-len", "64", "--out", tmp_path / "out"
+    )
     assert result.returncode == 2
     assert f"{empty}: not a tokenizer directory (no spm.model from `alum tokenizer`" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -174,4 +212,8 @@ def test_altered_tokenizer_model_is_detected(tmp_path, bert_tokenizer):
 def test_help_shows_no_boolean_defaults():
     """--no-byte-fallback was shown as "(default: True)": the default of the flag's destination, not of the flag."""
     result = run_alum("tokenizer", "--help")
-    assert result.returncode == 0 and "(default: True)" not in result.stdout and "(default: bytes)" in " ".join(result.stdout.split())
+    assert (
+        result.returncode == 0
+        and "(default: True)" not in result.stdout
+        and "(default: bytes)" in " ".join(result.stdout.split())
+    )

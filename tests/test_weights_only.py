@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import RUN, pretrain, run_alum
 
 
@@ -43,7 +42,9 @@ def plant(path: Path, marker: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_a_checkpoint_that_would_run_code_is_refused_on_resume_export_and_init_from(reference, tmp_path, train_shards, bert_tokenizer):
+def test_a_checkpoint_that_would_run_code_is_refused_on_resume_export_and_init_from(
+    reference, tmp_path, train_shards, bert_tokenizer
+):
     _, uninterrupted = reference
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
@@ -53,11 +54,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume_export_and_init_f
     refused = f"{tampered}: refused: loading it would call io.open, which no checkpoint holds (a file from elsewhere or edited); it was not loaded"
 
     resumed = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, "train.max_steps=9", world=1)
-    assert resumed.returncode == 2 and resumed.stderr.strip().splitlines()[-1] == f"pretrain: error: {refused}", resumed.stderr[-3000:]
+    assert resumed.returncode == 2 and resumed.stderr.strip().splitlines()[-1] == f"pretrain: error: {refused}", (
+        resumed.stderr[-3000:]
+    )
     exported = run_alum("export", "--run-dir", run_dir, "--out", tmp_path / "hf")
-    assert exported.returncode == 2 and exported.stderr.strip().splitlines() == [f"alum export: error: {refused}"], exported.stderr[-3000:]
-    initialised = pretrain(tmp_path / "new", train_shards, bert_tokenizer, *RUN, f"checkpoint.init_from={run_dir}", world=1)
-    assert initialised.returncode == 2 and initialised.stderr.strip().splitlines()[-1] == f"pretrain: error: {refused}", initialised.stderr[-3000:]
+    assert exported.returncode == 2 and exported.stderr.strip().splitlines() == [f"alum export: error: {refused}"], (
+        exported.stderr[-3000:]
+    )
+    initialised = pretrain(
+        tmp_path / "new", train_shards, bert_tokenizer, *RUN, f"checkpoint.init_from={run_dir}", world=1
+    )
+    assert (
+        initialised.returncode == 2 and initialised.stderr.strip().splitlines()[-1] == f"pretrain: error: {refused}"
+    ), initialised.stderr[-3000:]
     assert not marker.exists()
 
 
@@ -67,9 +76,11 @@ def _deepspeed_loaders():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.utils import zero_to_fp32
 
-    return {"engine": lambda path: TorchCheckpointEngine().load(str(path)),
-            "ds_to_universal": lambda path: ds_to_universal._load_universal_checkpoint_info_stage3([str(path)]),
-            "zero_to_fp32": lambda path: zero_to_fp32.parse_model_states([str(path)])}
+    return {
+        "engine": lambda path: TorchCheckpointEngine().load(str(path)),
+        "ds_to_universal": lambda path: ds_to_universal._load_universal_checkpoint_info_stage3([str(path)]),
+        "zero_to_fp32": lambda path: zero_to_fp32.parse_model_states([str(path)]),
+    }
 
 
 @pytest.mark.parametrize("loader", ["engine", "ds_to_universal", "zero_to_fp32"])
@@ -94,7 +105,9 @@ def test_the_check_names_the_first_file_that_would_run_code(tmp_path):
     assert weights_only.refusal(tmp_path) is None
     (tmp_path / "universal").mkdir()
     torch.save({"notes": Payload(tmp_path / "the-payload-ran")}, tmp_path / "universal" / "fp32.pt")
-    assert weights_only.refusal(tmp_path).startswith(f"{tmp_path / 'universal' / 'fp32.pt'}: refused: loading it would call io.open,")
+    assert weights_only.refusal(tmp_path).startswith(
+        f"{tmp_path / 'universal' / 'fp32.pt'}: refused: loading it would call io.open,"
+    )
     (tmp_path / "b.pt").write_bytes(b"not a zip")
     assert weights_only.refusal(tmp_path).startswith(f"{tmp_path / 'b.pt'}: not a checkpoint file torch can read (")
     assert not (tmp_path / "the-payload-ran").exists()

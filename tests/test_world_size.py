@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, RUN, ok, pretrain, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -31,10 +30,22 @@ def no_dropout(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_on_fewer_and_on_more_ranks(stage, tmp_path, train_shards, bert_tokenizer, no_dropout):
-    method = ("adversarial.method=smart", "adversarial.mu=1000", "adversarial.teacher_momentum=0.9") if stage == 2 else ()
+    method = (
+        ("adversarial.method=smart", "adversarial.mu=1000", "adversarial.teacher_momentum=0.9") if stage == 2 else ()
+    )
 
     def launch(run_dir: Path, world: int, *overrides: str):
-        return pretrain(run_dir, train_shards, bert_tokenizer, *RUN, f"model.config={no_dropout}", *method, *overrides, stage=stage, world=world)
+        return pretrain(
+            run_dir,
+            train_shards,
+            bert_tokenizer,
+            *RUN,
+            f"model.config={no_dropout}",
+            *method,
+            *overrides,
+            stage=stage,
+            world=world,
+        )
 
     two = tmp_path / "two-ranks"
     ok(launch(two, 2))

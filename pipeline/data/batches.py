@@ -104,8 +104,17 @@ class Batches:
     step's batches follow from (step, consumed samples, mask rate) alone. ``pin_memory``
     (CUDA only) builds them in page-locked memory, for asynchronous copies to the device."""
 
-    def __init__(self, dataset: ShardDataset, vocab: MaskVocab, global_batch_size: int, micro_batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        vocab: MaskVocab,
+        global_batch_size: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ):
         self.dataset, self.vocab, self.seed = dataset, vocab, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
@@ -114,11 +123,18 @@ class Batches:
         global_indices = global_batch_indices(consumed_samples, self.global_batch_size, len(self.dataset), self.seed)
         local = rank_slice(global_indices, self.rank, self.world_size)
         micro = self.micro_batch_size
-        batches = [masked_batch(self.dataset, local[i : i + micro], step, self.seed, rate, self.vocab) for i in range(0, len(local), micro)]
-        return StepBatches(global_indices, [b.pin() for b in batches] if self.pin_memory else batches, len(self.dataset))
+        batches = [
+            masked_batch(self.dataset, local[i : i + micro], step, self.seed, rate, self.vocab)
+            for i in range(0, len(local), micro)
+        ]
+        return StepBatches(
+            global_indices, [b.pin() for b in batches] if self.pin_memory else batches, len(self.dataset)
+        )
 
 
-def masked_batch(dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab) -> MicroBatch:
+def masked_batch(
+    dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab
+) -> MicroBatch:
     """The rows at ``indices``, masked. Whether they hold padding is decided here, on the host:
     packed rows have none (only a split's last row is padded), and then the batch carries no
     attention mask, so transformers neither builds one nor asks the device whether it may

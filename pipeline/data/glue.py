@@ -45,7 +45,9 @@ def load_task(task: str, data: str | Path | None, advglue: str | Path | None = N
     """sst2 or rte from a GLUE task directory (`data`), or a directory of your own (`task`)."""
     if task in GLUE:
         if data is None:
-            raise UserError(f"--data: the GLUE {task} directory (with train.tsv and dev.tsv) is needed for --task {task}")
+            raise UserError(
+                f"--data: the GLUE {task} directory (with train.tsv and dev.tsv) is needed for --task {task}"
+            )
         columns, labels, subset = GLUE[task]
         directory = _directory(Path(data), "--data")
         train = read_tsv(directory / "train.tsv", columns, labels)
@@ -53,8 +55,10 @@ def load_task(task: str, data: str | Path | None, advglue: str | Path | None = N
         adversarial = read_advglue(Path(advglue), subset, columns, len(labels)) if advglue else None
         return Task(task, labels, train, dev, adversarial)
     if not Path(task).is_dir():
-        raise UserError(f"--task: {task}: neither a task this command knows ({', '.join(GLUE)}) nor a directory of your own "
-                        "(train and dev .jsonl or .tsv)")
+        raise UserError(
+            f"--task: {task}: neither a task this command knows ({', '.join(GLUE)}) nor a directory of your own "
+            "(train and dev .jsonl or .tsv)"
+        )
     directory = Path(task)
     if advglue:
         raise UserError(f"--advglue: AdvGLUE has subsets for {', '.join(GLUE)} only, not for {task}")
@@ -65,7 +69,9 @@ def load_task(task: str, data: str | Path | None, advglue: str | Path | None = N
     else:
         raw_train, raw_dev = _own_tsv(train_path), _own_tsv(dev_path)
     labels = tuple(sorted({label for _, _, label, _ in raw_train}))
-    return Task(directory.name, labels, _with_ids(raw_train, labels, train_path), _with_ids(raw_dev, labels, dev_path), None)
+    return Task(
+        directory.name, labels, _with_ids(raw_train, labels, train_path), _with_ids(raw_dev, labels, dev_path), None
+    )
 
 
 def read_tsv(path: Path, columns: tuple[str, ...], labels: tuple[str, ...]) -> list[Example]:
@@ -88,7 +94,9 @@ def read_advglue(path: Path, subset: str, columns: tuple[str, ...], num_labels: 
     for i, row in enumerate(data[subset]):
         label = row.get("label")
         if not isinstance(label, int) or not 0 <= label < num_labels or any(c not in row for c in columns):
-            raise UserError(f"{path}: {subset}[{i}]: needs {', '.join(columns)} and an integer label below {num_labels}")
+            raise UserError(
+                f"{path}: {subset}[{i}]: needs {', '.join(columns)} and an integer label below {num_labels}"
+            )
         examples.append(Example(row[columns[0]].strip(), row[columns[1]].strip() if len(columns) > 1 else None, label))
     return examples
 
@@ -118,7 +126,9 @@ def read_jsonl(path: Path) -> list[tuple[str, str | None, str, str]]:
 def _own_tsv(path: Path) -> list[tuple[str, str | None, str, str]]:
     header = _header(path)
     columns = ("sentence1", "sentence2") if "sentence1" in header else ("sentence",)
-    return [(r[0], r[1] if len(columns) > 1 else None, r[-1], where) for r, where in _tsv_rows(path, (*columns, "label"))]
+    return [
+        (r[0], r[1] if len(columns) > 1 else None, r[-1], where) for r, where in _tsv_rows(path, (*columns, "label"))
+    ]
 
 
 def _tsv_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[list[str], str]]:

@@ -56,7 +56,9 @@ class MaskedBatch:
     labels: np.ndarray  # int64 [N], original ids where `masked`, in row-major order
 
 
-def mask_tokens(input_ids: np.ndarray, sample_indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab) -> MaskedBatch:
+def mask_tokens(
+    input_ids: np.ndarray, sample_indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab
+) -> MaskedBatch:
     """Mask a [B, T] batch whose rows are the dataset's samples ``sample_indices`` [B]."""
     original = np.asarray(input_ids).astype(np.int64)
     sample_indices = np.asarray(sample_indices, dtype=np.int64)

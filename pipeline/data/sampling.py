@@ -99,7 +99,9 @@ def global_batch_indices(consumed_samples: int, global_batch_size: int, n: int, 
     """
     _check_n(n)
     if consumed_samples < 0 or global_batch_size < 1:
-        raise ValueError(f"need consumed_samples >= 0 and global_batch_size >= 1, got {consumed_samples}, {global_batch_size}")
+        raise ValueError(
+            f"need consumed_samples >= 0 and global_batch_size >= 1, got {consumed_samples}, {global_batch_size}"
+        )
     k = np.arange(consumed_samples, consumed_samples + global_batch_size, dtype=np.int64)
     epochs, positions = np.divmod(k, n)
     out = np.empty_like(k)

@@ -35,11 +35,23 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
+from pipeline.methods.objective import (
+    Forward,
+    StepLosses,
+    ZeroDelta,
+    backward_gradient,
+    clean_pass,
+    guarded,
+    log_probs,
+    nll,
+    sizes,
+)
 from pipeline.model import perturbation
-from pipeline.methods.objective import Forward, StepLosses, ZeroDelta, backward_gradient, clean_pass, guarded, log_probs, nll, sizes
 
 
-def accumulated_passes(forward: Forward, labels: Tensor, config, real: Tensor | None) -> Generator[Tensor, None, StepLosses]:
+def accumulated_passes(
+    forward: Forward, labels: Tensor, config, real: Tensor | None
+) -> Generator[Tensor, None, StepLosses]:
     passes, updates = config.steps, config.inner_steps if config.method == "yopo" else 1
     zero = ZeroDelta()
     clean = clean_pass(forward, labels, real, zero)

@@ -48,9 +48,9 @@ from pipeline.methods.asa import AsaConfig, AttentionAdversaries, asa_pass
 from pipeline.methods.fgm import fgm_losses
 from pipeline.methods.freeat import Carry, freeat_pass
 from pipeline.methods.objective import AscentForward, Forward, StepLosses, clean_pass
-from pipeline.model.perturbation import NORMS, SCALES, UPDATES
 from pipeline.methods.pgd import pgd_losses
 from pipeline.methods.smart import with_proximal
+from pipeline.model.perturbation import NORMS, SCALES, UPDATES
 
 METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freeat", "freelb", "yopo", "asa")
 # adversarial.steps when left null: ALUM's K = 1 (the paper); PGD's K = 3; FreeLB's K = 2
@@ -121,7 +121,9 @@ class AdversarialConfig:
         checks.number("mu", self.mu)
         checks.number("teacher_momentum", self.teacher_momentum)
         if not self.teacher_momentum < 1:
-            raise ValueError(f"teacher_momentum: must be < 1 (1 would freeze the teacher), got {self.teacher_momentum!r}")
+            raise ValueError(
+                f"teacher_momentum: must be < 1 (1 would freeze the teacher), got {self.teacher_momentum!r}"
+            )
         if self.eps is not None:
             checks.number("eps", self.eps, positive=True)
 
@@ -198,8 +200,10 @@ def compute_losses(
     """
     active = config.active(step)
     if active and config.method in DRIVEN:
-        raise ValueError(f"adversarial.method={config.method} uses the gradient of its own backward "
-                         f"({passes(config, step)} per batch): drive it with run_objective(objective(...), backward)")
+        raise ValueError(
+            f"adversarial.method={config.method} uses the gradient of its own backward "
+            f"({passes(config, step)} per batch): drive it with run_objective(objective(...), backward)"
+        )
     with torch.set_grad_enabled(torch.is_grad_enabled() and not (active and config.method == "pgd")):
         clean = clean_pass(forward, labels, real)
     if not active:

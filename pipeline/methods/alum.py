@@ -45,9 +45,22 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
+from pipeline.methods.objective import (
+    AscentForward,
+    CleanPass,
+    Forward,
+    StepLosses,
+    ZeroDelta,
+    backward_gradient,
+    clean_pass,
+    guarded,
+    input_gradient,
+    kl,
+    log_probs,
+    sizes,
+    symmetric_kl_of,
+)
 from pipeline.model import perturbation
-from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLosses, ZeroDelta, backward_gradient, clean_pass, guarded, \
-    input_gradient, kl, log_probs, sizes, symmetric_kl_of
 
 
 def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config) -> StepLosses:
@@ -71,7 +84,9 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
     return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
 
 
-def amortized_alum_passes(forward: Forward, labels: Tensor, config, real: Tensor | None) -> Generator[Tensor, None, StepLosses]:
+def amortized_alum_passes(
+    forward: Forward, labels: Tensor, config, real: Tensor | None
+) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()
     clean = clean_pass(forward, labels, real, zero)
     unit = perturbation.token_scale(clean.embedded, config.scale)

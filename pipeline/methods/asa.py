@@ -80,7 +80,9 @@ class AsaConfig:
             return tuple(range(count))
         indices = self._indices()
         if indices[-1] >= count:
-            raise UserError(f"adversarial.asa.layers: layer {indices[-1]} does not exist (the model has {count} layers, 0 to {count - 1})")
+            raise UserError(
+                f"adversarial.asa.layers: layer {indices[-1]} does not exist (the model has {count} layers, 0 to {count - 1})"
+            )
         return indices
 
 
@@ -196,8 +198,10 @@ class AttentionAdversaries:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return {"adversaries": {k: v.detach().cpu().clone() for k, v in self.adversaries.state_dict().items()},
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "adversaries": {k: v.detach().cpu().clone() for k, v in self.adversaries.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.adversaries.load_state_dict(state["adversaries"])
@@ -245,7 +249,9 @@ class AttentionAdversaries:
         return next(iter(self.masks.values())).shape[0]
 
 
-def asa_pass(forward: Forward, labels: Tensor, config, real: Tensor | None, masks: AttentionAdversaries) -> Generator[Tensor, None, StepLosses]:
+def asa_pass(
+    forward: Forward, labels: Tensor, config, real: Tensor | None, masks: AttentionAdversaries
+) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch of ASA: yields the loss to backward (penalty included), returns its numbers."""
     clean = clean_pass(forward, labels, real)
     masks.draw_noise(clean.real)
@@ -253,17 +259,25 @@ def asa_pass(forward: Forward, labels: Tensor, config, real: Tensor | None, mask
     clean.replay.again()
     with masks.active(clean.real):
         adv_logits, _ = forward(None)
-        penalty = config.asa.tau ** 2 * masks.penalty()
+        penalty = config.asa.tau**2 * masks.penalty()
         fractions = masks.masked_fractions(clean.real)
     clean.replay.finish()
-    kl, kept = guarded(lambda q: 0.5 * symmetric_kl_of(clean.log_probs, log_probs(q), "full"), adv_logits, torch.ones((), dtype=torch.bool))
+    kl, kept = guarded(
+        lambda q: 0.5 * symmetric_kl_of(clean.log_probs, log_probs(q), "full"),
+        adv_logits,
+        torch.ones((), dtype=torch.bool),
+    )
     loss = clean.loss + config.alpha * kl
     yield loss + penalty
     zero = torch.zeros((), device=loss.device)
-    return StepLosses(loss, clean.loss, kl, zero, zero, zero, ~kept, extras=torch.cat([penalty.detach().reshape(1), fractions]))
+    return StepLosses(
+        loss, clean.loss, kl, zero, zero, zero, ~kept, extras=torch.cat([penalty.detach().reshape(1), fractions])
+    )
 
 
-def asa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
+def asa_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs
+):
     """SDPA with the layer's pending ASA bias, if any. Without one (the standard phase, every
     clean pass, evaluation) the call is plain SDPA's, mask as given: no padding means no mask,
     which on a GPU keeps the flash kernel for the whole run. Only an attacked pass (inside
@@ -296,4 +310,3 @@ def register() -> None:
 
     AttentionInterface.register(IMPLEMENTATION, asa_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-

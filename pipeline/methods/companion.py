@@ -21,7 +21,9 @@ from pipeline.methods.smart import Teacher
 Companion = Teacher | AttentionAdversaries
 
 
-def companion_for(adversarial, model: nn.Module, hf_model: nn.Module, weight_decay: float, grad_clip: float) -> Companion | None:
+def companion_for(
+    adversarial, model: nn.Module, hf_model: nn.Module, weight_decay: float, grad_clip: float
+) -> Companion | None:
     """The companion ``adversarial.method`` needs, made before ZeRO-3 shards the model (the
     teacher copies it; the adversaries hook into its attention), or None."""
     if adversarial.method == "smart":
@@ -33,5 +35,7 @@ def companion_for(adversarial, model: nn.Module, hf_model: nn.Module, weight_dec
 
 def teacher_and_adversaries(companion: Companion | None) -> tuple[Teacher | None, AttentionAdversaries | None]:
     """(SMART's teacher, ASA's adversaries): what `pipeline.methods.adversarial.objective` takes, each or None."""
-    return (companion if isinstance(companion, Teacher) else None,
-            companion if isinstance(companion, AttentionAdversaries) else None)
+    return (
+        companion if isinstance(companion, Teacher) else None,
+        companion if isinstance(companion, AttentionAdversaries) else None,
+    )

@@ -20,8 +20,19 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.methods.objective import (
+    AscentForward,
+    CleanPass,
+    Forward,
+    StepLosses,
+    guarded,
+    input_gradient,
+    log_probs,
+    nll,
+    size,
+    sizes,
+)
 from pipeline.model import perturbation
-from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, log_probs, nll, size, sizes
 from pipeline.model.perturbation import token_norm
 
 # (weight of the clean loss, weight of the adversarial loss)

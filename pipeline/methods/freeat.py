@@ -29,8 +29,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.methods.objective import (
+    Forward,
+    StepLosses,
+    ZeroDelta,
+    backward_gradient,
+    guarded,
+    log_probs,
+    nll,
+    size,
+    sizes_at,
+)
 from pipeline.model import perturbation
-from pipeline.methods.objective import Forward, StepLosses, ZeroDelta, backward_gradient, guarded, log_probs, nll, size, sizes_at
 
 
 @dataclass
@@ -52,15 +62,25 @@ def at_boundary(config, steps_done: int) -> bool:
     return replay_index(config, steps_done) == 0
 
 
-def freeat_pass(forward: Forward, labels: Tensor, config, real: Tensor | None, carry: Carry) -> Generator[Tensor, None, StepLosses]:
+def freeat_pass(
+    forward: Forward, labels: Tensor, config, real: Tensor | None, carry: Carry
+) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()  # on a batch's first replay
     delta = carry.delta.requires_grad_(True) if carry.delta is not None else zero
     logits, embedded = forward(delta)
     delta = zero.tensor if carry.delta is None else delta
     real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
-    loss, keep = guarded(lambda q: nll(log_probs(q), labels), logits, torch.ones((), dtype=torch.bool, device=embedded.device))
+    loss, keep = guarded(
+        lambda q: nll(log_probs(q), labels), logits, torch.ones((), dtype=torch.bool, device=embedded.device)
+    )
     yield loss
     grad, finite = backward_gradient(delta)
     bound = size(config) * perturbation.token_scale(embedded, config.scale)
     carry.delta = perturbation.project(delta.detach() + bound * grad.sign(), bound, "linf")
-    return StepLosses(loss.detach(), loss.detach(), loss.detach(), *sizes_at(embedded, real, carry.delta, grad, "linf"), ~(keep & finite))
+    return StepLosses(
+        loss.detach(),
+        loss.detach(),
+        loss.detach(),
+        *sizes_at(embedded, real, carry.delta, grad, "linf"),
+        ~(keep & finite),
+    )

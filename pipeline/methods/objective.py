@@ -34,15 +34,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.core.rng import RngState
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
-from pipeline.core.rng import RngState
 
 Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 AscentForward = Callable[[Tensor], Tensor]
 
 # The per-micro-batch numbers a step sums and all-reduces, in `StepLosses.stats` order.
-STATS = ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost", "nonfinite", "adv_skipped", "micro_batches")
+STATS = (
+    "loss",
+    "loss_mlm",
+    "loss_adv",
+    "delta_norm",
+    "adv_grad_norm",
+    "delta_lost",
+    "nonfinite",
+    "adv_skipped",
+    "micro_batches",
+)
 
 
 @dataclass
@@ -63,7 +73,9 @@ class StepLosses:
     @classmethod
     def clean(cls, loss_mlm: Tensor) -> StepLosses:
         zero = torch.zeros((), device=loss_mlm.device)
-        return cls(loss_mlm, loss_mlm, zero, zero, zero, zero, torch.zeros((), dtype=torch.bool, device=loss_mlm.device))
+        return cls(
+            loss_mlm, loss_mlm, zero, zero, zero, zero, torch.zeros((), dtype=torch.bool, device=loss_mlm.device)
+        )
 
     def stats(self) -> Tensor:
         """The numbers of `STATS`, then the extras, as one float64 vector, still on the device (no host sync)."""
@@ -114,7 +126,9 @@ class ZeroDelta:
         self.tensor: Tensor | None = None
 
     def __call__(self, embedded: Tensor) -> Tensor:
-        self.tensor = torch.zeros(embedded.shape, dtype=perturbation.work_dtype(embedded.dtype), device=embedded.device, requires_grad=True)
+        self.tensor = torch.zeros(
+            embedded.shape, dtype=perturbation.work_dtype(embedded.dtype), device=embedded.device, requires_grad=True
+        )
         return self.tensor
 
 
@@ -161,7 +175,9 @@ def backward_gradient(tensor: Tensor) -> tuple[Tensor, Tensor]:
     accumulation steps, fp16 multiplies by its loss scale): the sign step and the ``paper``
     rule normalise it away; the ``official`` rule adds it to delta as it is."""
     if tensor.grad is None:
-        raise RuntimeError("no gradient reached the perturbation: backward each loss an objective yields before asking for the next")
+        raise RuntimeError(
+            "no gradient reached the perturbation: backward each loss an objective yields before asking for the next"
+        )
     return finite_or_zero(tensor.grad)
 
 
@@ -184,8 +200,11 @@ def sizes(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> tuple[Ten
 
 def sizes_at(embedded: Tensor, real: Tensor, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
     """`sizes` for a method without a separate clean pass."""
-    return (perturbation.real_mean(token_norm(delta, norm), real), perturbation.real_mean(token_norm(grad, norm), real),
-            perturbation.lost_fraction(embedded, delta, real))
+    return (
+        perturbation.real_mean(token_norm(delta, norm), real),
+        perturbation.real_mean(token_norm(grad, norm), real),
+        perturbation.lost_fraction(embedded, delta, real),
+    )
 
 
 def size(config) -> float:

@@ -18,8 +18,19 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.methods.objective import (
+    AscentForward,
+    CleanPass,
+    Forward,
+    StepLosses,
+    guarded,
+    input_gradient,
+    log_probs,
+    nll,
+    size,
+    sizes,
+)
 from pipeline.model import perturbation
-from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLosses, guarded, input_gradient, log_probs, nll, size, sizes
 from pipeline.model.perturbation import token_norm
 
 
@@ -36,7 +47,9 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
         delta.requires_grad_(True)
         grad, grad_finite = input_gradient(lambda q: nll(log_probs(q), labels), ascent_forward(delta), delta)
         finite = finite & grad_finite
-        direction = grad.sign() if config.norm == "linf" else grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps)
+        direction = (
+            grad.sign() if config.norm == "linf" else grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps)
+        )
         delta = perturbation.project(delta.detach() + step * direction, bound, config.norm)
     clean.replay.again()
     adv_logits, _ = forward(delta)

@@ -105,5 +105,9 @@ def with_proximal(out: StepLosses, clean: CleanPass, teacher_forward: Callable[[
         teacher_logits = teacher_forward()
     clean.replay.finish()
     target = log_probs(teacher_logits)
-    proximal, _ = guarded(lambda student: symmetric_kl_of(target, log_probs(student), "full"), clean.logits, torch.ones((), dtype=torch.bool))
+    proximal, _ = guarded(
+        lambda student: symmetric_kl_of(target, log_probs(student), "full"),
+        clean.logits,
+        torch.ones((), dtype=torch.bool),
+    )
     return dataclasses.replace(out, loss=out.loss + config.mu * proximal)

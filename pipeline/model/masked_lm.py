@@ -43,12 +43,16 @@ def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len
         raise UserError(f"{source}: model type {config.model_type!r} is not supported (bert or roberta)")
     if config.pad_token_id is not None and config.pad_token_id != special_ids["pad"]:
         # RoBERTa numbers positions from pad_token_id + 1; BERT's pad embedding is the tokenizer's pad.
-        raise UserError(f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id {special_ids['pad']}")
+        raise UserError(
+            f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id {special_ids['pad']}"
+        )
     if config.vocab_size < vocab_size:
         raise UserError(f"{source}: model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
     positions = config.max_position_embeddings - (config.pad_token_id + 1 if config.model_type == "roberta" else 0)
     if seq_len > positions:
-        raise UserError(f"{source}: shards have seq_len {seq_len} but the model has {positions} positions (max_position_embeddings)")
+        raise UserError(
+            f"{source}: shards have seq_len {seq_len} but the model has {positions} positions (max_position_embeddings)"
+        )
     config._attn_implementation = "sdpa"
     return config
 
@@ -103,7 +107,9 @@ def build_model(config, init_from: str | None, activation_checkpointing: bool) -
     _, model_class = model_classes(config.model_type)
     if init_from:
         check_init_from(init_from)
-        model = model_class.from_pretrained(init_from, config=config, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True)
+        model = model_class.from_pretrained(
+            init_from, config=config, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True
+        )
     else:
         model = model_class(config)
     if activation_checkpointing:
@@ -166,6 +172,7 @@ class MaskedLM(nn.Module):
         then builds no mask, where a mask of ones would cost a host sync per forward
         (transformers asks the device whether every token is real), and SDPA may use its
         flash kernel; the result is the same as with a mask of ones."""
+
         def hidden():
             return self.encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 

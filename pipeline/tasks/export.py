@@ -35,7 +35,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, overwri
     tag_dir = run_dir / checkpoint.CHECKPOINTS / tag
     if not checkpoint.is_complete(tag_dir):
         root = run_dir / checkpoint.CHECKPOINTS
-        complete = sorted(p.name for p in root.iterdir() if p.is_dir() and checkpoint.is_complete(p)) if root.is_dir() else []
+        complete = (
+            sorted(p.name for p in root.iterdir() if p.is_dir() and checkpoint.is_complete(p)) if root.is_dir() else []
+        )
         raise UserError(f"{tag_dir}: not a complete checkpoint (complete: {', '.join(complete) or 'none'})")
     output_dir.check_out(out, COMMAND, [("--run-dir", run_dir)], overwrite)
     refused = weights_only.refusal(tag_dir)
@@ -55,11 +57,17 @@ def load_exported_weights(run_dir: Path, tag: str):
     config = AutoConfig.from_pretrained(str(run_dir / MODEL))
     _, model_class = model_classes(config.model_type)
     model = model_class(config)
-    state = {k[len(PREFIX):]: v for k, v in _fp32_state_dict(run_dir / checkpoint.CHECKPOINTS, tag).items() if k.startswith(PREFIX)}
+    state = {
+        k[len(PREFIX) :]: v
+        for k, v in _fp32_state_dict(run_dir / checkpoint.CHECKPOINTS, tag).items()
+        if k.startswith(PREFIX)
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "decoder" in k}  # the output embedding shares the input embedding
     if set(missing) - tied or unexpected:
-        raise UserError(f"{run_dir}: checkpoint {tag} does not fit the model config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{run_dir}: checkpoint {tag} does not fit the model config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     return model
 

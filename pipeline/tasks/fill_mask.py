@@ -50,10 +50,20 @@ def fill_mask_examples(model_dir: str | Path, shards: str | Path, rows: int = 3,
         masked = row.copy()
         masked[target] = tokenizer.mask_token_id
         with torch.no_grad():
-            logits = model(input_ids=torch.from_numpy(masked)[None], attention_mask=torch.from_numpy(row != tokenizer.pad_token_id)[None]).logits
+            logits = model(
+                input_ids=torch.from_numpy(masked)[None],
+                attention_mask=torch.from_numpy(row != tokenizer.pad_token_id)[None],
+            ).logits
         best = logits[0, target].topk(top).indices.tolist()
-        examples.append(Guess(index, target, _context(tokenizer, row, target), _word(pieces[target]),
-                              tuple(_word(p) for p in tokenizer.convert_ids_to_tokens(best))))
+        examples.append(
+            Guess(
+                index,
+                target,
+                _context(tokenizer, row, target),
+                _word(pieces[target]),
+                tuple(_word(p) for p in tokenizer.convert_ids_to_tokens(best)),
+            )
+        )
         if len(examples) == rows:
             break
     return examples
@@ -64,8 +74,13 @@ def _target(pieces: list[str], special_ids: set[int], row: np.ndarray) -> int | 
         window = row[i - CONTEXT : i + CONTEXT + 1]
         word, following = pieces[i], pieces[i + 1]
         whole = following.startswith(WORD_START) or not following[:1].isalnum()
-        if (word.startswith(WORD_START) and word[1:].isalpha() and len(word) > MIN_LETTERS and whole
-                and not special_ids.intersection(window.tolist())):
+        if (
+            word.startswith(WORD_START)
+            and word[1:].isalpha()
+            and len(word) > MIN_LETTERS
+            and whole
+            and not special_ids.intersection(window.tolist())
+        ):
             return i
     return None
 

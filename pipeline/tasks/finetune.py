@@ -33,13 +33,19 @@ from tqdm import tqdm
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.core.help_format import DefaultsHelpFormatter
-from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, passes, run_objective
-from pipeline.train.deepspeed_setup import compute_dtype, deepspeed_config, full_fp32_state, make_optimizer, make_scheduler
 from pipeline.data.glue import Task, load_task
-from pipeline.model.masked_lm import ARCHS, Perturbation, local_device
-from pipeline.train.distributed import exit_process, init_distributed, shutdown_distributed
-from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, passes, run_objective
 from pipeline.methods.companion import companion_for, teacher_and_adversaries
+from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.model.masked_lm import ARCHS, Perturbation, local_device
+from pipeline.train.deepspeed_setup import (
+    compute_dtype,
+    deepspeed_config,
+    full_fp32_state,
+    make_optimizer,
+    make_scheduler,
+)
+from pipeline.train.distributed import exit_process, init_distributed, shutdown_distributed
 from pipeline.train.step import accumulating_backward
 
 RESULTS = "results.json"
@@ -67,7 +73,9 @@ def load_model(model_dir: str | Path, num_labels: int, seed: int):
     logging.disable_progress_bar()
     path = check_model_dir(model_dir)
     torch.manual_seed(seed)
-    hf = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, attn_implementation="sdpa")
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=num_labels, attn_implementation="sdpa"
+    )
     return Classifier(hf), AutoTokenizer.from_pretrained(str(path))
 
 
@@ -102,7 +110,9 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return input_ids, mask
 
 
-def accuracy(model: Classifier, ids, labels: torch.Tensor, pad_id: int, batch_size: int = 64, device: torch.device | None = None) -> float:
+def accuracy(
+    model: Classifier, ids, labels: torch.Tensor, pad_id: int, batch_size: int = 64, device: torch.device | None = None
+) -> float:
     """The share of `ids` classified as `labels`, computed on `device` (the CPU by default)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -127,8 +137,17 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     total = args.max_steps or args.epochs * steps_per_epoch
     rank, world = _ranks()
-    schedule_config = SimpleNamespace(lr=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-                                      warmup_steps=max(1, int(0.1 * total)), max_steps=total, decay_steps=0, min_lr_ratio=0.0)
+    schedule_config = SimpleNamespace(
+        lr=args.lr,
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_eps=1e-8,
+        warmup_steps=max(1, int(0.1 * total)),
+        max_steps=total,
+        decay_steps=0,
+        min_lr_ratio=0.0,
+    )
     ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
     if not args.deepspeed:
         model.to(local_device())
@@ -140,7 +159,9 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     if args.deepspeed:
         import deepspeed
 
-        engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        engine, optimizer, _, schedule = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
         device, dtype = engine.device, compute_dtype(engine)
     companion = companion and companion.to(device, dtype)
     teacher, adversaries = teacher_and_adversaries(companion)
@@ -160,9 +181,17 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         input_ids, mask = (t.to(device) for t in padded([train_ids[i] for i in mine], pad_id))
         forward, ascent = (engine, engine.module) if engine else (model, model)
         lr = schedule.get_last_lr()[0]
-        losses = objective(lambda d: forward(input_ids, mask, d), lambda d: ascent(input_ids, mask, d)[0], train_labels[mine].to(device),
-                           adversarial, step, real=mask, teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]), carry=carry,
-                           adversaries=adversaries)
+        losses = objective(
+            lambda d: forward(input_ids, mask, d),
+            lambda d: ascent(input_ids, mask, d)[0],
+            train_labels[mine].to(device),
+            adversarial,
+            step,
+            real=mask,
+            teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]),
+            carry=carry,
+            adversaries=adversaries,
+        )
         if engine:
             out = run_objective(losses, accumulating_backward(engine, passes(adversarial, step)))
             engine.step()
@@ -176,13 +205,28 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             companion.after_step(engine.module if engine else model, lr)
         position += at_boundary(adversarial, step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            history.append({"step": step + 1, "loss": out.loss.item(), "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id, device=device)})
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": out.loss.item(),
+                    "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id, device=device),
+                }
+            )
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
             if progress.disable and rank == 0:  # no terminal (piped, logged): a line per evaluation instead of the bar
-                print(f"seed {seed} ({args.method}): step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev accuracy "
-                      f"{history[-1]['dev_accuracy']:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s", flush=True)
-    result = {"seed": seed, "steps": total, "ranks": world, "seconds": time.perf_counter() - started,
-              "dev_accuracy": history[-1]["dev_accuracy"], "history": history}
+                print(
+                    f"seed {seed} ({args.method}): step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev accuracy "
+                    f"{history[-1]['dev_accuracy']:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s",
+                    flush=True,
+                )
+    result = {
+        "seed": seed,
+        "steps": total,
+        "ranks": world,
+        "seconds": time.perf_counter() - started,
+        "dev_accuracy": history[-1]["dev_accuracy"],
+        "history": history,
+    }
     if task.adversarial:
         adv_ids, adv_labels = encode(tokenizer, task.adversarial, args.max_length)
         result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id, device=device)
@@ -208,8 +252,15 @@ def _deepspeed_config(args, world: int) -> dict:
     """The ZeRO settings of --deepspeed's JSON, with the batch split over the ranks (fp32 on CPU)."""
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
-    run = SimpleNamespace(deepspeed=args.deepspeed, train=SimpleNamespace(global_batch_size=args.batch_size,
-                          micro_batch_size=args.batch_size // world, grad_clip=1.0, precision=args.precision))
+    run = SimpleNamespace(
+        deepspeed=args.deepspeed,
+        train=SimpleNamespace(
+            global_batch_size=args.batch_size,
+            micro_batch_size=args.batch_size // world,
+            grad_clip=1.0,
+            precision=args.precision,
+        ),
+    )
     return deepspeed_config(run, world)
 
 
@@ -218,7 +269,9 @@ def _save(model: Classifier, weights: dict[str, Tensor], tokenizer, task: Task, 
     model.hf.config.id2label = dict(enumerate(task.labels))
     model.hf.config.label2id = {name: i for i, name in enumerate(task.labels)}
     model.hf.save_pretrained(str(out), state_dict=weights)
-    model.hf.config.dtype = "float32"  # save_pretrained wrote the module's dtype (bf16 under DeepSpeed bf16), not the weights'
+    model.hf.config.dtype = (
+        "float32"  # save_pretrained wrote the module's dtype (bf16 under DeepSpeed bf16), not the weights'
+    )
     model.hf.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     atomic.write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
@@ -229,12 +282,24 @@ def summarise(task: Task, args, results: list[dict]) -> dict:
         values = [r[key] for r in results if key in r]
         if not values:
             return None
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+        return {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+        }
 
-    return {"task": task.name, "model": str(args.model), "method": args.method, "alpha": args.alpha, "labels": list(task.labels),
-            "dev_majority_baseline": majority(task.dev, len(task.labels)), "dev_accuracy": spread("dev_accuracy"),
-            "advglue_majority_baseline": majority(task.adversarial, len(task.labels)) if task.adversarial else None,
-            "advglue_accuracy": spread("advglue_accuracy"), "seeds": results}
+    return {
+        "task": task.name,
+        "model": str(args.model),
+        "method": args.method,
+        "alpha": args.alpha,
+        "labels": list(task.labels),
+        "dev_majority_baseline": majority(task.dev, len(task.labels)),
+        "dev_accuracy": spread("dev_accuracy"),
+        "advglue_majority_baseline": majority(task.adversarial, len(task.labels)) if task.adversarial else None,
+        "advglue_accuracy": spread("advglue_accuracy"),
+        "seeds": results,
+    }
 
 
 def majority(examples, num_labels: int) -> float:
@@ -258,8 +323,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="for sst2/rte: the GLUE task directory (train.tsv, dev.tsv)")
     p.add_argument("--advglue", help="AdvGLUE dev.json: also report accuracy on the task's adversarial subset")
     p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
-    p.add_argument("--method", choices=["standard", *METHODS[1:]], default="standard",
-                   help="standard cross-entropy, or an adversarial method (pipeline/methods/adversarial.py) at its defaults")
+    p.add_argument(
+        "--method",
+        choices=["standard", *METHODS[1:]],
+        default="standard",
+        help="standard cross-entropy, or an adversarial method (pipeline/methods/adversarial.py) at its defaults",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the ALUM term (the paper fine-tunes with 1)")
     p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (linear warm-up and decay)")
@@ -268,10 +337,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     p.add_argument("--eval-every", type=int, default=500, help="dev accuracy every N steps (and at the end)")
-    p.add_argument("--deepspeed", metavar="JSON", help="train with DeepSpeed (ZeRO settings from this file, e.g. "
-                   "configs/deepspeed/zero2.json), one rank per process: deepspeed --num_gpus N --module pipeline.finetune ...")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="with --deepspeed: auto is bf16 where the accelerator supports it, else fp32; the saved model is fp32 either way")
+    p.add_argument(
+        "--deepspeed",
+        metavar="JSON",
+        help="train with DeepSpeed (ZeRO settings from this file, e.g. "
+        "configs/deepspeed/zero2.json), one rank per process: deepspeed --num_gpus N --module pipeline.finetune ...",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="with --deepspeed: auto is bf16 where the accelerator supports it, else fp32; the saved model is fp32 either way",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -298,21 +375,28 @@ def run(args) -> dict:
         done = out / f"seed-{seed}" / "result.json"
         results.append(json.loads(done.read_text()) if done.is_file() else finetune_seed(args, task, seed))
         line = f"seed {seed}: dev accuracy {results[-1]['dev_accuracy']:.4f}"
-        say(line + (f", AdvGLUE {results[-1]['advglue_accuracy']:.4f}" if "advglue_accuracy" in results[-1] else ""), flush=True)
+        say(
+            line + (f", AdvGLUE {results[-1]['advglue_accuracy']:.4f}" if "advglue_accuracy" in results[-1] else ""),
+            flush=True,
+        )
     summary = summarise(task, args, results)
     if rank == 0:
         atomic.write_bytes(out / RESULTS, (json.dumps(summary, indent=1) + "\n").encode())
     for split in ("dev", "advglue"):
         if summary[f"{split}_accuracy"]:
             numbers = summary[f"{split}_accuracy"]
-            say(f"{split} accuracy: {numbers['mean']:.4f} +- {numbers['std']:.4f} over {numbers['n']} seeds "
-                f"(majority-class baseline {summary[f'{split}_majority_baseline']:.4f})")
+            say(
+                f"{split} accuracy: {numbers['mean']:.4f} +- {numbers['std']:.4f} over {numbers['n']} seeds "
+                f"(majority-class baseline {summary[f'{split}_majority_baseline']:.4f})"
+            )
     say(f"results: {out / RESULTS}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alum finetune", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="alum finetune", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
     add_arguments(parser)
     try:
         run(parser.parse_args(argv))

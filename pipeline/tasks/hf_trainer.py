@@ -48,10 +48,14 @@ class AdversarialTrainer(Trainer):
 
     def __init__(self, *args, adversarial: AdversarialConfig, **kwargs):
         if kwargs.get("model_init") is not None:
-            raise ValueError("AdversarialTrainer needs model=, not model_init (which replaces the model the perturbation hooks into)")
+            raise ValueError(
+                "AdversarialTrainer needs model=, not model_init (which replaces the model the perturbation hooks into)"
+            )
         if adversarial.method in NOT_HERE:
-            raise ValueError(f"AdversarialTrainer: adversarial.method={adversarial.method} needs more than Trainer's one backward per "
-                             "batch and optimizer; use `alum finetune`, or pipeline.methods.adversarial.run_objective in your own loop")
+            raise ValueError(
+                f"AdversarialTrainer: adversarial.method={adversarial.method} needs more than Trainer's one backward per "
+                "batch and optimizer; use `alum finetune`, or pipeline.methods.adversarial.run_objective in your own loop"
+            )
         super().__init__(*args, **kwargs)
         self.adversarial = adversarial
         # On Trainer's core model (self.model), whatever wrapper training later runs it in.
@@ -74,7 +78,9 @@ class AdversarialTrainer(Trainer):
             return self.perturbation.run(delta, lambda: self.model(**inputs))[0].logits
 
         config = self.adversarial if model.training else CLEAN
-        losses = compute_losses(forward, ascent_forward, labels, config, self.state.global_step, real=inputs.get("attention_mask"))
+        losses = compute_losses(
+            forward, ascent_forward, labels, config, self.state.global_step, real=inputs.get("attention_mask")
+        )
         if model.training:
             self._adv_sum = self._adv_sum.to(losses.loss_adv.device) + losses.loss_adv.detach()
             self._adv_count += 1

@@ -34,19 +34,29 @@ from tqdm import tqdm
 
 from data_prep import atomic
 from data_prep.errors import UserError
-from pipeline.core.help_format import DefaultsHelpFormatter
 from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokenizer
+from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
-from pipeline.train.validation import EVAL_SEED_OFFSET
 from pipeline.model.perturbation import token_scale
+from pipeline.train.validation import EVAL_SEED_OFFSET
 
 SUBSTITUTION_SEED_OFFSET = 104729  # keeps substitution draws unrelated to the masking's
 
 
-def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val", batches: int = 50, batch_size: int = 32,
-                   mask_rate: float = 0.15, seed: int = 0, radii=(0.1, 0.3), pgd_steps: int = 3,
-                   substitution_rates=(0.1,), tokenizer: str | Path | None = None) -> dict:
+def evaluate_model(
+    model_dir: str | Path,
+    shards: str | Path,
+    split: str = "val",
+    batches: int = 50,
+    batch_size: int = 32,
+    mask_rate: float = 0.15,
+    seed: int = 0,
+    radii=(0.1, 0.3),
+    pgd_steps: int = 3,
+    substitution_rates=(0.1,),
+    tokenizer: str | Path | None = None,
+) -> dict:
     """Clean, perturbed and substituted MLM metrics of an HF model directory on a shard split.
 
     Every input is checked before the model is loaded, so a typo costs no loading time."""
@@ -62,8 +72,10 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val"
     info = _tokenizer(model_dir, tokenizer)
     fingerprint = dataset.manifest["tokenizer"]["sha256"]
     if fingerprint != info.sha256:
-        raise UserError(f"{shards}: shards were built with another tokenizer (sha256 {fingerprint[:12]}) "
-                        f"than {info.path} ({info.sha256[:12]})")
+        raise UserError(
+            f"{shards}: shards were built with another tokenizer (sha256 {fingerprint[:12]}) "
+            f"than {info.path} ({info.sha256[:12]})"
+        )
     model = _load_model(model_dir, info, dataset.seq_len)
     device = next(model.parameters()).device
 
@@ -76,13 +88,23 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val"
     eligible_tokens, replaced = 0, np.zeros(len(substitution_rates), dtype=np.int64)
 
     def scored(logits, labels) -> np.ndarray:
-        return np.array([F.cross_entropy(logits.float(), labels, reduction="sum").item(), (logits.argmax(-1) == labels).sum().item()])
+        return np.array(
+            [
+                F.cross_entropy(logits.float(), labels, reduction="sum").item(),
+                (logits.argmax(-1) == labels).sum().item(),
+            ]
+        )
 
     for start in tqdm(range(0, rows, batch_size), desc="eval", unit="batch", disable=None):
         indices = np.arange(start, min(start + batch_size, rows))
         batch = masked_batch(dataset, indices, 0, seed + EVAL_SEED_OFFSET, mask_rate, vocab)
         on_device = batch.on(device)
-        ids, mask, masked_index, labels = on_device.input_ids, on_device.attention_mask, on_device.masked_index, on_device.labels
+        ids, mask, masked_index, labels = (
+            on_device.input_ids,
+            on_device.attention_mask,
+            on_device.masked_index,
+            on_device.labels,
+        )
         label_counts += np.bincount(batch.labels.numpy(), minlength=info.vocab_size)
         with torch.no_grad():
             logits, embedded = model(ids, mask, masked_index)
@@ -106,12 +128,19 @@ def evaluate_model(model_dir: str | Path, shards: str | Path, split: str = "val"
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": float(sums[1]) / tokens}
 
     return {
-        "model": str(model_dir), "shards": str(shards), "split": split, "rows": rows, "batch_size": batch_size,
-        "mask_rate": mask_rate, "seed": seed,
+        "model": str(model_dir),
+        "shards": str(shards),
+        "split": split,
+        "rows": rows,
+        "batch_size": batch_size,
+        "mask_rate": mask_rate,
+        "seed": seed,
         "clean": {**metrics(clean), "tokens": tokens, "commonest_token_accuracy": int(label_counts.max()) / tokens},
         "perturbation": [{"radius": r, "steps": pgd_steps, **metrics(sums)} for r, sums in zip(radii, attacked)],
-        "substitution": [{"rate": p, "substituted_share": int(n) / max(eligible_tokens, 1), **metrics(sums)}
-                         for p, n, sums in zip(substitution_rates, replaced, substituted)],
+        "substitution": [
+            {"rate": p, "substituted_share": int(n) / max(eligible_tokens, 1), **metrics(sums)}
+            for p, n, sums in zip(substitution_rates, replaced, substituted)
+        ],
     }
 
 
@@ -135,11 +164,15 @@ def _tokenizer(model_dir: Path, tokenizer_dir: str | Path | None) -> TokenizerIn
     own = load_tokenizer(model_dir) if holds_tokenizer(model_dir) else None
     given = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if own is None and given is None:
-        raise UserError(f"--model: {model_dir}: holds no tokenizer files; "
-                        "pass --tokenizer, the tokenizer directory the model was trained with")
+        raise UserError(
+            f"--model: {model_dir}: holds no tokenizer files; "
+            "pass --tokenizer, the tokenizer directory the model was trained with"
+        )
     if own is not None and given is not None and own.sha256 != given.sha256:
-        raise UserError(f"--tokenizer: {given.path} (sha256 {given.sha256[:12]}) is not the tokenizer of "
-                        f"--model {model_dir} ({own.sha256[:12]})")
+        raise UserError(
+            f"--tokenizer: {given.path} (sha256 {given.sha256[:12]}) is not the tokenizer of "
+            f"--model {model_dir} ({own.sha256[:12]})"
+        )
     return own or given
 
 
@@ -152,7 +185,9 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
 
     try:
         config = hf_config(str(model_dir), info.vocab_size, info.special_token_ids, seq_len)
-        hf = AutoModelForMaskedLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32, local_files_only=True)
+        hf = AutoModelForMaskedLM.from_pretrained(
+            str(model_dir), config=config, dtype=torch.float32, local_files_only=True
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"--model: {model_dir}: cannot be loaded ({str(e).strip().splitlines()[0]})") from None
     model = MaskedLM(hf, "embedding_output").eval().requires_grad_(False)
@@ -193,9 +228,11 @@ def format_table(results: dict) -> str:
     rows += [(f"embedding PGD r={p['radius']:g} ({p['steps']} steps)", p) for p in results["perturbation"]]
     rows += [(f"token substitution p={s['rate']:g}", s) for s in results["substitution"]]
     width = max(len(name) for name in ("condition", *(name for name, _ in rows)))
-    lines = [f"{results['model']} on {results['shards']} ({results['split']}): {results['rows']:,} rows, "
-             f"{clean['tokens']:,} masked tokens (mask rate {results['mask_rate']:g}, seed {results['seed']})",
-             f"{'condition':<{width}}  {'loss':>8}  {'ppl':>10}  {'accuracy':>8}"]
+    lines = [
+        f"{results['model']} on {results['shards']} ({results['split']}): {results['rows']:,} rows, "
+        f"{clean['tokens']:,} masked tokens (mask rate {results['mask_rate']:g}, seed {results['seed']})",
+        f"{'condition':<{width}}  {'loss':>8}  {'ppl':>10}  {'accuracy':>8}",
+    ]
     for name, m in rows:
         lines.append(f"{name:<{width}}  {m['loss']:8.4f}  {m['ppl']:10.2f}  {m['accuracy']:8.4f}")
     lines[2] += f"  (commonest token: {clean['commonest_token_accuracy']:.4f})"
@@ -206,27 +243,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an `alum export` (or any HF BERT/RoBERTa masked-LM) directory")
     p.add_argument("--shards", required=True, help="a shard directory made with the model's tokenizer")
     p.add_argument("--split", default="val", help="the shard split to evaluate on")
-    p.add_argument("--tokenizer", default=None, help="the tokenizer directory, for a model directory without tokenizer files")
+    p.add_argument(
+        "--tokenizer", default=None, help="the tokenizer directory, for a model directory without tokenizer files"
+    )
     p.add_argument("--batches", type=int, default=50, help="batches evaluated (fewer if the split is smaller)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per batch")
     p.add_argument("--mask-rate", type=float, default=0.15, help="share of tokens masked")
     p.add_argument("--seed", type=int, default=0, help="masking seed; a run's train.seed masks like its validation")
-    p.add_argument("--radius", type=float, nargs="*", default=[0.1, 0.3], metavar="R",
-                   help="linf radii of the embedding PGD, in units of each token's embedding RMS (none: skip)")
+    p.add_argument(
+        "--radius",
+        type=float,
+        nargs="*",
+        default=[0.1, 0.3],
+        metavar="R",
+        help="linf radii of the embedding PGD, in units of each token's embedding RMS (none: skip)",
+    )
     p.add_argument("--pgd-steps", type=int, default=3, help="ascent steps of the embedding attack")
-    p.add_argument("--substitution-rate", type=float, nargs="*", default=[0.1], metavar="P",
-                   help="shares of unmasked tokens replaced by random ones (none: skip)")
+    p.add_argument(
+        "--substitution-rate",
+        type=float,
+        nargs="*",
+        default=[0.1],
+        metavar="P",
+        help="shares of unmasked tokens replaced by random ones (none: skip)",
+    )
     p.add_argument("--out", default=None, help="results JSON (default: MODEL/eval-SPLIT.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alum eval", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="alum eval", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{args.split}.json"
     try:
-        results = evaluate_model(args.model, args.shards, args.split, args.batches, args.batch_size, args.mask_rate, args.seed,
-                                 args.radius, args.pgd_steps, args.substitution_rate, args.tokenizer)
+        results = evaluate_model(
+            args.model,
+            args.shards,
+            args.split,
+            args.batches,
+            args.batch_size,
+            args.mask_rate,
+            args.seed,
+            args.radius,
+            args.pgd_steps,
+            args.substitution_rate,
+            args.tokenizer,
+        )
     except UserError as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,14 @@ NONFINITE = {"nan", "inf", "-inf"}
 # grid order; the last grid cell holds the run legend.
 PANELS = (
     ("loss", "training loss", "loss", {"train/loss": "total", "train/loss_mlm": "standard (MLM)"}, False, False),
-    ("adversarial", "adversarial loss (symmetric KL; zero before ALUM starts: not drawn)", "loss (log scale)", {"train/loss_adv": "adversarial"}, True, False),
+    (
+        "adversarial",
+        "adversarial loss (symmetric KL; zero before ALUM starts: not drawn)",
+        "loss (log scale)",
+        {"train/loss_adv": "adversarial"},
+        True,
+        False,
+    ),
     ("eval", "eval perplexity", "perplexity (log scale)", {"eval/ppl": "eval"}, True, True),
     ("mask_rate", "mask rate", "fraction of tokens masked", {"train/mask_rate": "mask rate"}, False, False),
     ("lr", "learning rate", "learning rate", {"train/lr": "lr"}, False, False),
@@ -120,8 +127,19 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
                 if not any(shown):
                     continue
                 # NaN breaks the line, so a step that cannot be drawn shows as a gap, not a bridge.
-                ax.plot(steps, [v if ok else math.nan for v, ok in zip(values, shown)], color=f"C{colour}", linestyle=style, linewidth=_width(colour, len(runs)), marker="o" if markers else None, markersize=5)
-                drawn[label].setdefault(panel, {})[key] = ([s for s, ok in zip(steps, shown) if ok], [v for v, ok in zip(values, shown) if ok])
+                ax.plot(
+                    steps,
+                    [v if ok else math.nan for v, ok in zip(values, shown)],
+                    color=f"C{colour}",
+                    linestyle=style,
+                    linewidth=_width(colour, len(runs)),
+                    marker="o" if markers else None,
+                    markersize=5,
+                )
+                drawn[label].setdefault(panel, {})[key] = (
+                    [s for s, ok in zip(steps, shown) if ok],
+                    [v for v, ok in zip(values, shown) if ok],
+                )
         if log:
             ax.set_yscale("log")
         elif panel == "lr":
@@ -129,7 +147,12 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
         if not any(panel in by_panel for by_panel in drawn.values()):
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
         if len(keys) > 1:
-            ax.legend([Line2D([], [], color="black", linestyle=s) for s in LINESTYLES], keys.values(), loc="upper right", fontsize=9)
+            ax.legend(
+                [Line2D([], [], color="black", linestyle=s) for s in LINESTYLES],
+                keys.values(),
+                loc="upper right",
+                fontsize=9,
+            )
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -137,7 +160,15 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     legend_ax.axis("off")
-    legend_ax.legend([Line2D([], [], color=f"C{i}", linewidth=3) for i in range(len(labels))], labels, title="runs", loc="center", fontsize=11, title_fontsize=12, frameon=False)
+    legend_ax.legend(
+        [Line2D([], [], color=f"C{i}", linewidth=3) for i in range(len(labels))],
+        labels,
+        title="runs",
+        loc="center",
+        fontsize=11,
+        title_fontsize=12,
+        frameon=False,
+    )
     fig.tight_layout()
 
     tmp = atomic.temporary_name(out)
@@ -151,8 +182,14 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     """`alum plot`: exit 0 with the picture written, or 2 with a one-line error on stderr."""
-    parser = argparse.ArgumentParser(prog="alum plot", description="Plot training curves of runs from their metrics.jsonl.", formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--run-dir", action="append", required=True, type=Path, help="a run directory; repeat to overlay runs")
+    parser = argparse.ArgumentParser(
+        prog="alum plot",
+        description="Plot training curves of runs from their metrics.jsonl.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir", action="append", required=True, type=Path, help="a run directory; repeat to overlay runs"
+    )
     parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
     parser.add_argument("--labels", help="comma-separated legend names, one per --run-dir (default: directory names)")
     args = parser.parse_args(argv)

@@ -28,22 +28,24 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 import deepspeed.comm as dist
+import torch
 
 from data_prep import atomic
 from data_prep.errors import UserError
-from pipeline.train import weights_only
-from pipeline.methods.freeat import at_boundary
-from pipeline.train.integrity import file_digests
 from pipeline.core.rng import RngState, restore_saved
+from pipeline.methods.freeat import at_boundary
+from pipeline.train import weights_only
+from pipeline.train.integrity import file_digests
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "complete.json"
 UNIVERSAL = "universal"
 # torch.save's messages for a write that failed (see `_failed_write`).
-TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc.*unexpected pos|PytorchStreamWriter failed writing|basic_ios::clear: iostream error")
+TORCH_WRITE_FAILED = re.compile(
+    r"inline_container\.cc.*unexpected pos|PytorchStreamWriter failed writing|basic_ios::clear: iostream error"
+)
 TAG = re.compile(r"step\d{8,}")  # the names tag_for gives: nothing else in checkpoints/ is ever removed
 # What DeepSpeed's universal conversion needs to find in a checkpoint's client state.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
@@ -104,7 +106,11 @@ def remove_partial(run_dir: Path, after: str | None) -> list[str]:
     will write those steps again, so nothing in them is ever read.
     """
     root = Path(run_dir) / CHECKPOINTS
-    partial = sorted(p for p in root.glob("step*") if TAG.fullmatch(p.name) and p.is_dir() and not is_complete(p) and (after is None or p.name > after))
+    partial = sorted(
+        p
+        for p in root.glob("step*")
+        if TAG.fullmatch(p.name) and p.is_dir() and not is_complete(p) and (after is None or p.name > after)
+    )
     for path in partial:
         shutil.rmtree(path)
     return [p.name for p in partial]
@@ -128,7 +134,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
 
     def write_files():
         try:
-            engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, **UNIVERSAL_INFO}, save_latest=False)
+            engine.save_checkpoint(
+                str(root), tag=tag, client_state={**client_state, **UNIVERSAL_INFO}, save_latest=False
+            )
         except Exception as e:
             if _failed_write(e):
                 dist.barrier()  # the one DeepSpeed's save ends with: the other ranks are waiting in it
@@ -137,7 +145,11 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
         _fsync_tree(root / tag)
 
     def commit():
-        names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file() and p != root / tag / COMPLETE)
+        names = sorted(
+            str(p.relative_to(root / tag))
+            for p in (root / tag).rglob("*")
+            if p.is_file() and p != root / tag / COMPLETE
+        )
         record = {"step": step, "world_size": dist.get_world_size(), "files": file_digests(root / tag, names)}
         atomic.write_json(root / tag / COMPLETE, record)
         atomic.write_bytes(root / LATEST, tag.encode())
@@ -197,8 +209,10 @@ def _agreed(action, tag_dir: Path) -> None:
     if dist.get_rank() == 0:
         shutil.rmtree(tag_dir, ignore_errors=True)
     previous, _ = latest_complete(tag_dir.parent.parent)
-    raise SaveFailed(f"checkpoint {tag_dir.name} not saved ({first}); it was removed, and "
-                     f"{previous or 'no checkpoint'} stays the latest complete one")
+    raise SaveFailed(
+        f"checkpoint {tag_dir.name} not saved ({first}); it was removed, and "
+        f"{previous or 'no checkpoint'} stays the latest complete one"
+    )
 
 
 def _repair_zero3_universal_load(optimizer, weight_decay: list[float]) -> None:
@@ -233,7 +247,10 @@ def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
     weight_decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
     try:
         path, client_state = engine.load_checkpoint(
-            str(load_dir), tag=load_tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer,
+            str(load_dir),
+            tag=load_tag,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
             load_module_only=not load_optimizer,
         )
     except RuntimeError as e:
@@ -266,15 +283,26 @@ def _convert_to_universal(tag_dir: Path, target: Path) -> None:
 
     weights_only.enforce()
     with atomic.directory(target, replace=True) as partial:
-        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
-                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        args = argparse.Namespace(
+            input_folder=str(tag_dir),
+            output_folder=str(partial),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 ds_to_universal.main(args)
         except Exception as e:
-            raise RuntimeError(f"{tag_dir}: conversion to a universal checkpoint failed: {e}\n{log.getvalue()[-2000:]}") from e
-        (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal; we name the directory ourselves
+            raise RuntimeError(
+                f"{tag_dir}: conversion to a universal checkpoint failed: {e}\n{log.getvalue()[-2000:]}"
+            ) from e
+        (tag_dir / "latest_universal").unlink(
+            missing_ok=True
+        )  # written by ds_to_universal; we name the directory ourselves
         atomic.write_json(partial / COMPLETE, {"source": tag_dir.name})
         _fsync_tree(partial)
 
@@ -288,14 +316,22 @@ class Checkpointer:
     def __init__(self, engine, run_dir: Path, config, world_size: int, companion=None):
         """`config`: the RunConfig; `companion`: a `pipeline.methods.companion`, saved in the client state."""
         self.engine, self.run_dir, self.world_size, self.companion = engine, run_dir, world_size, companion
-        self.every, self.keep_last, self.max_steps = config.checkpoint.every_steps, config.checkpoint.keep_last, config.train.max_steps
+        self.every, self.keep_last, self.max_steps = (
+            config.checkpoint.every_steps,
+            config.checkpoint.keep_last,
+            config.train.max_steps,
+        )
         self.adversarial = config.adversarial
 
     def due(self, state, stop: bool) -> bool:
         """Also never inside a batch's FreeAT replays (their perturbation is not saved), except at train.max_steps."""
         if state.step == self.max_steps:
             return state.bad_streak == 0
-        return state.bad_streak == 0 and (stop or state.step % self.every == 0) and at_boundary(self.adversarial, state.step)
+        return (
+            state.bad_streak == 0
+            and (stop or state.step % self.every == 0)
+            and at_boundary(self.adversarial, state.step)
+        )
 
     def save(self, state) -> str:
         client = state.client_state(self.world_size)

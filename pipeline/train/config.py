@@ -31,8 +31,8 @@ import yaml
 from data_prep.errors import UserError
 from pipeline.core import checks
 from pipeline.core.yaml_mapping import read_yaml_mapping
-from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.data.curriculum import MaskSchedule
+from pipeline.methods.adversarial import AdversarialConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -43,7 +43,9 @@ PATH_KEYS = ("data.shards", "data.tokenizer", "model.config", "model.init_from",
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""  # a directory written by `alum shard`
-    tokenizer: str = ""  # the tokenizer directory the shards were made with (checked by fingerprint); default: model.init_from
+    tokenizer: str = (
+        ""  # the tokenizer directory the shards were made with (checked by fingerprint); default: model.init_from
+    )
     train_split: str = "train"
     val_split: str = "val"
 
@@ -51,7 +53,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     config: str = str(CONFIGS / "models" / "tiny.yaml")  # a model-size YAML, or an HF config/model directory
-    init_from: str | None = None  # an HF model directory (as published, or `alum export`): continual pretraining from its weights, config and tokenizer
+    init_from: str | None = (
+        None  # an HF model directory (as published, or `alum export`): continual pretraining from its weights, config and tokenizer
+    )
     activation_checkpointing: bool = False
 
 
@@ -73,10 +77,16 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     max_bad_steps: int = 5  # consecutive non-finite losses before the run aborts
-    threads_per_rank: int = 0  # torch threads per process; 0 = the job's cores (CPU affinity, as SLURM binds) / local ranks
-    peak_tflops: float = 0.0  # per accelerator, for perf/mfu; 0: known GPUs by name (pipeline/train/flops.py), else no perf/mfu
+    threads_per_rank: int = (
+        0  # torch threads per process; 0 = the job's cores (CPU affinity, as SLURM binds) / local ranks
+    )
+    peak_tflops: float = (
+        0.0  # per accelerator, for perf/mfu; 0: known GPUs by name (pipeline/train/flops.py), else no perf/mfu
+    )
     stop_signals: str = "SIGTERM,SIGUSR1,SIGINT"  # any of these to any rank: checkpoint at the next step, exit 0 (pipeline/train/stop.py)
-    dist_timeout_s: float = 600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
+    dist_timeout_s: float = (
+        600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
@@ -93,8 +103,10 @@ class TrainConfig:
         checks.number("peak_tflops", self.peak_tflops, note=" (0: known GPUs by name)")
         checks.integer("decay_steps", self.decay_steps, minimum=0, note=" (0: max_steps)")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(f"global_batch_size: must be a multiple of micro_batch_size ({self.micro_batch_size}), "
-                             f"got {self.global_batch_size}")
+            raise ValueError(
+                f"global_batch_size: must be a multiple of micro_batch_size ({self.micro_batch_size}), "
+                f"got {self.global_batch_size}"
+            )
         checks.choice("precision", self.precision, PRECISIONS)
         for name in self.signal_names():
             if not name.startswith("SIG") or not hasattr(signal, name):
@@ -139,7 +151,9 @@ class WandbConfig:
     name: str | None = None
     entity: str | None = None
     init_timeout_s: float = 90.0  # how long an online run waits for the W&B server at start (W&B's default)
-    fallback: str = "offline"  # online and no server within init_timeout_s: offline (log locally, `wandb sync` later) | error
+    fallback: str = (
+        "offline"  # online and no server within init_timeout_s: offline (log locally, `wandb sync` later) | error
+    )
 
     def __post_init__(self) -> None:
         checks.choice("mode", self.mode, ("online", "offline", "disabled"))
@@ -203,18 +217,26 @@ def _absolute_paths(data: dict, base: Path) -> None:
 
 def missing_paths(config: "RunConfig") -> None:
     """Every path of the config that does not exist, in one error (before any set-up)."""
-    paths = {"data.shards": config.data.shards, "data.tokenizer": config.data.tokenizer,
-             "model.config": None if config.model.init_from else config.model.config, "model.init_from": config.model.init_from,
-             "checkpoint.init_from": config.checkpoint.init_from,
-             "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else None}
+    paths = {
+        "data.shards": config.data.shards,
+        "data.tokenizer": config.data.tokenizer,
+        "model.config": None if config.model.init_from else config.model.config,
+        "model.init_from": config.model.init_from,
+        "checkpoint.init_from": config.checkpoint.init_from,
+        "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else None,
+    }
     placeholders = [key for key, value in paths.items() if value and value.startswith(PLACEHOLDER)]
     if placeholders:
-        raise UserError(f"{', '.join(placeholders)}: still the config's placeholder ({paths[placeholders[0]]}); "
-                        f"set {placeholders[0]}=... on the command line or in the config")
+        raise UserError(
+            f"{', '.join(placeholders)}: still the config's placeholder ({paths[placeholders[0]]}); "
+            f"set {placeholders[0]}=... on the command line or in the config"
+        )
     missing = [f"{key}: {value}" for key, value in paths.items() if value and not Path(value).exists()]
     if missing:
-        raise UserError(f"no such file or directory: {'; '.join(missing)} (paths in a config file are relative to it, "
-                        "on the command line to the current folder)")
+        raise UserError(
+            f"no such file or directory: {'; '.join(missing)} (paths in a config file are relative to it, "
+            "on the command line to the current folder)"
+        )
 
 
 def _apply_override(data: dict, item: str) -> None:
@@ -256,7 +278,11 @@ def _build(cls, data: Any, prefix: str):
 def _convert(kind, value: Any, key: str):
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, f"{key}.")
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    options = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else (kind,)
+    )
     if value is None:
         if type(None) in options:
             return None
@@ -291,7 +317,9 @@ def _require_data(config: RunConfig) -> None:
     if not config.data.shards:
         raise UserError("data.shards: must be set to a directory written by `alum shard`")
     if not config.data.tokenizer:
-        raise UserError("data.tokenizer: must be set to the tokenizer directory the shards were made with (or set model.init_from)")
+        raise UserError(
+            "data.tokenizer: must be set to the tokenizer directory the shards were made with (or set model.init_from)"
+        )
 
 
 def to_dict(config: RunConfig) -> dict:

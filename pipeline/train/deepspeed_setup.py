@@ -19,7 +19,13 @@ from data_prep.errors import UserError
 
 def deepspeed_config(config, world_size: int) -> dict:
     ds = _load(config.deepspeed)
-    for key in ("optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in (
+        "optimizer",
+        "scheduler",
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+    ):
         if key in ds:
             raise UserError(f"deepspeed: remove {key!r}; it comes from the train section of the run config")
     train = config.train
@@ -57,8 +63,10 @@ def resolved_precision(precision: str) -> str:
     has = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported(), "fp32": True}
     if not has[precision]:
         supported = " or ".join(p for p, yes in has.items() if yes)
-        raise UserError(f"train.precision={precision}: this machine's accelerator ({accelerator.device_name()}) "
-                        f"does not support {precision}; use {supported}")
+        raise UserError(
+            f"train.precision={precision}: this machine's accelerator ({accelerator.device_name()}) "
+            f"does not support {precision}; use {supported}"
+        )
     return precision
 
 

@@ -25,7 +25,6 @@ from data_prep.cores import usable_cores
 from data_prep.differences import first_difference
 from data_prep.errors import UserError
 
-
 _joined = False  # this process has been in a process group (see exit_process)
 
 
@@ -33,20 +32,31 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
     """Join (or, started alone, create) the process group on the accelerator's backend."""
     global _joined
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         # Object collectives (on_every_rank, check_same_config, resume's broadcast) run before
         # deepspeed.initialize and put their tensors on the *current* device, which
         # init_process_group does not set: without this every rank would use device 0.
         if "LOCAL_RANK" not in os.environ:
-            raise UserError(f"rank {os.environ['RANK']}: RANK is set but LOCAL_RANK is not, so the GPU of this process is unknown; "
-                            "start the ranks with deepspeed or torchrun, which set both")
+            raise UserError(
+                f"rank {os.environ['RANK']}: RANK is set but LOCAL_RANK is not, so the GPU of this process is unknown; "
+                "start the ranks with deepspeed or torchrun, which set both"
+            )
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     _announce_op_build(accelerator)
     try:
         with _without_built_notice():
-            deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s))
+            deepspeed.init_distributed(
+                dist_backend=accelerator.communication_backend_name(), timeout=datetime.timedelta(seconds=timeout_s)
+            )
     except torch.distributed.DistError as e:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise UserError(
@@ -78,7 +88,11 @@ def _without_built_notice():
         with contextlib.redirect_stdout(captured):
             yield
     finally:
-        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not line.rstrip().endswith("built successfully")]
+        kept = [
+            line
+            for line in captured.getvalue().splitlines(keepends=True)
+            if not line.rstrip().endswith("built successfully")
+        ]
         sys.stdout.write("".join(kept))
         sys.stdout.flush()
 

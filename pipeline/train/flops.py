@@ -26,8 +26,10 @@ _DATA_SHEETS = (
     (("NVIDIA H100 80GB HBM3", "NVIDIA H200"), {"bf16": 989, "fp16": 989, "fp32": 67}),
     (("NVIDIA H100 NVL", "NVIDIA H200 NVL"), {"bf16": 835, "fp16": 835, "fp32": 60}),
     (("NVIDIA H100 PCIe",), {"bf16": 756, "fp16": 756, "fp32": 51}),
-    (("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe"),
-     {"bf16": 312, "fp16": 312, "fp32": 19.5}),
+    (
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe"),
+        {"bf16": 312, "fp16": 312, "fp32": 19.5},
+    ),
     (("NVIDIA L40S",), {"bf16": 362, "fp16": 362, "fp32": 91.6}),
     (("NVIDIA L40",), {"bf16": 181, "fp16": 181, "fp32": 90.5}),
     (("NVIDIA L4",), {"bf16": 121, "fp16": 121, "fp32": 30.3}),
@@ -48,8 +50,14 @@ def flops_per_token(hidden: int, layers: int, intermediate: int, vocab: int, seq
 
 
 def model_flops_per_token(hf_config, seq_len: int, mask_rate: float) -> float:
-    return flops_per_token(hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.intermediate_size,
-                           hf_config.vocab_size, seq_len, mask_rate)
+    return flops_per_token(
+        hf_config.hidden_size,
+        hf_config.num_hidden_layers,
+        hf_config.intermediate_size,
+        hf_config.vocab_size,
+        seq_len,
+        mask_rate,
+    )
 
 
 def peak_flops(device_name: str, precision: str, configured_tflops: float) -> float | None:

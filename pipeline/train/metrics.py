@@ -45,7 +45,11 @@ class MetricsLogger:
     def _truncate(self, resume_step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if (record := _parse(line)) and record["step"] <= resume_step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if (record := _parse(line)) and record["step"] <= resume_step
+        ]
         atomic.write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
     def log(self, step: int, record: dict) -> None:
@@ -57,9 +61,15 @@ class MetricsLogger:
         if self.run is not None:
             try:
                 self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            except OSError as e:  # its service was killed: a Ctrl-C to DeepSpeed's launcher SIGTERMs rank 0's whole tree
-                print(f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the metrics are in "
-                      f"{self.path} only", file=sys.stderr, flush=True)
+            except (
+                OSError
+            ) as e:  # its service was killed: a Ctrl-C to DeepSpeed's launcher SIGTERMs rank 0's whole tree
+                print(
+                    f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the metrics are in "
+                    f"{self.path} only",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.run = None
 
     def close(self) -> None:
@@ -69,11 +79,19 @@ class MetricsLogger:
         the error the run stopped with (a checkpoint that could not be saved)."""
         if self.run is None:
             return
-        where = self.run.url if not self.run.offline else f"offline, `wandb sync {self.run.dir.removesuffix('/files')}` uploads it"
+        where = (
+            self.run.url
+            if not self.run.offline
+            else f"offline, `wandb sync {self.run.dir.removesuffix('/files')}` uploads it"
+        )
         try:
             self.run.finish()
         except OSError as e:
-            print(f"{self.path.parent / 'wandb'}: W&B could not finish writing its files ({e.strerror or e})", file=sys.stderr, flush=True)
+            print(
+                f"{self.path.parent / 'wandb'}: W&B could not finish writing its files ({e.strerror or e})",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         print(f"wandb: run {self.run.id} ({where})", flush=True)
 
@@ -123,8 +141,10 @@ def check_wandb_login(settings) -> None:
     import wandb
 
     if not wandb.login(verify=False, prompt=False):
-        raise UserError("wandb.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, "
-                        "or train with wandb.mode=offline and upload later with `wandb sync`")
+        raise UserError(
+            "wandb.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, "
+            "or train with wandb.mode=offline and upload later with `wandb sync`"
+        )
 
 
 def _start_wandb(run_dir: Path, settings, wandb_id: str | None, config: dict):
@@ -136,8 +156,17 @@ def _start_wandb(run_dir: Path, settings, wandb_id: str | None, config: dict):
     run_id = wandb_id or secrets.token_hex(4)  # chosen here so that an offline fallback keeps it
 
     def start(mode: str):
-        return wandb.init(project=settings.project, entity=settings.entity, name=settings.name, mode=mode, dir=str(run_dir),
-                          id=run_id, resume="allow", config=config, settings=wandb.Settings(init_timeout=settings.init_timeout_s, quiet=True))
+        return wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name,
+            mode=mode,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            config=config,
+            settings=wandb.Settings(init_timeout=settings.init_timeout_s, quiet=True),
+        )
 
     if settings.mode != "online":
         return start(settings.mode)
@@ -147,10 +176,16 @@ def _start_wandb(run_dir: Path, settings, wandb_id: str | None, config: dict):
         reason = str(e).strip().splitlines()[0]
         wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
         if settings.fallback == "error":
-            raise UserError(f"wandb: no W&B server within wandb.init_timeout_s={settings.init_timeout_s:g} s ({reason}); "
-                            "set wandb.mode=offline, or wandb.fallback=offline to log locally when it is unreachable") from None
-    print(f"wandb: no W&B server within {settings.init_timeout_s:g} s ({reason}); logging offline as run {run_id}: "
-          f"`wandb sync {run_dir / 'wandb'}/offline-run-*` uploads it later", file=sys.stderr, flush=True)
+            raise UserError(
+                f"wandb: no W&B server within wandb.init_timeout_s={settings.init_timeout_s:g} s ({reason}); "
+                "set wandb.mode=offline, or wandb.fallback=offline to log locally when it is unreachable"
+            ) from None
+    print(
+        f"wandb: no W&B server within {settings.init_timeout_s:g} s ({reason}); logging offline as run {run_id}: "
+        f"`wandb sync {run_dir / 'wandb'}/offline-run-*` uploads it later",
+        file=sys.stderr,
+        flush=True,
+    )
     return start("offline")
 
 

@@ -14,8 +14,8 @@ batch is built, never what it holds.
 from __future__ import annotations
 
 from pipeline.data.batches import Batches, StepBatches
-from pipeline.methods.freeat import replay_index
 from pipeline.data.sampling import epoch_fraction
+from pipeline.methods.freeat import replay_index
 
 
 class StepInputs:
@@ -28,7 +28,10 @@ class StepInputs:
 
     def __call__(self, step: int, consumed_samples: int) -> tuple[StepBatches, float]:
         """(the batches of optimizer step ``step``, their mask rate), built now unless built already."""
-        key = (step - replay_index(self.config.adversarial, step), consumed_samples)  # a replay is its batch's first step's
+        key = (
+            step - replay_index(self.config.adversarial, step),
+            consumed_samples,
+        )  # a replay is its batch's first step's
         if self._built is None or self._built[0] != key:
             rate = self.config.masking.schedule.rate(epoch_fraction(consumed_samples, len(self.batches.dataset)))
             self._built = (key, self.batches.for_step(*key, rate), rate)

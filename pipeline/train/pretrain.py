@@ -29,27 +29,42 @@ from deepspeed.utils import logger as deepspeed_logger
 
 from data_prep.errors import UserError
 from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer
+from pipeline.core.help_format import DefaultsHelpFormatter
+from pipeline.data.batches import Batches, ShardDataset
+from pipeline.data.masking import MaskVocab
+from pipeline.methods.companion import Companion, companion_for
+from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.model.masked_lm import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import Checkpointer, step_of
 from pipeline.train.config import RunConfig, TrainConfig, flatten, missing_paths, to_dict
-from pipeline.data.batches import Batches, ShardDataset
-from pipeline.train.distributed import (check_same_config, distributed_ready, exit_process, init_distributed, on_every_rank, report,
-                                  set_threads, shutdown_distributed)
-from pipeline.train.deepspeed_setup import compute_dtype, deepspeed_config, make_optimizer, make_scheduler, resolved_precision, zero_stage
-from pipeline.train.validation import Evaluator
+from pipeline.train.deepspeed_setup import (
+    compute_dtype,
+    deepspeed_config,
+    make_optimizer,
+    make_scheduler,
+    resolved_precision,
+    zero_stage,
+)
+from pipeline.train.distributed import (
+    check_same_config,
+    distributed_ready,
+    exit_process,
+    init_distributed,
+    on_every_rank,
+    report,
+    set_threads,
+    shutdown_distributed,
+)
 from pipeline.train.flops import Throughput, peak_flops
-from pipeline.core.help_format import DefaultsHelpFormatter
-from pipeline.data.masking import MaskVocab
 from pipeline.train.metrics import MetricsLogger, check_wandb_login, step_record
-from pipeline.model.masked_lm import MaskedLM, build_model, check_init_from, hf_config
-from pipeline.train.resume import StartPoint, TrainState, resume, start_point, verified
-from pipeline.train.rundir import resolve_run_config, write_run_files
-from pipeline.train.run_lock import RunLock
-from pipeline.methods.freeat import Carry, at_boundary, replay_index
-from pipeline.methods.companion import Companion, companion_for
 from pipeline.train.prefetch import StepInputs
-from pipeline.train.stop import StopRequest
+from pipeline.train.resume import StartPoint, TrainState, resume, start_point, verified
+from pipeline.train.run_lock import RunLock
+from pipeline.train.rundir import resolve_run_config, write_run_files
 from pipeline.train.step import StepStats, TrainingAborted, account, check_health, consumed_after, train_step
+from pipeline.train.stop import StopRequest
+from pipeline.train.validation import Evaluator
 
 
 class AlreadyFinished(Exception):
@@ -58,7 +73,9 @@ class AlreadyFinished(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; `key=value` overrides may come anywhere, before or after the options."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.pretrain", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
     parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and W&B files go")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -134,8 +151,10 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         _check_data(dataset, tokenizer, config)
         dataset.verify_checksums(rank, world_size)
         if config.eval.every_steps and config.data.val_split not in dataset.manifest["splits"]:
-            raise UserError(f"{config.data.shards}: no {config.data.val_split!r} split to validate on (splits: {', '.join(dataset.manifest['splits'])}); "
-                            "shard with `alum shard --val-fraction 0.01`, or set eval.every_steps=0 to train without validation")
+            raise UserError(
+                f"{config.data.shards}: no {config.data.val_split!r} split to validate on (splits: {', '.join(dataset.manifest['splits'])}); "
+                "shard with `alum shard --val-fraction 0.01`, or set eval.every_steps=0 to train without validation"
+            )
         val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
         # A model to continue from brings its own architecture.
         if config.model.init_from:
@@ -152,17 +171,24 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     lock = on_every_rank(lambda: RunLock(run_dir) if rank == 0 else None)
     start = verified(on_every_rank(lambda: start_point(run_dir, config.checkpoint.init_from)), rank)
     if not finished_ok and start is not None and start.resume and step_of(start.tag) >= config.train.max_steps:
-        raise AlreadyFinished(f"{run_dir}: already at train.max_steps={config.train.max_steps} ({start.tag}); "
-                              "nothing to do (raise train.max_steps to continue)")
+        raise AlreadyFinished(
+            f"{run_dir}: already at train.max_steps={config.train.max_steps} ({start.tag}); "
+            "nothing to do (raise train.max_steps to continue)"
+        )
     if start is not None and start.world_size != world_size and zero_stage(ds_config) > 0:
         # ZeRO's partitioned optimizer state only loads on the world size that wrote it.
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     set_threads(config.train.threads_per_rank)
     torch.manual_seed(config.train.seed)
-    model = MaskedLM(build_model(model_config, config.model.init_from, config.model.activation_checkpointing), config.adversarial.perturb_at)
+    model = MaskedLM(
+        build_model(model_config, config.model.init_from, config.model.activation_checkpointing),
+        config.adversarial.perturb_at,
+    )
     companion = companion_for(config.adversarial, model, model.hf, config.train.weight_decay, config.train.grad_clip)
     optimizer = make_optimizer(model, config.train, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config
+    )
     companion = companion and companion.to(engine.device, compute_dtype(engine))
     if rank == 0:
         write_run_files(run_dir, config, model_config, tokenizer)
@@ -171,7 +197,10 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     precision = resolved_precision(config.train.precision)
     if rank == 0:
         gpu_note = "" if engine.device.type != "cpu" else " (no GPU found)"
-        print(f"pretrain: {world_size} rank(s) on {device_name}{gpu_note}, {precision}, ZeRO stage {zero_stage(ds_config)}", flush=True)
+        print(
+            f"pretrain: {world_size} rank(s) on {device_name}{gpu_note}, {precision}, ZeRO stage {zero_stage(ds_config)}",
+            flush=True,
+        )
     peak = peak_flops(device_name, precision, config.train.peak_tflops)
     return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak, lock)
 
@@ -195,11 +224,21 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     config, engine, dataset = run.config, run.engine, run.dataset
     rank, world_size = dist.get_rank(), dist.get_world_size()
     max_steps, global_batch = config.train.max_steps, config.train.global_batch_size
-    batches = Batches(dataset, run.vocab, global_batch, config.train.micro_batch_size, config.train.seed, rank, world_size,
-                      pin_memory=engine.device.type == "cuda")
+    batches = Batches(
+        dataset,
+        run.vocab,
+        global_batch,
+        config.train.micro_batch_size,
+        config.train.seed,
+        rank,
+        world_size,
+        pin_memory=engine.device.type == "cuda",
+    )
     evaluator = Evaluator(engine, run.val, config, run.vocab)
     checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
-    throughput = Throughput(engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size)
+    throughput = Throughput(
+        engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size
+    )
     inputs = StepInputs(batches, config)
     started = time.perf_counter()
     carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
@@ -215,8 +254,11 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         seconds = time.perf_counter() - started
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):
-            record = {**step_record(stats, state, batch, rate, config.adversarial, engine, run.companion),
-                      **throughput.record(seconds, rate), **evaluated}
+            record = {
+                **step_record(stats, state, batch, rate, config.adversarial, engine, run.companion),
+                **throughput.record(seconds, rate),
+                **evaluated,
+            }
             logger.log(state.step, record)
             if rank == 0:
                 print(_progress_line(state.step, max_steps, record), flush=True)
@@ -225,7 +267,10 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
             checkpointer.save(state)
         if stats.stop and at_boundary(config.adversarial, state.step):
             if rank == 0:
-                print(f"stop requested ({StopRequest.reason or 'by another rank'}): saved step {state.step}; re-run the same command to continue", flush=True)
+                print(
+                    f"stop requested ({StopRequest.reason or 'by another rank'}): saved step {state.step}; re-run the same command to continue",
+                    flush=True,
+                )
             return
         started = time.perf_counter()
 
@@ -249,11 +294,15 @@ def _check_method(config, model_config) -> None:
         return
     config.adversarial.asa.layer_indices(model_config.num_hidden_layers)
     if config.model.activation_checkpointing:
-        raise UserError("adversarial.method=asa: model.activation_checkpointing must be false "
-                        "(the recomputed layers would run without the adversaries' masks)")
+        raise UserError(
+            "adversarial.method=asa: model.activation_checkpointing must be false "
+            "(the recomputed layers would run without the adversaries' masks)"
+        )
     if config.train.precision == "fp16":
-        raise UserError("adversarial.method=asa: train.precision=fp16 is not supported (the adversaries' gradients "
-                        "would carry the loss scale); use bf16 or fp32")
+        raise UserError(
+            "adversarial.method=asa: train.precision=fp16 is not supported (the adversaries' gradients "
+            "would carry the loss scale); use bf16 or fp32"
+        )
 
 
 def _check_data(dataset, tokenizer, config) -> None:

@@ -31,8 +31,14 @@ class TrainState:
 
     def client_state(self, world_size: int) -> dict:
         """What a checkpoint keeps of the state besides the engine's own."""
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "adv_skipped": self.adv_skipped,
-                "vanish_streak": self.vanish_streak, "wandb_id": self.wandb_id, "world_size": world_size}
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "adv_skipped": self.adv_skipped,
+            "vanish_streak": self.vanish_streak,
+            "wandb_id": self.wandb_id,
+            "world_size": world_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,10 @@ def verified(start: StartPoint | None, rank: int) -> StartPoint | None:
         damage = damaged[0] + (f" and {len(damaged) - 1} more" if len(damaged) > 1 else "")
         previous = checkpoint.previous_complete(start.run_dir, start.tag) if start.resume else None
         if previous is None:
-            raise UserError(f"{tag_dir}: damaged ({damage}) and no earlier complete checkpoint to "
-                            f"{'resume' if start.resume else 'initialise'} from; restore it, or start another run directory")
+            raise UserError(
+                f"{tag_dir}: damaged ({damage}) and no earlier complete checkpoint to "
+                f"{'resume' if start.resume else 'initialise'} from; restore it, or start another run directory"
+            )
         if rank == 0:
             print(f"{tag_dir}: damaged ({damage}); set aside, resuming from {previous}", flush=True)
             checkpoint.set_aside(start.run_dir, start.tag)
@@ -106,7 +114,9 @@ def dropout_seed(seed: int, rank: int) -> int:
     return seed * 1000 + rank + 1
 
 
-def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None) -> TrainState:
+def resume(
+    engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None
+) -> TrainState:
     """Load the start point into the engine, and the method's `companion` (`pipeline.methods.companion`:
     from a resumed checkpoint, otherwise its start state); the state the loop continues from."""
     state, client = _resume(engine, run_dir, start, config, rank, world_size)
@@ -119,12 +129,17 @@ def resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, w
     return state
 
 
-def _resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int) -> tuple[TrainState, dict]:
+def _resume(
+    engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int
+) -> tuple[TrainState, dict]:
     """(the state, the checkpoint's client state or {})."""
     if rank == 0:
         for name in checkpoint.remove_partial(run_dir, start.tag if start and start.resume else None):
-            print(f"removed partial checkpoint {run_dir / checkpoint.CHECKPOINTS / name} (no {checkpoint.COMPLETE}: "
-                  "the job stopped while saving it)", flush=True)
+            print(
+                f"removed partial checkpoint {run_dir / checkpoint.CHECKPOINTS / name} (no {checkpoint.COMPLETE}: "
+                "the job stopped while saving it)",
+                flush=True,
+            )
     seed = dropout_seed(config.train.seed, rank)
     if start is None:
         torch.manual_seed(seed)
@@ -133,7 +148,10 @@ def _resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, 
     if rank == 0 and start.note:
         print(start.note, flush=True)
     if engine.load_universal_checkpoint() and checkpoint.make_universal(start.run_dir, start.tag) and rank == 0:
-        print(f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} ranks", flush=True)
+        print(
+            f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} ranks",
+            flush=True,
+        )
     load_optimizer = start.resume or config.checkpoint.init_optimizer
     client = checkpoint.load(engine, start.run_dir, start.tag, load_optimizer=load_optimizer)
     if not start.resume:
@@ -155,5 +173,11 @@ def _resume(engine, run_dir: Path, start: StartPoint | None, config, rank: int, 
         torch.manual_seed(reseed)
     if rank == 0:
         print(f"resumed from {source} (step {client['step']})", flush=True)
-    return TrainState(client["step"], client["consumed_samples"], client["adv_skipped"], 0,
-                      client.get("vanish_streak", 0), client.get("wandb_id")), client
+    return TrainState(
+        client["step"],
+        client["consumed_samples"],
+        client["adv_skipped"],
+        0,
+        client.get("vanish_streak", 0),
+        client.get("wandb_id"),
+    ), client

@@ -43,7 +43,9 @@ class RunLock:
             # O_RDWR: NFS emulates flock with a POSIX lock, whose exclusive form needs a file open for writing.
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"{e.filename or self.path}: cannot create the run directory's lock file ({e.strerror})") from None
+            raise UserError(
+                f"{e.filename or self.path}: cannot create the run directory's lock file ({e.strerror})"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -64,10 +66,14 @@ class RunLock:
 
 def _refusal(run_dir: Path, path: Path, error: OSError, holder: str) -> str:
     if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-        return (f"{run_dir}: another job is writing to this run directory ({holder or 'one that is just starting'}, "
-                f"from {path}); wait for it to end or stop it, or use another --run-dir")
+        return (
+            f"{run_dir}: another job is writing to this run directory ({holder or 'one that is just starting'}, "
+            f"from {path}); wait for it to end or stop it, or use another --run-dir"
+        )
     if error.errno in NO_LOCKS:
-        return (f"{run_dir}: cannot lock {path} ({error.strerror}): this filesystem gives no file locks (Lustre needs the "
-                "flock mount option, NFSv3 a running lock daemon), so two jobs could write the run at once; "
-                "put the run directory on a filesystem with locks")
+        return (
+            f"{run_dir}: cannot lock {path} ({error.strerror}): this filesystem gives no file locks (Lustre needs the "
+            "flock mount option, NFSv3 a running lock daemon), so two jobs could write the run at once; "
+            "put the run directory on a filesystem with locks"
+        )
     return f"{path}: cannot lock the run directory ({error.strerror})"

@@ -37,9 +37,20 @@ COMMAND = "pipeline.pretrain"  # the marker's written_by: the entry point's name
 CONFIG = "config.yaml"
 MODEL = "model"
 CHANGEABLE = {
-    "train.max_steps", "train.log_every", "train.max_bad_steps", "train.threads_per_rank", "train.peak_tflops", "train.stop_signals", "train.dist_timeout_s",
-    "checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.batches",
-    "adversarial.vanish_ratio", "adversarial.vanish_steps", "adversarial.on_vanish",
+    "train.max_steps",
+    "train.log_every",
+    "train.max_bad_steps",
+    "train.threads_per_rank",
+    "train.peak_tflops",
+    "train.stop_signals",
+    "train.dist_timeout_s",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "eval.every_steps",
+    "eval.batches",
+    "adversarial.vanish_ratio",
+    "adversarial.vanish_steps",
+    "adversarial.on_vanish",
 }
 
 
@@ -52,7 +63,11 @@ def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: P
     config = load_config(config_path or stored_path, overrides)
     if stored_path.is_file():
         stored = flatten(yaml.safe_load(stored_path.read_text()))
-        fixed = {key: value for key, value in flatten(to_dict(config)).items() if key not in CHANGEABLE and not key.startswith("wandb.")}
+        fixed = {
+            key: value
+            for key, value in flatten(to_dict(config)).items()
+            if key not in CHANGEABLE and not key.startswith("wandb.")
+        }
         difference = first_difference({key: stored.get(key) for key in fixed}, fixed)
         if difference:
             key, was, now = difference
@@ -69,8 +84,11 @@ def check_run_dir(run_dir: Path) -> None:
     if is_run_dir(run_dir) or not set(os.listdir(run_dir)) - {LOCK}:  # the lock alone: a run killed as it began
         return
     owner = output_dir.written_by(run_dir)
-    why = (f"{owner} wrote it" if owner else
-           f"no {output_dir.MARKER}, and not laid out as a run from before the marker: {CONFIG}, {MODEL}/config.json, {CHECKPOINTS}/stepNNNNNNNN")
+    why = (
+        f"{owner} wrote it"
+        if owner
+        else f"no {output_dir.MARKER}, and not laid out as a run from before the marker: {CONFIG}, {MODEL}/config.json, {CHECKPOINTS}/stepNNNNNNNN"
+    )
     raise UserError(f"{run_dir}: not a run directory ({why}); nothing in it was changed: use a new or empty --run-dir")
 
 
@@ -80,8 +98,12 @@ def is_run_dir(path: Path) -> bool:
     if output_dir.written_by(path) == COMMAND:
         return True
     checkpoints = path / CHECKPOINTS
-    return ((path / CONFIG).is_file() and (path / MODEL / "config.json").is_file() and checkpoints.is_dir()
-            and any(TAG.fullmatch(p.name) and p.is_dir() for p in checkpoints.iterdir()))
+    return (
+        (path / CONFIG).is_file()
+        and (path / MODEL / "config.json").is_file()
+        and checkpoints.is_dir()
+        and any(TAG.fullmatch(p.name) and p.is_dir() for p in checkpoints.iterdir())
+    )
 
 
 def write_run_files(run_dir: Path, config: RunConfig, model_config, tokenizer) -> None:

@@ -19,22 +19,28 @@ import deepspeed.comm as dist
 import torch
 from torch import Tensor
 
-from pipeline.train import checkpoint, vanishing
-from pipeline.methods.adversarial import objective, passes, run_objective
-from pipeline.methods.objective import STATS
 from pipeline.data.batches import MicroBatch
-from pipeline.train.distributed import report
-from pipeline.methods.freeat import Carry, at_boundary
-from pipeline.train.resume import TrainState
+from pipeline.methods.adversarial import objective, passes, run_objective
 from pipeline.methods.companion import Companion, teacher_and_adversaries
+from pipeline.methods.freeat import Carry, at_boundary
+from pipeline.methods.objective import STATS
+from pipeline.train import checkpoint, vanishing
+from pipeline.train.distributed import report
+from pipeline.train.resume import TrainState
 
 
 class TrainingAborted(Exception):
     """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
-def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, companion: Companion | None = None,
-               carries: list[Carry] | None = None) -> Tensor:
+def train_step(
+    engine,
+    micro_batches: list[MicroBatch],
+    adversarial,
+    step: int,
+    companion: Companion | None = None,
+    carries: list[Carry] | None = None,
+) -> Tensor:
     """This rank's summed `STATS` of the step (then the method's extras), on the device. The
     `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
     FreeAT's `carries` (one per micro-batch) hold the perturbations its next replay starts from."""
@@ -54,16 +60,26 @@ def train_step(engine, micro_batches: list[MicroBatch], adversarial, step: int, 
         def teacher_forward():
             return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
 
-        losses = objective(forward, ascent_forward, batch.labels, adversarial, step, real=batch.attention_mask,
-                           teacher=teacher_forward if teacher else None, carry=carries[i] if carries else None,
-                           adversaries=adversaries)
+        losses = objective(
+            forward,
+            ascent_forward,
+            batch.labels,
+            adversarial,
+            step,
+            real=batch.attention_mask,
+            teacher=teacher_forward if teacher else None,
+            carry=carries[i] if carries else None,
+            adversaries=adversaries,
+        )
         out = run_objective(losses, backward)
         engine.step()
         sums = out.stats() if sums is None else sums + out.stats()
     if companion is not None:
         companion.after_step(engine.module, lr)
     if adversaries is not None and adversarial.active(step):
-        sums = torch.cat([sums, adversaries.grad_norm.double().reshape(1) * len(micro_batches)])  # a mean per micro-batch
+        sums = torch.cat(
+            [sums, adversaries.grad_norm.double().reshape(1) * len(micro_batches)]
+        )  # a mean per micro-batch
     return sums
 
 
@@ -96,7 +112,9 @@ class StepStats:
     nonfinite: bool  # some rank's loss was not finite
     adv_skipped: bool  # some rank dropped its adversarial term
     stop: bool  # some rank was asked to stop
-    extras: tuple[float, ...] = ()  # the method's own numbers, means per micro-batch (`pipeline.methods.companion`'s names)
+    extras: tuple[
+        float, ...
+    ] = ()  # the method's own numbers, means per micro-batch (`pipeline.methods.companion`'s names)
 
     @classmethod
     def gather(cls, sums: Tensor, stop: bool) -> StepStats:
@@ -107,9 +125,17 @@ class StepStats:
         values = vector.tolist()
         total = dict(zip(STATS, values))
         micro = total["micro_batches"]
-        means = {name: total[name] / micro for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")}
-        return cls(**means, nonfinite=total["nonfinite"] > 0, adv_skipped=total["adv_skipped"] > 0, stop=values[-1] > 0,
-                   extras=tuple(v / micro for v in values[len(STATS):-1]))
+        means = {
+            name: total[name] / micro
+            for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")
+        }
+        return cls(
+            **means,
+            nonfinite=total["nonfinite"] > 0,
+            adv_skipped=total["adv_skipped"] > 0,
+            stop=values[-1] > 0,
+            extras=tuple(v / micro for v in values[len(STATS) : -1]),
+        )
 
     def adv_ratio(self, alpha: float) -> float:
         """alpha * L_adv / L_mlm: the adversarial term's share of the loss."""
@@ -126,7 +152,9 @@ def account(state: TrainState, stats: StepStats, config, engine) -> None:
     state.adv_skipped += int(stats.adv_skipped)
     state.bad_streak = state.bad_streak + 1 if stats.nonfinite else 0
     if stats.nonfinite and engine.was_step_applied():
-        raise TrainingAborted(f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update")
+        raise TrainingAborted(
+            f"step {state.step}: non-finite loss and this configuration (ZeRO stage 0, fp32) cannot skip the update"
+        )
     if active:
         counts = not stats.adv_skipped and vanishing.vanished(adv, stats.adv_ratio(adv.alpha), stats.delta_lost)
         state.vanish_streak = state.vanish_streak + 1 if counts else 0

@@ -24,8 +24,13 @@ from pathlib import Path
 import psutil
 
 # How a launcher appears in its command line: a module run with -m, or a script's name.
-LAUNCHER_MODULES = {"deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run", "pipeline.supervise",
-                    "pipeline.train.supervise"}
+LAUNCHER_MODULES = {
+    "deepspeed.launcher.launch",
+    "deepspeed.launcher.runner",
+    "torch.distributed.run",
+    "pipeline.supervise",
+    "pipeline.train.supervise",
+}
 LAUNCHER_SCRIPTS = {"deepspeed", "torchrun"}
 
 

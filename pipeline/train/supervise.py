@@ -78,11 +78,19 @@ class Signals:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.supervise", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.supervise", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--restarts", type=int, default=0, help="relaunch a failed job up to N times (default 0)")
-    parser.add_argument("--stop-timeout", type=float, default=600.0,
-                        help="seconds the ranks get to save and exit after a stop signal before the job is killed (default 600)")
-    parser.add_argument("--backoff", type=float, default=2.0, help="seconds between a failure and the relaunch (default 2)")
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the ranks get to save and exit after a stop signal before the job is killed (default 600)",
+    )
+    parser.add_argument(
+        "--backoff", type=float, default=2.0, help="seconds between a failure and the relaunch (default 2)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the launch command, after --")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -125,10 +133,14 @@ class Supervisor:
                 say(f"the job {describe(returncode)} ({FINAL[status]}); not relaunching")
                 return status
             if attempt == attempts:
-                say(f"the job {describe(returncode)} on attempt {attempt} of {attempts}; not relaunching (--restarts {self.restarts})")
+                say(
+                    f"the job {describe(returncode)} on attempt {attempt} of {attempts}; not relaunching (--restarts {self.restarts})"
+                )
                 return status
             attempt += 1
-            say(f"attempt {attempt} of {attempts}: the job {describe(returncode)}; relaunching, it resumes from the latest complete checkpoint")
+            say(
+                f"attempt {attempt} of {attempts}: the job {describe(returncode)}; relaunching, it resumes from the latest complete checkpoint"
+            )
             signum = _pause(self.backoff)
             if signum is not None:
                 say(f"{signal.Signals(signum).name} before the relaunch; not relaunching")
@@ -201,15 +213,19 @@ class Job:
         ready = [p for p in ranks if p.pid not in self.asked and _catches(p.pid, signum)]
         _send(ready, signum)
         if ready and not self.asked:
-            say(f"{name}: asked {len(ready)} of {len(ranks)} training process(es) (pids {', '.join(str(p.pid) for p in ready)}) "
-                "to save a checkpoint and stop")
+            say(
+                f"{name}: asked {len(ready)} of {len(ranks)} training process(es) (pids {', '.join(str(p.pid) for p in ready)}) "
+                "to save a checkpoint and stop"
+            )
         self.asked |= {p.pid for p in ready}
 
     def stopped(self, returncode: int | None) -> int:
         """The supervisor's exit code after a stop signal: 0 when the ranks stopped cleanly."""
         name = signal.Signals(self.stop).name
         if returncode is None:
-            say(f"the job did not stop within {self.stop_timeout:g} s of {name}; killed it (the latest complete checkpoint is intact)")
+            say(
+                f"the job did not stop within {self.stop_timeout:g} s of {name}; killed it (the latest complete checkpoint is intact)"
+            )
             return 1
         if returncode == 0 and not self.launcher_stopped:
             return 0  # the ranks saved a checkpoint (or had just finished)
@@ -249,7 +265,9 @@ def _runs_pretrain(cmdline: list[str]) -> bool:
     if not cmdline or "python" not in os.path.basename(cmdline[0]):
         return False
     program, args = _python_program(cmdline[1:])
-    if program in ("pipeline.pretrain", "pipeline.train.pretrain") or program.endswith(os.path.join("pipeline", "pretrain.py")):
+    if program in ("pipeline.pretrain", "pipeline.train.pretrain") or program.endswith(
+        os.path.join("pipeline", "pretrain.py")
+    ):
         return True
     return (program == "pipeline.cli" or os.path.basename(program) == "alum") and args[:1] == ["pretrain"]
 
@@ -259,11 +277,11 @@ def _python_program(args: list[str]) -> tuple[str, list[str]]:
     i = 0
     while i < len(args) and args[i].startswith("-") and args[i] not in ("-", "-c"):
         if args[i] == "-m":
-            return (args[i + 1], args[i + 2:]) if i + 1 < len(args) else ("", [])
+            return (args[i + 1], args[i + 2 :]) if i + 1 < len(args) else ("", [])
         if args[i].startswith("-m"):
-            return args[i][2:], args[i + 1:]
+            return args[i][2:], args[i + 1 :]
         i += 2 if args[i] in ("-W", "-X", "--check-hash-based-pycs") else 1
-    return (args[i], args[i + 1:]) if i < len(args) else ("", [])
+    return (args[i], args[i + 1 :]) if i < len(args) else ("", [])
 
 
 def kill_descendants() -> None:

@@ -39,11 +39,20 @@ def evaluate(engine, dataset, config, vocab) -> dict:
     with torch.no_grad():
         for start in range(0, len(mine), micro):
             positions = mine[start : start + micro]
-            batch = masked_batch(dataset, positions % rows % len(dataset), 0, config.train.seed + EVAL_SEED_OFFSET, config.eval.mask_rate, vocab)
+            batch = masked_batch(
+                dataset,
+                positions % rows % len(dataset),
+                0,
+                config.train.seed + EVAL_SEED_OFFSET,
+                config.eval.mask_rate,
+                vocab,
+            )
             batch = batch.on(engine.device)
             labels = batch.labels
             # 1 for the labels of the first `rows` positions, 0 for the padding's repeats.
-            counted = torch.from_numpy(positions < rows).to(engine.device)[batch.masked_index // dataset.seq_len].double()
+            counted = (
+                torch.from_numpy(positions < rows).to(engine.device)[batch.masked_index // dataset.seq_len].double()
+            )
             logits, _ = engine(batch.input_ids, batch.attention_mask, batch.masked_index)
             sums[0] += (F.cross_entropy(logits.float(), labels, reduction="none").double() * counted).sum()
             sums[1] += ((logits.argmax(-1) == labels).double() * counted).sum()
@@ -53,8 +62,12 @@ def evaluate(engine, dataset, config, vocab) -> dict:
     dist.all_reduce(sums)
     dist.all_reduce(label_counts)
     loss = (sums[0] / sums[2]).item()
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/accuracy": (sums[1] / sums[2]).item(),
-            "eval/commonest_token_accuracy": (label_counts.max() / sums[2]).item()}
+    return {
+        "eval/loss": loss,
+        "eval/ppl": math.exp(min(loss, 50.0)),
+        "eval/accuracy": (sums[1] / sums[2]).item(),
+        "eval/commonest_token_accuracy": (label_counts.max() / sums[2]).item(),
+    }
 
 
 class Evaluator:

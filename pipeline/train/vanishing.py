@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from data_prep.errors import UserError
 
-
 LOST_LIMIT = 0.5
 
 
@@ -38,9 +37,11 @@ def message(config, step: int, ratio: float, lost: float) -> str:
         changes = ["raise adversarial.step_size or adversarial.noise_std", "lower adversarial.grad_eps"]
     if config.scale != "relative":
         changes.append("use adversarial.scale=relative")
-    return (f"step {step}: the adversarial term has been numerically zero for {config.vanish_steps} active steps in a row "
-            f"(alpha * L_adv / L_mlm = {ratio:.2e}, adversarial.vanish_ratio {config.vanish_ratio:g}); {cause}: "
-            f"{', or '.join(changes)}")
+    return (
+        f"step {step}: the adversarial term has been numerically zero for {config.vanish_steps} active steps in a row "
+        f"(alpha * L_adv / L_mlm = {ratio:.2e}, adversarial.vanish_ratio {config.vanish_ratio:g}); {cause}: "
+        f"{', or '.join(changes)}"
+    )
 
 
 def check(config, streak: int, step: int, ratio: float, lost: float, announce) -> None:

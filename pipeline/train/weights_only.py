@@ -51,6 +51,8 @@ def refusal(directory: Path) -> str | None:
         except (ValueError, RuntimeError) as e:  # not a zip archive / a damaged one
             return f"{path}: not a checkpoint file torch can read ({str(e).splitlines()[0]}); refused"
         if unsafe:
-            return (f"{path}: refused: loading it would call {', '.join(sorted(unsafe))}, which no checkpoint "
-                    "holds (a file from elsewhere or edited); it was not loaded")
+            return (
+                f"{path}: refused: loading it would call {', '.join(sorted(unsafe))}, which no checkpoint "
+                "holds (a file from elsewhere or edited); it was not loaded"
+            )
     return None
