@@ -83,3 +83,15 @@ def test_the_link_check_sees_broken_links(tmp_path):
                     "[missing](nowhere.md) [bad anchor](other.md#what-overwrite-may-delete)\n"
                     "```\n[in code](not-checked.md)\n```\n")
     assert [b.split(":")[0] for b in broken_links(page)] == ["nowhere.md", "other.md#what-overwrite-may-delete"]
+
+
+def test_readme_command_table_lists_every_alum_command():
+    """The landing page's table names exactly the subcommands `alum --help` offers."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout
+    offered = set(re.search(r"\{([a-z,]+)\}", help_text).group(1).split(","))
+    tabled = set(re.findall(r"^\| `alum ([a-z]+)` \|", (REPO / "README.md").read_text(), flags=re.M))
+    assert tabled == offered
