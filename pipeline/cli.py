@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose module parses its own arguments: `alum NAME ARGS` is `python -m MODULE ARGS`.
 PASSED_THROUGH = {
-    "pretrain": ("pipeline.train.pretrain", "train in this process"),
+    "pretrain": ("pipeline.pretrain", "train in this process"),
     "supervise": (
-        "pipeline.train.supervise",
+        "pipeline.supervise",
         "run a launch command: stop it cleanly on SIGTERM/SIGUSR1, relaunch it after a failure",
     ),
     "eval": (
@@ -266,7 +266,7 @@ PASSED_THROUGH = {
         "MLM loss, perplexity, accuracy and robustness of an HF model on a shard split",
     ),
     "finetune": (
-        "pipeline.tasks.finetune",
+        "pipeline.finetune",
         "fine-tune a BERT/RoBERTa classifier (SST-2, RTE, your own data), standard or ALUM",
     ),
     "plot": ("pipeline.tasks.plot", "loss components, mask rate, learning rate and eval perplexity of runs, as a PNG"),

@@ -14,7 +14,7 @@ the lock; a child forked without exec would, until it ends.
 On a filesystem that cannot lock (Lustre mounted with `noflock`, NFSv3 without a lock
 daemon) flock fails with ENOSYS, EOPNOTSUPP or ENOLCK, and the launch stops in one line
 rather than run unprotected. Filesystems that lock only per node (Lustre's `localflock`,
-NFS's `local_lock=flock` or `nolock`) cannot keep apart jobs on different nodes: README,
+NFS's `local_lock=flock` or `nolock`) cannot keep apart jobs on different nodes: docs/training.md,
 "One job per run directory".
 """
 
