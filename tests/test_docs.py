@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 README_MAX_LINES = 160
