@@ -116,7 +116,8 @@ def pretrained_model(work: Path, tokenizer, dataset, vocab, args):
         optimizer.step()
         if (step + 1) % 100 == 0:
             print(
-                f"pretraining step {step + 1}/{args.train_steps}: MLM loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)",
+                f"pretraining step {step + 1}/{args.train_steps}: MLM loss {loss.item():.3f} "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
     torch.save(hf.state_dict(), weights)
@@ -161,9 +162,10 @@ def adversarial_gradient(model: MaskedLM, batch, config: AdversarialConfig, seed
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
     mlm = torch.autograd.grad(out.loss_mlm, params, allow_unused=True)
-    flat = lambda gs: torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(gs, params)]
-    )
+
+    def flat(gs):
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(gs, params)])
+
     return {"mlm": flat(mlm), "adv": flat(total) - flat(mlm)}, out, deltas[-1]
 
 
@@ -222,17 +224,21 @@ def render(study: dict) -> str:
         f"{meta['batches']} fixed batches of {meta['batch']} x {meta['seq_len']} from the val split, masked at 15%; "
         "alpha 10, K 1, linf, no eps, dropout off. Regenerate: `python bench/alum_term.py`.",
         "",
-        "ratio = alpha L_adv / L_mlm; gain = L_adv / L_adv of a random delta with the same per-token norms; grad ratio = ||alpha dL_adv|| / ||dL_mlm|| over the parameters; "
+        "ratio = alpha L_adv / L_mlm; gain = L_adv / L_adv of a random delta with the same per-token norms; grad "
+        "ratio = ||alpha dL_adv|| / ||dL_mlm|| over the parameters; "
         "lost = fraction of delta's elements that vanish in embedded + delta; "
         "round-off = relative error of the adversarial parameter gradient against float64.",
         "",
-        "| update | perturb_at | scale | step | noise | grad_eps | precision | L_adv | ratio | gain | grad ratio | lost | round-off |",
+        "| update | perturb_at | scale | step | noise | grad_eps | precision | L_adv | ratio | gain | grad ratio | "
+        "lost | round-off |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in study["rows"]:
         lines.append(
-            f"| {r['update']} | {r['perturb_at']} | {r['scale']} | {r['step_size']:g} | {r['noise_std']:g} | {r['grad_eps']:g} | "
-            f"{r['precision']} | {r['loss_adv']:.2e} | {r['ratio']:.2e} | {r['gain']:.1f} | {r['grad_ratio']:.2e} | {r['lost']:.1%} | {r['roundoff']:.1e} |"
+            f"| {r['update']} | {r['perturb_at']} | {r['scale']} | {r['step_size']:g} | {r['noise_std']:g} | "
+            f"{r['grad_eps']:g} | "
+            f"{r['precision']} | {r['loss_adv']:.2e} | {r['ratio']:.2e} | {r['gain']:.1f} | {r['grad_ratio']:.2e} | "
+            f"{r['lost']:.1%} | {r['roundoff']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -275,7 +281,8 @@ def main() -> None:
     ]
     rows = run_grid(hf, batches)
     setup = {
-        "model": f"BERT hidden {hf.config.hidden_size}, {hf.config.num_hidden_layers} layers, vocab {hf.config.vocab_size}",
+        "model": f"BERT hidden {hf.config.hidden_size}, {hf.config.num_hidden_layers} layers, vocab "
+        f"{hf.config.vocab_size}",
         "train_steps": args.train_steps,
         "eval_loss": eval_loss,
         "eval_accuracy": eval_accuracy,

@@ -59,7 +59,8 @@ class ShardSettings:
     def check(self) -> None:
         if self.seq_len < MIN_SEQ_LEN:
             raise UserError(
-                f"--seq-len {self.seq_len} is too small: rows need at least {MIN_SEQ_LEN} tokens ([CLS] and [SEP] take 2)"
+                f"--seq-len {self.seq_len} is too small: rows need at least {MIN_SEQ_LEN} tokens ([CLS] and [SEP] "
+                "take 2)"
             )
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
@@ -155,7 +156,8 @@ def finalize(out: str | Path, created_out: bool = False) -> Path:
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise UserError(
-            f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining nodes"
+            f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining "
+            "nodes"
         )
     data = manifest.build(identity, [records[i] for i in sorted(records)])
     if data["stats"]["documents"] == 0:
@@ -180,7 +182,8 @@ def _already_complete(out: Path, identity: dict, overwrite: bool) -> bool:
     existing = manifest.read(out)
     if existing["settings"] != identity:
         raise UserError(
-            f"{out}: already holds a different dataset ({manifest.describe_difference(existing['settings'], identity)}); use --overwrite to replace it"
+            f"{out}: already holds a different dataset "
+            f"({manifest.describe_difference(existing['settings'], identity)}); use --overwrite to replace it"
         )
     return True
 
@@ -200,7 +203,8 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool, mine: set[int]) 
             raise UserError(f"{out}: exists and is not a shard directory; choose an empty or new --out")
         elif manifest.load_json(state) != identity:
             raise UserError(
-                f"{out}: holds a different unfinished dataset ({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it"
+                f"{out}: holds a different unfinished dataset "
+                f"({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it"
             )
         else:
             _remove_temporaries(out, mine)

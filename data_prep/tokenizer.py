@@ -184,7 +184,10 @@ def _explain_training_error(message: str, vocab_size: int) -> str:
     message = re.sub(r"^Internal: \S+ \[[^\]]*\]\s*", "", message.strip())
     too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
     if too_high:
-        return f"--vocab-size {vocab_size} is too large for this corpus: at most {too_high.group(2)} pieces can be learned from it"
+        return (
+            f"--vocab-size {vocab_size} is too large for this corpus: "
+            f"at most {too_high.group(2)} pieces can be learned from it"
+        )
     return f"--vocab-size {vocab_size}: sentencepiece could not train: {message}"
 
 

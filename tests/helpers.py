@@ -1,5 +1,6 @@
 """Plain helpers the tests share: launching the CLI and training, a small filesystem that
-fills up, reading a run's metrics and W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench scripts use too).
+fills up, reading a run's metrics and W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench
+scripts use too).
 Fixtures live in conftest.py."""
 
 from __future__ import annotations

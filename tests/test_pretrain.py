@@ -249,7 +249,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
         f.truncate(recorded[largest]["size"] // 2)
     result = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
     assert (
-        f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when saved); "
+        f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when "
+        "saved); "
         "set aside, resuming from step00000004"
     ) in result.stdout
     assert "resumed from" in result.stdout and "(step 4)" in result.stdout
@@ -302,8 +303,10 @@ def test_with_every_checkpoint_damaged_the_run_stops_in_one_line(reference, tmp_
     assert result.returncode == 2, result.stderr
     step4 = run_dir / "checkpoints" / "step00000004"
     assert result.stderr.strip().splitlines()[-1] == (
-        f"pretrain: error: {step4}: damaged (rng_rank00000.pt: {step4.joinpath('rng_rank00000.pt').stat().st_size:,} bytes, "
-        f"{step4.joinpath('rng_rank00000.pt').stat().st_size - 1:,} when saved) and no earlier complete checkpoint to resume from; "
+        f"pretrain: error: {step4}: damaged (rng_rank00000.pt: {step4.joinpath('rng_rank00000.pt').stat().st_size:,} "
+        "bytes, "
+        f"{step4.joinpath('rng_rank00000.pt').stat().st_size - 1:,} when saved) and no earlier complete checkpoint to "
+        "resume from; "
         "restore it, or start another run directory"
     )
 

@@ -481,7 +481,10 @@ def test_a_truncated_gzip_input_ends_shard_and_tokenizer_in_one_line_leaving_not
 
     corpus = tmp_path / "truncated.txt.gz"
     corpus.write_bytes(broken_compressed_files(tmp_path)["truncated.txt.gz"])
-    line = f"{corpus}: not a valid gzip file: Compressed file ended before the end-of-stream marker was reached (reading from decompressed byte 0)"
+    line = (
+        f"{corpus}: not a valid gzip file: Compressed file ended before the end-of-stream marker was reached "
+        "(reading from decompressed byte 0)"
+    )
     shard = run_alum(
         "shard", "--input", corpus, "--tokenizer", bert_tokenizer, "--seq-len", SEQ_LEN, "--out", tmp_path / "shards"
     )

@@ -44,7 +44,8 @@ def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len
     if config.pad_token_id is not None and config.pad_token_id != special_ids["pad"]:
         # RoBERTa numbers positions from pad_token_id + 1; BERT's pad embedding is the tokenizer's pad.
         raise UserError(
-            f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id {special_ids['pad']}"
+            f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id "
+            f"{special_ids['pad']}"
         )
     if config.vocab_size < vocab_size:
         raise UserError(f"{source}: model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")

@@ -189,7 +189,10 @@ def _write_failure(e: Exception, tag_dir: Path) -> str:
     if isinstance(e, OSError):
         return f"{e.filename or tag_dir}: {e.strerror or e}"
     free = shutil.disk_usage(tag_dir if tag_dir.exists() else tag_dir.parent).free
-    return f"{tag_dir}: a write failed with {free:,} bytes free on its filesystem (torch.save: {str(e).splitlines()[0].strip()})"
+    return (
+        f"{tag_dir}: a write failed with {free:,} bytes free on its filesystem "
+        f"(torch.save: {str(e).splitlines()[0].strip()})"
+    )
 
 
 def _agreed(action, tag_dir: Path) -> None:

@@ -59,7 +59,8 @@ def resolved_precision(precision: str) -> str:
     accelerator = get_accelerator()
     if precision == "auto":
         return "bf16" if accelerator.device_name() != "cpu" and _native_bf16(accelerator) else "fp32"
-    # DeepSpeed's own test (DeepSpeedEngine._do_sanity_check); its CPU accelerator answers None for fp16 without oneDNN's.
+    # DeepSpeed's own test (DeepSpeedEngine._do_sanity_check); its CPU accelerator answers None for fp16 without
+    # oneDNN's.
     has = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported(), "fp32": True}
     if not has[precision]:
         supported = " or ".join(p for p, yes in has.items() if yes)

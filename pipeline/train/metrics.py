@@ -65,7 +65,8 @@ class MetricsLogger:
                 OSError
             ) as e:  # its service was killed: a Ctrl-C to DeepSpeed's launcher SIGTERMs rank 0's whole tree
                 print(
-                    f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the metrics are in "
+                    f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the "
+                    "metrics are in "
                     f"{self.path} only",
                     file=sys.stderr,
                     flush=True,

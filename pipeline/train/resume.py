@@ -149,7 +149,8 @@ def _resume(
         print(start.note, flush=True)
     if engine.load_universal_checkpoint() and checkpoint.make_universal(start.run_dir, start.tag) and rank == 0:
         print(
-            f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} ranks",
+            f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} "
+            "ranks",
             flush=True,
         )
     load_optimizer = start.resume or config.checkpoint.init_optimizer
