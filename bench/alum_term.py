@@ -79,7 +79,11 @@ def prepare_data(work: Path, vocab: int, seq_len: int):
         )
     if not (shards / "manifest.json").is_file():
         shard_corpus(
-            [str(wikitext_train())], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2
+            [str(wikitext_train())],
+            tokenizer_dir,
+            shards,
+            settings=ShardSettings(seq_len=seq_len, val_fraction=0.02),
+            workers=2,
         )
     tokenizer = load_tokenizer(tokenizer_dir)
     return tokenizer, ShardDataset(shards, "train"), ShardDataset(shards, "val"), MaskVocab.of(tokenizer)
@@ -249,7 +253,12 @@ def eval_metrics(hf, val, vocab, batches: int, batch: int) -> tuple[float, float
     with torch.no_grad():
         for b in range(batches):
             mb = masked_batch(
-                val, torch.arange(b * batch, (b + 1) * batch).numpy() % len(val), 0, SEED + 1, 0.15, vocab
+                val,
+                torch.arange(b * batch, (b + 1) * batch).numpy() % len(val),
+                step=0,
+                seed=SEED + 1,
+                rate=0.15,
+                vocab=vocab,
             )
             logits, _ = model(mb.input_ids, mb.attention_mask, mb.masked_index)
             losses.append(mlm_loss(logits, mb.labels).item())
@@ -276,7 +285,7 @@ def main() -> None:
     print(f"pretrained model: eval MLM loss {eval_loss:.3f}, accuracy {eval_accuracy:.3f}", flush=True)
     indices = torch.arange(args.batches * args.batch).numpy() % len(val)
     batches = [
-        masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], 0, SEED + 2, 0.15, vocab)
+        masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], step=0, seed=SEED + 2, rate=0.15, vocab=vocab)
         for i in range(args.batches)
     ]
     rows = run_grid(hf, batches)

@@ -141,7 +141,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
         tokenizer = load_tokenizer(build_shards(Path(tmp), args.vocab, args.seq_len, args.threads))
         dataset = ShardDataset(Path(tmp) / "shards", "train")
-        batches_of = Batches(dataset, MaskVocab.of(tokenizer), args.batch, args.batch, SEED)
+        batches_of = Batches(
+            dataset, MaskVocab.of(tokenizer), global_batch_size=args.batch, micro_batch_size=args.batch, seed=SEED
+        )
         batches = [
             batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)
         ]

@@ -71,7 +71,7 @@ def build_shards(work: Path, vocab_size: int, seq_len: int, threads: int) -> Pat
     tokenizer = work / "tokenizer"
     inputs = [str(wikitext_train())]
     train_tokenizer(expand_inputs(inputs), ReadOptions(), tokenizer, vocab_size=vocab_size, threads=threads)
-    shard_corpus(inputs, tokenizer, work / "shards", ShardSettings(seq_len=seq_len), workers=threads)
+    shard_corpus(inputs, tokenizer, work / "shards", settings=ShardSettings(seq_len=seq_len), workers=threads)
     return tokenizer
 
 

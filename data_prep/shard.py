@@ -72,6 +72,7 @@ def shard_corpus(
     inputs: list[str],
     tokenizer_dir: str | Path,
     out: str | Path,
+    *,
     settings: ShardSettings,
     workers: int = 1,
     num_nodes: int = 1,
@@ -271,7 +272,7 @@ def _run_groups(job: _Job, out: Path, groups: list[list[Piece]], todo: list[int]
         try:
             for (g, u), tokens in zip(tasks, _tokenized(job, [groups[g][u] for g, u in tasks], workers)):
                 if u == 0:
-                    writer = GroupWriter(out, g, groups[g], job.settings.seq_len, ids, dtype)
+                    writer = GroupWriter(out, g, units=groups[g], seq_len=job.settings.seq_len, ids=ids, dtype=dtype)
                 writer.add(tokens)
                 bar.unit_done(tokens.stats)
                 if u == len(groups[g]) - 1:
@@ -320,7 +321,14 @@ def _tokenize(unit: Piece) -> UnitTokens:
     job: _Job = _worker["job"]
     dtype = manifest.token_dtype(job.tokenizer.vocab_size)
     sep = job.tokenizer.special_token_ids["sep"]
-    return tokenize_unit(unit, job.settings.read, job.settings.val_fraction, _worker["encode"], sep, dtype)
+    return tokenize_unit(
+        unit,
+        job.settings.read,
+        val_fraction=job.settings.val_fraction,
+        encode=_worker["encode"],
+        sep_id=sep,
+        dtype=dtype,
+    )
 
 
 class _ProgressBar:

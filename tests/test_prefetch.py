@@ -61,7 +61,13 @@ def test_the_prefetched_batch_is_the_one_the_loop_built_after_counting_the_step(
         ],
     )
     dataset = ShardDataset(train_shards, "train")
-    batches = Batches(dataset, MaskVocab.of(load_tokenizer(bert_tokenizer)), 1024, 512, config.train.seed)
+    batches = Batches(
+        dataset,
+        MaskVocab.of(load_tokenizer(bert_tokenizer)),
+        global_batch_size=1024,
+        micro_batch_size=512,
+        seed=config.train.seed,
+    )
     inputs, state = StepInputs(batches, config), TrainState()
     rates, consumed = [], []
     for _ in range(12):

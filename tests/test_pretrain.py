@@ -85,7 +85,7 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     # commonest-token baseline beside the accuracy, and an accuracy that counts whole tokens.
     vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
     val = ShardDataset(train_shards, "val")
-    labels = masked_batch(val, np.arange(16) % len(val), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
+    labels = masked_batch(val, np.arange(16) % len(val), step=0, seed=EVAL_SEED_OFFSET, rate=0.15, vocab=vocab).labels
     for r in (records[3], records[7]):
         assert r["eval/commonest_token_accuracy"] == pytest.approx(
             torch.bincount(labels).max().item() / labels.numel(), abs=1e-12
@@ -96,12 +96,12 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     model = json.loads((run_dir / "model" / "config.json").read_text())
     for r in records:
         per_token = flops_per_token(
-            model["hidden_size"],
-            model["num_hidden_layers"],
-            model["intermediate_size"],
-            model["vocab_size"],
-            64,
-            r["train/mask_rate"],
+            hidden=model["hidden_size"],
+            layers=model["num_hidden_layers"],
+            intermediate=model["intermediate_size"],
+            vocab=model["vocab_size"],
+            seq_len=64,
+            mask_rate=r["train/mask_rate"],
         )
         assert r["perf/mfu"] == pytest.approx(per_token * r["perf/tokens_per_s"] / (0.5e12 * 2), rel=1e-9)
     assert (run_dir / "config.yaml").is_file()
@@ -131,7 +131,9 @@ def test_validation_reads_the_same_rows_on_one_and_on_two_ranks(tmp_path, train_
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-5), key  # no dropout: the same model up to float rounding
     vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
-    labels = masked_batch(ShardDataset(train_shards, "val"), np.arange(12), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
+    labels = masked_batch(
+        ShardDataset(train_shards, "val"), np.arange(12), step=0, seed=EVAL_SEED_OFFSET, rate=0.15, vocab=vocab
+    ).labels
     assert one["eval/commonest_token_accuracy"] == pytest.approx(
         torch.bincount(labels).max().item() / labels.numel(), abs=1e-12
     )

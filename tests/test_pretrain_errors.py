@@ -96,7 +96,7 @@ def test_shards_without_a_val_split_name_both_ways_out(tmp_path, bert_tokenizer,
     from data_prep.shard import ShardSettings, shard_corpus
 
     shards = tmp_path / "no-val"
-    shard_corpus([str(wikitext_valid)], bert_tokenizer, shards, ShardSettings(seq_len=64, val_fraction=0.0))
+    shard_corpus([str(wikitext_valid)], bert_tokenizer, shards, settings=ShardSettings(seq_len=64, val_fraction=0.0))
     result = pretrain(tmp_path / "run", shards, bert_tokenizer, "eval.every_steps=2", world=1, stage=0)
     refused(
         result,

@@ -424,7 +424,7 @@ def test_bad_input_midway_leaves_no_partial_shards(tmp_path, bert_tokenizer):
     )
     out = tmp_path / "out"
     with pytest.raises(UserError, match=rf"{corpus}:20001: not valid JSON"):
-        shard_corpus([str(corpus)], bert_tokenizer, out, ShardSettings(seq_len=SEQ_LEN, piece_bytes=1 << 20))
+        shard_corpus([str(corpus)], bert_tokenizer, out, settings=ShardSettings(seq_len=SEQ_LEN, piece_bytes=1 << 20))
     assert not out.exists()
 
 

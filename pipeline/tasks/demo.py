@@ -55,7 +55,7 @@ def run_demo(out: str | Path, workers: int = 2, ranks: int = 2) -> dict:
         [str(corpus)],
         tokenizer,
         shards,
-        ShardSettings(seq_len=SEQ_LEN, val_fraction=0.02, piece_bytes=1 << 20),
+        settings=ShardSettings(seq_len=SEQ_LEN, val_fraction=0.02, piece_bytes=1 << 20),
         workers=workers,
     )
     checked = manifest.verify(shards)

@@ -97,7 +97,7 @@ def evaluate_model(
 
     for start in tqdm(range(0, rows, batch_size), desc="eval", unit="batch", disable=None):
         indices = np.arange(start, min(start + batch_size, rows))
-        batch = masked_batch(dataset, indices, 0, seed + EVAL_SEED_OFFSET, mask_rate, vocab)
+        batch = masked_batch(dataset, indices, step=0, seed=seed + EVAL_SEED_OFFSET, rate=mask_rate, vocab=vocab)
         on_device = batch.on(device)
         ids, mask, masked_index, labels = (
             on_device.input_ids,

@@ -97,7 +97,7 @@ class MetricsLogger:
         print(f"wandb: run {self.run.id} ({where})", flush=True)
 
 
-def step_record(stats, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
+def step_record(stats, *, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
     """The train/* and data/* keys of a logged step, from its `pipeline.train.step.StepStats`, its
     `pipeline.data.batches.StepBatches` and the run's counters after it; ASA's adversaries add asa/*."""
     record = {

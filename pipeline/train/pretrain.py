@@ -210,7 +210,15 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.signal_names())
     with run.lock or contextlib.nullcontext():
-        state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.companion)
+        state = resume(
+            run.engine,
+            run_dir=run_dir,
+            start=run.start,
+            config=run.config,
+            rank=rank,
+            world_size=int(os.environ["WORLD_SIZE"]),
+            companion=run.companion,
+        )
         logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
         state.wandb_id = logger.wandb_id
         try:
@@ -227,11 +235,11 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     batches = Batches(
         dataset,
         run.vocab,
-        global_batch,
-        config.train.micro_batch_size,
-        config.train.seed,
-        rank,
-        world_size,
+        global_batch_size=global_batch,
+        micro_batch_size=config.train.micro_batch_size,
+        seed=config.train.seed,
+        rank=rank,
+        world_size=world_size,
         pin_memory=engine.device.type == "cuda",
     )
     evaluator = Evaluator(engine, run.val, config, run.vocab)
@@ -255,7 +263,15 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):
             record = {
-                **step_record(stats, state, batch, rate, config.adversarial, engine, run.companion),
+                **step_record(
+                    stats,
+                    state=state,
+                    batch=batch,
+                    mask_rate=rate,
+                    adversarial=config.adversarial,
+                    engine=engine,
+                    companion=run.companion,
+                ),
                 **throughput.record(seconds, rate),
                 **evaluated,
             }

@@ -174,7 +174,14 @@ def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:
     """After the step is logged: say once that the adversarial term vanished (or stop on it),
     and stop (TrainingAborted) when the loss has stayed non-finite too long."""
     adv = config.adversarial
-    vanishing.check(adv, state.vanish_streak, state.step, stats.adv_ratio(adv.alpha), stats.delta_lost, report)
+    vanishing.check(
+        adv,
+        streak=state.vanish_streak,
+        step=state.step,
+        ratio=stats.adv_ratio(adv.alpha),
+        lost=stats.delta_lost,
+        announce=report,
+    )
     if state.bad_streak > config.train.max_bad_steps:
         last, _ = checkpoint.latest_complete(run_dir)
         raise TrainingAborted(

@@ -44,7 +44,7 @@ def message(config, step: int, ratio: float, lost: float) -> str:
     )
 
 
-def check(config, streak: int, step: int, ratio: float, lost: float, announce) -> None:
+def check(config, *, streak: int, step: int, ratio: float, lost: float, announce) -> None:
     """Act once a streak reaches vanish_steps: `announce` the line, or stop with it (exit 2)."""
     if streak != config.vanish_steps:
         return
