@@ -13,11 +13,15 @@ tokenizer and sequence length. `MaskedLM` wraps it for training:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from data_prep.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ARCHS = ("bert", "roberta")
 
@@ -101,7 +105,7 @@ def check_init_from(init_from: str) -> None:
         raise UserError(f"model.init_from: {init_from}: no weights ({' or '.join(WEIGHTS[::2])})")
 
 
-def build_model(config, init_from: str | None, activation_checkpointing: bool) -> nn.Module:
+def build_model(config: PretrainedConfig, init_from: str | None, activation_checkpointing: bool) -> nn.Module:
     """An HF masked LM: loaded from `init_from` (continual pretraining) or freshly initialised.
     Loaded in float32 whatever dtype the checkpoint was saved in: the engine keeps fp32
     master weights and casts for bf16/fp16 itself."""

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
+from deepspeed import DeepSpeedEngine
 
 from data_prep import atomic
 from data_prep.errors import UserError
@@ -121,7 +122,7 @@ class SaveFailed(Exception):
     previous complete checkpoint stays `latest`."""
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
+def save(engine: DeepSpeedEngine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
     """Save on every rank; returns the tag once it is complete everywhere.
 
     A write that fails on any rank (`_failed_write`: a full disk, a lost mount) fails the
@@ -237,7 +238,7 @@ def saved_world_size(run_dir: Path, tag: str) -> int:
     return json.loads((Path(run_dir) / CHECKPOINTS / tag / COMPLETE).read_text())["world_size"]
 
 
-def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
+def load(engine: DeepSpeedEngine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
     """Load a complete checkpoint into the engine; returns its client state.
 
     An engine configured with `checkpoint.load_universal` reads the universal copy of the

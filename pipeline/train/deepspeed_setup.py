@@ -11,10 +11,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from data_prep.errors import UserError
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def deepspeed_config(config, world_size: int) -> dict:
@@ -132,7 +136,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compute_dtype(engine) -> torch.dtype:
+def compute_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     """The dtype the engine's module computes in (DeepSpeed casts it for bf16 and fp16)."""
     if engine.bfloat16_enabled():
         return torch.bfloat16
