@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ import torch
 from helpers import (
     REPO,
     RUN,
+    checkpoint_logits,
     comparable,
     kill_when,
     ok,
@@ -40,7 +38,6 @@ from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
-from pipeline.train.distributed import free_port
 from pipeline.train.flops import flops_per_token
 from pipeline.train.validation import EVAL_SEED_OFFSET
 
@@ -403,31 +400,7 @@ def test_export_matches_the_training_model(reference, tmp_path):
 
     stage, run_dir = reference
     out = export(run_dir, tmp_path / "hf")
-    logits_file = tmp_path / "logits.pt"
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    ok(
-        subprocess.run(
-            [
-                launcher,
-                "--num_gpus",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "--module",
-                "checkpoint_logits",
-                str(run_dir),
-                "step00000008",
-                str(logits_file),
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    )
-    expected = torch.load(logits_file)
+    expected = checkpoint_logits(run_dir, "step00000008", tmp_path / "logits.pt")
     model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[
