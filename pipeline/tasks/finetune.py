@@ -182,19 +182,15 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         input_ids, mask = (t.to(device) for t in padded([train_ids[i] for i in mine], pad_id))
         forward, ascent = (engine, engine.module) if engine else (model, model)
         lr = schedule.get_last_lr()[0]
-        labels = train_labels[mine].to(device)
-        if engine:
-            backward = accumulating_backward(engine, method.passes(step))
-        else:
+        if not engine:
             optimizer.zero_grad(set_to_none=True)
-            backward = Tensor.backward
         out = drive(
             adversarial,
             step,
             lambda d: forward(input_ids, mask, d),
             lambda d: ascent(input_ids, mask, d)[0],
-            labels,
-            backward,
+            train_labels[mine].to(device),
+            accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
             real=mask,
             companion=companion,
             module_forward=lambda module: module(input_ids, mask)[0],
