@@ -297,21 +297,18 @@ def table(study: dict) -> str:
     lines = [
         "# ALUM's claims at small scale (bench/claims.py)",
         "",
-        f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; standard for {setup['steps']} "
-        "steps, "
-        f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), standard for "
-        f"{setup['standard_compute_steps']} steps "
-        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), amortized "
-        "ALUM two-stage "
-        f"as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one), ASA two-stage as ALUM with its KL "
-        "weighted 1 "
+        f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; "
+        f"standard for {setup['steps']} steps, "
+        f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), "
+        f"standard for {setup['standard_compute_steps']} steps "
+        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), "
+        f"amortized ALUM two-stage as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one), "
+        "ASA two-stage as ALUM with its KL weighted 1 "
         f"(a step {setup['asa_step_time_ratio']:.2f}x; the ratios are the runs' fastest logged steps, "
-        "on a machine shared with other work: docs/methods-bench.md compares step costs in one run), and the standard "
-        "model "
-        f"continued {setup['continual_steps']} steps without and with ALUM. SST-2 fine-tuning "
-        f"{setup['finetune_steps']} steps, "
-        f"seeds {setup['seeds']}; mean +- std over seeds. * = differs from the `standard` model by more than both "
-        "spreads together. "
+        "on a machine shared with other work: docs/methods-bench.md compares step costs in one run), "
+        f"and the standard model continued {setup['continual_steps']} steps without and with ALUM. "
+        f"SST-2 fine-tuning {setup['finetune_steps']} steps, seeds {setup['seeds']}; mean +- std over seeds. "
+        "* = differs from the `standard` model by more than both spreads together. "
         f"Wall time {setup['wall_seconds'] / 60:.0f} min over {setup['invocations']} invocation(s) of the command. "
         "Regenerate: `python bench/claims.py`.",
         "",
@@ -332,8 +329,8 @@ def table(study: dict) -> str:
             pgd = {p["radius"]: p["loss"] for p in ev["perturbation"]}
             lines.append(
                 f"| {name} | {ev['clean']['ppl']:.1f} | {ev['clean']['accuracy']:.4f} | "
-                f"{pgd.get(0.1, float('nan')):.3f} | "
-                f"{pgd.get(0.3, float('nan')):.3f} | {ev['substitution'][0]['loss']:.3f} | {method} | "
+                f"{pgd.get(0.1, float('nan')):.3f} | {pgd.get(0.3, float('nan')):.3f} | "
+                f"{ev['substitution'][0]['loss']:.3f} | {method} | "
                 f"{ft['dev_accuracy']['mean']:.4f} +- {ft['dev_accuracy']['std']:.4f}{marks['dev_accuracy']} | "
                 f"{ft['advglue_accuracy']['mean']:.4f} +- "
                 f"{ft['advglue_accuracy']['std']:.4f}{marks['advglue_accuracy']} |"
@@ -377,8 +374,8 @@ def finetune_methods_table(study: dict) -> list[str]:
         "",
         "## Fine-tuning methods on the `standard` model",
         "",
-        f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), seeds "
-        f"{study['setup']['seeds']}; "
+        f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), "
+        f"seeds {study['setup']['seeds']}; "
         "mean +- std over seeds; * = differs from standard fine-tuning by more than both spreads together. "
         "Seconds: wall time of one seed's fine-tuning here (training and evaluation).",
         "",
@@ -388,8 +385,8 @@ def finetune_methods_table(study: dict) -> list[str]:
     for method in FINETUNE_METHODS:
         ft = runs[method]
         cells = [
-            f"{ft[key]['mean']:.4f} +- "
-            f"{ft[key]['std']:.4f}{'*' if ft is not ref and exceeds(ft[key], ref[key]) else ''}"
+            f"{ft[key]['mean']:.4f} +- {ft[key]['std']:.4f}"
+            f"{'*' if ft is not ref and exceeds(ft[key], ref[key]) else ''}"
             for key in ("dev_accuracy", "advglue_accuracy")
         ]
         seconds = sum(seed["seconds"] for seed in ft["seeds"]) / len(ft["seeds"])
