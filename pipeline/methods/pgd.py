@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.methods.method import Method
 from pipeline.methods.objective import (
     AscentForward,
     CleanPass,
@@ -56,3 +57,14 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: nll(log_probs(q), labels), adv_logits, finite)
     return StepLosses(loss_adv, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+
+
+class Pgd(Method):
+    """``pgd``: K projected steps, trained on the adversarial loss alone (the clean one is logged)."""
+
+    name = "pgd"
+    trains_clean = False
+    default_steps = 3
+
+    def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
+        return pgd_losses(clean, forward, ascent_forward, labels, self.config)

@@ -35,7 +35,7 @@ from deepspeed import DeepSpeedEngine
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.core.rng import RngState, restore_saved
-from pipeline.methods.freeat import at_boundary
+from pipeline.methods.registry import method_of
 from pipeline.train import weights_only
 from pipeline.train.integrity import file_digests
 
@@ -325,17 +325,13 @@ class Checkpointer:
             config.checkpoint.keep_last,
             config.train.max_steps,
         )
-        self.adversarial = config.adversarial
+        self.method = method_of(config.adversarial)
 
     def due(self, state, stop: bool) -> bool:
         """Also never inside a batch's FreeAT replays (their perturbation is not saved), except at train.max_steps."""
         if state.step == self.max_steps:
             return state.bad_streak == 0
-        return (
-            state.bad_streak == 0
-            and (stop or state.step % self.every == 0)
-            and at_boundary(self.adversarial, state.step)
-        )
+        return state.bad_streak == 0 and (stop or state.step % self.every == 0) and self.method.at_boundary(state.step)
 
     def save(self, state) -> str:
         client = state.client_state(self.world_size)
