@@ -72,11 +72,11 @@ def method_step(method: str, model: MaskedLM, companion: Companion | None):
         carry = carry if method_of(config).replay_index(done) else Carry()
         drive(
             config,
-            done,
-            lambda d: model(ids, mask, index, d),
-            lambda d: model(ids, mask, index, d)[0],
-            batch.labels,
-            torch.Tensor.backward,
+            step=done,
+            forward=lambda d: model(ids, mask, index, d),
+            ascent_forward=lambda d: model(ids, mask, index, d)[0],
+            labels=batch.labels,
+            backward=torch.Tensor.backward,
             real=mask,
             companion=companion,
             module_forward=lambda module: module(ids, mask, index)[0],

@@ -144,7 +144,7 @@ def make_steps(hf, standard: MaskedLM, alum: MaskedLM) -> dict:
             lambda delta: alum(ids, mask, masked_index, delta),
             lambda delta: alum(ids, mask, masked_index, delta)[0],
             batch.labels,
-            adversarial,
+            config=adversarial,
             step=0,
         )
         update("alum", out.loss)

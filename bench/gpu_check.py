@@ -49,8 +49,8 @@ def smart(out: Path) -> None:
             lambda d: student(ids, mask, index, d),
             lambda d: student(ids, mask, index, d)[0],
             ids.flatten()[index],
-            AdversarialConfig(method=method),
-            0,
+            config=AdversarialConfig(method=method),
+            step=0,
             teacher=lambda: teacher_module(ids, mask, index)[0],
         ).loss
 

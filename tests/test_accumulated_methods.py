@@ -34,7 +34,7 @@ def run(config: AdversarialConfig, train: bool = False):
         loss.backward()
 
     torch.manual_seed(7)
-    out = run_objective(objective(closures.forward, closures.ascent_forward, labels, config, step=0), backward)
+    out = run_objective(objective(closures.forward, closures.ascent_forward, labels, config=config, step=0), backward)
     return out, model, yielded, closures
 
 
@@ -125,10 +125,10 @@ def test_these_methods_are_standard_before_start_step_and_refuse_a_single_call(m
     config = AdversarialConfig(method=method, start_step=5)
     assert passes(config, 4) == 1 and passes(config, 5) == {"freeat": 1, "alum_amortized": 2}.get(method, 2)
     model, closures, labels = setup()
-    out = compute_losses(closures.forward, closures.ascent_forward, labels, config, step=4)
+    out = compute_losses(closures.forward, closures.ascent_forward, labels, config=config, step=4)
     assert torch.equal(out.loss, out.loss_mlm) and out.loss_adv == 0
     with pytest.raises(ValueError, match=f"adversarial.method={method} uses the gradient of its own backward"):
-        compute_losses(closures.forward, closures.ascent_forward, labels, config, step=5)
+        compute_losses(closures.forward, closures.ascent_forward, labels, config=config, step=5)
 
 
 def test_dropout_masks_are_the_clean_pass_s_in_every_freelb_pass():
@@ -142,12 +142,16 @@ def test_freeat_carries_its_perturbation_across_replays():
     model, closures, labels = setup()
     carry = Carry()
     torch.manual_seed(7)
-    run_objective(objective(closures.forward, closures.ascent_forward, labels, config, 0, carry=carry), Tensor.backward)
+    run_objective(
+        objective(closures.forward, closures.ascent_forward, labels, config=config, step=0, carry=carry),
+        Tensor.backward,
+    )
     assert closures.deltas == []  # replay 0 is at delta = 0
     first = carry.delta.clone()
     assert set(first.abs().unique().tolist()) <= {0.0, 2.0**-7} and (first.abs() == 2.0**-7).float().mean() > 0.99
     out = run_objective(
-        objective(closures.forward, closures.ascent_forward, labels, config, 1, carry=carry), Tensor.backward
+        objective(closures.forward, closures.ascent_forward, labels, config=config, step=1, carry=carry),
+        Tensor.backward,
     )
     assert torch.equal(closures.deltas[0].detach(), first)  # replay 1 starts where replay 0 left delta
     grad = closures.deltas[0].grad

@@ -86,7 +86,7 @@ def run_step(config: AdversarialConfig, seed: int = 7, step: int = 0, **poison):
     ids, mask, labels = batch()
     closures = Closures(tiny_bert(), ids, mask, **poison)
     torch.manual_seed(seed)
-    return compute_losses(closures.forward, closures.ascent_forward, labels, config, step), closures
+    return compute_losses(closures.forward, closures.ascent_forward, labels, config=config, step=step), closures
 
 
 def clean_loss(seed: int = 7) -> torch.Tensor:
@@ -286,9 +286,9 @@ def test_rng_advances_so_the_next_step_gets_new_masks():
     closures = Closures(tiny_bert(), ids, mask)
     torch.manual_seed(7)
     before = torch.get_rng_state()
-    first = compute_losses(closures.forward, closures.ascent_forward, labels, ALUM, 0)
+    first = compute_losses(closures.forward, closures.ascent_forward, labels, config=ALUM, step=0)
     assert not torch.equal(torch.get_rng_state(), before)
-    second = compute_losses(closures.forward, closures.ascent_forward, labels, ALUM, 1)
+    second = compute_losses(closures.forward, closures.ascent_forward, labels, config=ALUM, step=1)
     assert not torch.equal(first.loss_mlm, second.loss_mlm)
 
 
@@ -313,7 +313,9 @@ def test_mlm_loss_is_the_mean_cross_entropy():
 def test_step_without_masked_tokens_runs():
     ids, _, _ = batch()
     closures = Closures(tiny_bert(), ids, torch.zeros_like(ids, dtype=torch.bool))
-    result = compute_losses(closures.forward, closures.ascent_forward, torch.zeros(0, dtype=torch.long), ALUM, 0)
+    result = compute_losses(
+        closures.forward, closures.ascent_forward, torch.zeros(0, dtype=torch.long), config=ALUM, step=0
+    )
     assert result.loss.item() == 0.0 and result.loss_adv == 0.0 and not result.skipped
     result.loss.backward()
 
@@ -371,7 +373,7 @@ def test_logged_norms_average_over_real_tokens_only():
     real[1, 8:] = False  # the tail of the second sequence is padding
     closures = Closures(tiny_bert(), ids, mask)
     torch.manual_seed(7)
-    result = compute_losses(closures.forward, closures.ascent_forward, labels, ALUM, 0, real=real)
+    result = compute_losses(closures.forward, closures.ascent_forward, labels, config=ALUM, step=0, real=real)
     (delta,) = closures.deltas
     per_token = token_norm(delta, ALUM.norm)
     assert result.delta_norm.item() == pytest.approx(per_token[real].mean().item(), rel=1e-6)

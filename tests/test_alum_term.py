@@ -76,7 +76,7 @@ def ratios(trained, config: AdversarialConfig, precision: str) -> list[tuple[flo
             lambda d: model(ids, mask, masked_index, d),
             lambda d: model(ids, mask, masked_index, d)[0],
             batch.labels,
-            config,
+            config=config,
             step=0,
             real=mask,
         )

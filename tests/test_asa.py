@@ -43,8 +43,8 @@ def step_losses(model, adversaries, config=ASA, seed=7):
         lambda d: model(ids, real, index, d),
         lambda d: model(ids, real, index, d)[0],
         labels,
-        config,
-        0,
+        config=config,
+        step=0,
         real=real,
         adversaries=adversaries,
     )

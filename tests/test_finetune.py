@@ -184,7 +184,7 @@ def test_alum_loss_is_cross_entropy_plus_alpha_times_symmetric_kl(small_model, s
         return model(input_ids, mask, delta)
 
     config = AdversarialConfig(method="alum", alpha=1.0)
-    out = compute_losses(forward, lambda d: model(input_ids, mask, d)[0], labels, config, step=0, real=mask)
+    out = compute_losses(forward, lambda d: model(input_ids, mask, d)[0], labels, config=config, step=0, real=mask)
     with torch.no_grad():
         clean = model(input_ids, mask)[0].double()
         perturbed = model(input_ids, mask, deltas[-1])[0].double()
@@ -230,7 +230,12 @@ def test_fgm_and_fgsm_train_on_clean_plus_adversarial_cross_entropy(small_model,
         return model(input_ids, mask, delta)
 
     out = compute_losses(
-        forward, lambda d: model(input_ids, mask, d)[0], labels, AdversarialConfig(method=method), step=0, real=mask
+        forward,
+        lambda d: model(input_ids, mask, d)[0],
+        labels,
+        config=AdversarialConfig(method=method),
+        step=0,
+        real=mask,
     )
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(model(input_ids, mask)[0], labels)
@@ -300,7 +305,7 @@ def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2,
     assert saved.config.id2label == {0: "0", 1: "1"}
     model, tokenizer = finetune.load_model(out / "seed-1", 2, seed=0)
     ids, labels = finetune.encode(tokenizer, read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS), 128)
-    assert finetune.accuracy(model, ids, labels, tokenizer.pad_token_id) == pytest.approx(dev[0])
+    assert finetune.accuracy(model, ids, labels, pad_id=tokenizer.pad_token_id) == pytest.approx(dev[0])
     # A re-run skips the finished seeds.
     stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
     assert finetune.main(args(small_model, sst2, advglue, out)) == 0
@@ -404,4 +409,4 @@ def test_a_bf16_deepspeed_run_saves_its_float32_master_weights(small_model, smal
     model, tokenizer = finetune.load_model(tmp_path / "seed-1", 2, seed=0)
     ids, labels = finetune.encode(tokenizer, load_task(str(small_task), None, None).dev, 128)
     reported = json.loads((tmp_path / "seed-1" / "result.json").read_text())["dev_accuracy"]
-    assert finetune.accuracy(model.to(torch.bfloat16), ids, labels, tokenizer.pad_token_id) == reported
+    assert finetune.accuracy(model.to(torch.bfloat16), ids, labels, pad_id=tokenizer.pad_token_id) == reported

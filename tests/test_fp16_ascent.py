@@ -46,7 +46,11 @@ def ascent(weights: dict, dtype: torch.dtype, method: str):
 
     torch.manual_seed(2)
     out = compute_losses(
-        forward, lambda d: model(ids, mask, index, d)[0], ids.flatten()[index], AdversarialConfig(method=method), 0
+        forward,
+        lambda d: model(ids, mask, index, d)[0],
+        ids.flatten()[index],
+        config=AdversarialConfig(method=method),
+        step=0,
     )
     return out, deltas[-1]
 

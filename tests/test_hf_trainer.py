@@ -76,7 +76,7 @@ def test_compute_loss_is_compute_losses_on_the_model(tmp_path, batch):
         lambda d: by_hand(ids, mask, d),
         lambda d: by_hand(ids, mask, d)[0],
         batch["labels"],
-        AdversarialConfig(**ALUM),
+        config=AdversarialConfig(**ALUM),
         step=0,
         real=mask,
     )

@@ -81,8 +81,8 @@ def micro_batch(method: str, attention: torch.Tensor | None):
         lambda d: model(ids, attention, index, d),
         lambda d: model(ids, attention, index, d)[0],
         labels,
-        AdversarialConfig(method=method, steps=2),
-        0,
+        config=AdversarialConfig(method=method, steps=2),
+        step=0,
         real=attention,
         adversaries=adversaries,
     )
@@ -179,9 +179,10 @@ from pipeline.model.masked_lm import MaskedLM
 model = MaskedLM(BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
 intermediate_size=32)))
 ids = torch.randint(5, 50, (2, 8))
-out = compute_losses(lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d), lambda d: model(ids,
-torch.ones_like(ids), torch.tensor([1, 9]), d)[0],
-                     ids.flatten()[[1, 9]], AdversarialConfig(method="alum"), 0)
+def forward(delta):
+    return model(ids, torch.ones_like(ids), torch.tensor([1, 9]), delta)
+out = compute_losses(forward, lambda d: forward(d)[0], ids.flatten()[[1, 9]], config=AdversarialConfig(method="alum"),
+                     step=0)
 out.loss.backward()
 print(float(out.loss_adv) > 0, "deepspeed" in sys.modules)
 """

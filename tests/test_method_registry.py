@@ -85,5 +85,5 @@ def test_every_method_answers_the_trainer(name):
     assert cls.keeps_state or method.stat_names(None) == []  # only a companion adds numbers
     if cls.driven:  # a backward between its losses: one backward cannot run it
         with pytest.raises(ValueError, match="uses the gradient of its own backward"):
-            method.compute_losses(None, None, None, 2)
+            method.compute_losses(None, None, None, step=2)
     assert set(FINETUNE_NAMES.values()) == set(METHODS)

@@ -18,7 +18,12 @@ def losses(config, student, teacher_model, seed=7):
     teacher_closures = Closures(teacher_model, ids, mask)
     torch.manual_seed(seed)
     return compute_losses(
-        closures.forward, closures.ascent_forward, labels, config, 0, teacher=lambda: teacher_closures.forward(None)[0]
+        closures.forward,
+        closures.ascent_forward,
+        labels,
+        config=config,
+        step=0,
+        teacher=lambda: teacher_closures.forward(None)[0],
     )
 
 

@@ -129,6 +129,7 @@ def objective(
     forward: Forward,
     ascent_forward: AscentForward,
     labels: Tensor,
+    *,
     config: AdversarialConfig,
     step: int,
     real: Tensor | None = None,
@@ -140,13 +141,16 @@ def objective(
     sum is the objective) and, once each has been backwarded, returns the `StepLosses`.
     ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch;
     ``adversaries``: ASA's, attached to the model ``forward`` runs."""
-    return method_of(config).objective(forward, ascent_forward, labels, step, real, teacher, carry, adversaries)
+    return method_of(config).objective(
+        forward, ascent_forward, labels, step=step, real=real, teacher=teacher, carry=carry, adversaries=adversaries
+    )
 
 
 def compute_losses(
     forward: Forward,
     ascent_forward: AscentForward,
     labels: Tensor,
+    *,
     config: AdversarialConfig,
     step: int,
     real: Tensor | None = None,
@@ -161,4 +165,4 @@ def compute_losses(
     respect to delta alone, so the trainer's single backward of ``loss`` is the only one.
     No host sync: a non-finite gradient or term is dropped with ``torch.where``.
     """
-    return method_of(config).compute_losses(forward, ascent_forward, labels, step, real, teacher)
+    return method_of(config).compute_losses(forward, ascent_forward, labels, step=step, real=real, teacher=teacher)

@@ -22,6 +22,7 @@ from pipeline.methods.registry import method_of
 
 def drive(
     config,
+    *,
     step: int,
     forward: Forward,
     ascent_forward: AscentForward,
@@ -37,7 +38,13 @@ def drive(
     through another module (SMART's teacher); ``carry``: FreeAT's perturbation of the micro-batch."""
     method = method_of(config)
     losses = method.objective(
-        forward, ascent_forward, labels, step, real, carry=carry, **method.objective_args(companion, module_forward)
+        forward,
+        ascent_forward,
+        labels,
+        step=step,
+        real=real,
+        carry=carry,
+        **method.objective_args(companion, module_forward),
     )
     return run_objective(losses, backward)
 

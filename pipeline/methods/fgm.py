@@ -42,6 +42,7 @@ def fgm_losses(
     forward: Forward,
     ascent_forward: AscentForward,
     labels,
+    *,
     config,
     sign: bool,
     weights: tuple[float, float],
@@ -73,7 +74,9 @@ class Fgm(Method):
     weights = (1.0, 1.0)  # (the clean loss's, the adversarial loss's)
 
     def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
-        return fgm_losses(clean, forward, ascent_forward, labels, self.config, self.sign, self.weights)
+        return fgm_losses(
+            clean, forward, ascent_forward, labels, config=self.config, sign=self.sign, weights=self.weights
+        )
 
 
 class Fgsm(Fgm):

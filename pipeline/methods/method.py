@@ -98,6 +98,7 @@ class Method:
         forward: Forward,
         ascent_forward: AscentForward,
         labels: Tensor,
+        *,
         step: int,
         real: Tensor | None = None,
         teacher: Callable[[], Tensor] | None = None,
@@ -107,7 +108,7 @@ class Method:
         """One micro-batch's losses: yields each to backward, returns its numbers once all are backwarded."""
         if self.driven and self.active(step):
             return (yield from self.driven_losses(forward, labels, real, carry, adversaries))
-        out = self.compute_losses(forward, ascent_forward, labels, step, real, teacher)
+        out = self.compute_losses(forward, ascent_forward, labels, step=step, real=real, teacher=teacher)
         yield out.loss
         return out
 
@@ -116,6 +117,7 @@ class Method:
         forward: Forward,
         ascent_forward: AscentForward,
         labels: Tensor,
+        *,
         step: int,
         real: Tensor | None = None,
         teacher: Callable[[], Tensor] | None = None,

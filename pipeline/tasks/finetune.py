@@ -112,7 +112,13 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def accuracy(
-    model: Classifier, ids, labels: torch.Tensor, pad_id: int, batch_size: int = 64, device: torch.device | None = None
+    model: Classifier,
+    ids,
+    labels: torch.Tensor,
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    device: torch.device | None = None,
 ) -> float:
     """The share of `ids` classified as `labels`, computed on `device` (the CPU by default)."""
     model.eval()
@@ -186,11 +192,11 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
         out = drive(
             adversarial,
-            step,
-            lambda d: forward(input_ids, mask, d),
-            lambda d: ascent(input_ids, mask, d)[0],
-            train_labels[mine].to(device),
-            accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
+            step=step,
+            forward=lambda d: forward(input_ids, mask, d),
+            ascent_forward=lambda d: ascent(input_ids, mask, d)[0],
+            labels=train_labels[mine].to(device),
+            backward=accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
             real=mask,
             companion=companion,
             module_forward=lambda module: module(input_ids, mask)[0],
@@ -210,7 +216,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
                 {
                     "step": step + 1,
                     "loss": out.loss.item(),
-                    "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id, device=device),
+                    "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id=pad_id, device=device),
                 }
             )
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
@@ -231,10 +237,10 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     }
     if task.adversarial:
         adv_ids, adv_labels = encode(tokenizer, task.adversarial, args.max_length)
-        result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id, device=device)
+        result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id=pad_id, device=device)
     weights = full_fp32_state(model.hf)  # every rank takes part: the master weights are partitioned over them
     if rank == 0:
-        _save(model, weights, tokenizer, task, Path(args.out) / f"seed-{seed}", result)
+        _save(model, weights, tokenizer=tokenizer, task=task, out=Path(args.out) / f"seed-{seed}", result=result)
     if engine:
         import deepspeed.comm as dist
 
@@ -266,7 +272,7 @@ def _deepspeed_config(args, world: int) -> dict:
     return deepspeed_config(run, world)
 
 
-def _save(model: Classifier, weights: dict[str, Tensor], tokenizer, task: Task, out: Path, result: dict) -> None:
+def _save(model: Classifier, weights: dict[str, Tensor], *, tokenizer, task: Task, out: Path, result: dict) -> None:
     """The HF model with `weights` (fp32; labels named in its config) and the seed's result.json, written last."""
     model.hf.config.id2label = dict(enumerate(task.labels))
     model.hf.config.label2id = {name: i for i, name in enumerate(task.labels)}

@@ -82,7 +82,12 @@ class AdversarialTrainer(Trainer):
 
         config = self.adversarial if model.training else CLEAN
         losses = compute_losses(
-            forward, ascent_forward, labels, config, self.state.global_step, real=inputs.get("attention_mask")
+            forward,
+            ascent_forward,
+            labels,
+            config=config,
+            step=self.state.global_step,
+            real=inputs.get("attention_mask"),
         )
         if model.training:
             self._adv_sum = self._adv_sum.to(losses.loss_adv.device) + losses.loss_adv.detach()

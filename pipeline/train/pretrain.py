@@ -260,7 +260,14 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         batch, rate = inputs(state.step, state.consumed_samples)
         replay = method.replay_index(state.step)  # 0 unless FreeAT replays this batch
         carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
-        sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.companion, carries)
+        sums = train_step(
+            engine,
+            batch.micro_batches,
+            adversarial=config.adversarial,
+            step=state.step,
+            companion=run.companion,
+            carries=carries,
+        )
         if state.step + 1 < max_steps:  # the next step's batch, built while the device runs this one
             inputs(state.step + 1, consumed_after(config, state.step + 1, state.consumed_samples))
         stats = StepStats.gather(sums, stop=StopRequest.requested())

@@ -37,6 +37,7 @@ class TrainingAborted(Exception):
 def train_step(
     engine,
     micro_batches: list[MicroBatch],
+    *,
     adversarial,
     step: int,
     companion: Companion | None = None,
@@ -63,11 +64,11 @@ def train_step(
 
         out = drive(
             adversarial,
-            step,
-            forward,
-            ascent_forward,
-            batch.labels,
-            backward,
+            step=step,
+            forward=forward,
+            ascent_forward=ascent_forward,
+            labels=batch.labels,
+            backward=backward,
             real=batch.attention_mask,
             companion=companion,
             module_forward=module_forward,
