@@ -41,6 +41,25 @@ def train_shards(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
     return build_shards(wikitext_valid, bert_tokenizer, tmp_path_factory.mktemp("train-shards") / "shards")
 
 
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory, bert_tokenizer) -> Path:
+    """Tiny Shakespeare's first 6,000 lines (a line a document), sharded as train_shards: a second corpus."""
+    root = tmp_path_factory.mktemp("shakespeare")
+    text = root / "shakespeare.txt"
+    text.write_text("".join(data_file("tinyshakespeare/input.txt").read_text().splitlines(keepends=True)[:6000]))
+    return build_shards(text, bert_tokenizer, root / "shards")
+
+
+@pytest.fixture(scope="session")
+def sst2_shards(tmp_path_factory, bert_tokenizer) -> Path:
+    """SST-2 dev sentences (a sentence a document), sharded as train_shards: a small third corpus."""
+    root = tmp_path_factory.mktemp("sst2")
+    text = root / "sst2.txt"
+    lines = data_file("sst2/dev.tsv").read_text().splitlines()[1:]
+    text.write_text("".join(line.split("\t")[0] + "\n" for line in lines))
+    return build_shards(text, bert_tokenizer, root / "shards")
+
+
 @pytest.fixture(scope="session", params=[2, 3], ids=["zero2", "zero3"])
 def reference(request, tmp_path_factory, train_shards, bert_tokenizer) -> tuple[int, Path]:
     """An 8-step, 2-rank ALUM run (standard MLM for 4 steps) per ZeRO stage: what other runs must reproduce."""
