@@ -75,3 +75,22 @@ def small_disk(tmp_path) -> SmallDisk:
     disk = SmallDisk(tmp_path / "small-disk")
     yield disk
     disk.unmount()
+
+
+def mixture_overrides(wiki: Path, shakespeare: Path, sst2: Path) -> tuple[str, ...]:
+    """Two corpora mixed 3:1 (WikiText-2 is the larger), SST-2 validated on but not trained on."""
+    return (
+        "data.shards=''",  # pretrain_args gives data.shards: a mixture replaces it
+        f"data.sources=[{{name: wiki, shards: {wiki}, weight: 3}}, {{name: shakespeare, shards: {shakespeare}}}]",
+        f"eval.sets=[{{name: sst2, shards: {sst2}}}]",
+    )
+
+
+@pytest.fixture(scope="session")
+def mixture_reference(tmp_path_factory, train_shards, shakespeare_shards, sst2_shards, bert_tokenizer):
+    """RUN on a two-corpus mixture, 2 ranks, ZeRO-2: what the mixture's resumed runs must reproduce.
+    Returns (its run directory, its overrides)."""
+    run_dir = tmp_path_factory.mktemp("mixture") / "run"
+    overrides = (*RUN, *mixture_overrides(train_shards, shakespeare_shards, sst2_shards))
+    ok(pretrain(run_dir, train_shards, bert_tokenizer, *overrides))
+    return run_dir, overrides

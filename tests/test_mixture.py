@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import data_file
+from helpers import data_file, pretrain, refused_in_one_line
 
 from data_prep import output_dir
 from data_prep.corpus import ReadOptions
@@ -181,3 +181,15 @@ def test_a_changed_source_is_refused_on_resume_by_its_key_and_a_new_eval_set_is_
         resolve_run_config(None, [sources.replace("play", "books")], run_dir)
     added = resolve_run_config(None, [f"eval.sets=[{{name: sst2, shards: {sst2_shards}}}]"], run_dir)
     assert [s.name for s in added.eval.sets] == ["sst2"] and added.data.sources[0].weight == 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["short_rows", "other_tokenizer_rows"])
+def test_training_on_a_mismatched_source_stops_in_one_line_before_set_up(
+    request, bad, tmp_path, train_shards, bert_tokenizer
+):
+    odd = request.getfixturevalue(bad)
+    sources = f"data.sources=[{{name: wiki, shards: {train_shards}}}, {{name: odd, shards: {odd}}}]"
+    result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "data.shards=''", sources, world=1, stage=0)
+    refused_in_one_line(result, f"data.sources odd ({odd})", "seq_len 32" if bad == "short_rows" else "tokenizer")
+    assert not (tmp_path / "run").exists()  # refused before the run directory, the model or the engine
