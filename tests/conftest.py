@@ -41,6 +41,25 @@ def train_shards(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
     return build_shards(wikitext_valid, bert_tokenizer, tmp_path_factory.mktemp("train-shards") / "shards")
 
 
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory, bert_tokenizer) -> Path:
+    """Tiny Shakespeare's first 6,000 lines (a line a document), sharded as train_shards: a second corpus."""
+    root = tmp_path_factory.mktemp("shakespeare")
+    text = root / "shakespeare.txt"
+    text.write_text("".join(data_file("tinyshakespeare/input.txt").read_text().splitlines(keepends=True)[:6000]))
+    return build_shards(text, bert_tokenizer, root / "shards")
+
+
+@pytest.fixture(scope="session")
+def sst2_shards(tmp_path_factory, bert_tokenizer) -> Path:
+    """SST-2 dev sentences (a sentence a document), sharded as train_shards: a small third corpus."""
+    root = tmp_path_factory.mktemp("sst2")
+    text = root / "sst2.txt"
+    lines = data_file("sst2/dev.tsv").read_text().splitlines()[1:]
+    text.write_text("".join(line.split("\t")[0] + "\n" for line in lines))
+    return build_shards(text, bert_tokenizer, root / "shards")
+
+
 @pytest.fixture(scope="session", params=[2, 3], ids=["zero2", "zero3"])
 def reference(request, tmp_path_factory, train_shards, bert_tokenizer) -> tuple[int, Path]:
     """An 8-step, 2-rank ALUM run (standard MLM for 4 steps) per ZeRO stage: what other runs must reproduce."""
@@ -86,3 +105,22 @@ def small_model(tmp_path_factory, bert_tokenizer) -> Path:
     for path in Path(bert_tokenizer).iterdir():
         shutil.copy(path, out / path.name)
     return out
+
+
+def mixture_overrides(wiki: Path, shakespeare: Path, sst2: Path) -> tuple[str, ...]:
+    """Two corpora mixed 3:1 (WikiText-2 is the larger), SST-2 validated on but not trained on."""
+    return (
+        "data.shards=''",  # pretrain_args gives data.shards: a mixture replaces it
+        f"data.sources=[{{name: wiki, shards: {wiki}, weight: 3}}, {{name: shakespeare, shards: {shakespeare}}}]",
+        f"eval.sets=[{{name: sst2, shards: {sst2}}}]",
+    )
+
+
+@pytest.fixture(scope="session")
+def mixture_reference(tmp_path_factory, train_shards, shakespeare_shards, sst2_shards, bert_tokenizer):
+    """RUN on a two-corpus mixture, 2 ranks, ZeRO-2: what the mixture's resumed runs must reproduce.
+    Returns (its run directory, its overrides)."""
+    run_dir = tmp_path_factory.mktemp("mixture") / "run"
+    overrides = (*RUN, *mixture_overrides(train_shards, shakespeare_shards, sst2_shards))
+    ok(pretrain(run_dir, train_shards, bert_tokenizer, *overrides))
+    return run_dir, overrides

@@ -137,3 +137,18 @@ def test_main_refuses_bad_input_with_one_line(two_runs, tmp_path, capsys, case, 
 def test_a_directory_without_a_log_is_named(tmp_path):
     with pytest.raises(UserError, match="^" + re.escape(f"{tmp_path / METRICS}: no metrics log here")):
         read_series(tmp_path)
+
+
+def test_a_mixture_runs_named_sets_are_drawn_in_the_eval_panel(tmp_path):
+    run_dir = tmp_path / "mixture"
+    run_dir.mkdir()
+    records = [
+        {"step": s, "train/loss": 5.0, "eval/wiki/ppl": 100.0 / s, "eval/sst2/ppl": 300.0 / s, "eval/wiki/loss": 1.0}
+        for s in (4, 8)
+    ]
+    (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = plot_runs([run_dir], tmp_path / "mixture.png")
+    assert drawn["mixture"]["eval"] == {
+        "eval/sst2/ppl": ([4, 8], [75.0, 37.5]),
+        "eval/wiki/ppl": ([4, 8], [25.0, 12.5]),
+    }

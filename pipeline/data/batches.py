@@ -48,6 +48,10 @@ class ShardDataset:
         table = manifest.read_shard(manifest.shard_path(self.directory, entry), entry, schema)
         return [np.asarray(chunk.flatten()).reshape(-1, self.seq_len) for chunk in table.column("input_ids").chunks]
 
+    def batch_indices(self, consumed_samples: int, count: int, seed: int) -> np.ndarray:
+        """Row indices of the global batch that starts at ``consumed_samples`` (`pipeline.data.sampling`)."""
+        return global_batch_indices(consumed_samples, count, len(self), seed)
+
     def verify_checksums(self, rank: int = 0, world_size: int = 1) -> None:
         """sha256 of this rank's share of the shards (catches altered bytes of the right size)."""
         for entry in self.entries[rank::world_size]:
@@ -96,7 +100,7 @@ class MicroBatch:
 class StepBatches:
     global_indices: np.ndarray  # the step's global batch of sample indices, the same on every rank
     micro_batches: list[MicroBatch]  # this rank's share of it, masked
-    dataset_size: int  # rows in the split: an epoch
+    dataset_size: int  # rows in the split (a mixture's: its sources' summed): an epoch
 
 
 class Batches:
@@ -106,7 +110,7 @@ class Batches:
 
     def __init__(
         self,
-        dataset: ShardDataset,
+        dataset,  # a ShardDataset, or a pipeline.data.mixture.Mixture: rows(), batch_indices(), len()
         vocab: MaskVocab,
         *,
         global_batch_size: int,
@@ -121,7 +125,7 @@ class Batches:
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
 
     def for_step(self, step: int, consumed_samples: int, rate: float) -> StepBatches:
-        global_indices = global_batch_indices(consumed_samples, self.global_batch_size, len(self.dataset), self.seed)
+        global_indices = self.dataset.batch_indices(consumed_samples, self.global_batch_size, self.seed)
         local = rank_slice(global_indices, self.rank, self.world_size)
         micro = self.micro_batch_size
         batches = [

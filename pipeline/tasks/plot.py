@@ -5,7 +5,9 @@ A run is judged at a glance from four things against step: the loss split into i
 runs are overlaid with one colour each, so an ALUM run can be read against its baseline.
 Points that cannot be drawn (NaN/inf, and zero on the log-scaled adversarial panel, which is
 what the log holds before ALUM starts) are left out as gaps; `plot_runs` returns exactly what it
-drew. Perplexity is log-scaled too: it falls by orders of magnitude early in training.
+drew. Perplexity is log-scaled too: it falls by orders of magnitude early in training. A run on a
+mixture (`data.sources`) or with `eval.sets` logs a perplexity per named set
+(`eval/<name>/ppl`): each is drawn in the eval panel in a line style of its own.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ PANELS = (
     ("mask_rate", "mask rate", "fraction of tokens masked", {"train/mask_rate": "mask rate"}, False, False),
     ("lr", "learning rate", "learning rate", {"train/lr": "lr"}, False, False),
 )
-LINESTYLES = ("-", "--")
+LINESTYLES = ("-", "--", ":", "-.")  # cycled: a panel may hold more series (one per named eval set)
+PER_SET = {"eval": "ppl"}  # panel -> the metric each named set logs as eval/<name>/<metric>
 
 
 def read_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -84,6 +87,22 @@ def _labels(run_dirs: list[Path], labels: list[str] | None) -> list[str]:
     return labels
 
 
+def _with_named_sets(panel: str, keys: dict[str, str], runs: dict) -> dict[str, str]:
+    """A panel's keys, plus eval/<name>/<metric> for every named set any run logged (PER_SET)."""
+    if panel not in PER_SET:
+        return keys
+    suffix = "/" + PER_SET[panel]
+    named = sorted(
+        {
+            k
+            for series in runs.values()
+            for k in series
+            if k.startswith("eval/") and k.count("/") == 2 and k.endswith(suffix)
+        }
+    )
+    return keys | {key: key.split("/")[1] for key in named}
+
+
 def _drawable(values: list[float], log: bool) -> list[bool]:
     """Which points an axis can show: finite ones, and only positive ones on a log axis."""
     return [math.isfinite(v) and (v > 0 or not log) for v in values]
@@ -118,8 +137,10 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
     *panel_axes, legend_ax = fig.subplots(2, 3, sharex=True).flat
     drawn: dict = {label: {} for label in labels}
     for ax, (panel, title, ylabel, keys, log, markers) in zip(panel_axes, PANELS):
+        keys = _with_named_sets(panel, keys, runs)
+        styles = [LINESTYLES[i % len(LINESTYLES)] for i in range(len(keys))]
         for colour, (label, series) in enumerate(runs.items()):
-            for style, key in zip(LINESTYLES, keys):
+            for style, key in zip(styles, keys):
                 if key not in series:
                     continue
                 steps, values = series[key]
@@ -148,7 +169,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
         if len(keys) > 1:
             ax.legend(
-                [Line2D([], [], color="black", linestyle=s) for s in LINESTYLES],
+                [Line2D([], [], color="black", linestyle=s) for s in styles],
                 keys.values(),
                 loc="upper right",
                 fontsize=9,

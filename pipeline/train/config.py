@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import signal
 import types
 import typing
@@ -38,6 +39,42 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PLACEHOLDER = "/path/to/"  # how a shipped config marks a path its user must give
 PATH_KEYS = ("data.shards", "data.tokenizer", "model.config", "model.init_from", "checkpoint.init_from", "deepspeed")
+LIST_PATH_KEYS = ("data.sources", "eval.sets")  # lists of entries whose `shards` is a path
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a source's or eval set's name: a metric key's part
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"name: letters, digits, '_', '-', '.' (a letter or digit first), got {name!r}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One corpus of a mixture: its shard directory and its share of the training samples."""
+
+    name: str = ""  # in the metric keys: data/<name>/..., eval/<name>/...
+    shards: str = ""  # a directory written by `alum shard`
+    weight: float = 1.0  # relative share of the samples (weights are normalised over the sources)
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if not self.shards:
+            raise ValueError("shards: must be set to a directory written by `alum shard`")
+        checks.number("weight", self.weight, positive=True)
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """A shard directory validated on (eval/<name>/...) but not trained on, e.g. an out-of-domain corpus."""
+
+    name: str = ""
+    shards: str = ""
+    split: str = "val"
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if not self.shards:
+            raise ValueError("shards: must be set to a directory written by `alum shard`")
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,12 @@ class DataConfig:
     )
     train_split: str = "train"
     val_split: str = "val"
+    # instead of shards: a weighted mixture of shard directories (pipeline/data/mixture.py), e.g.
+    # [{name: wiki, shards: DIR, weight: 3}, {name: books, shards: DIR, weight: 1}]
+    sources: tuple[SourceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _unique_names("sources", self.sources)
 
 
 @dataclass(frozen=True)
@@ -122,9 +165,18 @@ class EvalConfig:
     every_steps: int = 0  # 0: no validation pass during training
     batches: int = 8  # a validation pass reads batches x train.micro_batch_size rows in all, split over the ranks
     mask_rate: float = 0.15
+    sets: tuple[EvalSetConfig, ...] = ()  # more shard directories to validate on, not trained on
 
     def __post_init__(self) -> None:
         checks.fraction("mask_rate", self.mask_rate, one=False)
+        _unique_names("sets", self.sets)
+
+
+def _unique_names(key: str, entries: tuple) -> None:
+    names = [entry.name for entry in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"{key}: the name {name!r} is given twice (names key the metrics)")
 
 
 @dataclass(frozen=True)
@@ -200,6 +252,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         # A published model directory holds its tokenizer: the shards must be made with it. A
         # shipped config's placeholder (/path/to/tokenizer) is no setting: it does not win over that.
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=config.model.init_from))
+    if config.data.sources and config.data.shards.startswith(PLACEHOLDER):
+        # A shipped config's placeholder for data.shards is no setting: a mixture replaces it.
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, shards=""))
     _require_data(config)
     return config
 
@@ -213,6 +268,17 @@ def _absolute_paths(data: dict, base: Path) -> None:
             target = target.get(section) if isinstance(target, dict) else None
         if isinstance(target, dict) and isinstance(target.get(name), str) and target[name]:
             target[name] = os.path.abspath(os.path.join(base, os.path.expanduser(target[name])))
+    _absolute_entry_paths(data, base)
+
+
+def _absolute_entry_paths(data: dict, base: Path) -> None:
+    """The `shards` of LIST_PATH_KEYS' entries made absolute against `base`, in place."""
+    for key in LIST_PATH_KEYS:
+        section, name = key.split(".")
+        entries = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("shards"), str) and entry["shards"]:
+                entry["shards"] = os.path.abspath(os.path.join(base, os.path.expanduser(entry["shards"])))
 
 
 def missing_paths(config: "RunConfig") -> None:
@@ -225,6 +291,8 @@ def missing_paths(config: "RunConfig") -> None:
         "checkpoint.init_from": config.checkpoint.init_from,
         "deepspeed": config.deepspeed if isinstance(config.deepspeed, str) else None,
     }
+    paths |= {f"data.sources.{s.name}.shards": s.shards for s in config.data.sources}
+    paths |= {f"eval.sets.{s.name}.shards": s.shards for s in config.eval.sets}
     placeholders = [key for key, value in paths.items() if value and value.startswith(PLACEHOLDER)]
     if placeholders:
         raise UserError(
@@ -256,6 +324,8 @@ def _apply_override(data: dict, item: str) -> None:
     target[parts[-1]] = value
     if key in PATH_KEYS and isinstance(value, str) and value:
         target[parts[-1]] = os.path.abspath(os.path.expanduser(value))
+    if key in LIST_PATH_KEYS:
+        _absolute_entry_paths(data, Path.cwd())
 
 
 def _build(cls, data: Any, prefix: str):
@@ -278,6 +348,11 @@ def _build(cls, data: Any, prefix: str):
 def _convert(kind, value: Any, key: str):
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, f"{key}.")
+    if typing.get_origin(kind) is tuple:  # tuple[Entry, ...]: a YAML list of mappings
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        entry = typing.get_args(kind)[0]
+        return tuple(_build(entry, item, f"{key}[{i}].") for i, item in enumerate(value))
     options = (
         typing.get_args(kind)
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
@@ -314,8 +389,12 @@ def _is_float(text: str) -> bool:
 
 def _require_data(config: RunConfig) -> None:
     """The keys with no usable default; data.tokenizer may come from model.init_from, so after that."""
-    if not config.data.shards:
-        raise UserError("data.shards: must be set to a directory written by `alum shard`")
+    if not config.data.shards and not config.data.sources:
+        raise UserError(
+            "data.shards: must be set to a directory written by `alum shard` (or data.sources to a mixture of them)"
+        )
+    if config.data.shards and config.data.sources:
+        raise UserError("data.sources: give data.shards (one corpus) or data.sources (a mixture), not both")
     if not config.data.tokenizer:
         raise UserError(
             "data.tokenizer: must be set to the tokenizer directory the shards were made with (or set model.init_from)"
@@ -323,7 +402,12 @@ def _require_data(config: RunConfig) -> None:
 
 
 def to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain YAML/JSON data (its tuples of entries as lists)."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: _listed(v) for k, v in items})
+
+
+def _listed(value):
+    return [_listed(v) for v in value] if isinstance(value, tuple) else value
 
 
 def flatten(data: dict, prefix: str = "") -> dict:

@@ -32,6 +32,7 @@ from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer
 from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.batches import Batches, ShardDataset
 from pipeline.data.masking import MaskVocab
+from pipeline.data.mixture import Mixture
 from pipeline.methods.companion import Companion
 from pipeline.methods.freeat import Carry
 from pipeline.methods.registry import method_of
@@ -65,7 +66,7 @@ from pipeline.train.run_lock import RunLock
 from pipeline.train.rundir import resolve_run_config, write_run_files
 from pipeline.train.step import StepStats, TrainingAborted, account, check_health, consumed_after, train_step
 from pipeline.train.stop import StopRequest
-from pipeline.train.validation import Evaluator
+from pipeline.train.training_data import Evaluators, TrainingData, open_training_data
 
 
 class AlreadyFinished(Exception):
@@ -118,8 +119,8 @@ class Run:
     run_dir: Path
     engine: deepspeed.DeepSpeedEngine
     tokenizer: TokenizerInfo
-    dataset: ShardDataset
-    val: ShardDataset | None
+    dataset: ShardDataset | Mixture  # what the run trains on (data.train)
+    data: TrainingData  # with the sources' names and the sets validated on
     vocab: MaskVocab
     start: StartPoint | None
     companion: Companion | None  # SMART's teacher or ASA's adversaries (pipeline.methods.companion)
@@ -148,25 +149,16 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         if rank == 0:
             check_wandb_login(config.wandb)
         tokenizer = load_tokenizer(config.data.tokenizer)
-        dataset = ShardDataset(config.data.shards, config.data.train_split)
-        _check_data(dataset, tokenizer, config)
-        dataset.verify_checksums(rank, world_size)
-        if config.eval.every_steps and config.data.val_split not in dataset.manifest["splits"]:
-            raise UserError(
-                f"{config.data.shards}: no {config.data.val_split!r} split to validate on (splits: "
-                f"{', '.join(dataset.manifest['splits'])}); "
-                "shard with `alum shard --val-fraction 0.01`, or set eval.every_steps=0 to train without validation"
-            )
-        val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
+        data = open_training_data(config, tokenizer, rank, world_size)
         # A model to continue from brings its own architecture.
         if config.model.init_from:
             check_init_from(config.model.init_from)
         source = config.model.init_from or config.model.config
-        model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
+        model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, data.seq_len)
         method_of(config.adversarial).check(config, model_config)
-        return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size)
+        return config, tokenizer, data, model_config, deepspeed_config(config, world_size)
 
-    config, tokenizer, dataset, val, model_config, ds_config = on_every_rank(checks)
+    config, tokenizer, data, model_config, ds_config = on_every_rank(checks)
     check_same_config(flatten(to_dict(config)))
     # A second job on the run directory is refused here, on every rank; the checkpoints are
     # read only once this job holds it (one that held it a moment ago may just have saved).
@@ -207,7 +199,9 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
             flush=True,
         )
     peak = peak_flops(device_name, precision, config.train.peak_tflops)
-    return Run(config, run_dir, engine, tokenizer, dataset, val, MaskVocab.of(tokenizer), start, companion, peak, lock)
+    return Run(
+        config, run_dir, engine, tokenizer, data.train, data, MaskVocab.of(tokenizer), start, companion, peak, lock
+    )
 
 
 def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> TrainState:
@@ -247,7 +241,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         world_size=world_size,
         pin_memory=engine.device.type == "cuda",
     )
-    evaluator = Evaluator(engine, run.val, config, run.vocab)
+    evaluator = Evaluators(engine, run.data.val_sets, config, run.vocab)
     checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
     throughput = Throughput(
         engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size
@@ -285,6 +279,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
                     engine=engine,
                     companion=run.companion,
                 ),
+                **run.data.record(state.consumed_samples, config.train.seed),
                 **throughput.record(seconds, rate),
                 **evaluated,
             }
@@ -319,15 +314,6 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
             f"(commonest token {record['eval/commonest_token_accuracy']:.3f})"
         )
     return line
-
-
-def _check_data(dataset, tokenizer, config) -> None:
-    fingerprint = dataset.manifest["tokenizer"]["sha256"]
-    if fingerprint != tokenizer.sha256:
-        raise UserError(
-            f"{config.data.shards}: shards were built with another tokenizer (sha256 {fingerprint[:12]}) "
-            f"than data.tokenizer {config.data.tokenizer} ({tokenizer.sha256[:12]})"
-        )
 
 
 if __name__ == "__main__":

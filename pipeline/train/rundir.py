@@ -48,6 +48,7 @@ CHANGEABLE = {
     "checkpoint.keep_last",
     "eval.every_steps",
     "eval.batches",
+    "eval.sets",  # what else is validated on: the training computes the same
     "adversarial.vanish_ratio",
     "adversarial.vanish_steps",
     "adversarial.on_vanish",
@@ -62,17 +63,26 @@ def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: P
         raise UserError(f"--config: needed to start a new run in {run_dir}")
     config = load_config(config_path or stored_path, overrides)
     if stored_path.is_file():
-        stored = flatten(yaml.safe_load(stored_path.read_text()))
+        # A key the stored config lacks is newer than the run, which ran with its default.
+        stored = flatten(to_dict(RunConfig())) | flatten(yaml.safe_load(stored_path.read_text()))
         fixed = {
-            key: value
+            key: _by_name(value)
             for key, value in flatten(to_dict(config)).items()
             if key not in CHANGEABLE and not key.startswith("wandb.")
         }
-        difference = first_difference({key: stored.get(key) for key in fixed}, fixed)
+        difference = first_difference({key: _by_name(stored.get(key)) for key in fixed}, fixed)
         if difference:
             key, was, now = difference
             raise UserError(f"{stored_path}: this run was started with {key}={was!r}, not {now!r}; use a new --run-dir")
     return config
+
+
+def _by_name(value):
+    """A list of named entries (data.sources) as a mapping by name, so that a changed entry is
+    named by its key (data.sources.wiki.weight); other values as they are."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        return {entry["name"]: entry for entry in value}
+    return value
 
 
 def check_run_dir(run_dir: Path) -> None:
