@@ -38,6 +38,7 @@ from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokeniz
 from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
+from pipeline.methods.pgd import pgd_ascent
 from pipeline.model.mlm_score import MlmScore
 from pipeline.model.perturbation import token_scale
 from pipeline.train.validation import EVAL_SEED_OFFSET
@@ -185,16 +186,18 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
 
 
 def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
-    """Masked-position logits after `steps` sign-gradient ascent steps from delta = 0, each
-    of 2.5 R / K (Madry et al.: long enough to reach the boundary, then move along it)."""
+    """Masked-position logits after training's PGD ascent (`pgd_ascent`: linf, `steps` sign
+    steps of 2.5 R / K) from delta = 0, so the attack repeats exactly, on the summed
+    masked-token loss (the sign step does not see the scale; the sum keeps the recorded figures)."""
     unit = token_scale(embedded, "relative")
-    bound, step = radius * unit, 2.5 * radius / steps * unit
-    delta = torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        logits, _ = model(ids, mask, masked_index, delta)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), delta)
-        delta = torch.maximum(torch.minimum(delta.detach() + step * grad.sign(), bound), -bound)
+    delta, _, _ = pgd_ascent(
+        lambda d: model(ids, mask, masked_index, d)[0],
+        lambda logits: F.cross_entropy(logits.float(), labels, reduction="sum"),
+        torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device),
+        unit,
+        radius,
+        steps,
+    )
     with torch.no_grad():
         return model(ids, mask, masked_index, delta)[0]
 
