@@ -79,7 +79,11 @@ def prepare_data(work: Path, vocab: int, seq_len: int):
         )
     if not (shards / "manifest.json").is_file():
         shard_corpus(
-            [str(wikitext_train())], tokenizer_dir, shards, ShardSettings(seq_len=seq_len, val_fraction=0.02), workers=2
+            [str(wikitext_train())],
+            tokenizer_dir,
+            shards,
+            settings=ShardSettings(seq_len=seq_len, val_fraction=0.02),
+            workers=2,
         )
     tokenizer = load_tokenizer(tokenizer_dir)
     return tokenizer, ShardDataset(shards, "train"), ShardDataset(shards, "val"), MaskVocab.of(tokenizer)
@@ -116,7 +120,8 @@ def pretrained_model(work: Path, tokenizer, dataset, vocab, args):
         optimizer.step()
         if (step + 1) % 100 == 0:
             print(
-                f"pretraining step {step + 1}/{args.train_steps}: MLM loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)",
+                f"pretraining step {step + 1}/{args.train_steps}: MLM loss {loss.item():.3f} "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
     torch.save(hf.state_dict(), weights)
@@ -161,9 +166,10 @@ def adversarial_gradient(model: MaskedLM, batch, config: AdversarialConfig, seed
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
     mlm = torch.autograd.grad(out.loss_mlm, params, allow_unused=True)
-    flat = lambda gs: torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(gs, params)]
-    )
+
+    def flat(gs):
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double() for g, p in zip(gs, params)])
+
     return {"mlm": flat(mlm), "adv": flat(total) - flat(mlm)}, out, deltas[-1]
 
 
@@ -222,17 +228,21 @@ def render(study: dict) -> str:
         f"{meta['batches']} fixed batches of {meta['batch']} x {meta['seq_len']} from the val split, masked at 15%; "
         "alpha 10, K 1, linf, no eps, dropout off. Regenerate: `python bench/alum_term.py`.",
         "",
-        "ratio = alpha L_adv / L_mlm; gain = L_adv / L_adv of a random delta with the same per-token norms; grad ratio = ||alpha dL_adv|| / ||dL_mlm|| over the parameters; "
+        "ratio = alpha L_adv / L_mlm; gain = L_adv / L_adv of a random delta with the same per-token norms; grad "
+        "ratio = ||alpha dL_adv|| / ||dL_mlm|| over the parameters; "
         "lost = fraction of delta's elements that vanish in embedded + delta; "
         "round-off = relative error of the adversarial parameter gradient against float64.",
         "",
-        "| update | perturb_at | scale | step | noise | grad_eps | precision | L_adv | ratio | gain | grad ratio | lost | round-off |",
+        "| update | perturb_at | scale | step | noise | grad_eps | precision | L_adv | ratio | gain | grad ratio | "
+        "lost | round-off |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in study["rows"]:
         lines.append(
-            f"| {r['update']} | {r['perturb_at']} | {r['scale']} | {r['step_size']:g} | {r['noise_std']:g} | {r['grad_eps']:g} | "
-            f"{r['precision']} | {r['loss_adv']:.2e} | {r['ratio']:.2e} | {r['gain']:.1f} | {r['grad_ratio']:.2e} | {r['lost']:.1%} | {r['roundoff']:.1e} |"
+            f"| {r['update']} | {r['perturb_at']} | {r['scale']} | {r['step_size']:g} | {r['noise_std']:g} | "
+            f"{r['grad_eps']:g} | "
+            f"{r['precision']} | {r['loss_adv']:.2e} | {r['ratio']:.2e} | {r['gain']:.1f} | {r['grad_ratio']:.2e} | "
+            f"{r['lost']:.1%} | {r['roundoff']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -243,7 +253,12 @@ def eval_metrics(hf, val, vocab, batches: int, batch: int) -> tuple[float, float
     with torch.no_grad():
         for b in range(batches):
             mb = masked_batch(
-                val, torch.arange(b * batch, (b + 1) * batch).numpy() % len(val), 0, SEED + 1, 0.15, vocab
+                val,
+                torch.arange(b * batch, (b + 1) * batch).numpy() % len(val),
+                step=0,
+                seed=SEED + 1,
+                rate=0.15,
+                vocab=vocab,
             )
             logits, _ = model(mb.input_ids, mb.attention_mask, mb.masked_index)
             losses.append(mlm_loss(logits, mb.labels).item())
@@ -270,12 +285,13 @@ def main() -> None:
     print(f"pretrained model: eval MLM loss {eval_loss:.3f}, accuracy {eval_accuracy:.3f}", flush=True)
     indices = torch.arange(args.batches * args.batch).numpy() % len(val)
     batches = [
-        masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], 0, SEED + 2, 0.15, vocab)
+        masked_batch(val, indices[i * args.batch : (i + 1) * args.batch], step=0, seed=SEED + 2, rate=0.15, vocab=vocab)
         for i in range(args.batches)
     ]
     rows = run_grid(hf, batches)
     setup = {
-        "model": f"BERT hidden {hf.config.hidden_size}, {hf.config.num_hidden_layers} layers, vocab {hf.config.vocab_size}",
+        "model": f"BERT hidden {hf.config.hidden_size}, {hf.config.num_hidden_layers} layers, vocab "
+        f"{hf.config.vocab_size}",
         "train_steps": args.train_steps,
         "eval_loss": eval_loss,
         "eval_accuracy": eval_accuracy,

@@ -2,8 +2,8 @@
 measured in one run, beside its measured forward and backward passes through the encoder.
 
 Every method trains a copy of the same small BERT (the project's `MaskedLM`, dropout on, fp32
-on CPU, plain PyTorch: the method's `objective` at its defaults, a `backward()` per loss it
-yields, AdamW),
+on CPU, plain PyTorch: the method's `objective` at its defaults, driven by `pipeline.methods.driver.drive`
+with a `backward()` per loss it yields, AdamW),
 on the same real masked batches of WikiText-2 (`bench/bench_step.py` builds them). Within a
 round the methods take turns step by step (the machine is noisy); each round reports the
 median step time of each, and the summary is the median over rounds of each ratio. Passes
@@ -32,9 +32,11 @@ from bench_step import SEED, add_model_arguments, build_models, build_shards
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import Batches, ShardDataset
 from pipeline.data.masking import MaskVocab
-from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, run_objective
-from pipeline.methods.companion import Companion, companion_for, teacher_and_adversaries
-from pipeline.methods.freeat import Carry, replay_index
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.methods.companion import Companion
+from pipeline.methods.driver import drive
+from pipeline.methods.freeat import Carry
+from pipeline.methods.registry import METHODS, method_of
 from pipeline.methods.smart import Teacher
 from pipeline.model.masked_lm import MaskedLM
 from pipeline.train.deepspeed_setup import make_optimizer
@@ -62,25 +64,24 @@ class Passes:
 def method_step(method: str, model: MaskedLM, companion: Companion | None):
     config = AdversarialConfig(method=method, start_step=0)
     optimizer = make_optimizer(model, OPTIMIZER, {})
-    teacher, adversaries = teacher_and_adversaries(companion)
     done, carry = 0, Carry()
 
     def step(batch) -> None:
         nonlocal done, carry
         ids, mask, index = batch.input_ids, batch.attention_mask, batch.masked_index
-        carry = carry if replay_index(config, done) else Carry()
-        losses = objective(
+        carry = carry if method_of(config).replay_index(done) else Carry()
+        drive(
+            config,
+            done,
             lambda d: model(ids, mask, index, d),
             lambda d: model(ids, mask, index, d)[0],
             batch.labels,
-            config,
-            done,
+            torch.Tensor.backward,
             real=mask,
-            teacher=teacher and (lambda: teacher.module(ids, mask, index)[0]),
+            companion=companion,
+            module_forward=lambda module: module(ids, mask, index)[0],
             carry=carry,
-            adversaries=adversaries,
         )
-        run_objective(losses, torch.Tensor.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if companion is not None:
@@ -116,13 +117,16 @@ def measure(steps: dict, batches: list, rounds: int, warmup: int) -> list[dict]:
 def markdown(summary: dict, setup: str) -> str:
     lines = [
         f"# Adversarial methods: step time over the standard step\n\n{setup}\n",
-        "Regenerate: `python bench/bench_methods.py --json docs/methods-bench.json --markdown docs/methods-bench.md`.\n",
-        "| method | step time / standard (median over rounds) | rounds | encoder forwards | encoder backwards (one per graph: input-only ascents, then each graph the loss trains) |",
+        "Regenerate: `python bench/bench_methods.py --json docs/methods-bench.json --markdown "
+        "docs/methods-bench.md`.\n",
+        "| method | step time / standard (median over rounds) | rounds | encoder forwards | encoder backwards (one per "
+        "graph: input-only ascents, then each graph the loss trains) |",
         "|---|---|---|---|---|",
     ]
     for name, row in summary["methods"].items():
         lines.append(
-            f"| {name} | {row['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in row['rounds'])} | {row['forwards']} | {row['backwards']} |"
+            f"| {name} | {row['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in row['rounds'])} | {row['forwards']} | "
+            f"{row['backwards']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -141,24 +145,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
         tokenizer = load_tokenizer(build_shards(Path(tmp), args.vocab, args.seq_len, args.threads))
         dataset = ShardDataset(Path(tmp) / "shards", "train")
-        batches_of = Batches(dataset, MaskVocab.of(tokenizer), args.batch, args.batch, SEED)
+        batches_of = Batches(
+            dataset, MaskVocab.of(tokenizer), global_batch_size=args.batch, micro_batch_size=args.batch, seed=SEED
+        )
         batches = [
             batches_of.for_step(s, s * args.batch, 0.15).micro_batches[0] for s in range(args.warmup + args.steps)
         ]
         _, base, _ = build_models(Path(tmp), tokenizer, dataset.seq_len, args)
         models = {name: copy.deepcopy(base).train() for name in METHODS}
         companions = {
-            name: companion_for(AdversarialConfig(method=name), model, model.hf, OPTIMIZER.weight_decay, 1.0)
+            name: method_of(AdversarialConfig(method=name)).companion(model, model.hf, OPTIMIZER.weight_decay, 1.0)
             for name, model in models.items()
         }
-        teachers = [t.module for t in companions.values() if isinstance(t, Teacher)]
-        passes = {name: Passes(model, *(teachers if name == "smart" else ())) for name, model in models.items()}
+        teachers = {name: [c.module] for name, c in companions.items() if isinstance(c, Teacher)}
+        passes = {name: Passes(model, *teachers.get(name, ())) for name, model in models.items()}
         steps = {name: method_step(name, model, companions[name]) for name, model in models.items()}
         steps_total = args.warmup + args.rounds * args.steps
         rounds = measure(steps, batches, args.rounds, args.warmup)
     setup = (
         f"BERT hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq_len}, mask rate 0.15, fp32, "
-        f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM, 3 for PGD, 2 for FreeLB; "
+        f"{args.threads} CPU threads, dropout on; every method at its defaults (K = 1 for ALUM, 3 for PGD, 2 for "
+        "FreeLB; "
         f"YOPO m = 2, n = 3; FreeAT m = 2, per replay), "
         f"{args.rounds} rounds of {args.steps} steps each, after {args.warmup} warm-up steps."
     )

@@ -188,7 +188,8 @@ def memory(work: Path, tokenizer: Path, small_mb: float, cores: int) -> None:
             )
         )
         print(
-            f"  corpus {mb:6.1f} MB: alum shard {shard_peak:6.0f} MiB ({seconds:5.1f} s) | alum tokenizer {tok_peak:6.0f} MiB ({tok_seconds:5.1f} s)"
+            f"  corpus {mb:6.1f} MB: alum shard {shard_peak:6.0f} MiB ({seconds:5.1f} s) | alum tokenizer "
+            f"{tok_peak:6.0f} MiB ({tok_seconds:5.1f} s)"
         )
         shutil.rmtree(work / f"corpus-{megabytes:.0f}mb")
 
@@ -239,7 +240,8 @@ def main() -> None:
                 print(f"{kind} tokenizer ({baseline}), {name}:")
                 ratios = throughput(work, inputs, tokenizer, cores, args.rounds)
                 summary.append(
-                    f"  {kind:15s} {name:17s} median {statistics.median(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)})"
+                    f"  {kind:15s} {name:17s} median {statistics.median(ratios):.2f} "
+                    f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})"
                 )
         print(
             "alum shard / raw encoding, target >= 0.90 (the first byte-level-bpe round also resolves the tokenizer "

@@ -71,7 +71,7 @@ def build_shards(work: Path, vocab_size: int, seq_len: int, threads: int) -> Pat
     tokenizer = work / "tokenizer"
     inputs = [str(wikitext_train())]
     train_tokenizer(expand_inputs(inputs), ReadOptions(), tokenizer, vocab_size=vocab_size, threads=threads)
-    shard_corpus(inputs, tokenizer, work / "shards", ShardSettings(seq_len=seq_len), workers=threads)
+    shard_corpus(inputs, tokenizer, work / "shards", settings=ShardSettings(seq_len=seq_len), workers=threads)
     return tokenizer
 
 
@@ -262,10 +262,12 @@ def main() -> None:
         scored = statistics.mean(b.labels.numel() for b in batches) / (args.batch * dataset.seq_len)
         gap = check_same_objective(hf, standard, batches[0])
         print(
-            f"model: BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
+            f"model: BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate "
+            f"{args.intermediate}, "
             f"vocab {hf.config.vocab_size}, {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M parameters; "
             f"batch {args.batch} x {dataset.seq_len}, mask rate {args.mask_rate} ({scored:.1%} of tokens scored); "
-            f"fp32, {torch.get_num_threads()} threads, dropout on, malloc {'keeps freed memory' if args.malloc_keep else 'glibc default'}"
+            f"fp32, {torch.get_num_threads()} threads, dropout on, "
+            f"malloc {'keeps freed memory' if args.malloc_keep else 'glibc default'}"
         )
         print(
             f"data: {len(dataset):,} rows of WikiText-2 train, tokenizer + shards built in {prep:.1f} s; "

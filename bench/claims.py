@@ -2,7 +2,8 @@
 ALUM fine-tuning buy generalization or robustness? One command, resumable.
 
     python bench/claims.py                          # the full experiment (about 1.5 hours here)
-    python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 --finetune-steps 20 --seeds 1,2   # a smoke run
+    python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 \
+        --finetune-steps 20 --seeds 1,2             # a smoke run
     python bench/claims.py --render                 # the table and figure again, from docs/results/claims.json
     python bench/claims.py --only asa               # add ASA's stages to the committed study (about 25 minutes here)
 
@@ -271,8 +272,9 @@ def finetune(work: Path, name: str, method: str, args) -> dict:
 def model_entry(work: Path, name: str, methods: tuple[str, ...], args) -> dict:
     """A pretrained model's evaluation and fine-tuning results (and, for ASA, its masked fractions)."""
     entry = {"eval": export_and_eval(work, name), "finetune": {m: finetune(work, name, m, args) for m in methods}}
-    if TWO_STAGE.get(name, ("",))[0] == "asa":
-        entry["masked_fraction"] = masked_fractions(work, name)
+    fractions = masked_fractions(work, name)  # only an ASA run logs them
+    if fractions:
+        entry["masked_fraction"] = fractions
     return entry
 
 
@@ -295,20 +297,25 @@ def table(study: dict) -> str:
     lines = [
         "# ALUM's claims at small scale (bench/claims.py)",
         "",
-        f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; standard for {setup['steps']} steps, "
-        f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), standard for {setup['standard_compute_steps']} steps "
-        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), amortized ALUM two-stage "
-        f"as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one), ASA two-stage as ALUM with its KL weighted 1 "
+        f"Tiny BERT (hidden 64, 2 layers), WikiText-2, batch 32 x 128, mask curriculum; "
+        f"standard for {setup['steps']} steps, "
+        f"ALUM two-stage (standard to {setup['steps'] // 2}, ALUM after), "
+        f"standard for {setup['standard_compute_steps']} steps "
+        f"(the ALUM run's compute: an ALUM step took {setup['alum_step_time_ratio']:.2f}x a standard one), "
+        f"amortized ALUM two-stage as ALUM (a step {setup['amortized_step_time_ratio']:.2f}x a standard one), "
+        "ASA two-stage as ALUM with its KL weighted 1 "
         f"(a step {setup['asa_step_time_ratio']:.2f}x; the ratios are the runs' fastest logged steps, "
-        "on a machine shared with other work: docs/methods-bench.md compares step costs in one run), and the standard model "
-        f"continued {setup['continual_steps']} steps without and with ALUM. SST-2 fine-tuning {setup['finetune_steps']} steps, "
-        f"seeds {setup['seeds']}; mean +- std over seeds. * = differs from the `standard` model by more than both spreads together. "
+        "on a machine shared with other work: docs/methods-bench.md compares step costs in one run), "
+        f"and the standard model continued {setup['continual_steps']} steps without and with ALUM. "
+        f"SST-2 fine-tuning {setup['finetune_steps']} steps, seeds {setup['seeds']}; mean +- std over seeds. "
+        "* = differs from the `standard` model by more than both spreads together. "
         f"Wall time {setup['wall_seconds'] / 60:.0f} min over {setup['invocations']} invocation(s) of the command. "
         "Regenerate: `python bench/claims.py`.",
         "",
-        "| model | val ppl | val acc (commonest {:.3f}) | PGD r=0.1 loss | PGD r=0.3 loss | subst. 0.1 loss | FT | SST-2 dev | AdvGLUE-SST2 |".format(
-            study["models"]["standard"]["eval"]["clean"]["commonest_token_accuracy"]
-        ),
+        (
+            "| model | val ppl | val acc (commonest {:.3f}) | PGD r=0.1 loss | PGD r=0.3 loss | subst. 0.1 loss "
+            "| FT | SST-2 dev | AdvGLUE-SST2 |"
+        ).format(study["models"]["standard"]["eval"]["clean"]["commonest_token_accuracy"]),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, model in study["models"].items():
@@ -321,17 +328,21 @@ def table(study: dict) -> str:
             }
             pgd = {p["radius"]: p["loss"] for p in ev["perturbation"]}
             lines.append(
-                f"| {name} | {ev['clean']['ppl']:.1f} | {ev['clean']['accuracy']:.4f} | {pgd.get(0.1, float('nan')):.3f} | "
-                f"{pgd.get(0.3, float('nan')):.3f} | {ev['substitution'][0]['loss']:.3f} | {method} | "
+                f"| {name} | {ev['clean']['ppl']:.1f} | {ev['clean']['accuracy']:.4f} | "
+                f"{pgd.get(0.1, float('nan')):.3f} | {pgd.get(0.3, float('nan')):.3f} | "
+                f"{ev['substitution'][0]['loss']:.3f} | {method} | "
                 f"{ft['dev_accuracy']['mean']:.4f} +- {ft['dev_accuracy']['std']:.4f}{marks['dev_accuracy']} | "
-                f"{ft['advglue_accuracy']['mean']:.4f} +- {ft['advglue_accuracy']['std']:.4f}{marks['advglue_accuracy']} |"
+                f"{ft['advglue_accuracy']['mean']:.4f} +- "
+                f"{ft['advglue_accuracy']['std']:.4f}{marks['advglue_accuracy']} |"
             )
     return "\n".join(lines + asa_lines(study) + finetune_methods_table(study)) + "\n"
 
 
 def masked_fractions(work: Path, name: str) -> dict[str, list[float]]:
-    """An ASA run's logged masked fraction per layer, by step (`asa/masked_fraction/layerN`)."""
+    """An ASA run's logged masked fraction per layer, by step (`asa/masked_fraction/layerN`); {} for other runs."""
     records = [r for r in metrics(work / "pretrain" / name) if "asa/penalty" in r]
+    if not records:
+        return {}
     prefix = "asa/masked_fraction/"
     layers = sorted(k[len(prefix) :] for k in records[0] if k.startswith(prefix))
     return {"step": [r["step"] for r in records], **{layer: [r[prefix + layer] for r in records] for layer in layers}}
@@ -363,7 +374,8 @@ def finetune_methods_table(study: dict) -> list[str]:
         "",
         "## Fine-tuning methods on the `standard` model",
         "",
-        f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), seeds {study['setup']['seeds']}; "
+        f"SST-2 fine-tuning {study['setup']['finetune_steps']} steps at each method's defaults (alpha 1), "
+        f"seeds {study['setup']['seeds']}; "
         "mean +- std over seeds; * = differs from standard fine-tuning by more than both spreads together. "
         "Seconds: wall time of one seed's fine-tuning here (training and evaluation).",
         "",
@@ -373,7 +385,8 @@ def finetune_methods_table(study: dict) -> list[str]:
     for method in FINETUNE_METHODS:
         ft = runs[method]
         cells = [
-            f"{ft[key]['mean']:.4f} +- {ft[key]['std']:.4f}{'*' if method != 'standard' and exceeds(ft[key], ref[key]) else ''}"
+            f"{ft[key]['mean']:.4f} +- {ft[key]['std']:.4f}"
+            f"{'*' if ft is not ref and exceeds(ft[key], ref[key]) else ''}"
             for key in ("dev_accuracy", "advglue_accuracy")
         ]
         seconds = sum(seed["seconds"] for seed in ft["seeds"]) / len(ft["seeds"])

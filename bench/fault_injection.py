@@ -156,7 +156,8 @@ def _relaunch_lines(launch: Launch, number: int, result: FaultResult) -> list[st
     if not launch.steps and launch.poll() != 0:
         tail = "\n    ".join(launch.output().splitlines()[-5:])
         lines.append(
-            f"  relaunch {number} failed before its first step (exit code {launch.poll()}, log {launch.log_path}):\n    {tail}"
+            f"  relaunch {number} failed before its first step (exit code {launch.poll()}, log {launch.log_path}):\n  "
+            f"  {tail}"
         )
     start = result.resumed_line or "no 'resumed from' line, " + (
         "started from step 1" if launch.steps and launch.steps[0][1] == 1 else "did not start"

@@ -152,22 +152,26 @@ def _figures(run: FaultedRun, comparison: Comparison, s: dict) -> list[str]:
         f"faults injected:             {s['faults_injected']} ({kinds})",
         f"relaunches that resumed:     {s['relaunches_resumed']}/{s['faults_injected']}",
         f"steps lost to recomputation: {s['steps_lost_total']} ({', '.join(str(f.steps_lost) for f in run.faults)})",
-        f"fault to job exit:           max {s['exit_seconds_max']} s ({', '.join(f'{f.kind} {f.exit_seconds}' for f in run.faults)})",
+        f"fault to job exit:           max {s['exit_seconds_max']} s "
+        f"({', '.join(f'{f.kind} {f.exit_seconds}' for f in run.faults)})",
         f"fault to last process gone:  max {s['gone_seconds_max']} s",
         f"processes left behind:       {s['leftover_processes']}"
         + (f"; launchers that hung: {s['hung_launchers']}" if s["hung_launchers"] else ""),
         f"partial checkpoints unnamed: {s['partials_not_named']}",
-        f"/dev/shm left by launches:   {s['shm_buffers_left']} DeepSpeed all-reduce buffers, {s['shm_mib_left']} MiB (removed by the harness)",
+        f"/dev/shm left by launches:   {s['shm_buffers_left']} DeepSpeed all-reduce buffers, {s['shm_mib_left']} MiB "
+        "(removed by the harness)",
         f"samples skipped or repeated: {s['samples_skipped_or_repeated']}"
         + (
-            f" (missing steps {comparison.missing_steps}, repeated {comparison.repeated_steps}, other batch {comparison.mismatched_steps})"
+            f" (missing steps {comparison.missing_steps}, repeated {comparison.repeated_steps}, other batch "
+            f"{comparison.mismatched_steps})"
             if s["samples_skipped_or_repeated"]
             else ""
         ),
         f"losses equal the reference:  {s['losses_equal']}"
         + (f" (differ at {comparison.loss_mismatch_steps})" if comparison.loss_mismatch_steps else ""),
         f"metrics equal the reference: {s['metrics_equal_reference']} ({comparison.steps} steps)",
-        f"final launch exit code:      {s['final_exit_code']} after {s['launches']} launches, {s['faulted_run_seconds']} s"
+        f"final launch exit code:      {s['final_exit_code']} after {s['launches']} launches, "
+        f"{s['faulted_run_seconds']} s"
         + (f" (uninterrupted: {s['reference_seconds']} s)" if s["reference_seconds"] is not None else ""),
         f"result:                      {'PASS' if passed(s) else 'FAIL'}",
     ]

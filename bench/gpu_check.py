@@ -128,9 +128,12 @@ def timing(work: Path) -> str:
 
     return (
         f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, batch {batch} x {seq_len}: "
-        f"standard {median(standard, 'perf/step_seconds'):.3f} s/step ({median(standard, 'perf/tokens_per_s'):,.0f} tok/s"
-        f"{mfu(standard)}); ALUM {median(alum, 'perf/step_seconds'):.3f} s/step ({median(alum, 'perf/tokens_per_s'):,.0f} tok/s"
-        f"{mfu(alum)}); ALUM/standard step time {median(alum, 'perf/step_seconds') / median(standard, 'perf/step_seconds'):.2f}"
+        f"standard {median(standard, 'perf/step_seconds'):.3f} s/step ({median(standard, 'perf/tokens_per_s'):,.0f} "
+        "tok/s"
+        f"{mfu(standard)}); ALUM {median(alum, 'perf/step_seconds'):.3f} s/step "
+        f"({median(alum, 'perf/tokens_per_s'):,.0f} tok/s"
+        f"{mfu(alum)}); ALUM/standard step time "
+        f"{median(alum, 'perf/step_seconds') / median(standard, 'perf/step_seconds'):.2f}"
     )
 
 

@@ -49,7 +49,7 @@ def build_tokenizer(text: Path, out: Path) -> Path:
 
 def build_shards(text: Path, tokenizer: Path, out: Path) -> Path:
     """`text` (WikiText-2 valid) packed into 64-token rows, 10% of documents in the val split."""
-    shard_corpus([str(text)], tokenizer, out, ShardSettings(seq_len=64, val_fraction=0.1))
+    shard_corpus([str(text)], tokenizer, out, settings=ShardSettings(seq_len=64, val_fraction=0.1))
     return out
 
 

@@ -5,7 +5,8 @@ column `input_ids`, a fixed-size list of `seq_len` token ids, uint16 when the vo
 fits, else int32) and `manifest.json`:
 
     format_version, seq_len, dtype, num_sequences, num_tokens (non-padding tokens),
-    tokenizer {sha256 (the fingerprint), kind (sentencepiece | hf), vocab_size, style}, special_token_ids {pad, unk, cls, sep, mask},
+    tokenizer {sha256 (the fingerprint), kind (sentencepiece | hf), vocab_size, style}, special_token_ids {pad, unk,
+    cls, sep, mask},
     splits {name: {num_sequences, num_tokens, shards: [{path, num_rows, num_tokens, bytes, sha256}]}},
     stats {documents, empty_documents, val_documents, replaced_characters, tokens, padding_tokens},
     settings (everything that determined the bytes: what a re-run is compared against).

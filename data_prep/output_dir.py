@@ -91,12 +91,14 @@ def check_replaceable(out: Path, command: str) -> None:
             else f"it has no {MARKER} (another program's directory, or written before alum marked its outputs)"
         )
         raise UserError(
-            f"{out}: --overwrite replaces only what {command} wrote, and {why}; nothing was deleted: delete it yourself or choose another --out"
+            f"{out}: --overwrite replaces only what {command} wrote, and {why}; nothing was deleted: delete it "
+            "yourself or choose another --out"
         )
     known = {*marker.get("names", ()), MARKER}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in known and not atomic.is_temporary(p))
     if foreign:
         raise UserError(
-            f"{out / foreign[0]}: not written by {command}; --overwrite would delete it with {out}, so nothing was deleted: "
+            f"{out / foreign[0]}: not written by {command}; --overwrite would delete it with {out}, so nothing was "
+            "deleted: "
             "move it out, or choose another --out"
         )

@@ -59,7 +59,8 @@ class ShardSettings:
     def check(self) -> None:
         if self.seq_len < MIN_SEQ_LEN:
             raise UserError(
-                f"--seq-len {self.seq_len} is too small: rows need at least {MIN_SEQ_LEN} tokens ([CLS] and [SEP] take 2)"
+                f"--seq-len {self.seq_len} is too small: rows need at least {MIN_SEQ_LEN} tokens ([CLS] and [SEP] "
+                "take 2)"
             )
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
@@ -71,6 +72,7 @@ def shard_corpus(
     inputs: list[str],
     tokenizer_dir: str | Path,
     out: str | Path,
+    *,
     settings: ShardSettings,
     workers: int = 1,
     num_nodes: int = 1,
@@ -155,7 +157,8 @@ def finalize(out: str | Path, created_out: bool = False) -> Path:
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise UserError(
-            f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining nodes"
+            f"{out}: {len(missing)} of {identity['num_pieces']} pieces are not done yet ({shown}); run the remaining "
+            "nodes"
         )
     data = manifest.build(identity, [records[i] for i in sorted(records)])
     if data["stats"]["documents"] == 0:
@@ -180,7 +183,8 @@ def _already_complete(out: Path, identity: dict, overwrite: bool) -> bool:
     existing = manifest.read(out)
     if existing["settings"] != identity:
         raise UserError(
-            f"{out}: already holds a different dataset ({manifest.describe_difference(existing['settings'], identity)}); use --overwrite to replace it"
+            f"{out}: already holds a different dataset "
+            f"({manifest.describe_difference(existing['settings'], identity)}); use --overwrite to replace it"
         )
     return True
 
@@ -200,7 +204,8 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool, mine: set[int]) 
             raise UserError(f"{out}: exists and is not a shard directory; choose an empty or new --out")
         elif manifest.load_json(state) != identity:
             raise UserError(
-                f"{out}: holds a different unfinished dataset ({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it"
+                f"{out}: holds a different unfinished dataset "
+                f"({manifest.describe_difference(manifest.load_json(state), identity)}); use --overwrite to replace it"
             )
         else:
             _remove_temporaries(out, mine)
@@ -267,7 +272,7 @@ def _run_groups(job: _Job, out: Path, groups: list[list[Piece]], todo: list[int]
         try:
             for (g, u), tokens in zip(tasks, _tokenized(job, [groups[g][u] for g, u in tasks], workers)):
                 if u == 0:
-                    writer = GroupWriter(out, g, groups[g], job.settings.seq_len, ids, dtype)
+                    writer = GroupWriter(out, g, units=groups[g], seq_len=job.settings.seq_len, ids=ids, dtype=dtype)
                 writer.add(tokens)
                 bar.unit_done(tokens.stats)
                 if u == len(groups[g]) - 1:
@@ -316,7 +321,14 @@ def _tokenize(unit: Piece) -> UnitTokens:
     job: _Job = _worker["job"]
     dtype = manifest.token_dtype(job.tokenizer.vocab_size)
     sep = job.tokenizer.special_token_ids["sep"]
-    return tokenize_unit(unit, job.settings.read, job.settings.val_fraction, _worker["encode"], sep, dtype)
+    return tokenize_unit(
+        unit,
+        job.settings.read,
+        val_fraction=job.settings.val_fraction,
+        encode=_worker["encode"],
+        sep_id=sep,
+        dtype=dtype,
+    )
 
 
 class _ProgressBar:

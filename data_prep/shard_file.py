@@ -24,7 +24,7 @@ ROWS_PER_RECORD_BATCH = 1024
 class GroupWriter:
     """The shard files of group `index`, fed its units' tokens in unit order."""
 
-    def __init__(self, out: Path, index: int, units: list[Piece], seq_len: int, ids: dict[str, int], dtype: str):
+    def __init__(self, out: Path, index: int, *, units: list[Piece], seq_len: int, ids: dict[str, int], dtype: str):
         self.index, self.units = index, units
         self.writers = {split: ShardWriter(out / split / f"{index:06d}.arrow", seq_len, dtype) for split in SPLITS}
         self.packers = {split: Packer(seq_len, ids["cls"], ids["sep"], ids["pad"], dtype) for split in SPLITS}

@@ -67,6 +67,7 @@ def train_tokenizer(
     files: list[InputFile],
     options: ReadOptions,
     out: str | Path,
+    *,
     vocab_size: int,
     kind: str = "bpe",
     style: str | None = None,
@@ -102,7 +103,13 @@ def train_tokenizer(
         del settings["character_coverage"], settings["byte_fallback"]  # sentencepiece's alone
     if kind == "bpe":
         model = _train_model(
-            sample, vocab_size, style, character_coverage, byte_fallback, seed, threads or os.cpu_count() or 1
+            sample,
+            vocab_size=vocab_size,
+            style=style,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            seed=seed,
+            threads=threads or os.cpu_count() or 1,
         )
         write = functools.partial(_write_sentencepiece, model=model, style=style, settings=settings)
     else:
@@ -147,7 +154,7 @@ def reservoir_sample(files: list[InputFile], options: ReadOptions, k: int, seed:
     return sample, stats, seen
 
 
-def _train_model(sample, vocab_size, style, character_coverage, byte_fallback, seed, threads) -> bytes:
+def _train_model(sample, *, vocab_size, style, character_coverage, byte_fallback, seed, threads) -> bytes:
     ids = {role: i for i, role in enumerate(SPECIAL_TOKENS[style])}
     tokens = SPECIAL_TOKENS[style]
     spm.set_random_generator_seed(seed)
@@ -184,7 +191,10 @@ def _explain_training_error(message: str, vocab_size: int) -> str:
     message = re.sub(r"^Internal: \S+ \[[^\]]*\]\s*", "", message.strip())
     too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
     if too_high:
-        return f"--vocab-size {vocab_size} is too large for this corpus: at most {too_high.group(2)} pieces can be learned from it"
+        return (
+            f"--vocab-size {vocab_size} is too large for this corpus: "
+            f"at most {too_high.group(2)} pieces can be learned from it"
+        )
     return f"--vocab-size {vocab_size}: sentencepiece could not train: {message}"
 
 

@@ -53,7 +53,7 @@ class UnitTokens:
     stats: dict[str, int]  # documents, empty_documents, replaced_characters, val_documents, tokens
 
 
-def tokenize_unit(unit: Piece, options: ReadOptions, val_fraction: float, encode, sep_id: int, dtype) -> UnitTokens:
+def tokenize_unit(unit: Piece, options: ReadOptions, *, val_fraction: float, encode, sep_id: int, dtype) -> UnitTokens:
     stats = ReadStats()
     encoded: dict[str, list[list[int]]] = {split: [] for split in SPLITS}
     val_documents = tokens = 0

@@ -2,7 +2,8 @@
 
 The model is an exported one (`alum export`) or any HF BERT/RoBERTa directory:
 
-    python examples/hf_trainer_finetune.py --model hf/base --train train.jsonl --dev dev.jsonl --method alum --out runs/hf-alum
+    python examples/hf_trainer_finetune.py --model hf/base --train train.jsonl --dev dev.jsonl --method alum --out
+    runs/hf-alum
 
 train.jsonl and dev.jsonl hold one {"text": ..., "label": int} per line (labels 0..N-1).
 The fine-tuned model and tokenizer are saved in OUT; the last line is the dev accuracy.

@@ -91,7 +91,7 @@ def cmd_shard(args) -> None:
         args.input,
         args.tokenizer,
         args.out,
-        settings,
+        settings=settings,
         workers=args.workers,
         num_nodes=args.num_nodes,
         node_rank=args.node_rank,

@@ -1,4 +1,5 @@
-"""`python -m pipeline.finetune` (`alum finetune`): the entry point kept at its documented name; the code is pipeline.tasks.finetune."""
+"""`python -m pipeline.finetune` (`alum finetune`): the entry point kept at its documented name;
+the code is pipeline.tasks.finetune."""
 
 from pipeline.tasks.finetune import main
 

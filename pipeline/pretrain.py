@@ -1,4 +1,5 @@
-"""`python -m pipeline.pretrain`, `deepspeed --module pipeline.pretrain`, `torchrun -m pipeline.pretrain`: the entry point kept at its documented name; the code is pipeline.train.pretrain."""
+"""`python -m pipeline.pretrain`, `deepspeed --module pipeline.pretrain`, `torchrun -m pipeline.pretrain`:
+the entry point kept at its documented name; the code is pipeline.train.pretrain."""
 
 from pipeline.train.pretrain import main
 

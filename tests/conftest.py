@@ -56,3 +56,33 @@ def small_disk(tmp_path) -> SmallDisk:
     disk = SmallDisk(tmp_path / "small-disk")
     yield disk
     disk.unmount()
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, bert_tokenizer) -> Path:
+    """A 64-wide, 2-layer BERT (random weights) saved with the project's tokenizer files: the layout
+    `alum export` writes (fine-tuning and HF Trainer tests)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from data_prep.tokenizer_dir import load_tokenizer
+
+    tokenizer = load_tokenizer(bert_tokenizer)
+    ids = tokenizer.special_token_ids
+    config = BertConfig(
+        vocab_size=-(-tokenizer.vocab_size // 64) * 64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=256,
+        pad_token_id=ids["pad"],
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "hf"
+    BertForMaskedLM(config).save_pretrained(out)
+    for path in Path(bert_tokenizer).iterdir():
+        shutil.copy(path, out / path.name)
+    return out

@@ -62,7 +62,8 @@ def _summary(piece: list[tuple[str, str, str]]) -> dict:
 
 
 def _short(where: str) -> str:
-    """file:line from its package down: .../site-packages/deepspeed/runtime/utils.py:233 -> deepspeed/runtime/utils.py:233."""
+    """file:line from its package down:
+    .../site-packages/deepspeed/runtime/utils.py:233 -> deepspeed/runtime/utils.py:233."""
     parts = Path(where).parts
     starts = [i for i, part in enumerate(parts) if part in ("pipeline", "deepspeed", "transformers")]
     return str(Path(*parts[starts[0] :])) if starts else where

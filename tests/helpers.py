@@ -1,5 +1,6 @@
 """Plain helpers the tests share: launching the CLI and training, a small filesystem that
-fills up, reading a run's metrics and W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench scripts use too).
+fills up, reading a run's metrics and W&B records, and the tiny run's settings (bench/tiny_run.py, which the bench
+scripts use too).
 Fixtures live in conftest.py."""
 
 from __future__ import annotations
@@ -257,3 +258,21 @@ MINIMAL = {"data": {"shards": "data/shards", "tokenizer": "data/tokenizer"}}
 def minimal(tmp_path: Path, **sections) -> Path:
     """A run config with the two required data keys plus the given sections."""
     return write_yaml(tmp_path / "run.yaml", {**MINIMAL, **sections})
+
+
+def checkpoint_logits(run_dir: Path, tag: str, out: Path) -> dict:
+    """The training engine's masked-position logits at checkpoint `tag` ("start": the weights
+    training starts from), from 2 ranks under the DeepSpeed launcher (tests/checkpoint_logits.py)."""
+    import torch
+
+    from pipeline.train.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
+
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "checkpoint_logits"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    ok(
+        subprocess.run(
+            [*command, str(run_dir), tag, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+    )
+    return torch.load(out)

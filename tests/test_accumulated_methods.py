@@ -11,8 +11,9 @@ from torch import Tensor
 
 from pipeline.methods import accumulated
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
-from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.methods.freeat import Carry
 from pipeline.methods.objective import kl, log_probs, mlm_loss
+from pipeline.methods.registry import method_of
 from pipeline.model import perturbation
 
 
@@ -151,4 +152,5 @@ def test_freeat_carries_its_perturbation_across_replays():
     assert torch.equal(closures.deltas[0].detach(), first)  # replay 1 starts where replay 0 left delta
     grad = closures.deltas[0].grad
     torch.testing.assert_close(carry.delta, (first + 2.0**-7 * grad.sign()).clamp(-(2.0**-7), 2.0**-7))
-    assert out.loss_adv > 0 and replay_index(config, 1) == 1 and at_boundary(config, 2) and not at_boundary(config, 1)
+    method = method_of(config)
+    assert out.loss_adv > 0 and method.replay_index(1) == 1 and method.at_boundary(2) and not method.at_boundary(1)

@@ -53,7 +53,8 @@ def trained(train_shards, bert_tokenizer):
         loss.backward()
         optimizer.step()
     batches = [
-        masked_batch(val, torch.arange(8 * i, 8 * i + 8).numpy() % len(val), 0, 1, 0.15, vocab) for i in range(3)
+        masked_batch(val, torch.arange(8 * i, 8 * i + 8).numpy() % len(val), step=0, seed=1, rate=0.15, vocab=vocab)
+        for i in range(3)
     ]
     return hf, batches
 
@@ -125,5 +126,5 @@ def guard_lines(config: AdversarialConfig, measured) -> list[str]:
     lines, streak = [], 0
     for step, (_, ratio, lost) in enumerate(measured, 1):
         streak = streak + 1 if vanishing.vanished(config, ratio, lost) else 0
-        vanishing.check(config, streak, step, ratio, lost, lines.append)
+        vanishing.check(config, streak=streak, step=step, ratio=ratio, lost=lost, announce=lines.append)
     return lines

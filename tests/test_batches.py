@@ -54,7 +54,7 @@ def test_micro_batch_tensors_agree_with_each_other_and_the_rows(source):
     local = step.global_indices[:8]
     batch = step.micro_batches[0]
     rows = torch.from_numpy(dataset.rows(local))
-    expected = mask_tokens(rows.numpy(), local, 0, 3, 0.25, vocab)
+    expected = mask_tokens(rows.numpy(), local, step=0, seed=3, rate=0.25, vocab=vocab)
     assert torch.equal(batch.masked_index, torch.from_numpy(np.flatnonzero(expected.masked)))
     assert torch.equal(batch.masked, torch.from_numpy(expected.masked))
     assert torch.equal(batch.labels, rows[batch.masked])
@@ -68,9 +68,9 @@ def test_only_a_micro_batch_with_padding_carries_an_attention_mask(source):
     last = len(dataset) - 1  # a split's last row is the only padded one
     rows = torch.from_numpy(dataset.rows(np.array([0, last])))
     assert (rows[1] == vocab.pad_id).any() and (rows[0] != vocab.pad_id).all()
-    padded = masked_batch(dataset, np.array([0, last]), 0, 3, 0.15, vocab)
+    padded = masked_batch(dataset, np.array([0, last]), step=0, seed=3, rate=0.15, vocab=vocab)
     assert torch.equal(padded.attention_mask, (rows != vocab.pad_id).long())
-    assert masked_batch(dataset, np.array([0, 1]), 0, 3, 0.15, vocab).attention_mask is None
+    assert masked_batch(dataset, np.array([0, 1]), step=0, seed=3, rate=0.15, vocab=vocab).attention_mask is None
 
 
 class Copies(TorchDispatchMode):
@@ -93,7 +93,7 @@ def test_a_micro_batch_goes_to_the_device_in_its_few_tensors_without_blocking(so
     non-blocking (asynchronous from the pinned memory the trainer uses on CUDA). The "meta"
     device stands for an accelerator: on CPU, .to("cpu") copies nothing."""
     dataset, vocab = source
-    batch = masked_batch(dataset, np.array(indices) % len(dataset), 0, 3, 0.15, vocab)
+    batch = masked_batch(dataset, np.array(indices) % len(dataset), step=0, seed=3, rate=0.15, vocab=vocab)
     with Copies() as copies:
         moved = batch.on(torch.device("meta"))
     assert copies.non_blocking == [True] * copied

@@ -311,7 +311,8 @@ def test_component_validation_surfaces_as_user_error(tmp_path, override, key):
         ("train.stop_signals=SIGTERM,TERM", "train.stop_signals: 'TERM' is not a signal name (e.g. SIGTERM,SIGUSR1)"),
         (
             "adversarial.method=x",
-            "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb, yopo or asa, got 'x'",
+            "adversarial.method: expected none, alum, alum_amortized, smart, fgsm, fgm, pgd, freeat, freelb, yopo or "
+            "asa, got 'x'",
         ),
         ("adversarial.steps=0", "adversarial.steps: must be at least 1, got 0"),
         ("adversarial.asa.tau=-1", "adversarial.asa.tau: must be a finite number >= 0, got -1.0"),

@@ -78,9 +78,11 @@ def test_every_docs_page_is_linked_from_the_readme():
 def test_the_link_check_sees_broken_links(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# Other page\n\n## What `--overwrite` may delete\n")
-    page.write_text("# Page\n\n[ok](other.md#what---overwrite-may-delete) [self](#page) [web](https://example.org)\n"
-                    "[missing](nowhere.md) [bad anchor](other.md#what-overwrite-may-delete)\n"
-                    "```\n[in code](not-checked.md)\n```\n")
+    page.write_text(
+        "# Page\n\n[ok](other.md#what---overwrite-may-delete) [self](#page) [web](https://example.org)\n"
+        "[missing](nowhere.md) [bad anchor](other.md#what-overwrite-may-delete)\n"
+        "```\n[in code](not-checked.md)\n```\n"
+    )
     assert [b.split(":")[0] for b in broken_links(page)] == ["nowhere.md", "other.md#what-overwrite-may-delete"]
 
 
@@ -89,8 +91,9 @@ def test_readme_command_table_lists_every_alum_command():
     import subprocess
     import sys
 
-    help_text = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     offered = set(re.search(r"\{([a-z,]+)\}", help_text).group(1).split(","))
     tabled = set(re.findall(r"^\| `alum ([a-z]+)` \|", (REPO / "README.md").read_text(), flags=re.M))
     assert tabled == offered

@@ -16,10 +16,9 @@ import pytest
 import torch
 from helpers import REPO, data_file
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
+from transformers import AutoModelForSequenceClassification
 
 from data_prep.errors import UserError
-from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.glue import load_task, read_advglue, read_tsv
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses
 from pipeline.tasks import finetune
@@ -64,8 +63,8 @@ def test_rte_string_labels_map_to_glue_ids(tmp_path):
     assert sum(e.label == 0 for e in task.train) == 1_249  # entailment
     # Split on tabs without CSV quoting: the quotes stay part of the text.
     assert (
-        task.train[12].text
-        == 'Valero Energy Corp., on Monday, said it found "extensive" additional damage at its 250,000-barrel-per-day Port Arthur refinery.'
+        task.train[12].text == 'Valero Energy Corp., on Monday, said it found "extensive" additional damage at its '
+        "250,000-barrel-per-day Port Arthur refinery."
     )
     assert sum('"' in e.text or '"' in e.text_pair for e in task.train) > 100
 
@@ -169,29 +168,7 @@ def test_bad_numbers_are_refused_in_one_line(tmp_path, sst2, capsys, option, val
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"finetune: error: {message}"]
 
 
-# 2. A small model in the layout `alum export` writes
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory, bert_tokenizer) -> Path:
-    """A 64-wide, 2-layer BERT (random weights) saved with the project's tokenizer files."""
-    tokenizer = load_tokenizer(bert_tokenizer)
-    ids = tokenizer.special_token_ids
-    config = BertConfig(
-        vocab_size=-(-tokenizer.vocab_size // 64) * 64,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=256,
-        pad_token_id=ids["pad"],
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("model") / "hf"
-    BertForMaskedLM(config).save_pretrained(out)
-    for path in Path(bert_tokenizer).iterdir():
-        shutil.copy(path, out / path.name)
-    return out
+# 2. A small model in the layout `alum export` writes: the `small_model` fixture (conftest.py)
 
 
 def test_alum_loss_is_cross_entropy_plus_alpha_times_symmetric_kl(small_model, sst2):

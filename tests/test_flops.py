@@ -35,13 +35,13 @@ def test_the_formula_counts_every_matmul_of_a_training_step(hidden, layers, inte
     rate = masked.sum().item() / masked.numel()
     assert model_flops_per_token(config, seq_len, rate) * batch * seq_len == counter.get_total_flops()
     assert model_flops_per_token(config, seq_len, rate) == flops_per_token(
-        hidden, layers, intermediate, vocab, seq_len, rate
+        hidden=hidden, layers=layers, intermediate=intermediate, vocab=vocab, seq_len=seq_len, mask_rate=rate
     )
 
 
 def test_bert_base_costs_about_six_flops_per_parameter_per_token():
     # 85M encoder weights, 512 tokens, 15% masked: 6N plus the attention and head terms.
-    per_token = flops_per_token(768, 12, 3072, 30522, 512, 0.15)
+    per_token = flops_per_token(hidden=768, layers=12, intermediate=3072, vocab=30522, seq_len=512, mask_rate=0.15)
     assert per_token == 6 * 12 * (4 * 768**2 + 2 * 768 * 3072) + 12 * 12 * 768 * 512 + 0.15 * 6 * (768**2 + 768 * 30522)
     assert 5.6e8 < per_token < 5.9e8
 

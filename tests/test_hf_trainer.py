@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import REPO, data_file
-from test_finetune import small_model  # noqa: F401 (a fixture: a tiny BERT directory as `alum export` writes it)
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from pipeline.data.glue import read_tsv
@@ -193,6 +192,7 @@ def test_the_example_names_a_bad_data_file_in_one_line(tmp_path, capsys, content
 def test_methods_beyond_one_backward_are_refused_with_the_way_to_run_them(method, tmp_path):
     with pytest.raises(
         ValueError,
-        match=f"adversarial.method={method} needs more than Trainer's one backward per batch and optimizer; use `alum finetune`",
+        match=f"adversarial.method={method} needs more than Trainer's one backward per batch and optimizer; "
+        "use `alum finetune`",
     ):
         trainer_for(dropout_free_classifier(), tmp_path, method=method)

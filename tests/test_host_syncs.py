@@ -176,9 +176,11 @@ import sys, torch
 from transformers import BertConfig, BertForMaskedLM
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses
 from pipeline.model.masked_lm import MaskedLM
-model = MaskedLM(BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
+model = MaskedLM(BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+intermediate_size=32)))
 ids = torch.randint(5, 50, (2, 8))
-out = compute_losses(lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d), lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d)[0],
+out = compute_losses(lambda d: model(ids, torch.ones_like(ids), torch.tensor([1, 9]), d), lambda d: model(ids,
+torch.ones_like(ids), torch.tensor([1, 9]), d)[0],
                      ids.flatten()[[1, 9]], AdversarialConfig(method="alum"), 0)
 out.loss.backward()
 print(float(out.loss_adv) > 0, "deepspeed" in sys.modules)

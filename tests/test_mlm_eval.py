@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory, bert_tokenizer, train_shards):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     dataset, vocab = ShardDataset(train_shards, "val"), _vocab(bert_tokenizer)
     for step in range(150):
-        batch = masked_batch(dataset, np.arange(32), step + 1, 1, 0.25, vocab)
+        batch = masked_batch(dataset, np.arange(32), step=step + 1, seed=1, rate=0.25, vocab=vocab)
         states = model.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         optimizer.zero_grad()
         F.cross_entropy(model.cls(states[batch.masked]), batch.labels).backward()
@@ -78,7 +78,12 @@ def test_clean_metrics_equal_a_direct_hf_computation(results, model_dir, train_s
     with torch.no_grad():
         for start in range(0, SMALL["batches"] * SMALL["batch_size"], SMALL["batch_size"]):
             batch = masked_batch(
-                dataset, np.arange(start, start + SMALL["batch_size"]), 0, EVAL_SEED_OFFSET, 0.15, vocab
+                dataset,
+                np.arange(start, start + SMALL["batch_size"]),
+                step=0,
+                seed=EVAL_SEED_OFFSET,
+                rate=0.15,
+                vocab=vocab,
             )
             logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.masked]
             loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()

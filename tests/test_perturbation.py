@@ -166,16 +166,16 @@ def test_guard_warns_once_when_the_streak_reaches_vanish_steps():
     config = replace(ALUM, vanish_steps=3)
     lines = []
     for streak in (1, 2, 3, 4, 5):
-        vanishing.check(config, streak, 100 + streak, 1e-9, 0.997, lines.append)
+        vanishing.check(config, streak=streak, step=100 + streak, ratio=1e-9, lost=0.997, announce=lines.append)
     assert len(lines) == 1 and lines[0].startswith("warning: step 103: ")
     assert "adversarial.noise_std" in lines[0] and "99.7%" in lines[0] and "1.00e-09" in lines[0]
 
 
 def test_guard_error_stops_with_a_user_error_naming_the_keys():
     config = replace(ALUM, vanish_steps=2, on_vanish="error")
-    vanishing.check(config, 1, 5, 0.0, 0.0, print)
+    vanishing.check(config, streak=1, step=5, ratio=0.0, lost=0.0, announce=print)
     with pytest.raises(UserError, match=r"adversarial.step_size.*adversarial.grad_eps.*on_vanish=error"):
-        vanishing.check(config, 2, 6, 0.0, 0.0, print)
+        vanishing.check(config, streak=2, step=6, ratio=0.0, lost=0.0, announce=print)
 
 
 def test_a_ratio_below_the_floor_or_a_delta_mostly_lost_has_vanished():

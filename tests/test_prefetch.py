@@ -12,7 +12,7 @@ from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import Batches, ShardDataset, StepBatches
 from pipeline.data.masking import MaskVocab
 from pipeline.data.sampling import epoch_fraction
-from pipeline.methods.freeat import replay_index
+from pipeline.methods.registry import method_of
 from pipeline.train.config import load_config
 from pipeline.train.prefetch import StepInputs
 from pipeline.train.resume import TrainState
@@ -61,7 +61,13 @@ def test_the_prefetched_batch_is_the_one_the_loop_built_after_counting_the_step(
         ],
     )
     dataset = ShardDataset(train_shards, "train")
-    batches = Batches(dataset, MaskVocab.of(load_tokenizer(bert_tokenizer)), 1024, 512, config.train.seed)
+    batches = Batches(
+        dataset,
+        MaskVocab.of(load_tokenizer(bert_tokenizer)),
+        global_batch_size=1024,
+        micro_batch_size=512,
+        seed=config.train.seed,
+    )
     inputs, state = StepInputs(batches, config), TrainState()
     rates, consumed = [], []
     for _ in range(12):
@@ -73,7 +79,7 @@ def test_the_prefetched_batch_is_the_one_the_loop_built_after_counting_the_step(
         # what the loop built before prefetching, from the state after the step was counted
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
         built = batches.for_step(
-            state.step - replay_index(config.adversarial, state.step), state.consumed_samples, rate
+            state.step - method_of(config.adversarial).replay_index(state.step), state.consumed_samples, rate
         )
         assert same(ahead[0], built) and ahead[1] == rate
         assert inputs(state.step, state.consumed_samples)[0] is ahead[0]  # the loop takes it as it is

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ import torch
 from helpers import (
     REPO,
     RUN,
+    checkpoint_logits,
     comparable,
     kill_when,
     ok,
@@ -40,7 +38,6 @@ from data_prep.errors import UserError
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
-from pipeline.train.distributed import free_port
 from pipeline.train.flops import flops_per_token
 from pipeline.train.validation import EVAL_SEED_OFFSET
 
@@ -85,7 +82,7 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     # commonest-token baseline beside the accuracy, and an accuracy that counts whole tokens.
     vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
     val = ShardDataset(train_shards, "val")
-    labels = masked_batch(val, np.arange(16) % len(val), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
+    labels = masked_batch(val, np.arange(16) % len(val), step=0, seed=EVAL_SEED_OFFSET, rate=0.15, vocab=vocab).labels
     for r in (records[3], records[7]):
         assert r["eval/commonest_token_accuracy"] == pytest.approx(
             torch.bincount(labels).max().item() / labels.numel(), abs=1e-12
@@ -96,12 +93,12 @@ def test_alum_run_shows_both_stages(reference, train_shards, bert_tokenizer):
     model = json.loads((run_dir / "model" / "config.json").read_text())
     for r in records:
         per_token = flops_per_token(
-            model["hidden_size"],
-            model["num_hidden_layers"],
-            model["intermediate_size"],
-            model["vocab_size"],
-            64,
-            r["train/mask_rate"],
+            hidden=model["hidden_size"],
+            layers=model["num_hidden_layers"],
+            intermediate=model["intermediate_size"],
+            vocab=model["vocab_size"],
+            seq_len=64,
+            mask_rate=r["train/mask_rate"],
         )
         assert r["perf/mfu"] == pytest.approx(per_token * r["perf/tokens_per_s"] / (0.5e12 * 2), rel=1e-9)
     assert (run_dir / "config.yaml").is_file()
@@ -131,7 +128,9 @@ def test_validation_reads_the_same_rows_on_one_and_on_two_ranks(tmp_path, train_
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-5), key  # no dropout: the same model up to float rounding
     vocab = MaskVocab.of(load_tokenizer(bert_tokenizer))
-    labels = masked_batch(ShardDataset(train_shards, "val"), np.arange(12), 0, EVAL_SEED_OFFSET, 0.15, vocab).labels
+    labels = masked_batch(
+        ShardDataset(train_shards, "val"), np.arange(12), step=0, seed=EVAL_SEED_OFFSET, rate=0.15, vocab=vocab
+    ).labels
     assert one["eval/commonest_token_accuracy"] == pytest.approx(
         torch.bincount(labels).max().item() / labels.numel(), abs=1e-12
     )
@@ -249,7 +248,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
         f.truncate(recorded[largest]["size"] // 2)
     result = ok(pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2))
     assert (
-        f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when saved); "
+        f"{step8}: damaged ({largest}: {recorded[largest]['size'] // 2:,} bytes, {recorded[largest]['size']:,} when "
+        "saved); "
         "set aside, resuming from step00000004"
     ) in result.stdout
     assert "resumed from" in result.stdout and "(step 4)" in result.stdout
@@ -302,8 +302,10 @@ def test_with_every_checkpoint_damaged_the_run_stops_in_one_line(reference, tmp_
     assert result.returncode == 2, result.stderr
     step4 = run_dir / "checkpoints" / "step00000004"
     assert result.stderr.strip().splitlines()[-1] == (
-        f"pretrain: error: {step4}: damaged (rng_rank00000.pt: {step4.joinpath('rng_rank00000.pt').stat().st_size:,} bytes, "
-        f"{step4.joinpath('rng_rank00000.pt').stat().st_size - 1:,} when saved) and no earlier complete checkpoint to resume from; "
+        f"pretrain: error: {step4}: damaged (rng_rank00000.pt: {step4.joinpath('rng_rank00000.pt').stat().st_size:,} "
+        "bytes, "
+        f"{step4.joinpath('rng_rank00000.pt').stat().st_size - 1:,} when saved) and no earlier complete checkpoint to "
+        "resume from; "
         "restore it, or start another run directory"
     )
 
@@ -398,31 +400,7 @@ def test_export_matches_the_training_model(reference, tmp_path):
 
     stage, run_dir = reference
     out = export(run_dir, tmp_path / "hf")
-    logits_file = tmp_path / "logits.pt"
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    ok(
-        subprocess.run(
-            [
-                launcher,
-                "--num_gpus",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "--module",
-                "checkpoint_logits",
-                str(run_dir),
-                "step00000008",
-                str(logits_file),
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    )
-    expected = torch.load(logits_file)
+    expected = checkpoint_logits(run_dir, "step00000008", tmp_path / "logits.pt")
     model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).logits[

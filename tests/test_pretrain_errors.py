@@ -43,7 +43,8 @@ def test_shards_built_with_another_tokenizer(tmp_path, train_shards, wikitext_va
 def test_model_vocabulary_smaller_than_the_tokenizer(tmp_path, train_shards, bert_tokenizer):
     model = tmp_path / "small-vocab.yaml"
     model.write_text(
-        "arch: bert\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: 64\nvocab_size: 1000\n"
+        "arch: bert\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: "
+        "64\nvocab_size: 1000\n"
     )
     result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, f"model.config={model}", world=1, stage=0)
     refused(result, f"{model}: model vocab_size 1000 is smaller than the tokenizer's 2000")
@@ -52,7 +53,8 @@ def test_model_vocabulary_smaller_than_the_tokenizer(tmp_path, train_shards, ber
 def test_sequence_longer_than_the_model_positions(tmp_path, train_shards, bert_tokenizer):
     model = tmp_path / "short.yaml"
     model.write_text(
-        "arch: bert\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: 64\nmax_position_embeddings: 32\n"
+        "arch: bert\nhidden_size: 32\nnum_hidden_layers: 1\nnum_attention_heads: 2\nintermediate_size: "
+        "64\nmax_position_embeddings: 32\n"
     )
     result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, f"model.config={model}", world=1, stage=0)
     refused(result, f"{model}: shards have seq_len 64 but the model has 32 positions")
@@ -94,7 +96,7 @@ def test_shards_without_a_val_split_name_both_ways_out(tmp_path, bert_tokenizer,
     from data_prep.shard import ShardSettings, shard_corpus
 
     shards = tmp_path / "no-val"
-    shard_corpus([str(wikitext_valid)], bert_tokenizer, shards, ShardSettings(seq_len=64, val_fraction=0.0))
+    shard_corpus([str(wikitext_valid)], bert_tokenizer, shards, settings=ShardSettings(seq_len=64, val_fraction=0.0))
     result = pretrain(tmp_path / "run", shards, bert_tokenizer, "eval.every_steps=2", world=1, stage=0)
     refused(
         result,

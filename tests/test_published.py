@@ -8,16 +8,13 @@ the layout of the published ones.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, ok, pretrain, read_metrics, run_alum
+from helpers import checkpoint_logits, ok, pretrain, read_metrics, run_alum
 from published import make_bert, make_roberta
 from test_shard import rows, tree_digest
 
@@ -112,44 +109,14 @@ def test_rows_use_the_tokenizers_framing_and_decode_to_the_documents(name, publi
 def test_hf_tokenizer_shards_do_not_depend_on_the_worker_count(
     name, tmp_path, published, published_shards, wikitext_valid
 ):
-    out = tmp_path / "two-workers"
-    run_alum(
-        "shard",
-        "--input",
-        wikitext_valid,
-        "--tokenizer",
-        published[name],
-        "--seq-len",
-        SEQ_LEN,
-        "--out",
-        out,
-        "--val-fraction",
-        "0.1",
-        "--workers",
-        "2",
-        "--piece-mb",
-        "0.5",
-        check=True,
-    )
-    single = tmp_path / "one-worker"
-    run_alum(
-        "shard",
-        "--input",
-        wikitext_valid,
-        "--tokenizer",
-        published[name],
-        "--seq-len",
-        SEQ_LEN,
-        "--out",
-        single,
-        "--val-fraction",
-        "0.1",
-        "--workers",
-        "1",
-        "--piece-mb",
-        "0.5",
-        check=True,
-    )
+    out, single = tmp_path / "two-workers", tmp_path / "one-worker"
+    for directory, workers in ((out, "2"), (single, "1")):
+        run_alum(
+            "shard",
+            *("--input", wikitext_valid, "--tokenizer", published[name], "--seq-len", SEQ_LEN, "--out", directory),
+            *("--val-fraction", "0.1", "--workers", workers, "--piece-mb", "0.5"),
+            check=True,
+        )
     assert tree_digest(out) == tree_digest(single)
     assert len(manifest.read(out)["splits"]["train"]["shards"]) > 1
 
@@ -263,36 +230,6 @@ def test_alum_tokenizer_kinds_load_with_autotokenizer_and_shard(kind, cls_name, 
 # ----------------------------------------------------------------------------- training
 
 
-def logits_at_start(run_dir: Path, out: Path) -> dict:
-    """The training engine's masked-position logits before its first step (2 ranks)."""
-    from pipeline.train.distributed import free_port
-
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    ok(
-        subprocess.run(
-            [
-                launcher,
-                "--num_gpus",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "--module",
-                "checkpoint_logits",
-                str(run_dir),
-                "start",
-                str(out),
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    )
-    return torch.load(out)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["roberta", "bert"])
 def test_continual_alum_from_a_published_checkpoint(name, tmp_path, published, published_shards):
@@ -320,7 +257,7 @@ def test_continual_alum_from_a_published_checkpoint(name, tmp_path, published, p
     assert all(m["train/loss_adv"] == 0 for m in metrics[:2]) and all(m["train/loss_adv"] > 0 for m in metrics[2:])
 
     # The engine started from the published weights: its logits are the original model's.
-    start = logits_at_start(run_dir, tmp_path / "start.pt")
+    start = checkpoint_logits(run_dir, "start", tmp_path / "start.pt")
     original = AutoModelForMaskedLM.from_pretrained(str(published[name])).eval()
     with torch.no_grad():
         logits = original(input_ids=start["input_ids"], attention_mask=start["attention_mask"]).logits[start["masked"]]

@@ -169,27 +169,30 @@ def test_node_partition_merges_to_the_single_machine_output(tmp_path, reference,
     assert tree_digest(merged) == tree_digest(reference)
 
 
-def test_slurm_array_tasks_running_at_once_write_the_single_machine_output(
-    tmp_path, reference, wikitext_valid, bert_tokenizer
-):
-    """launch/shard.sbatch as SLURM runs an array of two (--array=3-4): both tasks at once on one directory."""
-    out = tmp_path / "shared-fs"
-    args = [
-        "bash",
-        str(REPO / "launch" / "shard.sbatch"),
+def shard_args(text: Path, tokenizer: Path, out: Path, piece_mb: str) -> list[str]:
+    """`alum shard`'s arguments for `text` at SEQ_LEN with a 10% val split, in pieces of `piece_mb`."""
+    return [
         "--input",
-        str(wikitext_valid),
+        str(text),
         "--tokenizer",
-        str(bert_tokenizer),
+        str(tokenizer),
         "--seq-len",
         str(SEQ_LEN),
         "--out",
         str(out),
         "--piece-mb",
-        PIECE_MB,
+        piece_mb,
         "--val-fraction",
         "0.1",
     ]
+
+
+def test_slurm_array_tasks_running_at_once_write_the_single_machine_output(
+    tmp_path, reference, wikitext_valid, bert_tokenizer
+):
+    """launch/shard.sbatch as SLURM runs an array of two (--array=3-4): both tasks at once on one directory."""
+    out = tmp_path / "shared-fs"
+    args = ["bash", str(REPO / "launch" / "shard.sbatch"), *shard_args(wikitext_valid, bert_tokenizer, out, PIECE_MB)]
     env = {
         **os.environ,
         "PYTHON": sys.executable,
@@ -228,24 +231,7 @@ def test_slurm_array_tasks_running_at_once_write_the_single_machine_output(
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_redoing_finished_pieces(tmp_path, reference, wikitext_valid, bert_tokenizer):
     out = tmp_path / "interrupted"
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "shard",
-        "--input",
-        str(wikitext_valid),
-        "--tokenizer",
-        str(bert_tokenizer),
-        "--seq-len",
-        str(SEQ_LEN),
-        "--out",
-        str(out),
-        "--piece-mb",
-        "0.02",
-        "--val-fraction",
-        "0.1",
-    ]
+    command = [sys.executable, "-m", "pipeline.cli", "shard", *shard_args(wikitext_valid, bert_tokenizer, out, "0.02")]
     # A finer piece size is a different dataset: compare against a clean run of the same settings.
     clean = tmp_path / "clean"
     subprocess.run(
@@ -424,7 +410,7 @@ def test_bad_input_midway_leaves_no_partial_shards(tmp_path, bert_tokenizer):
     )
     out = tmp_path / "out"
     with pytest.raises(UserError, match=rf"{corpus}:20001: not valid JSON"):
-        shard_corpus([str(corpus)], bert_tokenizer, out, ShardSettings(seq_len=SEQ_LEN, piece_bytes=1 << 20))
+        shard_corpus([str(corpus)], bert_tokenizer, out, settings=ShardSettings(seq_len=SEQ_LEN, piece_bytes=1 << 20))
     assert not out.exists()
 
 
@@ -481,7 +467,10 @@ def test_a_truncated_gzip_input_ends_shard_and_tokenizer_in_one_line_leaving_not
 
     corpus = tmp_path / "truncated.txt.gz"
     corpus.write_bytes(broken_compressed_files(tmp_path)["truncated.txt.gz"])
-    line = f"{corpus}: not a valid gzip file: Compressed file ended before the end-of-stream marker was reached (reading from decompressed byte 0)"
+    line = (
+        f"{corpus}: not a valid gzip file: Compressed file ended before the end-of-stream marker was reached "
+        "(reading from decompressed byte 0)"
+    )
     shard = run_alum(
         "shard", "--input", corpus, "--tokenizer", bert_tokenizer, "--seq-len", SEQ_LEN, "--out", tmp_path / "shards"
     )

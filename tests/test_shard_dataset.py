@@ -19,7 +19,10 @@ def several_shards(tmp_path_factory, wikitext_valid, bert_tokenizer):
     """WikiText-2 valid in 0.25 MiB pieces: several shard files (and blocks) per split."""
     out = tmp_path_factory.mktemp("several-shards") / "shards"
     shard_corpus(
-        [str(wikitext_valid)], bert_tokenizer, out, ShardSettings(seq_len=64, val_fraction=0.1, piece_bytes=1 << 18)
+        [str(wikitext_valid)],
+        bert_tokenizer,
+        out,
+        settings=ShardSettings(seq_len=64, val_fraction=0.1, piece_bytes=1 << 18),
     )
     return out
 

@@ -54,10 +54,13 @@ class Job:
 
 
 @pytest.fixture
-def jobs():
-    started = []
-    yield started
-    for job in started:
+def training_job(reference, tmp_path, train_shards, bert_tokenizer):
+    """A job two steps into training, its launcher's processes, and the uninterrupted reference
+    run's directory; whatever of it still runs when the test ends is killed."""
+    job = Job(tmp_path / "run", train_shards, bert_tokenizer)
+    try:
+        yield job, job.training(), reference[1]
+    finally:
         job.kill()
         for p in psutil.process_iter(["cmdline"]):  # ranks that outlived their launcher
             if str(job.run_dir) in " ".join(p.info["cmdline"] or []):
@@ -86,14 +89,11 @@ def stopped(job: Job, tree: list[psutil.Process], reference: Path, reason: str) 
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
 def test_sigterm_to_the_deepspeed_command_saves_stops_every_rank_and_resumes_exactly(
-    reference, tmp_path, train_shards, bert_tokenizer, jobs
+    training_job, train_shards, bert_tokenizer
 ):
     # DeepSpeed's runner dies of the signal at once (it has no handler on one node); its ranks
     # see their launcher chain break, save together and exit 0 instead of training on as orphans.
-    _, uninterrupted = reference
-    job = Job(tmp_path / "run", train_shards, bert_tokenizer)
-    jobs.append(job)
-    tree = job.training()
+    job, tree, uninterrupted = training_job
     job.runner.send_signal(signal.SIGTERM)
     assert job.runner.wait(timeout=60) == -signal.SIGTERM
     step = stopped(job, tree, uninterrupted, "launcher ended")
@@ -113,24 +113,18 @@ def test_sigterm_to_the_deepspeed_command_saves_stops_every_rank_and_resumes_exa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_ctrl_c_saves_and_every_rank_exits_without_a_traceback(reference, tmp_path, train_shards, bert_tokenizer, jobs):
+def test_ctrl_c_saves_and_every_rank_exits_without_a_traceback(training_job):
     # A terminal's Ctrl-C: SIGINT to the whole foreground process group (runner, launch.py, ranks).
     # launch.py then SIGTERMs each rank's process tree, W&B's service included.
-    _, uninterrupted = reference
-    job = Job(tmp_path / "run", train_shards, bert_tokenizer)
-    jobs.append(job)
-    tree = job.training()
+    job, tree, uninterrupted = training_job
     os.killpg(job.runner.pid, signal.SIGINT)
     stopped(job, tree, uninterrupted, "SIGINT")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", [2], indirect=True, ids=["zero2"])
-def test_ranks_whose_launcher_was_killed_save_and_stop(reference, tmp_path, train_shards, bert_tokenizer, jobs):
-    _, uninterrupted = reference
-    job = Job(tmp_path / "run", train_shards, bert_tokenizer)
-    jobs.append(job)
-    tree = job.training()
+def test_ranks_whose_launcher_was_killed_save_and_stop(training_job):
+    job, tree, uninterrupted = training_job
     launch_py = next(p for p in tree if "deepspeed.launcher.launch" in p.cmdline())
     launch_py.kill()  # no handler runs: the ranks are orphaned
     stopped(job, [p for p in tree if p.pid != launch_py.pid], uninterrupted, "launcher ended")

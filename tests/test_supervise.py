@@ -240,12 +240,14 @@ def test_failures_are_relaunched_up_to_restarts(tmp_path, succeeds_on, restarts,
     assert counter.read_text() == str(attempts)
     lines = result.stderr.splitlines()
     relaunches = [
-        f"supervise: attempt {n} of {restarts + 1}: the job exited with 1; relaunching, it resumes from the latest complete checkpoint"
+        f"supervise: attempt {n} of {restarts + 1}: the job exited with 1; relaunching, it resumes from the latest "
+        "complete checkpoint"
         for n in range(2, attempts + 1)
     ]
     if expected:
         relaunches.append(
-            f"supervise: the job exited with 1 on attempt {attempts} of {attempts}; not relaunching (--restarts {restarts})"
+            f"supervise: the job exited with 1 on attempt {attempts} of {attempts}; not relaunching (--restarts "
+            f"{restarts})"
         )
     assert lines == relaunches
 

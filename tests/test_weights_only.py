@@ -51,7 +51,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume_export_and_init_f
     tampered = run_dir / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt"
     marker = tmp_path / "the-payload-ran"
     plant(tampered, marker)
-    refused = f"{tampered}: refused: loading it would call io.open, which no checkpoint holds (a file from elsewhere or edited); it was not loaded"
+    refused = (
+        f"{tampered}: refused: loading it would call io.open, which no checkpoint holds "
+        "(a file from elsewhere or edited); it was not loaded"
+    )
 
     resumed = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, "train.max_steps=9", world=1)
     assert resumed.returncode == 2 and resumed.stderr.strip().splitlines()[-1] == f"pretrain: error: {refused}", (
@@ -71,7 +74,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume_export_and_init_f
 
 
 def _deepspeed_loaders():
-    """Three of DeepSpeed 0.19.8's torch.load(weights_only=False) calls: the engine's, ds_to_universal's, zero_to_fp32's."""
+    """Three of DeepSpeed 0.19.8's torch.load(weights_only=False) calls: the engine's, ds_to_universal's,
+    zero_to_fp32's."""
     from deepspeed.checkpoint import ds_to_universal
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.utils import zero_to_fp32

@@ -43,7 +43,10 @@ def restore_saved(saved: dict, reseed: int) -> str | None:
         return None
     torch.set_rng_state(state.cpu)
     if accelerator is None:
-        return "its accelerator's RNG states were written on a GPU and are unused here (no accelerator): the CPU's are restored"
+        return (
+            "its accelerator's RNG states were written on a GPU and are unused here (no accelerator): "
+            "the CPU's are restored"
+        )
     accelerator.manual_seed(reseed)
     return "it has no accelerator RNG states (written on CPUs): this machine's are seeded from (seed, rank, step)"
 

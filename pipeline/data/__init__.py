@@ -1,4 +1,5 @@
-"""Layer 1: what a step reads. Shard datasets and batches, sample order, masking, the mask-rate curriculum, GLUE task files.
+"""Layer 1: what a step reads. Shard datasets and batches, sample order, masking, the mask-rate curriculum, GLUE task
+files.
 
 Imports go down the layers only (core -> data -> model -> methods -> train -> tasks ->
 cli); tests/test_layers.py checks it."""

@@ -108,6 +108,7 @@ class Batches:
         self,
         dataset: ShardDataset,
         vocab: MaskVocab,
+        *,
         global_batch_size: int,
         micro_batch_size: int,
         seed: int,
@@ -124,7 +125,7 @@ class Batches:
         local = rank_slice(global_indices, self.rank, self.world_size)
         micro = self.micro_batch_size
         batches = [
-            masked_batch(self.dataset, local[i : i + micro], step, self.seed, rate, self.vocab)
+            masked_batch(self.dataset, local[i : i + micro], step=step, seed=self.seed, rate=rate, vocab=self.vocab)
             for i in range(0, len(local), micro)
         ]
         return StepBatches(
@@ -133,14 +134,14 @@ class Batches:
 
 
 def masked_batch(
-    dataset: ShardDataset, indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab
+    dataset: ShardDataset, indices: np.ndarray, *, step: int, seed: int, rate: float, vocab: MaskVocab
 ) -> MicroBatch:
     """The rows at ``indices``, masked. Whether they hold padding is decided here, on the host:
     packed rows have none (only a split's last row is padded), and then the batch carries no
     attention mask, so transformers neither builds one nor asks the device whether it may
     skip it (a host sync per forward)."""
     rows = dataset.rows(indices)
-    masked = mask_tokens(rows, indices, step, seed, rate, vocab)
+    masked = mask_tokens(rows, indices, step=step, seed=seed, rate=rate, vocab=vocab)
     real = rows != vocab.pad_id
     return MicroBatch(
         input_ids=torch.from_numpy(masked.input_ids),

@@ -57,7 +57,7 @@ class MaskedBatch:
 
 
 def mask_tokens(
-    input_ids: np.ndarray, sample_indices: np.ndarray, step: int, seed: int, rate: float, vocab: MaskVocab
+    input_ids: np.ndarray, sample_indices: np.ndarray, *, step: int, seed: int, rate: float, vocab: MaskVocab
 ) -> MaskedBatch:
     """Mask a [B, T] batch whose rows are the dataset's samples ``sample_indices`` [B]."""
     original = np.asarray(input_ids).astype(np.int64)

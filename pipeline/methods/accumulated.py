@@ -35,6 +35,7 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
+from pipeline.methods.method import Method
 from pipeline.methods.objective import (
     Forward,
     StepLosses,
@@ -50,9 +51,10 @@ from pipeline.model import perturbation
 
 
 def accumulated_passes(
-    forward: Forward, labels: Tensor, config, real: Tensor | None
+    forward: Forward, labels: Tensor, config, real: Tensor | None, updates: int = 1
 ) -> Generator[Tensor, None, StepLosses]:
-    passes, updates = config.steps, config.inner_steps if config.method == "yopo" else 1
+    """K (or m) passes, each followed by ``updates`` moves of delta (FreeLB: 1; YOPO: n)."""
+    passes = config.steps
     zero = ZeroDelta()
     clean = clean_pass(forward, labels, real, zero)
     clean.replay.mark()
@@ -85,3 +87,31 @@ def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config) -> Ten
     for _ in range(updates):
         delta = perturbation.ascent_update(delta, grad, unit, config)
     return delta.detach()
+
+
+class FreeLB(Method):
+    """``freelb``: K passes, delta moved once between them."""
+
+    name = "freelb"
+    driven = True
+    default_steps = 2  # the FreeLB repository's launch scripts
+    default_norm = "l2"  # FreeLB's code's; its per-token L-inf step drove SST-2 to the majority class
+
+    def backwards(self) -> int:
+        return self.config.steps
+
+    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        return (yield from accumulated_passes(forward, labels, self.config, real, self.updates()))
+
+    def updates(self) -> int:
+        """Moves of delta after each pass."""
+        return 1
+
+
+class Yopo(FreeLB):
+    """``yopo``: m passes, each followed by n cheap updates along the same gradient."""
+
+    name = "yopo"
+
+    def updates(self) -> int:
+        return self.config.inner_steps

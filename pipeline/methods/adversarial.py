@@ -20,13 +20,16 @@ file holds only what makes it itself:
   of perturbing the embeddings: per layer an adversary, trained by gradient reversal in the
   same backward, picks the units whose masking changes the prediction most.
 
+Each method is a class in its own file (`pipeline.methods.method.Method`), named in
+`pipeline.methods.registry`; the functions here take the config section and ask its method.
 Methods that need nothing after their backward are one `compute_losses` call; the others
 (amortized ALUM, FreeLB, YOPO, FreeAT) use the gradient their backward leaves on delta, and
 ASA backwards a penalty that only its adversaries see.
 Every method is also an `objective`: a generator that yields each loss to backward and
-returns the micro-batch's numbers; `run_objective(objective(...), backward)` drives it, and
-`passes(config, step)` says how many backward passes it takes (a DeepSpeed trainer marks
-only the last one as its gradient-accumulation boundary, so no optimizer step falls inside).
+returns the micro-batch's numbers; `run_objective(objective(...), backward)` drives it
+(`pipeline.methods.driver.drive` does both for a trainer), and `passes(config, step)` says
+how many backward passes it takes (a DeepSpeed trainer marks only the last one as its
+gradient-accumulation boundary, so no optimizer step falls inside).
 
 The same call serves pretraining (masked-LM logits of the masked tokens) and fine-tuning
 (classification logits, one row per example), from DeepSpeed or from any PyTorch loop: it
@@ -38,34 +41,18 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from pipeline.core import checks
-from pipeline.methods.accumulated import accumulated_passes
-from pipeline.methods.alum import alum_losses, amortized_alum_passes
-from pipeline.methods.asa import AsaConfig, AttentionAdversaries, asa_pass
-from pipeline.methods.fgm import fgm_losses
-from pipeline.methods.freeat import Carry, freeat_pass
-from pipeline.methods.objective import AscentForward, Forward, StepLosses, clean_pass
-from pipeline.methods.pgd import pgd_losses
-from pipeline.methods.smart import with_proximal
+from pipeline.methods.asa import AsaConfig, AttentionAdversaries
+from pipeline.methods.driver import run_objective
+from pipeline.methods.freeat import Carry
+from pipeline.methods.objective import AscentForward, Forward, StepLosses
+from pipeline.methods.registry import METHODS, method_of
 from pipeline.model.perturbation import NORMS, SCALES, UPDATES
 
-METHODS = ("none", "alum", "alum_amortized", "smart", "fgsm", "fgm", "pgd", "freeat", "freelb", "yopo", "asa")
-# adversarial.steps when left null: ALUM's K = 1 (the paper); PGD's K = 3; FreeLB's K = 2
-# (the FreeLB repository's launch scripts); YOPO's and FreeAT's m = 2, FreeLB's budget.
-DEFAULT_STEPS = {"pgd": 3, "freelb": 2, "yopo": 2, "freeat": 2}
-# adversarial.norm when left null: L-inf (ALUM's official code, Madry's PGD), but L2 for FreeLB
-# and YOPO, FreeLB's code's default: its per-token L-inf step moves every coordinate by
-# step_size, which at FreeLB's default size drove SST-2 fine-tuning to the majority class
-# (3 seeds of 3, docs/results/claims.md) where L2 trained normally.
-DEFAULT_NORM = {"freelb": "l2", "yopo": "l2"}
-# Objectives that read the gradient their backward leaves on delta, by method.
-AFTER_BACKWARD = {"alum_amortized": amortized_alum_passes, "freelb": accumulated_passes, "yopo": accumulated_passes}
-# The methods only `run_objective` can drive (compute_losses has no backward to wait for;
-# ASA's backwarded loss holds its adversaries' penalty, which the logged loss leaves out).
-DRIVEN = (*AFTER_BACKWARD, "freeat", "asa")
+__all__ = ["METHODS", "AdversarialConfig", "compute_losses", "objective", "passes", "run_objective"]
+
 PERTURB_AT = ("word_embeddings", "embedding_output")
 KL_GRADS = ("detached", "full")
 ON_VANISH = ("warn", "error")
@@ -78,7 +65,7 @@ class AdversarialConfig:
     method: str = "none"
     start_step: int = 0
     alpha: float = 10.0
-    steps: int | None = None  # K (ascent steps or passes) or m (YOPO); null: DEFAULT_STEPS, else 1
+    steps: int | None = None  # K (ascent steps or passes) or m (YOPO); null: the method's default_steps
     inner_steps: int = 3  # YOPO's n cheap updates per full pass (YOPO-m-n)
     mu: float = 1.0  # SMART's proximal-term weight
     teacher_momentum: float = 0.99  # SMART's beta: the teacher's EMA momentum per optimizer step
@@ -87,7 +74,7 @@ class AdversarialConfig:
     step_size: float = 1e-1
     noise_std: float = 1e-2
     eps: float | None = None
-    norm: str | None = None  # null: DEFAULT_NORM, else linf
+    norm: str | None = None  # null: the method's default_norm
     grad_eps: float = 1e-12
     perturb_at: str = "embedding_output"
     kl_grad: str = "detached"
@@ -98,18 +85,18 @@ class AdversarialConfig:
 
     def __post_init__(self) -> None:
         """A bad setting fails where the config is built, naming the field (the loader adds ``adversarial.``)."""
-        checks.choice("method", self.method, METHODS)
+        checks.choice("method", self.method, tuple(METHODS))
         checks.choice("update", self.update, UPDATES)
         checks.choice("scale", self.scale, SCALES)
         if self.norm is None:
-            object.__setattr__(self, "norm", DEFAULT_NORM.get(self.method, "linf"))
+            object.__setattr__(self, "norm", METHODS[self.method].default_norm)
         checks.choice("norm", self.norm, NORMS)
         checks.choice("perturb_at", self.perturb_at, PERTURB_AT)
         checks.choice("kl_grad", self.kl_grad, KL_GRADS)
         checks.choice("on_vanish", self.on_vanish, ON_VANISH)
         checks.integer("start_step", self.start_step, minimum=0)
         if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS.get(self.method, 1))
+            object.__setattr__(self, "steps", METHODS[self.method].default_steps)
         checks.integer("steps", self.steps, minimum=1)
         checks.integer("inner_steps", self.inner_steps, minimum=1)
         checks.integer("vanish_steps", self.vanish_steps, minimum=1)
@@ -129,15 +116,13 @@ class AdversarialConfig:
 
     def active(self, step: int) -> bool:
         """Whether the adversarial term is on at this optimizer step (standard phase first)."""
-        return self.method != "none" and step >= self.start_step
+        return method_of(self).active(step)
 
 
 def passes(config: AdversarialConfig, step: int) -> int:
     """Backward passes per micro-batch at this step: 2 for amortized ALUM, K for FreeLB, m for
     YOPO, otherwise (and before adversarial.start_step) 1."""
-    if not config.active(step) or config.method not in AFTER_BACKWARD:
-        return 1
-    return 2 if config.method == "alum_amortized" else config.steps
+    return method_of(config).passes(step)
 
 
 def objective(
@@ -155,29 +140,7 @@ def objective(
     sum is the objective) and, once each has been backwarded, returns the `StepLosses`.
     ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch;
     ``adversaries``: ASA's, attached to the model ``forward`` runs."""
-    if config.active(step) and config.method == "asa":
-        if adversaries is None:
-            raise ValueError("adversarial.method=asa needs the model's AttentionAdversaries (pipeline.methods.asa)")
-        return (yield from asa_pass(forward, labels, config, real, adversaries))
-    if config.active(step) and config.method == "freeat":
-        if carry is None:
-            raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.methods.freeat)")
-        return (yield from freeat_pass(forward, labels, config, real, carry))
-    if config.active(step) and config.method in AFTER_BACKWARD:
-        return (yield from AFTER_BACKWARD[config.method](forward, labels, config, real))
-    out = compute_losses(forward, ascent_forward, labels, config, step, real, teacher)
-    yield out.loss
-    return out
-
-
-def run_objective(losses: Generator[Tensor, None, StepLosses], backward: Callable[[Tensor], None]) -> StepLosses:
-    """Drive an `objective`: `backward` each loss it yields, in order; its micro-batch's numbers."""
-    while True:
-        try:
-            loss = next(losses)
-        except StopIteration as done:
-            return done.value
-        backward(loss)
+    return method_of(config).objective(forward, ascent_forward, labels, step, real, teacher, carry, adversaries)
 
 
 def compute_losses(
@@ -198,22 +161,4 @@ def compute_losses(
     respect to delta alone, so the trainer's single backward of ``loss`` is the only one.
     No host sync: a non-finite gradient or term is dropped with ``torch.where``.
     """
-    active = config.active(step)
-    if active and config.method in DRIVEN:
-        raise ValueError(
-            f"adversarial.method={config.method} uses the gradient of its own backward "
-            f"({passes(config, step)} per batch): drive it with run_objective(objective(...), backward)"
-        )
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not (active and config.method == "pgd")):
-        clean = clean_pass(forward, labels, real)
-    if not active:
-        return StepLosses.clean(clean.loss)
-    if config.method == "alum":
-        return alum_losses(clean, forward, ascent_forward, config)
-    if config.method == "smart":
-        if teacher is None:
-            raise ValueError("adversarial.method=smart needs the teacher's forward (pipeline.methods.smart.Teacher)")
-        return with_proximal(alum_losses(clean, forward, ascent_forward, config), clean, teacher, config)
-    if config.method == "pgd":
-        return pgd_losses(clean, forward, ascent_forward, labels, config)
-    return fgm_losses(clean, forward, ascent_forward, labels, config)
+    return method_of(config).compute_losses(forward, ascent_forward, labels, step, real, teacher)

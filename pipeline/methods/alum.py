@@ -45,6 +45,7 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
+from pipeline.methods.method import Method
 from pipeline.methods.objective import (
     AscentForward,
     CleanPass,
@@ -103,3 +104,25 @@ def amortized_alum_passes(
     yield config.alpha * loss_adv
     total = clean.loss.detach() + config.alpha * loss_adv.detach()
     return StepLosses(total, clean.loss.detach(), loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+
+
+class Alum(Method):
+    """``alum``: the clean loss plus alpha times the virtual-adversarial symmetric KL, one backward."""
+
+    name = "alum"
+
+    def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
+        return alum_losses(clean, forward, ascent_forward, self.config)
+
+
+class AlumAmortized(Method):
+    """``alum_amortized``: the direction read off the clean loss's own backward, so two backwards."""
+
+    name = "alum_amortized"
+    driven = True
+
+    def backwards(self) -> int:
+        return 2
+
+    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        return (yield from amortized_alum_passes(forward, labels, self.config, real))

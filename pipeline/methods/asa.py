@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from data_prep.errors import UserError
 from pipeline.core import checks
+from pipeline.methods.method import Method
 from pipeline.methods.objective import Forward, StepLosses, clean_pass, guarded, log_probs, symmetric_kl_of
 
 IMPLEMENTATION = "asa_sdpa"
@@ -81,7 +82,8 @@ class AsaConfig:
         indices = self._indices()
         if indices[-1] >= count:
             raise UserError(
-                f"adversarial.asa.layers: layer {indices[-1]} does not exist (the model has {count} layers, 0 to {count - 1})"
+                f"adversarial.asa.layers: layer {indices[-1]} does not exist (the model has {count} layers, 0 to "
+                f"{count - 1})"
             )
         return indices
 
@@ -310,3 +312,44 @@ def register() -> None:
 
     AttentionInterface.register(IMPLEMENTATION, asa_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+class Asa(Method):
+    """``asa``: the attention adversaries (`AttentionAdversaries`, its companion) against the model."""
+
+    name = "asa"
+    driven = True  # its backwarded loss holds the adversaries' penalty, which the logged loss leaves out
+    keeps_state = True
+
+    def companion(self, model, hf_model, weight_decay, grad_clip) -> AttentionAdversaries:
+        """Hooked into the model's attention before ZeRO-3 shards it."""
+        return AttentionAdversaries(hf_model, self.config.asa, weight_decay, grad_clip)
+
+    def objective_args(self, companion, module_forward) -> dict:
+        return {"adversaries": companion}
+
+    def check(self, run_config, model_config) -> None:
+        """What adversarial.method=asa cannot run with, before the model is built."""
+        self.config.asa.layer_indices(model_config.num_hidden_layers)
+        if run_config.model.activation_checkpointing:
+            raise UserError(
+                "adversarial.method=asa: model.activation_checkpointing must be false "
+                "(the recomputed layers would run without the adversaries' masks)"
+            )
+        if run_config.train.precision == "fp16":
+            raise UserError(
+                "adversarial.method=asa: train.precision=fp16 is not supported (the adversaries' gradients "
+                "would carry the loss scale); use bf16 or fp32"
+            )
+
+    def stat_names(self, companion) -> list[str]:
+        return companion.stat_names()
+
+    def step_extras(self, companion, step: int) -> list[Tensor]:
+        """The adversaries' gradient norm of the step, once they are in play."""
+        return [companion.grad_norm.double().reshape(1)] if self.active(step) else []
+
+    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        if adversaries is None:
+            raise ValueError("adversarial.method=asa needs the model's AttentionAdversaries (pipeline.methods.asa)")
+        return (yield from asa_pass(forward, labels, self.config, real, adversaries))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.methods.method import Method
 from pipeline.methods.objective import (
     AscentForward,
     CleanPass,
@@ -35,17 +36,23 @@ from pipeline.methods.objective import (
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
 
-# (weight of the clean loss, weight of the adversarial loss)
-WEIGHTS = {"fgsm": (0.5, 0.5), "fgm": (1.0, 1.0)}
 
-
-def fgm_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config) -> StepLosses:
+def fgm_losses(
+    clean: CleanPass,
+    forward: Forward,
+    ascent_forward: AscentForward,
+    labels,
+    config,
+    sign: bool,
+    weights: tuple[float, float],
+) -> StepLosses:
+    """A sign (FGSM) or L2 (FGM) step; ``weights``: (the clean loss's, the adversarial loss's)."""
     unit = perturbation.token_scale(clean.embedded, config.scale)
     clean.replay.mark()
     clean.replay.again()
     start = torch.zeros(clean.embedded.shape, dtype=unit.dtype, device=unit.device, requires_grad=True)
     grad, finite = input_gradient(lambda q: nll(log_probs(q), labels), ascent_forward(start), start)
-    if config.method == "fgsm":
+    if sign:
         delta, norm = size(config) * unit * grad.sign(), "linf"
     else:
         delta, norm = size(config) * unit * grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps), "l2"
@@ -53,6 +60,25 @@ def fgm_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
     adv_logits, _ = forward(delta)
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: nll(log_probs(q), labels), adv_logits, finite)
-    clean_weight, adv_weight = WEIGHTS[config.method]
+    clean_weight, adv_weight = weights
     loss = torch.where(keep, clean_weight, 1.0) * clean.loss + adv_weight * loss_adv
     return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, norm), ~keep)
+
+
+class Fgm(Method):
+    """``fgm``: one L2-normalised step, clean plus adversarial loss (Miyato's weights)."""
+
+    name = "fgm"
+    sign = False
+    weights = (1.0, 1.0)  # (the clean loss's, the adversarial loss's)
+
+    def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
+        return fgm_losses(clean, forward, ascent_forward, labels, self.config, self.sign, self.weights)
+
+
+class Fgsm(Fgm):
+    """``fgsm``: one sign step, half clean and half adversarial loss (Goodfellow's alpha)."""
+
+    name = "fgsm"
+    sign = True
+    weights = (0.5, 0.5)

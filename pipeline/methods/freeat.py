@@ -15,7 +15,7 @@ backward, nothing more: there is no separate clean pass, so ``train/loss_mlm`` a
 The dropout masks are drawn afresh on each replay, a training step of its own.
 
 The perturbation lives between optimizer steps (`Carry`, one per micro-batch of the rank),
-so a checkpoint is only taken once a batch's replays are done (`at_boundary`): a resumed
+so a checkpoint is only taken once a batch's replays are done (`FreeAt.at_boundary`): a resumed
 run starts the next batch from delta = 0, as the uninterrupted one does. The one exception
 is the checkpoint at train.max_steps, taken wherever the run ends: continued with a higher
 max_steps, the rest of that batch's replays start again from delta = 0.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.methods.method import Method
 from pipeline.methods.objective import (
     Forward,
     StepLosses,
@@ -50,21 +51,10 @@ class Carry:
     delta: Tensor | None = None
 
 
-def replay_index(config, step: int) -> int:
-    """Which replay of its batch optimizer step `step` is (0 unless FreeAT is active)."""
-    if config.method != "freeat" or not config.active(step):
-        return 0
-    return (step - config.start_step) % config.steps
-
-
-def at_boundary(config, steps_done: int) -> bool:
-    """Whether the `steps_done` optimizer steps end a batch's replays (a checkpoint may be taken)."""
-    return replay_index(config, steps_done) == 0
-
-
 def freeat_pass(
     forward: Forward, labels: Tensor, config, real: Tensor | None, carry: Carry
 ) -> Generator[Tensor, None, StepLosses]:
+    """One replay: its loss to backward, then the perturbation its backward moves into ``carry``."""
     zero = ZeroDelta()  # on a batch's first replay
     delta = carry.delta.requires_grad_(True) if carry.delta is not None else zero
     logits, embedded = forward(delta)
@@ -84,3 +74,21 @@ def freeat_pass(
         *sizes_at(embedded, real, carry.delta, grad, "linf"),
         ~(keep & finite),
     )
+
+
+class FreeAt(Method):
+    """``freeat``: each batch replayed m times, one optimizer step per replay."""
+
+    name = "freeat"
+    driven = True
+    default_steps = 2  # m, FreeLB's budget
+
+    def replay_index(self, step: int) -> int:
+        if not self.active(step):
+            return 0
+        return (step - self.config.start_step) % self.config.steps
+
+    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        if carry is None:
+            raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.methods.freeat)")
+        return (yield from freeat_pass(forward, labels, self.config, real, carry))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from pipeline.methods.method import Method
 from pipeline.methods.objective import (
     AscentForward,
     CleanPass,
@@ -52,11 +53,11 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
         replayed,
         lambda q: nll(log_probs(q), labels),
         delta,
-        unit,
-        size(config),
-        config.steps,
-        config.norm,
-        config.grad_eps,
+        unit=unit,
+        radius=size(config),
+        steps=config.steps,
+        norm=config.norm,
+        grad_eps=config.grad_eps,
     )
     clean.replay.again()
     adv_logits, _ = forward(delta)
@@ -69,6 +70,7 @@ def pgd_ascent(
     logits_of: AscentForward,
     loss_of: Callable[[Tensor], Tensor],
     delta: Tensor,
+    *,
     unit: Tensor,
     radius: float,
     steps: int,
@@ -94,3 +96,14 @@ def pgd_ascent(
         direction = grad.sign() if norm == "linf" else grad / (token_norm(grad, "l2").unsqueeze(-1) + grad_eps)
         delta = perturbation.project(delta.detach() + step * direction, bound, norm)
     return delta, grad, finite
+
+
+class Pgd(Method):
+    """``pgd``: K projected steps, trained on the adversarial loss alone (the clean one is logged)."""
+
+    name = "pgd"
+    trains_clean = False
+    default_steps = 3
+
+    def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
+        return pgd_losses(clean, forward, ascent_forward, labels, self.config)

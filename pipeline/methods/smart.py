@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from pipeline.methods.alum import alum_losses
+from pipeline.methods.method import Method
 from pipeline.methods.objective import CleanPass, StepLosses, guarded, log_probs, symmetric_kl_of
 
 
@@ -111,3 +113,22 @@ def with_proximal(out: StepLosses, clean: CleanPass, teacher_forward: Callable[[
         torch.ones((), dtype=torch.bool),
     )
     return dataclasses.replace(out, loss=out.loss + config.mu * proximal)
+
+
+class Smart(Method):
+    """``smart``: ALUM's term plus the proximal term towards its EMA `Teacher`, its companion."""
+
+    name = "smart"
+    keeps_state = True
+
+    def companion(self, model, hf_model, weight_decay, grad_clip) -> Teacher:
+        """A copy of the model, taken before ZeRO-3 shards it."""
+        return Teacher(model, self.config.teacher_momentum)
+
+    def objective_args(self, companion, module_forward) -> dict:
+        return {"teacher": companion and (lambda: module_forward(companion.module))}
+
+    def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
+        if teacher is None:
+            raise ValueError("adversarial.method=smart needs the teacher's forward (pipeline.methods.smart.Teacher)")
+        return with_proximal(alum_losses(clean, forward, ascent_forward, self.config), clean, teacher, self.config)

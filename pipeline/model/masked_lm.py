@@ -13,11 +13,15 @@ tokenizer and sequence length. `MaskedLM` wraps it for training:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from data_prep.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ARCHS = ("bert", "roberta")
 
@@ -44,7 +48,8 @@ def hf_config(source: str, vocab_size: int, special_ids: dict[str, int], seq_len
     if config.pad_token_id is not None and config.pad_token_id != special_ids["pad"]:
         # RoBERTa numbers positions from pad_token_id + 1; BERT's pad embedding is the tokenizer's pad.
         raise UserError(
-            f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id {special_ids['pad']}"
+            f"{source}: pad_token_id {config.pad_token_id} in its config, but the tokenizer's pad token is id "
+            f"{special_ids['pad']}"
         )
     if config.vocab_size < vocab_size:
         raise UserError(f"{source}: model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
@@ -100,7 +105,7 @@ def check_init_from(init_from: str) -> None:
         raise UserError(f"model.init_from: {init_from}: no weights ({' or '.join(WEIGHTS[::2])})")
 
 
-def build_model(config, init_from: str | None, activation_checkpointing: bool) -> nn.Module:
+def build_model(config: PretrainedConfig, init_from: str | None, activation_checkpointing: bool) -> nn.Module:
     """An HF masked LM: loaded from `init_from` (continual pretraining) or freshly initialised.
     Loaded in float32 whatever dtype the checkpoint was saved in: the engine keeps fp32
     master weights and casts for bf16/fp16 itself."""

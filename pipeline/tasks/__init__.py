@@ -1,4 +1,5 @@
-"""Layer 5: what runs on trained models. Export, `alum eval`, fine-tuning, fill-mask, plots, the HF Trainer subclass, the demo.
+"""Layer 5: what runs on trained models. Export, `alum eval`, fine-tuning, fill-mask, plots, the HF Trainer subclass,
+the demo.
 
 Imports go down the layers only (core -> data -> model -> methods -> train -> tasks ->
 cli); tests/test_layers.py checks it."""

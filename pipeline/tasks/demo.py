@@ -55,12 +55,13 @@ def run_demo(out: str | Path, workers: int = 2, ranks: int = 2) -> dict:
         [str(corpus)],
         tokenizer,
         shards,
-        ShardSettings(seq_len=SEQ_LEN, val_fraction=0.02, piece_bytes=1 << 20),
+        settings=ShardSettings(seq_len=SEQ_LEN, val_fraction=0.02, piece_bytes=1 << 20),
         workers=workers,
     )
     checked = manifest.verify(shards)
     print(
-        f"[3/6] shards: {checked['num_sequences']:,} sequences of {SEQ_LEN} tokens, {checked['shards']} verified shards -> {shards}",
+        f"[3/6] shards: {checked['num_sequences']:,} sequences of {SEQ_LEN} tokens, {checked['shards']} verified "
+        f"shards -> {shards}",
         flush=True,
     )
 
@@ -85,7 +86,8 @@ def run_demo(out: str | Path, workers: int = 2, ranks: int = 2) -> dict:
     if len({frozenset(e.guesses) for e in examples}) == 1:
         print(
             "      the same guesses for every word: in a few CPU minutes this tiny model learns where word boundaries\n"
-            "      and punctuation go (hence its accuracy above the baseline), not yet which words (README, Quick start)"
+            "      and punctuation go (hence its accuracy above the baseline), not yet which words (README, Quick "
+            "start)"
         )
     summary = {
         "metrics": str(run_dir / "metrics.jsonl"),

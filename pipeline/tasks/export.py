@@ -66,7 +66,8 @@ def load_exported_weights(run_dir: Path, tag: str):
     tied = {k for k in missing if "decoder" in k}  # the output embedding shares the input embedding
     if set(missing) - tied or unexpected:
         raise UserError(
-            f"{run_dir}: checkpoint {tag} does not fit the model config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
+            f"{run_dir}: checkpoint {tag} does not fit the model config (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]})"
         )
     model.tie_weights()
     return model

@@ -34,9 +34,10 @@ from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.glue import Task, load_task
-from pipeline.methods.adversarial import METHODS, AdversarialConfig, objective, passes, run_objective
-from pipeline.methods.companion import companion_for, teacher_and_adversaries
-from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.methods.adversarial import AdversarialConfig
+from pipeline.methods.driver import drive
+from pipeline.methods.freeat import Carry
+from pipeline.methods.registry import FINETUNE_NAMES, method_of
 from pipeline.model.masked_lm import ARCHS, Perturbation, local_device
 from pipeline.train.deepspeed_setup import (
     compute_dtype,
@@ -153,8 +154,9 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         model.to(local_device())
     optimizer = make_optimizer(model, schedule_config, ds_config)
     schedule = make_scheduler(optimizer, schedule_config)
-    adversarial = AdversarialConfig(method="none" if args.method == "standard" else args.method, alpha=args.alpha)
-    companion = companion_for(adversarial, model, model.hf, schedule_config.weight_decay, 1.0)
+    adversarial = AdversarialConfig(method=FINETUNE_NAMES[args.method], alpha=args.alpha)
+    method = method_of(adversarial)
+    companion = method.companion(model, model.hf, schedule_config.weight_decay, 1.0)
     engine, device, dtype = None, local_device(), torch.float32
     if args.deepspeed:
         import deepspeed
@@ -164,14 +166,13 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         )
         device, dtype = engine.device, compute_dtype(engine)
     companion = companion and companion.to(device, dtype)
-    teacher, adversaries = teacher_and_adversaries(companion)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
     progress = tqdm(range(total), desc=f"seed {seed} ({args.method})", unit="step", disable=None if rank == 0 else True)
     position, carry = 0, Carry()  # batches drawn so far; FreeAT's perturbation between replays of one
     for step in progress:
-        replay = replay_index(adversarial, step)
+        replay = method.replay_index(step)
         if position % steps_per_epoch == 0 and replay == 0:
             order = torch.randperm(len(train_ids), generator=generator)
         carry = carry if replay else Carry()
@@ -181,29 +182,29 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         input_ids, mask = (t.to(device) for t in padded([train_ids[i] for i in mine], pad_id))
         forward, ascent = (engine, engine.module) if engine else (model, model)
         lr = schedule.get_last_lr()[0]
-        losses = objective(
+        if not engine:
+            optimizer.zero_grad(set_to_none=True)
+        out = drive(
+            adversarial,
+            step,
             lambda d: forward(input_ids, mask, d),
             lambda d: ascent(input_ids, mask, d)[0],
             train_labels[mine].to(device),
-            adversarial,
-            step,
+            accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
             real=mask,
-            teacher=teacher and (lambda: teacher.module(input_ids, mask)[0]),
+            companion=companion,
+            module_forward=lambda module: module(input_ids, mask)[0],
             carry=carry,
-            adversaries=adversaries,
         )
         if engine:
-            out = run_objective(losses, accumulating_backward(engine, passes(adversarial, step)))
             engine.step()
         else:
-            optimizer.zero_grad(set_to_none=True)
-            out = run_objective(losses, Tensor.backward)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
         if companion is not None:
             companion.after_step(engine.module if engine else model, lr)
-        position += at_boundary(adversarial, step + 1)
+        position += method.at_boundary(step + 1)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             history.append(
                 {
@@ -215,7 +216,8 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
             if progress.disable and rank == 0:  # no terminal (piped, logged): a line per evaluation instead of the bar
                 print(
-                    f"seed {seed} ({args.method}): step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev accuracy "
+                    f"seed {seed} ({args.method}): step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev "
+                    "accuracy "
                     f"{history[-1]['dev_accuracy']:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s",
                     flush=True,
                 )
@@ -325,7 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
     p.add_argument(
         "--method",
-        choices=["standard", *METHODS[1:]],
+        choices=list(FINETUNE_NAMES),
         default="standard",
         help="standard cross-entropy, or an adversarial method (pipeline/methods/adversarial.py) at its defaults",
     )
@@ -347,7 +349,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="with --deepspeed: auto is bf16 where the accelerator supports it, else fp32; the saved model is fp32 either way",
+        help="with --deepspeed: auto is bf16 where the accelerator supports it, else fp32; "
+        "the saved model is fp32 either way",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 

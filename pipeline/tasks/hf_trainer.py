@@ -12,7 +12,8 @@ here: `alum finetune` runs them, and so can any loop of yours with
 
     model = AutoModelForSequenceClassification.from_pretrained("hf/base", num_labels=2)
     trainer = AdversarialTrainer(model=model, args=TrainingArguments("out"), train_dataset=train,
-                                 data_collator=DataCollatorWithPadding(tokenizer), adversarial=AdversarialConfig(method="alum", alpha=1.0))
+                                 data_collator=DataCollatorWithPadding(tokenizer),
+                                 adversarial=AdversarialConfig(method="alum", alpha=1.0))
     trainer.train()
 
 The model is an HF sequence classifier of BERT or RoBERTa kind (delta goes on its base
@@ -33,11 +34,11 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from pipeline.methods.adversarial import DRIVEN, AdversarialConfig, compute_losses
+from pipeline.methods.adversarial import AdversarialConfig, compute_losses
+from pipeline.methods.registry import method_of
 from pipeline.model.masked_lm import Perturbation
 
 CLEAN = AdversarialConfig()  # method "none": the clean cross-entropy alone
-NOT_HERE = (*DRIVEN, "smart")  # SMART's teacher, like ASA's adversaries, is updated after each optimizer step
 
 
 class AdversarialTrainer(Trainer):
@@ -51,10 +52,12 @@ class AdversarialTrainer(Trainer):
             raise ValueError(
                 "AdversarialTrainer needs model=, not model_init (which replaces the model the perturbation hooks into)"
             )
-        if adversarial.method in NOT_HERE:
+        method = method_of(adversarial)
+        if method.driven or method.keeps_state:  # a backward between losses, or state updated after each step
             raise ValueError(
-                f"AdversarialTrainer: adversarial.method={adversarial.method} needs more than Trainer's one backward per "
-                "batch and optimizer; use `alum finetune`, or pipeline.methods.adversarial.run_objective in your own loop"
+                f"AdversarialTrainer: adversarial.method={adversarial.method} needs more than Trainer's one backward "
+                "per batch and optimizer; use `alum finetune`, "
+                "or pipeline.methods.adversarial.run_objective in your own loop"
             )
         super().__init__(*args, **kwargs)
         self.adversarial = adversarial

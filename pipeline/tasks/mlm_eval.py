@@ -91,7 +91,7 @@ def evaluate_model(
 
     for start in tqdm(range(0, rows, batch_size), desc="eval", unit="batch", disable=None):
         indices = np.arange(start, min(start + batch_size, rows))
-        batch = masked_batch(dataset, indices, 0, seed + EVAL_SEED_OFFSET, mask_rate, vocab)
+        batch = masked_batch(dataset, indices, step=0, seed=seed + EVAL_SEED_OFFSET, rate=mask_rate, vocab=vocab)
         on_device = batch.on(device)
         ids, mask, masked_index, labels = (
             on_device.input_ids,
@@ -194,9 +194,9 @@ def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps:
         lambda d: model(ids, mask, masked_index, d)[0],
         lambda logits: F.cross_entropy(logits.float(), labels, reduction="sum"),
         torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device),
-        unit,
-        radius,
-        steps,
+        unit=unit,
+        radius=radius,
+        steps=steps,
     )
     with torch.no_grad():
         return model(ids, mask, masked_index, delta)[0]

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
+from deepspeed import DeepSpeedEngine
 
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.core.rng import RngState, restore_saved
-from pipeline.methods.freeat import at_boundary
+from pipeline.methods.registry import method_of
 from pipeline.train import weights_only
 from pipeline.train.integrity import file_digests
 
@@ -121,7 +122,7 @@ class SaveFailed(Exception):
     previous complete checkpoint stays `latest`."""
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
+def save(engine: DeepSpeedEngine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
     """Save on every rank; returns the tag once it is complete everywhere.
 
     A write that fails on any rank (`_failed_write`: a full disk, a lost mount) fails the
@@ -189,7 +190,10 @@ def _write_failure(e: Exception, tag_dir: Path) -> str:
     if isinstance(e, OSError):
         return f"{e.filename or tag_dir}: {e.strerror or e}"
     free = shutil.disk_usage(tag_dir if tag_dir.exists() else tag_dir.parent).free
-    return f"{tag_dir}: a write failed with {free:,} bytes free on its filesystem (torch.save: {str(e).splitlines()[0].strip()})"
+    return (
+        f"{tag_dir}: a write failed with {free:,} bytes free on its filesystem "
+        f"(torch.save: {str(e).splitlines()[0].strip()})"
+    )
 
 
 def _agreed(action, tag_dir: Path) -> None:
@@ -234,7 +238,7 @@ def saved_world_size(run_dir: Path, tag: str) -> int:
     return json.loads((Path(run_dir) / CHECKPOINTS / tag / COMPLETE).read_text())["world_size"]
 
 
-def load(engine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
+def load(engine: DeepSpeedEngine, run_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
     """Load a complete checkpoint into the engine; returns its client state.
 
     An engine configured with `checkpoint.load_universal` reads the universal copy of the
@@ -321,17 +325,13 @@ class Checkpointer:
             config.checkpoint.keep_last,
             config.train.max_steps,
         )
-        self.adversarial = config.adversarial
+        self.method = method_of(config.adversarial)
 
     def due(self, state, stop: bool) -> bool:
         """Also never inside a batch's FreeAT replays (their perturbation is not saved), except at train.max_steps."""
         if state.step == self.max_steps:
             return state.bad_streak == 0
-        return (
-            state.bad_streak == 0
-            and (stop or state.step % self.every == 0)
-            and at_boundary(self.adversarial, state.step)
-        )
+        return state.bad_streak == 0 and (stop or state.step % self.every == 0) and self.method.at_boundary(state.step)
 
     def save(self, state) -> str:
         client = state.client_state(self.world_size)

@@ -53,9 +53,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     config: str = str(CONFIGS / "models" / "tiny.yaml")  # a model-size YAML, or an HF config/model directory
-    init_from: str | None = (
-        None  # an HF model directory (as published, or `alum export`): continual pretraining from its weights, config and tokenizer
-    )
+    # an HF model directory (as published, or `alum export`): continual pretraining from its weights, config, tokenizer
+    init_from: str | None = None
     activation_checkpointing: bool = False
 
 
@@ -83,7 +82,8 @@ class TrainConfig:
     peak_tflops: float = (
         0.0  # per accelerator, for perf/mfu; 0: known GPUs by name (pipeline/train/flops.py), else no perf/mfu
     )
-    stop_signals: str = "SIGTERM,SIGUSR1,SIGINT"  # any of these to any rank: checkpoint at the next step, exit 0 (pipeline/train/stop.py)
+    # any of these to any rank: checkpoint at the next step, exit 0 (pipeline/train/stop.py)
+    stop_signals: str = "SIGTERM,SIGUSR1,SIGINT"
     dist_timeout_s: float = (
         600.0  # how long a rank waits for the others (start-up rendezvous, any collective) before failing
     )

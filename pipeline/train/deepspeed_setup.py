@@ -11,10 +11,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from data_prep.errors import UserError
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def deepspeed_config(config, world_size: int) -> dict:
@@ -59,7 +63,8 @@ def resolved_precision(precision: str) -> str:
     accelerator = get_accelerator()
     if precision == "auto":
         return "bf16" if accelerator.device_name() != "cpu" and _native_bf16(accelerator) else "fp32"
-    # DeepSpeed's own test (DeepSpeedEngine._do_sanity_check); its CPU accelerator answers None for fp16 without oneDNN's.
+    # DeepSpeed's own test (DeepSpeedEngine._do_sanity_check); its CPU accelerator answers None for fp16 without
+    # oneDNN's.
     has = {"bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported(), "fp32": True}
     if not has[precision]:
         supported = " or ".join(p for p, yes in has.items() if yes)
@@ -131,7 +136,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_sc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compute_dtype(engine) -> torch.dtype:
+def compute_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     """The dtype the engine's module computes in (DeepSpeed casts it for bf16 and fp16)."""
     if engine.bfloat16_enabled():
         return torch.bfloat16

@@ -61,7 +61,8 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise UserError(
             f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: no rendezvous at {where} within {timeout_s:g} s "
-            f"(train.dist_timeout_s): are all nodes started, and is MASTER_ADDR/MASTER_PORT the rank-0 node? ({str(e).splitlines()[0]})"
+            "(train.dist_timeout_s): are all nodes started, and is MASTER_ADDR/MASTER_PORT the rank-0 node? "
+            f"({str(e).splitlines()[0]})"
         ) from None
     _joined = True
     _release_shm_buffer(accelerator.device_name())
@@ -137,7 +138,8 @@ def _release_shm_buffer(device_name: str) -> None:
     if device_name != "cpu":
         return
     torch.distributed.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}"
+    address = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{torch.distributed.get_rank()}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

@@ -41,7 +41,9 @@ _DATA_SHEETS = (
 PEAK_TFLOPS = {name: peaks for names, peaks in _DATA_SHEETS for name in names}
 
 
-def flops_per_token(hidden: int, layers: int, intermediate: int, vocab: int, seq_len: int, mask_rate: float) -> float:
+def flops_per_token(
+    *, hidden: int, layers: int, intermediate: int, vocab: int, seq_len: int, mask_rate: float
+) -> float:
     """Training FLOPs per input token of a standard MLM step."""
     per_layer = 4 * hidden * hidden + 2 * hidden * intermediate  # Q, K, V, output; the two FFN matrices
     encoder = 6 * layers * per_layer + 12 * layers * hidden * seq_len
@@ -51,12 +53,12 @@ def flops_per_token(hidden: int, layers: int, intermediate: int, vocab: int, seq
 
 def model_flops_per_token(hf_config, seq_len: int, mask_rate: float) -> float:
     return flops_per_token(
-        hf_config.hidden_size,
-        hf_config.num_hidden_layers,
-        hf_config.intermediate_size,
-        hf_config.vocab_size,
-        seq_len,
-        mask_rate,
+        hidden=hf_config.hidden_size,
+        layers=hf_config.num_hidden_layers,
+        intermediate=hf_config.intermediate_size,
+        vocab=hf_config.vocab_size,
+        seq_len=seq_len,
+        mask_rate=mask_rate,
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.data.sampling import sample_digest
+from pipeline.methods.registry import method_of
 
 METRICS = "metrics.jsonl"
 
@@ -65,7 +66,8 @@ class MetricsLogger:
                 OSError
             ) as e:  # its service was killed: a Ctrl-C to DeepSpeed's launcher SIGTERMs rank 0's whole tree
                 print(
-                    f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the metrics are in "
+                    f"{self.path.parent / 'wandb'}: W&B's service ended ({e.strerror or e}); from step {step} the "
+                    "metrics are in "
                     f"{self.path} only",
                     file=sys.stderr,
                     flush=True,
@@ -96,9 +98,10 @@ class MetricsLogger:
         print(f"wandb: run {self.run.id} ({where})", flush=True)
 
 
-def step_record(stats, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
+def step_record(stats, *, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
     """The train/* and data/* keys of a logged step, from its `pipeline.train.step.StepStats`, its
-    `pipeline.data.batches.StepBatches` and the run's counters after it; ASA's adversaries add asa/*."""
+    `pipeline.data.batches.StepBatches` and the run's counters after it, plus the method's own
+    numbers (`Method.stat_names`: ASA's asa/*)."""
     record = {
         "train/loss": stats.loss,
         "train/loss_mlm": stats.loss_mlm,
@@ -118,7 +121,7 @@ def step_record(stats, state, batch, mask_rate: float, adversarial, engine, comp
         "data/sample_digest": sample_digest(batch.global_indices),
     }
     if stats.extras:
-        record.update(zip(companion.stat_names(), stats.extras))
+        record.update(zip(method_of(adversarial).stat_names(companion), stats.extras))
     if stats.adv_grad_norm > 0:
         # Its size is often 1e-8 or less, which W&B's summary and tables print as 0.0.
         record["train/adv_grad_norm_log10"] = math.log10(stats.adv_grad_norm)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pipeline.data.batches import Batches, StepBatches
 from pipeline.data.sampling import epoch_fraction
-from pipeline.methods.freeat import replay_index
+from pipeline.methods.registry import method_of
 
 
 class StepInputs:
@@ -23,15 +23,12 @@ class StepInputs:
 
     def __init__(self, batches: Batches, config):
         """``config``: the RunConfig (the masking schedule; adversarial, for FreeAT's replays)."""
-        self.batches, self.config = batches, config
+        self.batches, self.config, self.method = batches, config, method_of(config.adversarial)
         self._built: tuple[tuple[int, int], StepBatches, float] | None = None
 
     def __call__(self, step: int, consumed_samples: int) -> tuple[StepBatches, float]:
         """(the batches of optimizer step ``step``, their mask rate), built now unless built already."""
-        key = (
-            step - replay_index(self.config.adversarial, step),
-            consumed_samples,
-        )  # a replay is its batch's first step's
+        key = (step - self.method.replay_index(step), consumed_samples)  # a replay is its batch's first step's
         if self._built is None or self._built[0] != key:
             rate = self.config.masking.schedule.rate(epoch_fraction(consumed_samples, len(self.batches.dataset)))
             self._built = (key, self.batches.for_step(*key, rate), rate)

@@ -32,8 +32,9 @@ from data_prep.tokenizer_dir import TokenizerInfo, load_tokenizer
 from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.batches import Batches, ShardDataset
 from pipeline.data.masking import MaskVocab
-from pipeline.methods.companion import Companion, companion_for
-from pipeline.methods.freeat import Carry, at_boundary, replay_index
+from pipeline.methods.companion import Companion
+from pipeline.methods.freeat import Carry
+from pipeline.methods.registry import method_of
 from pipeline.model.masked_lm import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import Checkpointer, step_of
@@ -152,7 +153,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         dataset.verify_checksums(rank, world_size)
         if config.eval.every_steps and config.data.val_split not in dataset.manifest["splits"]:
             raise UserError(
-                f"{config.data.shards}: no {config.data.val_split!r} split to validate on (splits: {', '.join(dataset.manifest['splits'])}); "
+                f"{config.data.shards}: no {config.data.val_split!r} split to validate on (splits: "
+                f"{', '.join(dataset.manifest['splits'])}); "
                 "shard with `alum shard --val-fraction 0.01`, or set eval.every_steps=0 to train without validation"
             )
         val = ShardDataset(config.data.shards, config.data.val_split) if config.eval.every_steps else None
@@ -161,7 +163,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
             check_init_from(config.model.init_from)
         source = config.model.init_from or config.model.config
         model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, dataset.seq_len)
-        _check_method(config, model_config)
+        method_of(config.adversarial).check(config, model_config)
         return config, tokenizer, dataset, val, model_config, deepspeed_config(config, world_size)
 
     config, tokenizer, dataset, val, model_config, ds_config = on_every_rank(checks)
@@ -184,7 +186,9 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         build_model(model_config, config.model.init_from, config.model.activation_checkpointing),
         config.adversarial.perturb_at,
     )
-    companion = companion_for(config.adversarial, model, model.hf, config.train.weight_decay, config.train.grad_clip)
+    companion = method_of(config.adversarial).companion(
+        model, model.hf, config.train.weight_decay, config.train.grad_clip
+    )
     optimizer = make_optimizer(model, config.train, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, config.train), config=ds_config
@@ -198,7 +202,8 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
     if rank == 0:
         gpu_note = "" if engine.device.type != "cpu" else " (no GPU found)"
         print(
-            f"pretrain: {world_size} rank(s) on {device_name}{gpu_note}, {precision}, ZeRO stage {zero_stage(ds_config)}",
+            f"pretrain: {world_size} rank(s) on {device_name}{gpu_note}, {precision}, ZeRO stage "
+            f"{zero_stage(ds_config)}",
             flush=True,
         )
     peak = peak_flops(device_name, precision, config.train.peak_tflops)
@@ -210,7 +215,15 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
     rank = int(os.environ["RANK"])
     StopRequest.install(run.config.train.signal_names())
     with run.lock or contextlib.nullcontext():
-        state = resume(run.engine, run_dir, run.start, run.config, rank, int(os.environ["WORLD_SIZE"]), run.companion)
+        state = resume(
+            run.engine,
+            run_dir=run_dir,
+            start=run.start,
+            config=run.config,
+            rank=rank,
+            world_size=int(os.environ["WORLD_SIZE"]),
+            companion=run.companion,
+        )
         logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
         state.wandb_id = logger.wandb_id
         try:
@@ -227,11 +240,11 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     batches = Batches(
         dataset,
         run.vocab,
-        global_batch,
-        config.train.micro_batch_size,
-        config.train.seed,
-        rank,
-        world_size,
+        global_batch_size=global_batch,
+        micro_batch_size=config.train.micro_batch_size,
+        seed=config.train.seed,
+        rank=rank,
+        world_size=world_size,
         pin_memory=engine.device.type == "cuda",
     )
     evaluator = Evaluator(engine, run.val, config, run.vocab)
@@ -240,11 +253,12 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size
     )
     inputs = StepInputs(batches, config)
+    method = method_of(config.adversarial)
     started = time.perf_counter()
     carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
     while state.step < max_steps:
         batch, rate = inputs(state.step, state.consumed_samples)
-        replay = replay_index(config.adversarial, state.step)  # 0 unless FreeAT replays this batch
+        replay = method.replay_index(state.step)  # 0 unless FreeAT replays this batch
         carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
         sums = train_step(engine, batch.micro_batches, config.adversarial, state.step, run.companion, carries)
         if state.step + 1 < max_steps:  # the next step's batch, built while the device runs this one
@@ -255,7 +269,15 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):
             record = {
-                **step_record(stats, state, batch, rate, config.adversarial, engine, run.companion),
+                **step_record(
+                    stats,
+                    state=state,
+                    batch=batch,
+                    mask_rate=rate,
+                    adversarial=config.adversarial,
+                    engine=engine,
+                    companion=run.companion,
+                ),
                 **throughput.record(seconds, rate),
                 **evaluated,
             }
@@ -265,10 +287,11 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         check_health(state, stats, config, run.run_dir)
         if checkpointer.due(state, stats.stop):
             checkpointer.save(state)
-        if stats.stop and at_boundary(config.adversarial, state.step):
+        if stats.stop and method.at_boundary(state.step):
             if rank == 0:
                 print(
-                    f"stop requested ({StopRequest.reason or 'by another rank'}): saved step {state.step}; re-run the same command to continue",
+                    f"stop requested ({StopRequest.reason or 'by another rank'}): saved step {state.step}; re-run the "
+                    "same command to continue",
                     flush=True,
                 )
             return
@@ -284,25 +307,11 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
     if "perf/mfu" in record:
         line += f" (MFU {record['perf/mfu']:.1%})"
     if "eval/loss" in record:
-        line += f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} (commonest token {record['eval/commonest_token_accuracy']:.3f})"
+        line += (
+            f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} "
+            f"(commonest token {record['eval/commonest_token_accuracy']:.3f})"
+        )
     return line
-
-
-def _check_method(config, model_config) -> None:
-    """What adversarial.method=asa cannot run with, before the model is built."""
-    if config.adversarial.method != "asa":
-        return
-    config.adversarial.asa.layer_indices(model_config.num_hidden_layers)
-    if config.model.activation_checkpointing:
-        raise UserError(
-            "adversarial.method=asa: model.activation_checkpointing must be false "
-            "(the recomputed layers would run without the adversaries' masks)"
-        )
-    if config.train.precision == "fp16":
-        raise UserError(
-            "adversarial.method=asa: train.precision=fp16 is not supported (the adversaries' gradients "
-            "would carry the loss scale); use bf16 or fp32"
-        )
 
 
 def _check_data(dataset, tokenizer, config) -> None:

@@ -115,11 +115,11 @@ def dropout_seed(seed: int, rank: int) -> int:
 
 
 def resume(
-    engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None
+    engine, *, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None
 ) -> TrainState:
     """Load the start point into the engine, and the method's `companion` (`pipeline.methods.companion`:
     from a resumed checkpoint, otherwise its start state); the state the loop continues from."""
-    state, client = _resume(engine, run_dir, start, config, rank, world_size)
+    state, client = _resume(engine, run_dir=run_dir, start=start, config=config, rank=rank, world_size=world_size)
     if companion is not None:
         saved = client.get(companion.CLIENT_KEY) if start and start.resume else None
         if saved is not None:
@@ -130,7 +130,7 @@ def resume(
 
 
 def _resume(
-    engine, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int
+    engine, *, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int
 ) -> tuple[TrainState, dict]:
     """(the state, the checkpoint's client state or {})."""
     if rank == 0:
@@ -149,7 +149,8 @@ def _resume(
         print(start.note, flush=True)
     if engine.load_universal_checkpoint() and checkpoint.make_universal(start.run_dir, start.tag) and rank == 0:
         print(
-            f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} ranks",
+            f"converted {source} (written by {start.world_size} ranks) to a universal checkpoint for {world_size} "
+            "ranks",
             flush=True,
         )
     load_optimizer = start.resume or config.checkpoint.init_optimizer

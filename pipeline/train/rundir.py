@@ -87,7 +87,8 @@ def check_run_dir(run_dir: Path) -> None:
     why = (
         f"{owner} wrote it"
         if owner
-        else f"no {output_dir.MARKER}, and not laid out as a run from before the marker: {CONFIG}, {MODEL}/config.json, {CHECKPOINTS}/stepNNNNNNNN"
+        else f"no {output_dir.MARKER}, and not laid out as a run from before the marker: {CONFIG}, "
+        f"{MODEL}/config.json, {CHECKPOINTS}/stepNNNNNNNN"
     )
     raise UserError(f"{run_dir}: not a run directory ({why}); nothing in it was changed: use a new or empty --run-dir")
 

@@ -2,7 +2,7 @@
 
 `train_step` runs forward, losses and backward for each of this rank's micro-batches and
 lets DeepSpeed step. A method may take several backward passes per micro-batch
-(`pipeline.methods.adversarial.passes`); the trainer marks the step's last backward as DeepSpeed's
+(`pipeline.methods.method.Method.passes`); the trainer marks the step's last backward as DeepSpeed's
 gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
 reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
 Every number stays on the device; `StepStats.gather` sums them over the ranks in one
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from pipeline.data.batches import MicroBatch
-from pipeline.methods.adversarial import objective, passes, run_objective
-from pipeline.methods.companion import Companion, teacher_and_adversaries
-from pipeline.methods.freeat import Carry, at_boundary
+from pipeline.methods.companion import Companion
+from pipeline.methods.driver import drive
+from pipeline.methods.freeat import Carry
 from pipeline.methods.objective import STATS
+from pipeline.methods.registry import method_of
 from pipeline.train import checkpoint, vanishing
 from pipeline.train.distributed import report
 from pipeline.train.resume import TrainState
@@ -45,8 +46,8 @@ def train_step(
     `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
     FreeAT's `carries` (one per micro-batch) hold the perturbations its next replay starts from."""
     sums = None
-    backward = accumulating_backward(engine, len(micro_batches) * passes(adversarial, step))
-    teacher, adversaries = teacher_and_adversaries(companion)
+    method = method_of(adversarial)
+    backward = accumulating_backward(engine, len(micro_batches) * method.passes(step))
     lr = engine.get_lr()[0]  # this step's, before engine.step() moves the schedule on
     for i, batch in enumerate(micro_batches):
         batch = batch.on(engine.device)
@@ -57,29 +58,27 @@ def train_step(
         def ascent_forward(delta):
             return engine.module(batch.input_ids, batch.attention_mask, batch.masked_index, delta)[0]
 
-        def teacher_forward():
-            return teacher.module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
+        def module_forward(module):
+            return module(batch.input_ids, batch.attention_mask, batch.masked_index)[0]
 
-        losses = objective(
+        out = drive(
+            adversarial,
+            step,
             forward,
             ascent_forward,
             batch.labels,
-            adversarial,
-            step,
+            backward,
             real=batch.attention_mask,
-            teacher=teacher_forward if teacher else None,
+            companion=companion,
+            module_forward=module_forward,
             carry=carries[i] if carries else None,
-            adversaries=adversaries,
         )
-        out = run_objective(losses, backward)
         engine.step()
         sums = out.stats() if sums is None else sums + out.stats()
     if companion is not None:
         companion.after_step(engine.module, lr)
-    if adversaries is not None and adversarial.active(step):
-        sums = torch.cat(
-            [sums, adversaries.grad_norm.double().reshape(1) * len(micro_batches)]
-        )  # a mean per micro-batch
+        extras = method.step_extras(companion, step)  # means per micro-batch, as the sums are
+        sums = torch.cat([sums, *(extra * len(micro_batches) for extra in extras)])
     return sums
 
 
@@ -112,9 +111,7 @@ class StepStats:
     nonfinite: bool  # some rank's loss was not finite
     adv_skipped: bool  # some rank dropped its adversarial term
     stop: bool  # some rank was asked to stop
-    extras: tuple[
-        float, ...
-    ] = ()  # the method's own numbers, means per micro-batch (`pipeline.methods.companion`'s names)
+    extras: tuple[float, ...] = ()  # the method's own numbers, means per micro-batch (`Method.stat_names`)
 
     @classmethod
     def gather(cls, sums: Tensor, stop: bool) -> StepStats:
@@ -165,7 +162,7 @@ def consumed_after(config, steps_done: int, consumed: int) -> int:
     before the last of them: a global batch a step, FreeAT's once a batch's last replay is
     done. It needs no stats, so the trainer knows the next step's batch before this step's
     read-back (`pipeline.train.prefetch`)."""
-    if at_boundary(config.adversarial, steps_done):
+    if method_of(config.adversarial).at_boundary(steps_done):
         return consumed + config.train.global_batch_size
     return consumed
 
@@ -174,10 +171,18 @@ def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:
     """After the step is logged: say once that the adversarial term vanished (or stop on it),
     and stop (TrainingAborted) when the loss has stayed non-finite too long."""
     adv = config.adversarial
-    vanishing.check(adv, state.vanish_streak, state.step, stats.adv_ratio(adv.alpha), stats.delta_lost, report)
+    vanishing.check(
+        adv,
+        streak=state.vanish_streak,
+        step=state.step,
+        ratio=stats.adv_ratio(adv.alpha),
+        lost=stats.delta_lost,
+        announce=report,
+    )
     if state.bad_streak > config.train.max_bad_steps:
         last, _ = checkpoint.latest_complete(run_dir)
         raise TrainingAborted(
-            f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row (train.max_bad_steps={config.train.max_bad_steps}); "
+            f"step {state.step}: non-finite loss for {state.bad_streak} steps in a row "
+            f"(train.max_bad_steps={config.train.max_bad_steps}); "
             f"the last good checkpoint is {last or 'none'}"
         )

@@ -5,8 +5,9 @@ COMMAND starts this node's share of the job: DeepSpeed's runner, torchrun or
 The supervisor exists because the launchers are what a scheduler signals, and they handle
 it badly: DeepSpeed's runner dies on SIGTERM and leaves its launch.py running (the ranks
 then stop as their launcher chain broke, pipeline.train.stop); launch.py SIGTERMs each rank's
-whole process tree (W&B's service included), SIGKILLs it 30 s later and exits 1. The ranks stop well on their own: a stop signal to any rank makes every rank
-save one checkpoint at the next step boundary and exit 0. Hence:
+whole process tree (W&B's service included), SIGKILLs it 30 s later and exits 1. The ranks
+stop well on their own: a stop signal to any rank makes every rank save one checkpoint at
+the next step boundary and exit 0. Hence:
 
 - Pre-emption. COMMAND runs in a session of its own, and SIGTERM, SIGUSR1 or SIGINT to the
   supervisor goes to the training ranks only (SIGINT as SIGTERM, which a
@@ -134,12 +135,14 @@ class Supervisor:
                 return status
             if attempt == attempts:
                 say(
-                    f"the job {describe(returncode)} on attempt {attempt} of {attempts}; not relaunching (--restarts {self.restarts})"
+                    f"the job {describe(returncode)} on attempt {attempt} of {attempts}; not relaunching (--restarts "
+                    f"{self.restarts})"
                 )
                 return status
             attempt += 1
             say(
-                f"attempt {attempt} of {attempts}: the job {describe(returncode)}; relaunching, it resumes from the latest complete checkpoint"
+                f"attempt {attempt} of {attempts}: the job {describe(returncode)}; relaunching, it resumes from the "
+                "latest complete checkpoint"
             )
             signum = _pause(self.backoff)
             if signum is not None:
@@ -214,7 +217,8 @@ class Job:
         _send(ready, signum)
         if ready and not self.asked:
             say(
-                f"{name}: asked {len(ready)} of {len(ranks)} training process(es) (pids {', '.join(str(p.pid) for p in ready)}) "
+                f"{name}: asked {len(ready)} of {len(ranks)} training process(es) "
+                f"(pids {', '.join(str(p.pid) for p in ready)}) "
                 "to save a checkpoint and stop"
             )
         self.asked |= {p.pid for p in ready}
@@ -224,7 +228,8 @@ class Job:
         name = signal.Signals(self.stop).name
         if returncode is None:
             say(
-                f"the job did not stop within {self.stop_timeout:g} s of {name}; killed it (the latest complete checkpoint is intact)"
+                f"the job did not stop within {self.stop_timeout:g} s of {name}; killed it (the latest complete "
+                "checkpoint is intact)"
             )
             return 1
         if returncode == 0 and not self.launcher_stopped:

@@ -39,10 +39,10 @@ def evaluate(engine, dataset, config, vocab) -> dict:
             batch = masked_batch(
                 dataset,
                 positions % rows % len(dataset),
-                0,
-                config.train.seed + EVAL_SEED_OFFSET,
-                config.eval.mask_rate,
-                vocab,
+                step=0,
+                seed=config.train.seed + EVAL_SEED_OFFSET,
+                rate=config.eval.mask_rate,
+                vocab=vocab,
             )
             batch = batch.on(engine.device)
             # 1 for the labels of the first `rows` positions, 0 for the padding's repeats.

@@ -16,17 +16,20 @@ defaults give (the study in docs/ALUM.md has the measurements).
 
 from __future__ import annotations
 
+from typing import Callable
+
 from data_prep.errors import UserError
+from pipeline.methods.adversarial import AdversarialConfig
 
 LOST_LIMIT = 0.5
 
 
-def vanished(config, ratio: float, lost: float) -> bool:
+def vanished(config: AdversarialConfig, ratio: float, lost: float) -> bool:
     """Whether an active step's adversarial term counts as numerically zero."""
     return not ratio >= config.vanish_ratio or lost >= LOST_LIMIT
 
 
-def message(config, step: int, ratio: float, lost: float) -> str:
+def message(config: AdversarialConfig, step: int, ratio: float, lost: float) -> str:
     """The one line a user reads: what was measured, and which changes to the config may help
     (only changes: a key already at the suggested setting is not named)."""
     if lost >= LOST_LIMIT:
@@ -44,7 +47,9 @@ def message(config, step: int, ratio: float, lost: float) -> str:
     )
 
 
-def check(config, streak: int, step: int, ratio: float, lost: float, announce) -> None:
+def check(
+    config: AdversarialConfig, *, streak: int, step: int, ratio: float, lost: float, announce: Callable[[str], None]
+) -> None:
     """Act once a streak reaches vanish_steps: `announce` the line, or stop with it (exit 2)."""
     if streak != config.vanish_steps:
         return
