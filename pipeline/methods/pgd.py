@@ -16,7 +16,10 @@ micro-batch's contribution: its adversarial loss is its only loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from pipeline.methods.method import Method
 from pipeline.methods.objective import (
@@ -41,22 +44,58 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
     start = (torch.rand(clean.embedded.shape, device=unit.device).to(unit.dtype) * 2 - 1) * bound
     delta = perturbation.project(start, bound, config.norm)
     clean.replay.mark()
-    step = 2.5 * size(config) / config.steps * unit
-    finite = torch.ones((), dtype=torch.bool, device=unit.device)
-    for _ in range(config.steps):
+
+    def replayed(delta: Tensor) -> Tensor:
         clean.replay.again()
-        delta.requires_grad_(True)
-        grad, grad_finite = input_gradient(lambda q: nll(log_probs(q), labels), ascent_forward(delta), delta)
-        finite = finite & grad_finite
-        direction = (
-            grad.sign() if config.norm == "linf" else grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps)
-        )
-        delta = perturbation.project(delta.detach() + step * direction, bound, config.norm)
+        return ascent_forward(delta)
+
+    delta, grad, finite = pgd_ascent(
+        replayed,
+        lambda q: nll(log_probs(q), labels),
+        delta,
+        unit=unit,
+        radius=size(config),
+        steps=config.steps,
+        norm=config.norm,
+        grad_eps=config.grad_eps,
+    )
     clean.replay.again()
     adv_logits, _ = forward(delta)
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: nll(log_probs(q), labels), adv_logits, finite)
     return StepLosses(loss_adv, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+
+
+def pgd_ascent(
+    logits_of: AscentForward,
+    loss_of: Callable[[Tensor], Tensor],
+    delta: Tensor,
+    *,
+    unit: Tensor,
+    radius: float,
+    steps: int,
+    norm: str = "linf",
+    grad_eps: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PGD's ascent, shared by training (`pgd_losses`) and `alum eval`'s robustness attack so
+    that both attack alike: ``steps`` steps of 2.5 radius / steps from ``delta``, each along
+    the sign (linf) or the per-token unit vector (l2) of d loss_of(logits_of(delta)) / d delta,
+    then projected into the per-token ball of radius x ``unit`` [B, T, 1].
+
+    What differs between the callers is theirs to pass: the start (random or zero), the loss
+    attacked (a mean or a sum), and ``logits_of``, which replays dropout in training; the
+    gradient is taken with respect to delta alone, so no parameter gradient accumulates.
+    Returns (the final delta, the last gradient, whether every gradient was finite; a
+    non-finite one is zeroed before it moves delta)."""
+    bound, step = radius * unit, 2.5 * radius / steps * unit
+    finite = torch.ones((), dtype=torch.bool, device=unit.device)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad, grad_finite = input_gradient(loss_of, logits_of(delta), delta)
+        finite = finite & grad_finite
+        direction = grad.sign() if norm == "linf" else grad / (token_norm(grad, "l2").unsqueeze(-1) + grad_eps)
+        delta = perturbation.project(delta.detach() + step * direction, bound, norm)
+    return delta, grad, finite
 
 
 class Pgd(Method):

@@ -38,6 +38,8 @@ from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokeniz
 from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
+from pipeline.methods.pgd import pgd_ascent
+from pipeline.model.mlm_score import MlmScore
 from pipeline.model.perturbation import token_scale
 from pipeline.train.validation import EVAL_SEED_OFFSET
 
@@ -82,18 +84,10 @@ def evaluate_model(
     vocab = MaskVocab.of(info)
     ordinary = torch.from_numpy(np.setdiff1d(np.arange(info.vocab_size), vocab.special_ids))
     rows = min(batches * batch_size, len(dataset))
-    # Per condition: the loss sum and the number of correct predictions.
-    clean, attacked, substituted = np.zeros(2), np.zeros((len(radii), 2)), np.zeros((len(substitution_rates), 2))
-    label_counts = np.zeros(info.vocab_size, dtype=np.int64)
+    clean = MlmScore(info.vocab_size, device)
+    attacked = [MlmScore(info.vocab_size, device) for _ in radii]
+    substituted = [MlmScore(info.vocab_size, device) for _ in substitution_rates]
     eligible_tokens, replaced = 0, np.zeros(len(substitution_rates), dtype=np.int64)
-
-    def scored(logits, labels) -> np.ndarray:
-        return np.array(
-            [
-                F.cross_entropy(logits.float(), labels, reduction="sum").item(),
-                (logits.argmax(-1) == labels).sum().item(),
-            ]
-        )
 
     for start in tqdm(range(0, rows, batch_size), desc="eval", unit="batch", disable=None):
         indices = np.arange(start, min(start + batch_size, rows))
@@ -105,27 +99,20 @@ def evaluate_model(
             on_device.masked_index,
             on_device.labels,
         )
-        label_counts += np.bincount(batch.labels.numpy(), minlength=info.vocab_size)
         with torch.no_grad():
             logits, embedded = model(ids, mask, masked_index)
-        clean += scored(logits, labels)
-        for i, radius in enumerate(radii):
-            attacked[i] += scored(_pgd(model, ids, mask, masked_index, labels, embedded, radius, pgd_steps), labels)
+        clean.add(logits, labels)
+        for radius, score in zip(radii, attacked):
+            score.add(_pgd(model, ids, mask, masked_index, labels, embedded, radius, pgd_steps), labels)
         eligible = ~batch.masked & ~torch.isin(batch.input_ids, torch.tensor(vocab.special_ids))
         draws, replacements = _substitution_draws(indices, dataset.seq_len, seed, ordinary)
         eligible_tokens += int(eligible.sum())
-        for i, rate in enumerate(substitution_rates):
+        for i, (rate, score) in enumerate(zip(substitution_rates, substituted)):
             chosen = eligible & (draws < rate)
             replaced[i] += int(chosen.sum())
             with torch.no_grad():
                 logits, _ = model(torch.where(chosen, replacements, batch.input_ids).to(device), mask, masked_index)
-            substituted[i] += scored(logits, labels)
-
-    tokens = int(label_counts.sum())
-
-    def metrics(sums: np.ndarray) -> dict:
-        loss = float(sums[0]) / tokens
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": float(sums[1]) / tokens}
+            score.add(logits, labels)
 
     return {
         "model": str(model_dir),
@@ -135,11 +122,15 @@ def evaluate_model(
         "batch_size": batch_size,
         "mask_rate": mask_rate,
         "seed": seed,
-        "clean": {**metrics(clean), "tokens": tokens, "commonest_token_accuracy": int(label_counts.max()) / tokens},
-        "perturbation": [{"radius": r, "steps": pgd_steps, **metrics(sums)} for r, sums in zip(radii, attacked)],
+        "clean": {
+            **clean.metrics(),
+            "tokens": clean.tokens,
+            "commonest_token_accuracy": clean.commonest_token_accuracy(),
+        },
+        "perturbation": [{"radius": r, "steps": pgd_steps, **score.metrics()} for r, score in zip(radii, attacked)],
         "substitution": [
-            {"rate": p, "substituted_share": int(n) / max(eligible_tokens, 1), **metrics(sums)}
-            for p, n, sums in zip(substitution_rates, replaced, substituted)
+            {"rate": p, "substituted_share": int(n) / max(eligible_tokens, 1), **score.metrics()}
+            for p, n, score in zip(substitution_rates, replaced, substituted)
         ],
     }
 
@@ -195,16 +186,18 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
 
 
 def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
-    """Masked-position logits after `steps` sign-gradient ascent steps from delta = 0, each
-    of 2.5 R / K (Madry et al.: long enough to reach the boundary, then move along it)."""
+    """Masked-position logits after training's PGD ascent (`pgd_ascent`: linf, `steps` sign
+    steps of 2.5 R / K) from delta = 0, so the attack repeats exactly, on the summed
+    masked-token loss (the sign step does not see the scale; the sum keeps the recorded figures)."""
     unit = token_scale(embedded, "relative")
-    bound, step = radius * unit, 2.5 * radius / steps * unit
-    delta = torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        logits, _ = model(ids, mask, masked_index, delta)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), delta)
-        delta = torch.maximum(torch.minimum(delta.detach() + step * grad.sign(), bound), -bound)
+    delta, _, _ = pgd_ascent(
+        lambda d: model(ids, mask, masked_index, d)[0],
+        lambda logits: F.cross_entropy(logits.float(), labels, reduction="sum"),
+        torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device),
+        unit=unit,
+        radius=radius,
+        steps=steps,
+    )
     with torch.no_grad():
         return model(ids, mask, masked_index, delta)[0]
 

@@ -13,14 +13,12 @@ accuracy must beat to show that the model uses context.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.batches import masked_batch
 from pipeline.data.sampling import rank_slice
+from pipeline.model.mlm_score import MlmScore
 
 EVAL_SEED_OFFSET = 7919
 
@@ -33,8 +31,7 @@ def evaluate(engine, dataset, config, vocab) -> dict:
     rows = config.eval.batches * micro
     padded = -(-rows // (world_size * micro)) * world_size * micro
     mine = rank_slice(np.arange(padded, dtype=np.int64), rank, world_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, tokens
-    label_counts = torch.zeros(vocab.vocab_size, dtype=torch.float64, device=engine.device)
+    score = MlmScore(vocab.vocab_size, engine.device)
     engine.eval()
     with torch.no_grad():
         for start in range(0, len(mine), micro):
@@ -48,26 +45,16 @@ def evaluate(engine, dataset, config, vocab) -> dict:
                 vocab=vocab,
             )
             batch = batch.on(engine.device)
-            labels = batch.labels
             # 1 for the labels of the first `rows` positions, 0 for the padding's repeats.
             counted = (
                 torch.from_numpy(positions < rows).to(engine.device)[batch.masked_index // dataset.seq_len].double()
             )
             logits, _ = engine(batch.input_ids, batch.attention_mask, batch.masked_index)
-            sums[0] += (F.cross_entropy(logits.float(), labels, reduction="none").double() * counted).sum()
-            sums[1] += ((logits.argmax(-1) == labels).double() * counted).sum()
-            sums[2] += counted.sum()
-            label_counts += torch.bincount(labels, weights=counted, minlength=vocab.vocab_size)
+            score.add(logits, batch.labels, counted)
     engine.train()
-    dist.all_reduce(sums)
-    dist.all_reduce(label_counts)
-    loss = (sums[0] / sums[2]).item()
-    return {
-        "eval/loss": loss,
-        "eval/ppl": math.exp(min(loss, 50.0)),
-        "eval/accuracy": (sums[1] / sums[2]).item(),
-        "eval/commonest_token_accuracy": (label_counts.max() / sums[2]).item(),
-    }
+    score.all_reduce(dist.all_reduce)
+    metrics = {**score.metrics(), "commonest_token_accuracy": score.commonest_token_accuracy()}
+    return {f"eval/{name}": value for name, value in metrics.items()}
 
 
 class Evaluator:
