@@ -27,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from data_prep import atomic
@@ -38,7 +38,9 @@ from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.driver import drive
 from pipeline.methods.freeat import Carry
 from pipeline.methods.registry import FINETUNE_NAMES, method_of
-from pipeline.model.masked_lm import ARCHS, Perturbation, local_device
+from pipeline.model.masked_lm import local_device
+from pipeline.tasks.classifier import Classifier, accuracy, check_model_dir, encode, load_model, padded
+from pipeline.tasks.finetune_options import add_arguments, check_options, parse_seeds
 from pipeline.train.deepspeed_setup import (
     compute_dtype,
     deepspeed_config,
@@ -50,85 +52,6 @@ from pipeline.train.distributed import exit_process, init_distributed, shutdown_
 from pipeline.train.step import accumulating_backward
 
 RESULTS = "results.json"
-
-
-class Classifier(nn.Module):
-    """An HF sequence classifier whose embeddings can be perturbed (for ALUM)."""
-
-    def __init__(self, hf_model: nn.Module, perturb_at: str = "embedding_output"):
-        super().__init__()
-        self.hf = hf_model
-        self.perturbation = Perturbation(getattr(hf_model, hf_model.base_model_prefix), perturb_at)
-
-    def forward(self, input_ids, attention_mask, delta=None):
-        """(logits [B, num_labels], the perturbable embeddings [B, T, H])."""
-        return self.perturbation.run(delta, lambda: self.hf(input_ids=input_ids, attention_mask=attention_mask).logits)
-
-
-def load_model(model_dir: str | Path, num_labels: int, seed: int):
-    """(Classifier, tokenizer) from a BERT/RoBERTa directory; the new head is seeded."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
-    logging.disable_progress_bar()
-    path = check_model_dir(model_dir)
-    torch.manual_seed(seed)
-    hf = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels, attn_implementation="sdpa"
-    )
-    return Classifier(hf), AutoTokenizer.from_pretrained(str(path))
-
-
-def check_model_dir(model_dir: str | Path) -> Path:
-    """A BERT/RoBERTa HF directory, checked from its config.json alone (before any loading)."""
-    path = Path(model_dir)
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        raise UserError(f"--model: {path}: not a Hugging Face model directory (no readable config.json)") from None
-    if model_type not in ARCHS:
-        raise UserError(f"--model: {path}: model type {model_type!r} is not BERT or RoBERTa")
-    return path
-
-
-def encode(tokenizer, examples, max_length: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Token ids per example (truncated to max_length, pairs joined the tokenizer's way) and labels."""
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
-    ids = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
-    return ids, torch.tensor([e.label for e in examples])
-
-
-def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch padded to its longest row: (input_ids, attention_mask)."""
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return input_ids, mask
-
-
-def accuracy(
-    model: Classifier,
-    ids,
-    labels: torch.Tensor,
-    *,
-    pad_id: int,
-    batch_size: int = 64,
-    device: torch.device | None = None,
-) -> float:
-    """The share of `ids` classified as `labels`, computed on `device` (the CPU by default)."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            input_ids, mask = (t.to(device) for t in padded(ids[start : start + batch_size], pad_id))
-            correct += (model(input_ids, mask)[0].argmax(-1) == labels[start : start + batch_size].to(device)).sum()
-    model.train()
-    return correct.item() / len(ids)
 
 
 def finetune_seed(args, task: Task, seed: int) -> dict:
@@ -315,62 +238,8 @@ def majority(examples, num_labels: int) -> float:
     return max(sum(e.label == c for e in examples) for c in range(num_labels)) / len(examples)
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds: expected integers separated by commas, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds: expected distinct integers, got {text!r}")
-    return seeds
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="an exported (alum export) or HF BERT/RoBERTa directory")
-    p.add_argument("--task", required=True, help="sst2, rte, or a directory with train/dev .jsonl or .tsv")
-    p.add_argument("--data", help="for sst2/rte: the GLUE task directory (train.tsv, dev.tsv)")
-    p.add_argument("--advglue", help="AdvGLUE dev.json: also report accuracy on the task's adversarial subset")
-    p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
-    p.add_argument(
-        "--method",
-        choices=list(FINETUNE_NAMES),
-        default="standard",
-        help="standard cross-entropy, or an adversarial method (pipeline/methods/adversarial.py) at its defaults",
-    )
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the ALUM term (the paper fine-tunes with 1)")
-    p.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (linear warm-up and decay)")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over the ranks")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training set")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
-    p.add_argument("--eval-every", type=int, default=500, help="dev accuracy every N steps (and at the end)")
-    p.add_argument(
-        "--deepspeed",
-        metavar="JSON",
-        help="train with DeepSpeed (ZeRO settings from this file, e.g. "
-        "configs/deepspeed/zero2.json), one rank per process: deepspeed --num_gpus N --module pipeline.finetune ...",
-    )
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="with --deepspeed: auto is bf16 where the accelerator supports it, else fp32; "
-        "the saved model is fp32 either way",
-    )
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
 def run(args) -> dict:
-    for name in ("lr", "batch_size", "epochs", "max_length", "eval_every"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
-    if args.max_steps < 0:
-        raise UserError(f"--max-steps: must not be negative, got {args.max_steps}")
-    if not (math.isfinite(args.alpha) and args.alpha >= 0):
-        raise UserError(f"--alpha: must be a finite number >= 0, got {args.alpha}")
-    if args.precision not in ("auto", "fp32") and not args.deepspeed:
-        raise UserError(f"--precision {args.precision}: needs --deepspeed (a run without it trains in fp32)")
+    check_options(args)
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)
     task = load_task(args.task, args.data, args.advglue)
