@@ -67,7 +67,7 @@ def test_every_run_config_loads_and_fills_a_deepspeed_config(path):
     assert config.adversarial.method == "alum"
     assert config.adversarial.alpha == 10.0  # ALUM.md: alpha 10 for pretraining
     for world_size in (1, train.global_batch_size // train.micro_batch_size):
-        ds = deepspeed_config(config, world_size)
+        ds = deepspeed_config(config.deepspeed, config.train, world_size)
         assert ds["train_batch_size"] == train.global_batch_size
         assert ds["train_micro_batch_size_per_gpu"] == train.micro_batch_size
         assert ds["gradient_accumulation_steps"] * train.micro_batch_size * world_size == train.global_batch_size
@@ -93,7 +93,7 @@ def test_bert_base_recipe():
     assert (config.train.max_steps, config.train.micro_batch_size) == (1_000_000, 32)
     assert (config.train.lr, config.train.warmup_steps) == (1e-4, 10_000)
     assert 0 < config.adversarial.start_step < config.train.max_steps  # standard MLM first, then ALUM
-    assert zero_stage(deepspeed_config(config, 8)) == 2
+    assert zero_stage(deepspeed_config(config.deepspeed, config.train, 8)) == 2
 
 
 def test_bert_large_uses_zero3_and_activation_checkpointing():
@@ -101,7 +101,7 @@ def test_bert_large_uses_zero3_and_activation_checkpointing():
     assert config.model.config == str(REPO / "configs/models/bert-large.yaml")
     assert config.model.activation_checkpointing is True
     assert 0 < config.adversarial.start_step < config.train.max_steps
-    ds = deepspeed_config(config, 16)
+    ds = deepspeed_config(config.deepspeed, config.train, 16)
     assert zero_stage(ds) == 3
     assert ds["gradient_accumulation_steps"] == 1
 
@@ -156,7 +156,7 @@ def test_overrides_win_over_the_file_and_defaults_fill_the_rest(tmp_path):
 
 def test_inline_deepspeed_mapping(tmp_path):
     config = load_config(minimal(tmp_path, deepspeed={"zero_optimization": {"stage": 1}}))
-    assert zero_stage(deepspeed_config(config, 1)) == 1
+    assert zero_stage(deepspeed_config(config.deepspeed, config.train, 1)) == 1
 
 
 @pytest.mark.parametrize(

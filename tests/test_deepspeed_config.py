@@ -29,7 +29,8 @@ def test_every_deepspeed_json_is_valid(path):
 
     raw = json.loads(path.read_text())
     config = load_config(REPO / "configs" / "tiny.yaml", [f"deepspeed={path.relative_to(REPO)}"])
-    ds = deepspeed_config(config, world_size=2)  # tiny: global 32 = micro 8 x 2 ranks x 2 accumulation
+    # tiny: global 32 = micro 8 x 2 ranks x 2 accumulation
+    ds = deepspeed_config(config.deepspeed, config.train, world_size=2)
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == raw["zero_optimization"]
     # DeepSpeed's own model of the section forbids unknown keys: the key names are valid for this version.
@@ -49,9 +50,9 @@ def test_offload_jsons_have_the_expected_stages():
 
 def test_deepspeed_config_needs_a_world_size_that_divides_the_batch(tmp_path):
     config = load_config(minimal(tmp_path, train={"global_batch_size": 32, "micro_batch_size": 8}))
-    assert deepspeed_config(config, 4)["gradient_accumulation_steps"] == 1
+    assert deepspeed_config(config.deepspeed, config.train, 4)["gradient_accumulation_steps"] == 1
     with pytest.raises(UserError, match="world size 3"):
-        deepspeed_config(config, 3)
+        deepspeed_config(config.deepspeed, config.train, 3)
 
 
 @pytest.mark.parametrize("key", ["optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"])
@@ -64,18 +65,18 @@ def test_deepspeed_json_may_not_set_what_the_run_config_owns(tmp_path, key):
     )
     config = load_config(minimal(tmp_path), [f"deepspeed={path}"])
     with pytest.raises(UserError, match=f"deepspeed: remove '{key}'"):
-        deepspeed_config(config, 1)
+        deepspeed_config(config.deepspeed, config.train, 1)
 
 
 def test_deepspeed_json_missing_or_invalid(tmp_path):
     config = load_config(minimal(tmp_path), [f"deepspeed={tmp_path / 'nope.json'}"])
     with pytest.raises(UserError, match="no such DeepSpeed config file"):
-        deepspeed_config(config, 1)
+        deepspeed_config(config.deepspeed, config.train, 1)
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')
     config = load_config(minimal(tmp_path), [f"deepspeed={bad}"])
     with pytest.raises(UserError, match=re.escape(str(bad)) + ": not valid JSON"):
-        deepspeed_config(config, 1)
+        deepspeed_config(config.deepspeed, config.train, 1)
 
 
 FP16 = bool(get_accelerator().is_fp16_supported())
@@ -93,7 +94,7 @@ FP16 = bool(get_accelerator().is_fp16_supported())
 )
 def test_explicit_precision_is_written_into_the_deepspeed_config(tmp_path, precision, bf16, fp16):
     config = load_config(minimal(tmp_path), [f"train.precision={precision}"])
-    ds = deepspeed_config(config, 1)
+    ds = deepspeed_config(config.deepspeed, config.train, 1)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
 
 
@@ -102,7 +103,7 @@ def test_a_precision_the_accelerator_lacks_is_refused_by_key(tmp_path):
     config = load_config(minimal(tmp_path), ["train.precision=fp16"])
     device = get_accelerator().device_name()
     with pytest.raises(UserError) as refused:
-        deepspeed_config(config, 1)
+        deepspeed_config(config.deepspeed, config.train, 1)
     assert (
         str(refused.value)
         == f"train.precision=fp16: this machine's accelerator ({device}) does not support fp16; use bf16 or fp32"

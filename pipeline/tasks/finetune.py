@@ -23,8 +23,10 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,6 +43,7 @@ from pipeline.methods.registry import FINETUNE_NAMES, method_of
 from pipeline.model.masked_lm import local_device
 from pipeline.tasks.classifier import Classifier, accuracy, check_model_dir, encode, load_model, padded
 from pipeline.tasks.finetune_options import add_arguments, check_options, parse_seeds
+from pipeline.train.config import TrainConfig
 from pipeline.train.deepspeed_setup import (
     compute_dtype,
     deepspeed_config,
@@ -51,41 +54,91 @@ from pipeline.train.deepspeed_setup import (
 from pipeline.train.distributed import exit_process, init_distributed, shutdown_distributed
 from pipeline.train.step import accumulating_backward
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.methods.companion import Companion
+    from pipeline.methods.method import Method
+
 RESULTS = "results.json"
+Examples = tuple[list[list[int]], Tensor]  # encode()'s token ids per example and their labels
 
 
-def finetune_seed(args, task: Task, seed: int) -> dict:
+def train_settings(args: argparse.Namespace, examples: int, world: int) -> TrainConfig:
+    """Fine-tuning's optimizer, schedule and batch as pretraining's `train` section, so the shared set-up
+    (make_optimizer, make_scheduler, deepspeed_config) builds them: BERT's fine-tuning recipe (AdamW betas
+    0.9/0.999, eps 1e-8, decay 0.01; 10% linear warm-up, then linear decay to 0 at the last step; clipping at 1)
+    with --lr, and the global batch of --batch-size split over the ranks."""
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    steps = args.max_steps or args.epochs * math.ceil(examples / args.batch_size)
+    return TrainConfig(
+        max_steps=steps,
+        global_batch_size=args.batch_size,
+        micro_batch_size=args.batch_size // world,
+        lr=args.lr,
+        warmup_steps=max(1, int(0.1 * steps)),
+        min_lr_ratio=0.0,
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_eps=1e-8,
+        grad_clip=1.0,
+        precision=args.precision,
+    )
+
+
+@dataclass
+class Fit:
+    """What one seed trains with, built by `set_up`: passed as one to the step and the evaluation."""
+
+    settings: TrainConfig
+    model: Classifier
+    engine: DeepSpeedEngine | None  # with --deepspeed: it owns the optimizer, the schedule and clipping
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    adversarial: AdversarialConfig  # the method's settings (--method at its defaults, --alpha)
+    method: Method
+    companion: Companion | None  # a method's second model (SMART's mean teacher), else None
+    device: torch.device
+
+
+def finetune_seed(args: argparse.Namespace, task: Task, seed: int) -> dict:
     """Fine-tune one seed; returns its result (accuracies, history) and saves the model.
 
     Under DeepSpeed (`--deepspeed`) every rank draws the same global batch of --batch-size
     examples and takes its own contiguous share, so the examples an optimizer step sees do
     not depend on the number of ranks."""
     model, tokenizer = load_model(args.model, len(task.labels), seed)
-    pad_id = tokenizer.pad_token_id
-    train_ids, train_labels = encode(tokenizer, task.train, args.max_length)
-    dev_ids, dev_labels = encode(tokenizer, task.dev, args.max_length)
-    steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
-    total = args.max_steps or args.epochs * steps_per_epoch
+    train = encode(tokenizer, task.train, args.max_length)
+    dev = encode(tokenizer, task.dev, args.max_length)
     rank, world = _ranks()
-    schedule_config = SimpleNamespace(
-        lr=args.lr,
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_eps=1e-8,
-        warmup_steps=max(1, int(0.1 * total)),
-        max_steps=total,
-        decay_steps=0,
-        min_lr_ratio=0.0,
-    )
-    ds_config = _deepspeed_config(args, world) if args.deepspeed else {}
+    fit = set_up(args, model, train_settings(args, len(train[0]), world), world)
+    started = time.perf_counter()
+    history = train_loop(args, fit, seed, train, dev, pad_id=tokenizer.pad_token_id, started=started)
+    result = {
+        "seed": seed,
+        "steps": fit.settings.max_steps,
+        "ranks": world,
+        "seconds": time.perf_counter() - started,
+        "dev_accuracy": history[-1]["dev_accuracy"],
+        "history": history,
+    }
+    finish(args, fit, task, seed, result, tokenizer=tokenizer)
+    return result
+
+
+def set_up(args: argparse.Namespace, model: Classifier, settings: TrainConfig, world: int) -> Fit:
+    """The optimizer, LR schedule and method around `model`, built by the code pretraining builds them with,
+    inside a DeepSpeed engine with --deepspeed (ZeRO from its JSON), else on this process's device."""
+    ds_config = deepspeed_config(args.deepspeed, settings, world) if args.deepspeed else {}
     if not args.deepspeed:
         model.to(local_device())
-    optimizer = make_optimizer(model, schedule_config, ds_config)
-    schedule = make_scheduler(optimizer, schedule_config)
+    optimizer = make_optimizer(model, settings, ds_config)
+    schedule = make_scheduler(optimizer, settings)
     adversarial = AdversarialConfig(method=FINETUNE_NAMES[args.method], alpha=args.alpha)
     method = method_of(adversarial)
-    companion = method.companion(model, model.hf, schedule_config.weight_decay, 1.0)
+    companion = method.companion(model, model.hf, settings.weight_decay, settings.grad_clip)
     engine, device, dtype = None, local_device(), torch.float32
     if args.deepspeed:
         import deepspeed
@@ -95,80 +148,105 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
         )
         device, dtype = engine.device, compute_dtype(engine)
     companion = companion and companion.to(device, dtype)
+    return Fit(settings, model, engine, optimizer, schedule, adversarial, method, companion, device)
+
+
+def batches(fit: Fit, examples: int, seed: int) -> Iterator[tuple[int, list[int], Carry]]:
+    """Per optimizer step: (step, this rank's share of the step's global batch as indices into the training set,
+    FreeAT's perturbation carried between replays of one batch). The order is a permutation per epoch drawn from
+    the seed alone, so a seed's batches do not depend on the number of ranks; a method that replays a batch
+    (FreeAT) draws the next one only at its boundaries."""
+    rank, world = _ranks()
+    size = fit.settings.global_batch_size
+    per_epoch = math.ceil(examples / size)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
-    history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
-    progress = tqdm(range(total), desc=f"seed {seed} ({args.method})", unit="step", disable=None if rank == 0 else True)
-    position, carry = 0, Carry()  # batches drawn so far; FreeAT's perturbation between replays of one
-    for step in progress:
-        replay = method.replay_index(step)
-        if position % steps_per_epoch == 0 and replay == 0:
-            order = torch.randperm(len(train_ids), generator=generator)
+    position, order, carry = 0, torch.empty(0, dtype=torch.long), Carry()  # position: batches drawn so far
+    for step in range(fit.settings.max_steps):
+        replay = fit.method.replay_index(step)
+        if position % per_epoch == 0 and replay == 0:
+            order = torch.randperm(examples, generator=generator)
         carry = carry if replay else Carry()
-        chosen = order[(position % steps_per_epoch) * args.batch_size :][: args.batch_size].tolist()
+        chosen = order[(position % per_epoch) * size :][:size].tolist()
         share = math.ceil(len(chosen) / world)
-        mine = chosen[rank * share : (rank + 1) * share]
-        input_ids, mask = (t.to(device) for t in padded([train_ids[i] for i in mine], pad_id))
-        forward, ascent = (engine, engine.module) if engine else (model, model)
-        lr = schedule.get_last_lr()[0]
-        if not engine:
-            optimizer.zero_grad(set_to_none=True)
-        out = drive(
-            adversarial,
-            step=step,
-            forward=lambda d: forward(input_ids, mask, d),
-            ascent_forward=lambda d: ascent(input_ids, mask, d)[0],
-            labels=train_labels[mine].to(device),
-            backward=accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
-            real=mask,
-            companion=companion,
-            module_forward=lambda module: module(input_ids, mask)[0],
-            carry=carry,
-        )
-        if engine:
-            engine.step()
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-        if companion is not None:
-            companion.after_step(engine.module if engine else model, lr)
-        position += method.at_boundary(step + 1)
+        yield step, chosen[rank * share : (rank + 1) * share], carry
+        position += fit.method.at_boundary(step + 1)
+
+
+def train_loop(
+    args: argparse.Namespace, fit: Fit, seed: int, train: Examples, dev: Examples, *, pad_id: int, started: float
+) -> list[dict]:
+    """Every optimizer step of the seed, with the dev accuracy every --eval-every steps and at the last: the
+    history result.json keeps. Progress is a bar on a terminal, else a line per evaluation (rank 0 only)."""
+    rank, _ = _ranks()
+    torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
+    (train_ids, train_labels), total, history = train, fit.settings.max_steps, []
+    steps = batches(fit, len(train_ids), seed)
+    desc = f"seed {seed} ({args.method})"
+    progress = tqdm(steps, total=total, desc=desc, unit="step", disable=None if rank == 0 else True)
+    for step, mine, carry in progress:
+        input_ids, mask = (t.to(fit.device) for t in padded([train_ids[i] for i in mine], pad_id))
+        loss = optimizer_step(fit, step, input_ids, mask, train_labels[mine].to(fit.device), carry)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            history.append(
-                {
-                    "step": step + 1,
-                    "loss": out.loss.item(),
-                    "dev_accuracy": accuracy(model, dev_ids, dev_labels, pad_id=pad_id, device=device),
-                }
-            )
-            progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{history[-1]['dev_accuracy']:.3f}")
+            dev_accuracy = accuracy(fit.model, *dev, pad_id=pad_id, device=fit.device)
+            history.append({"step": step + 1, "loss": loss.item(), "dev_accuracy": dev_accuracy})
+            progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{dev_accuracy:.3f}")
             if progress.disable and rank == 0:  # no terminal (piped, logged): a line per evaluation instead of the bar
                 print(
-                    f"seed {seed} ({args.method}): step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev "
-                    "accuracy "
-                    f"{history[-1]['dev_accuracy']:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s",
+                    f"{desc}: step {step + 1}/{total} | loss {history[-1]['loss']:.4f} | dev accuracy "
+                    f"{dev_accuracy:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s",
                     flush=True,
                 )
-    result = {
-        "seed": seed,
-        "steps": total,
-        "ranks": world,
-        "seconds": time.perf_counter() - started,
-        "dev_accuracy": history[-1]["dev_accuracy"],
-        "history": history,
-    }
+    return history
+
+
+def optimizer_step(fit: Fit, step: int, input_ids: Tensor, mask: Tensor, labels: Tensor, carry: Carry) -> Tensor:
+    """One optimizer step of the method on this rank's batch: each of its passes (clean, adversarial, the
+    ascent's) backward, through the DeepSpeed engine, which clips and steps, or plainly with clipping; then the
+    companion's update at the step's learning rate. Returns the step's loss (on the device: no host sync)."""
+    engine, model = fit.engine, fit.model
+    forward, ascent = (engine, engine.module) if engine else (model, model)
+    lr = fit.schedule.get_last_lr()[0]
+    if not engine:
+        fit.optimizer.zero_grad(set_to_none=True)
+    out = drive(
+        fit.adversarial,
+        step=step,
+        forward=lambda d: forward(input_ids, mask, d),
+        ascent_forward=lambda d: ascent(input_ids, mask, d)[0],
+        labels=labels,
+        backward=accumulating_backward(engine, fit.method.passes(step)) if engine else Tensor.backward,
+        real=mask,
+        companion=fit.companion,
+        module_forward=lambda module: module(input_ids, mask)[0],
+        carry=carry,
+    )
+    if engine:
+        engine.step()
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), fit.settings.grad_clip)
+        fit.optimizer.step()
+        fit.schedule.step()
+    if fit.companion is not None:
+        fit.companion.after_step(engine.module if engine else model, lr)
+    return out.loss
+
+
+def finish(args: argparse.Namespace, fit: Fit, task: Task, seed: int, result: dict, *, tokenizer) -> None:
+    """The AdvGLUE accuracy (with --advglue) into `result`, then the model and result.json under OUT/seed-N/,
+    written by rank 0 from the fp32 weights every rank helps gather; the other ranks wait for the files, so no
+    rank starts the next seed before this one is on disk."""
     if task.adversarial:
         adv_ids, adv_labels = encode(tokenizer, task.adversarial, args.max_length)
-        result["advglue_accuracy"] = accuracy(model, adv_ids, adv_labels, pad_id=pad_id, device=device)
-    weights = full_fp32_state(model.hf)  # every rank takes part: the master weights are partitioned over them
-    if rank == 0:
-        _save(model, weights, tokenizer=tokenizer, task=task, out=Path(args.out) / f"seed-{seed}", result=result)
-    if engine:
+        result["advglue_accuracy"] = accuracy(
+            fit.model, adv_ids, adv_labels, pad_id=tokenizer.pad_token_id, device=fit.device
+        )
+    weights = full_fp32_state(fit.model.hf)  # every rank takes part: the master weights are partitioned over them
+    if _ranks()[0] == 0:
+        _save(fit.model, weights, tokenizer=tokenizer, task=task, out=Path(args.out) / f"seed-{seed}", result=result)
+    if fit.engine:
         import deepspeed.comm as dist
 
         dist.barrier()  # the seed's files exist before any rank moves on
-    return result
 
 
 def _ranks() -> tuple[int, int]:
@@ -179,30 +257,13 @@ def _ranks() -> tuple[int, int]:
     return 0, 1
 
 
-def _deepspeed_config(args, world: int) -> dict:
-    """The ZeRO settings of --deepspeed's JSON, with the batch split over the ranks (fp32 on CPU)."""
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
-    run = SimpleNamespace(
-        deepspeed=args.deepspeed,
-        train=SimpleNamespace(
-            global_batch_size=args.batch_size,
-            micro_batch_size=args.batch_size // world,
-            grad_clip=1.0,
-            precision=args.precision,
-        ),
-    )
-    return deepspeed_config(run, world)
-
-
 def _save(model: Classifier, weights: dict[str, Tensor], *, tokenizer, task: Task, out: Path, result: dict) -> None:
     """The HF model with `weights` (fp32; labels named in its config) and the seed's result.json, written last."""
     model.hf.config.id2label = dict(enumerate(task.labels))
     model.hf.config.label2id = {name: i for i, name in enumerate(task.labels)}
     model.hf.save_pretrained(str(out), state_dict=weights)
-    model.hf.config.dtype = (
-        "float32"  # save_pretrained wrote the module's dtype (bf16 under DeepSpeed bf16), not the weights'
-    )
+    # save_pretrained wrote the module's dtype (bf16 under DeepSpeed bf16), not the weights'
+    model.hf.config.dtype = "float32"
     model.hf.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     atomic.write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
@@ -238,7 +299,7 @@ def majority(examples, num_labels: int) -> float:
     return max(sum(e.label == c for e in examples) for c in range(num_labels)) / len(examples)
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     check_options(args)
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)

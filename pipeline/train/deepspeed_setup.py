@@ -20,9 +20,13 @@ from data_prep.errors import UserError
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
+    from pipeline.train.config import TrainConfig
 
-def deepspeed_config(config, world_size: int) -> dict:
-    ds = _load(config.deepspeed)
+
+def deepspeed_config(source: str | dict, train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON (a file or a mapping) that `source` names, with the batch sizes, clipping and
+    precision of `train` written in: pretraining passes its run config's, fine-tuning its own."""
+    ds = _load(source)
     for key in (
         "optimizer",
         "scheduler",
@@ -32,7 +36,6 @@ def deepspeed_config(config, world_size: int) -> dict:
     ):
         if key in ds:
             raise UserError(f"deepspeed: remove {key!r}; it comes from the train section of the run config")
-    train = config.train
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
         raise UserError(
@@ -100,7 +103,7 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def make_optimizer(model: torch.nn.Module, train, ds_config: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and norms: torch's own, which needs no build (on a
     GPU it picks its foreach implementation itself; DeepSpeed's FusedAdam would compile a CUDA
     op on first use, which a pip-installed torch has no compiler for). DeepSpeed's CPU Adam
@@ -120,7 +123,7 @@ def make_optimizer(model: torch.nn.Module, train, ds_config: dict) -> torch.opti
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to `train.lr`, then linear decay to `lr * min_lr_ratio` at `decay_steps`
     (default `max_steps`), constant after it. With `decay_steps` set, raising `max_steps` on
     resume extends the run without moving the schedule."""

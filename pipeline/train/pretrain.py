@@ -156,7 +156,7 @@ def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finish
         source = config.model.init_from or config.model.config
         model_config = hf_config(source, tokenizer.vocab_size, tokenizer.special_token_ids, data.seq_len)
         method_of(config.adversarial).check(config, model_config)
-        return config, tokenizer, data, model_config, deepspeed_config(config, world_size)
+        return config, tokenizer, data, model_config, deepspeed_config(config.deepspeed, config.train, world_size)
 
     config, tokenizer, data, model_config, ds_config = on_every_rank(checks)
     check_same_config(flatten(to_dict(config)))
