@@ -112,7 +112,7 @@ def finetune_seed(args: argparse.Namespace, task: Task, seed: int) -> dict:
     model, tokenizer = load_model(args.model, len(task.labels), seed)
     train = encode(tokenizer, task.train, args.max_length)
     dev = encode(tokenizer, task.dev, args.max_length)
-    rank, world = _ranks()
+    _, world = _ranks()
     fit = set_up(args, model, train_settings(args, len(train[0]), world), world)
     started = time.perf_counter()
     history = train_loop(args, fit, seed, train, dev, pad_id=tokenizer.pad_token_id, started=started)
