@@ -38,7 +38,7 @@ from pipeline.methods.freeat import Carry
 from pipeline.methods.registry import method_of
 from pipeline.model.masked_lm import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.train import checkpoint
-from pipeline.train.checkpoint import Checkpointer, step_of
+from pipeline.train.checkpoint import CheckpointedState, Checkpointer, step_of
 from pipeline.train.config import RunConfig, TrainConfig, flatten, missing_paths, to_dict
 from pipeline.train.deepspeed_setup import (
     compute_dtype,
@@ -126,6 +126,11 @@ class Run:
     companion: Companion | None  # SMART's teacher or ASA's adversaries (pipeline.methods.companion)
     peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
     lock: RunLock | None  # rank 0's lock on the run directory (pipeline.train.run_lock)
+
+    @property
+    def checkpointed(self) -> list[CheckpointedState]:
+        """What the checkpoints keep beside the engine: the method's companion, if it has one."""
+        return [self.companion] if self.companion is not None else []
 
 
 def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finished_ok: bool = False) -> Run:
@@ -216,7 +221,7 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
             config=run.config,
             rank=rank,
             world_size=int(os.environ["WORLD_SIZE"]),
-            companion=run.companion,
+            states=run.checkpointed,
         )
         logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
         state.wandb_id = logger.wandb_id
@@ -242,7 +247,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         pin_memory=engine.device.type == "cuda",
     )
     evaluator = Evaluators(engine, run.data.val_sets, config, run.vocab)
-    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
+    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.checkpointed)
     throughput = Throughput(
         engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size
     )

@@ -115,17 +115,24 @@ def dropout_seed(seed: int, rank: int) -> int:
 
 
 def resume(
-    engine, *, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None
+    engine,
+    *,
+    run_dir: Path,
+    start: StartPoint | None,
+    config,
+    rank: int,
+    world_size: int,
+    states: list[checkpoint.CheckpointedState],
 ) -> TrainState:
-    """Load the start point into the engine, and the method's `companion` (`pipeline.methods.companion`:
-    from a resumed checkpoint, otherwise its start state); the state the loop continues from."""
+    """Load the start point into the engine, and each of `states` from a resumed checkpoint
+    (otherwise their start state); the state the loop continues from."""
     state, client = _resume(engine, run_dir=run_dir, start=start, config=config, rank=rank, world_size=world_size)
-    if companion is not None:
-        saved = client.get(companion.CLIENT_KEY) if start and start.resume else None
+    for kept in states:
+        saved = client.get(kept.CLIENT_KEY) if start and start.resume else None
         if saved is not None:
-            companion.load_state_dict(saved)
+            kept.load_state_dict(saved)
         else:
-            companion.start(engine.module)
+            kept.start(engine.module)
     return state
 
 
