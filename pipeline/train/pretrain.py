@@ -318,6 +318,11 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
             f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} "
             f"(commonest token {record['eval/commonest_token_accuracy']:.3f})"
         )
+    named = [
+        key.split("/")[1] for key in record if key.startswith("eval/") and key.endswith("/ppl") and key.count("/") == 2
+    ]
+    if named:  # a mixture's sources and eval.sets
+        line += " | eval ppl " + ", ".join(f"{name} {record[f'eval/{name}/ppl']:.1f}" for name in named)
     return line
 
 
