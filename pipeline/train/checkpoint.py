@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import deepspeed.comm as dist
 import torch
@@ -39,6 +39,11 @@ from pipeline.core.rng import RngState, restore_saved
 from pipeline.methods.registry import method_of
 from pipeline.train import weights_only
 from pipeline.train.integrity import file_digests
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -332,7 +337,14 @@ class Checkpointer:
     checkpoint stays the latest. Every `CheckpointedState` of the run (a method's companion:
     SMART's teacher, ASA's adversaries) goes into the client state under its key."""
 
-    def __init__(self, engine, run_dir: Path, config, world_size: int, states: list[CheckpointedState]):
+    def __init__(
+        self,
+        engine: DeepSpeedEngine,
+        run_dir: Path,
+        config: RunConfig,
+        world_size: int,
+        states: list[CheckpointedState],
+    ):
         """`config`: the RunConfig."""
         self.engine, self.run_dir, self.world_size, self.states = engine, run_dir, world_size, states
         self.every, self.keep_last, self.max_steps = (

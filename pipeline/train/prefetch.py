@@ -13,15 +13,20 @@ batch is built, never what it holds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.data.batches import Batches, StepBatches
 from pipeline.data.sampling import epoch_fraction
 from pipeline.methods.registry import method_of
+
+if TYPE_CHECKING:
+    from pipeline.train.config import RunConfig
 
 
 class StepInputs:
     """A step's batches and mask rate, from (step, consumed samples); the last ones built are kept."""
 
-    def __init__(self, batches: Batches, config):
+    def __init__(self, batches: Batches, config: RunConfig):
         """``config``: the RunConfig (the masking schedule; adversarial, for FreeAT's replays)."""
         self.batches, self.config, self.method = batches, config, method_of(config.adversarial)
         self._built: tuple[tuple[int, int], StepBatches, float] | None = None

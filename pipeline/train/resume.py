@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed
@@ -18,6 +19,11 @@ import torch.distributed
 from data_prep.errors import UserError
 from pipeline.train import checkpoint, weights_only
 from pipeline.train.integrity import problems
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 
 @dataclass
@@ -115,11 +121,11 @@ def dropout_seed(seed: int, rank: int) -> int:
 
 
 def resume(
-    engine,
+    engine: DeepSpeedEngine,
     *,
     run_dir: Path,
     start: StartPoint | None,
-    config,
+    config: RunConfig,
     rank: int,
     world_size: int,
     states: list[checkpoint.CheckpointedState],
@@ -137,7 +143,7 @@ def resume(
 
 
 def _resume(
-    engine, *, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int
+    engine: DeepSpeedEngine, *, run_dir: Path, start: StartPoint | None, config: RunConfig, rank: int, world_size: int
 ) -> tuple[TrainState, dict]:
     """(the state, the checkpoint's client state or {})."""
     if rank == 0:
