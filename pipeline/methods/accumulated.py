@@ -45,7 +45,7 @@ from pipeline.methods.objective import (
     guarded,
     log_probs,
     nll,
-    sizes,
+    perturbation_stats,
 )
 from pipeline.model import perturbation
 
@@ -79,7 +79,13 @@ def accumulated_passes(
     loss_adv = torch.stack(adversarial).mean() if adversarial else torch.zeros((), device=unit.device)
     total = (clean.loss.detach() + loss_adv * len(adversarial)) / passes
     skipped = ~torch.stack(kept).all() if kept else ~finite
-    return StepLosses(total, clean.loss.detach(), loss_adv, *sizes(clean, delta, grad, config.norm), skipped)
+    return StepLosses(
+        loss=total,
+        loss_mlm=clean.loss.detach(),
+        loss_adv=loss_adv,
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=skipped,
+    )
 
 
 def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config) -> Tensor:

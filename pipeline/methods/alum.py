@@ -58,7 +58,7 @@ from pipeline.methods.objective import (
     input_gradient,
     kl,
     log_probs,
-    sizes,
+    perturbation_stats,
     symmetric_kl_of,
 )
 from pipeline.model import perturbation
@@ -82,7 +82,13 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(clean.log_probs, log_probs(q), config.kl_grad), q_logits, finite)
     loss = clean.loss + config.alpha * loss_adv
-    return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+    return StepLosses(
+        loss=loss,
+        loss_mlm=clean.loss,
+        loss_adv=loss_adv.detach(),
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=~keep,
+    )
 
 
 def amortized_alum_passes(
@@ -103,7 +109,13 @@ def amortized_alum_passes(
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(target, log_probs(q), "detached"), q_logits, finite)
     yield config.alpha * loss_adv
     total = clean.loss.detach() + config.alpha * loss_adv.detach()
-    return StepLosses(total, clean.loss.detach(), loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+    return StepLosses(
+        loss=total,
+        loss_mlm=clean.loss.detach(),
+        loss_adv=loss_adv.detach(),
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=~keep,
+    )
 
 
 class Alum(Method):

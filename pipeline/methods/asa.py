@@ -273,7 +273,14 @@ def asa_pass(
     yield loss + penalty
     zero = torch.zeros((), device=loss.device)
     return StepLosses(
-        loss, clean.loss, kl, zero, zero, zero, ~kept, extras=torch.cat([penalty.detach().reshape(1), fractions])
+        loss=loss,
+        loss_mlm=clean.loss,
+        loss_adv=kl,
+        delta_norm=zero,
+        adv_grad_norm=zero,
+        delta_lost=zero,
+        skipped=~kept,
+        extras=torch.cat([penalty.detach().reshape(1), fractions]),
     )
 
 

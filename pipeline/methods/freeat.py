@@ -38,8 +38,8 @@ from pipeline.methods.objective import (
     guarded,
     log_probs,
     nll,
-    size,
-    sizes_at,
+    perturbation_radius,
+    perturbation_stats_at,
 )
 from pipeline.model import perturbation
 
@@ -65,14 +65,14 @@ def freeat_pass(
     )
     yield loss
     grad, finite = backward_gradient(delta)
-    bound = size(config) * perturbation.token_scale(embedded, config.scale)
+    bound = perturbation_radius(config) * perturbation.token_scale(embedded, config.scale)
     carry.delta = perturbation.project(delta.detach() + bound * grad.sign(), bound, "linf")
     return StepLosses(
-        loss.detach(),
-        loss.detach(),
-        loss.detach(),
-        *sizes_at(embedded, real, carry.delta, grad, "linf"),
-        ~(keep & finite),
+        loss=loss.detach(),
+        loss_mlm=loss.detach(),
+        loss_adv=loss.detach(),
+        **perturbation_stats_at(embedded, real, carry.delta, grad, "linf"),
+        skipped=~(keep & finite),
     )
 
 

@@ -23,7 +23,7 @@ from pipeline.data.batches import MicroBatch
 from pipeline.methods.companion import Companion
 from pipeline.methods.driver import drive
 from pipeline.methods.freeat import Carry
-from pipeline.methods.objective import STATS
+from pipeline.methods.objective import LOGGED_FIELDS, STATS
 from pipeline.methods.registry import method_of
 from pipeline.train import checkpoint, vanishing
 from pipeline.train.distributed import report
@@ -123,10 +123,7 @@ class StepStats:
         values = vector.tolist()
         total = dict(zip(STATS, values))
         micro = total["micro_batches"]
-        means = {
-            name: total[name] / micro
-            for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")
-        }
+        means = {name: total[name] / micro for name in LOGGED_FIELDS}
         return cls(
             **means,
             nonfinite=total["nonfinite"] > 0,
