@@ -46,7 +46,7 @@ from torch import Tensor
 from pipeline.core import checks
 from pipeline.methods.asa import AsaConfig, AttentionAdversaries
 from pipeline.methods.driver import run_objective
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import METHODS, method_of
 from pipeline.model.perturbation import NORMS, SCALES, UPDATES
@@ -134,7 +134,7 @@ def objective(
     step: int,
     real: Tensor | None = None,
     teacher: Callable[[], Tensor] | None = None,
-    carry: Carry | None = None,
+    carry: ReplayPerturbation | None = None,
     adversaries: AttentionAdversaries | None = None,
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch's objective as a sequence of losses: yields each loss to backward (their

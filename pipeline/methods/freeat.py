@@ -14,9 +14,9 @@ backward, nothing more: there is no separate clean pass, so ``train/loss_mlm`` a
 ``train/loss_adv`` both log the loss trained on (at delta = 0 on a batch's first replay).
 The dropout masks are drawn afresh on each replay, a training step of its own.
 
-The perturbation lives between optimizer steps (`Carry`, one per micro-batch of the rank),
-so a checkpoint is only taken once a batch's replays are done (`FreeAt.at_boundary`): a resumed
-run starts the next batch from delta = 0, as the uninterrupted one does. The one exception
+The perturbation lives between optimizer steps (`ReplayPerturbation`, one per micro-batch of
+the rank), so a checkpoint is only taken once a batch's replays are done (`FreeAt.at_boundary`):
+a resumed run starts the next batch from delta = 0, as the uninterrupted one does. The one exception
 is the checkpoint at train.max_steps, taken wherever the run ends: continued with a higher
 max_steps, the rest of that batch's replays start again from delta = 0.
 """
@@ -45,14 +45,14 @@ from pipeline.model import perturbation
 
 
 @dataclass
-class Carry:
+class ReplayPerturbation:
     """One micro-batch's perturbation, from one replay of its batch to the next."""
 
     delta: Tensor | None = None
 
 
 def freeat_pass(
-    forward: Forward, labels: Tensor, config, real: Tensor | None, carry: Carry
+    forward: Forward, labels: Tensor, config, real: Tensor | None, carry: ReplayPerturbation
 ) -> Generator[Tensor, None, StepLosses]:
     """One replay: its loss to backward, then the perturbation its backward moves into ``carry``."""
     zero = ZeroDelta()  # on a batch's first replay
@@ -90,5 +90,7 @@ class FreeAt(Method):
 
     def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
         if carry is None:
-            raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.methods.freeat)")
+            raise ValueError(
+                "adversarial.method=freeat needs the micro-batch's ReplayPerturbation (pipeline.methods.freeat)"
+            )
         return (yield from freeat_pass(forward, labels, self.config, real, carry))

@@ -31,7 +31,7 @@ from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLo
 if TYPE_CHECKING:
     from pipeline.methods.asa import AttentionAdversaries
     from pipeline.methods.companion import Companion
-    from pipeline.methods.freeat import Carry
+    from pipeline.methods.freeat import ReplayPerturbation
 
 # A micro-batch's logits through another module than the trained one (SMART's teacher).
 ModuleForward = Callable[[nn.Module], Tensor]
@@ -102,7 +102,7 @@ class Method:
         step: int,
         real: Tensor | None = None,
         teacher: Callable[[], Tensor] | None = None,
-        carry: Carry | None = None,
+        carry: ReplayPerturbation | None = None,
         adversaries: AttentionAdversaries | None = None,
     ) -> Generator[Tensor, None, StepLosses]:
         """One micro-batch's losses: yields each to backward, returns its numbers once all are backwarded."""
@@ -151,7 +151,7 @@ class Method:
         forward: Forward,
         labels: Tensor,
         real: Tensor | None,
-        carry: Carry | None,
+        carry: ReplayPerturbation | None,
         adversaries: AttentionAdversaries | None,
     ) -> Generator[Tensor, None, StepLosses]:
         """A driven method's losses, each yielded to backward before the next is computed."""

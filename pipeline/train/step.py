@@ -6,9 +6,9 @@ lets DeepSpeed step. A method may take several backward passes per micro-batch
 gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
 reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
 Every number stays on the device; `StepStats.gather` sums them over the ranks in one
-all-reduce and reads them back: the step's single host sync. `account` counts the step into
-the run's state (`consumed_after` says in advance what it will count) and `check_health`
-stops a run that cannot go on.
+all-reduce and reads them back: the step's single host sync. `advance_state` counts the step
+into the run's state (`consumed_after` says in advance what it will count) and
+`check_health` stops a run that cannot go on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 from pipeline.data.batches import MicroBatch
 from pipeline.methods.companion import Companion
 from pipeline.methods.driver import drive
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.objective import LOGGED_FIELDS, STATS
 from pipeline.methods.registry import method_of
 from pipeline.train import checkpoint, vanishing
@@ -41,7 +41,7 @@ def train_step(
     adversarial,
     step: int,
     companion: Companion | None = None,
-    carries: list[Carry] | None = None,
+    carries: list[ReplayPerturbation] | None = None,
 ) -> Tensor:
     """This rank's summed `STATS` of the step (then the method's extras), on the device. The
     `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
@@ -137,7 +137,7 @@ class StepStats:
         return alpha * self.loss_adv / self.loss_mlm if self.loss_mlm > 0 else 0.0
 
 
-def account(state: TrainState, stats: StepStats, config, engine) -> None:
+def advance_state(state: TrainState, stats: StepStats, config, engine) -> None:
     """Count the step just done into `state`. An update that was applied although the loss
     was not finite (ZeRO stage 0 in fp32 cannot skip it) stops the run at once."""
     adv = config.adversarial
