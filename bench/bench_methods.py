@@ -77,7 +77,7 @@ def method_step(method: str, model: MaskedLM, companion: Companion | None):
             ascent_forward=lambda d: model(ids, mask, index, d)[0],
             labels=batch.labels,
             backward=torch.Tensor.backward,
-            real=mask,
+            real_tokens=mask,
             companion=companion,
             module_forward=lambda module: module(ids, mask, index)[0],
             carry=carry,

@@ -92,10 +92,10 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
 
 
 def amortized_alum_passes(
-    forward: Forward, labels: Tensor, config, real: Tensor | None
+    forward: Forward, labels: Tensor, config, real_tokens: Tensor | None
 ) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real, zero)
+    clean = clean_pass(forward, labels, real_tokens, zero)
     unit = perturbation.token_scale(clean.embedded, config.scale)
     noise = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
@@ -136,5 +136,5 @@ class AlumAmortized(Method):
     def backwards(self) -> int:
         return 2
 
-    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
-        return (yield from amortized_alum_passes(forward, labels, self.config, real))
+    def driven_losses(self, forward, labels, real_tokens, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        return (yield from amortized_alum_passes(forward, labels, self.config, real_tokens))

@@ -28,7 +28,7 @@ def drive(
     ascent_forward: AscentForward,
     labels: Tensor,
     backward: Callable[[Tensor], None],
-    real: Tensor | None = None,
+    real_tokens: Tensor | None = None,
     companion: Companion | None = None,
     module_forward: ModuleForward | None = None,
     carry: ReplayPerturbation | None = None,
@@ -42,7 +42,7 @@ def drive(
         ascent_forward,
         labels,
         step=step,
-        real=real,
+        real_tokens=real_tokens,
         carry=carry,
         **method.objective_args(companion, module_forward),
     )

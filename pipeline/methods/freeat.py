@@ -35,6 +35,7 @@ from pipeline.methods.objective import (
     StepLosses,
     ZeroDelta,
     backward_gradient,
+    every_token_or,
     guarded,
     log_probs,
     nll,
@@ -52,14 +53,14 @@ class ReplayPerturbation:
 
 
 def freeat_pass(
-    forward: Forward, labels: Tensor, config, real: Tensor | None, carry: ReplayPerturbation
+    forward: Forward, labels: Tensor, config, real_tokens: Tensor | None, carry: ReplayPerturbation
 ) -> Generator[Tensor, None, StepLosses]:
     """One replay: its loss to backward, then the perturbation its backward moves into ``carry``."""
     zero = ZeroDelta()  # on a batch's first replay
     delta = carry.delta.requires_grad_(True) if carry.delta is not None else zero
     logits, embedded = forward(delta)
     delta = zero.tensor if carry.delta is None else delta
-    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
+    real_tokens = every_token_or(real_tokens, embedded)
     loss, keep = guarded(
         lambda q: nll(log_probs(q), labels), logits, torch.ones((), dtype=torch.bool, device=embedded.device)
     )
@@ -71,7 +72,7 @@ def freeat_pass(
         loss=loss.detach(),
         loss_mlm=loss.detach(),
         loss_adv=loss.detach(),
-        **perturbation_stats_at(embedded, real, carry.delta, grad, "linf"),
+        **perturbation_stats_at(embedded, real_tokens, carry.delta, grad, "linf"),
         skipped=~(keep & finite),
     )
 
@@ -88,9 +89,9 @@ class FreeAt(Method):
             return 0
         return (step - self.config.start_step) % self.config.steps
 
-    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+    def driven_losses(self, forward, labels, real_tokens, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
         if carry is None:
             raise ValueError(
                 "adversarial.method=freeat needs the micro-batch's ReplayPerturbation (pipeline.methods.freeat)"
             )
-        return (yield from freeat_pass(forward, labels, self.config, real, carry))
+        return (yield from freeat_pass(forward, labels, self.config, real_tokens, carry))

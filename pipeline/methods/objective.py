@@ -95,7 +95,7 @@ class CleanPass:
     log_probs: Tensor  # computed once, shared by the clean loss and the methods' terms
     loss: Tensor
     embedded: Tensor  # the unperturbed embeddings delta is added to [B, T, H]
-    real: Tensor  # bool [B, T]
+    real_tokens: Tensor  # bool [B, T]
     replay: Replay
 
 
@@ -133,13 +133,22 @@ class ZeroDelta:
         return self.tensor
 
 
-def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None, delta: ZeroDelta | None = None) -> CleanPass:
+def clean_pass(
+    forward: Forward, labels: Tensor, real_tokens: Tensor | None, delta: ZeroDelta | None = None
+) -> CleanPass:
     """The clean pass; with a `ZeroDelta`, one whose backward gives the gradient at delta = 0."""
     replay = Replay().start()
     logits, embedded = forward(delta)
     log_p = log_probs(logits)
-    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
-    return CleanPass(logits, log_p, nll(log_p, labels), embedded, real, replay)
+    real_tokens = every_token_or(real_tokens, embedded)
+    return CleanPass(logits, log_p, nll(log_p, labels), embedded, real_tokens, replay)
+
+
+def every_token_or(real_tokens: Tensor | None, embedded: Tensor) -> Tensor:
+    """``real_tokens`` (the attention mask) as bool [B, T]; None means every token of ``embedded`` is real."""
+    if real_tokens is None:
+        return torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device)
+    return real_tokens.bool()
 
 
 def input_gradient(loss_of: Callable[[Tensor], Tensor], logits: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -197,15 +206,17 @@ def guarded(term: Callable[[Tensor], Tensor], logits: Tensor, finite: Tensor) ->
 def perturbation_stats(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> dict[str, Tensor]:
     """The `StepLosses` fields that describe the perturbation, by name: delta's and the
     gradient's mean per-token norms over real tokens, the fraction of delta lost to rounding."""
-    return perturbation_stats_at(clean.embedded, clean.real, delta, grad, norm)
+    return perturbation_stats_at(clean.embedded, clean.real_tokens, delta, grad, norm)
 
 
-def perturbation_stats_at(embedded: Tensor, real: Tensor, delta: Tensor, grad: Tensor, norm: str) -> dict[str, Tensor]:
+def perturbation_stats_at(
+    embedded: Tensor, real_tokens: Tensor, delta: Tensor, grad: Tensor, norm: str
+) -> dict[str, Tensor]:
     """`perturbation_stats` for a method without a separate clean pass."""
     return {
-        "delta_norm": perturbation.real_mean(token_norm(delta, norm), real),
-        "adv_grad_norm": perturbation.real_mean(token_norm(grad, norm), real),
-        "delta_lost": perturbation.lost_fraction(embedded, delta, real),
+        "delta_norm": perturbation.real_mean(token_norm(delta, norm), real_tokens),
+        "adv_grad_norm": perturbation.real_mean(token_norm(grad, norm), real_tokens),
+        "delta_lost": perturbation.lost_fraction(embedded, delta, real_tokens),
     }
 
 

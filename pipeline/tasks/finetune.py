@@ -197,7 +197,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             ascent_forward=lambda d: ascent(input_ids, mask, d)[0],
             labels=train_labels[mine].to(device),
             backward=accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
-            real=mask,
+            real_tokens=mask,
             companion=companion,
             module_forward=lambda module: module(input_ids, mask)[0],
             carry=carry,

@@ -69,7 +69,7 @@ def train_step(
             ascent_forward=ascent_forward,
             labels=batch.labels,
             backward=backward,
-            real=batch.attention_mask,
+            real_tokens=batch.attention_mask,
             companion=companion,
             module_forward=module_forward,
             carry=carries[i] if carries else None,
