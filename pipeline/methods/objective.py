@@ -75,7 +75,7 @@ class StepLosses:
     def stats(self) -> Tensor:
         """The numbers of `STATS`, then the extras, as one float64 vector, still on the device (no host sync)."""
         vector = torch.stack([getattr(self, name).detach().double() for name in LOGGED_FIELDS])
-        flags = torch.stack([~torch.isfinite(vector[0]), self.skipped]).double()
+        flags = torch.stack([~torch.isfinite(self.loss.detach()), self.skipped]).double()
         extras = [] if self.extras is None else [self.extras.detach().double()]
         return torch.cat([vector, flags, vector.new_ones(1), *extras])
 
