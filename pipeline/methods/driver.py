@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator
 from torch import Tensor
 
 from pipeline.methods.companion import Companion
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.method import ModuleForward
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import method_of
@@ -28,10 +28,10 @@ def drive(
     ascent_forward: AscentForward,
     labels: Tensor,
     backward: Callable[[Tensor], None],
-    real: Tensor | None = None,
+    real_tokens: Tensor | None = None,
     companion: Companion | None = None,
     module_forward: ModuleForward | None = None,
-    carry: Carry | None = None,
+    carry: ReplayPerturbation | None = None,
 ) -> StepLosses:
     """One micro-batch of ``config``'s method at optimizer step ``step``: `backward` each loss
     it yields, in order; returns its numbers. ``module_forward(module)`` runs the micro-batch
@@ -42,7 +42,7 @@ def drive(
         ascent_forward,
         labels,
         step=step,
-        real=real,
+        real_tokens=real_tokens,
         carry=carry,
         **method.objective_args(companion, module_forward),
     )

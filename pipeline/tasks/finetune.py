@@ -36,7 +36,7 @@ from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.glue import Task, load_task
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.driver import drive
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.registry import FINETUNE_NAMES, method_of
 from pipeline.model.masked_lm import ARCHS, Perturbation, local_device
 from pipeline.train.deepspeed_setup import (
@@ -176,12 +176,12 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     history, started, order = [], time.perf_counter(), torch.empty(0, dtype=torch.long)
     progress = tqdm(range(total), desc=f"seed {seed} ({args.method})", unit="step", disable=None if rank == 0 else True)
-    position, carry = 0, Carry()  # batches drawn so far; FreeAT's perturbation between replays of one
+    position, carry = 0, ReplayPerturbation()  # batches drawn so far; FreeAT's perturbation between replays of one
     for step in progress:
         replay = method.replay_index(step)
         if position % steps_per_epoch == 0 and replay == 0:
             order = torch.randperm(len(train_ids), generator=generator)
-        carry = carry if replay else Carry()
+        carry = carry if replay else ReplayPerturbation()
         chosen = order[(position % steps_per_epoch) * args.batch_size :][: args.batch_size].tolist()
         share = math.ceil(len(chosen) / world)
         mine = chosen[rank * share : (rank + 1) * share]
@@ -197,7 +197,7 @@ def finetune_seed(args, task: Task, seed: int) -> dict:
             ascent_forward=lambda d: ascent(input_ids, mask, d)[0],
             labels=train_labels[mine].to(device),
             backward=accumulating_backward(engine, method.passes(step)) if engine else Tensor.backward,
-            real=mask,
+            real_tokens=mask,
             companion=companion,
             module_forward=lambda module: module(input_ids, mask)[0],
             carry=carry,

@@ -3,7 +3,7 @@
 A step's batch is a pure function of (step, consumed samples): the sample order and the
 masks of `pipeline.data.batches.Batches`, at the curriculum's rate for the consumed samples, with
 FreeAT's replays repeating their batch's. Both are known for step N + 1 before step N's
-stats are read back (`pipeline.train.step.consumed_after` counts as `account` will), so the loop
+stats are read back (`pipeline.train.step.consumed_after` counts as `advance_state` will), so the loop
 queues step N on the device, builds step N + 1's batch (the numpy masking, the pinned
 tensors) and only then waits for step N's read-back; otherwise the device would idle while
 the host builds it. `StepInputs` keeps the batch it built last with what it was built for,

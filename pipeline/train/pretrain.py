@@ -34,7 +34,7 @@ from pipeline.data.batches import Batches, ShardDataset
 from pipeline.data.masking import MaskVocab
 from pipeline.data.mixture import Mixture
 from pipeline.methods.companion import Companion
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.registry import method_of
 from pipeline.model.masked_lm import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.train import checkpoint
@@ -64,7 +64,7 @@ from pipeline.train.prefetch import StepInputs
 from pipeline.train.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.train.run_lock import RunLock
 from pipeline.train.rundir import resolve_run_config, write_run_files
-from pipeline.train.step import StepStats, TrainingAborted, account, check_health, consumed_after, train_step
+from pipeline.train.step import StepStats, TrainingAborted, advance_state, check_health, consumed_after, train_step
 from pipeline.train.stop import StopRequest
 from pipeline.train.training_data import Evaluators, TrainingData, open_training_data
 
@@ -254,11 +254,11 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
     inputs = StepInputs(batches, config)
     method = method_of(config.adversarial)
     started = time.perf_counter()
-    carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
+    carries: list[ReplayPerturbation] = []  # FreeAT's perturbations, from one replay of a batch to the next
     while state.step < max_steps:
         batch, rate = inputs(state.step, state.consumed_samples)
         replay = method.replay_index(state.step)  # 0 unless FreeAT replays this batch
-        carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
+        carries = carries if replay and carries else [ReplayPerturbation() for _ in batch.micro_batches]
         sums = train_step(
             engine,
             batch.micro_batches,
@@ -270,7 +270,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         if state.step + 1 < max_steps:  # the next step's batch, built while the device runs this one
             inputs(state.step + 1, consumed_after(config, state.step + 1, state.consumed_samples))
         stats = StepStats.gather(sums, stop=StopRequest.requested())
-        account(state, stats, config, engine)
+        advance_state(state, stats, config, engine)
         seconds = time.perf_counter() - started
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):

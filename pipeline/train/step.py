@@ -6,9 +6,9 @@ lets DeepSpeed step. A method may take several backward passes per micro-batch
 gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
 reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
 Every number stays on the device; `StepStats.gather` sums them over the ranks in one
-all-reduce and reads them back: the step's single host sync. `account` counts the step into
-the run's state (`consumed_after` says in advance what it will count) and `check_health`
-stops a run that cannot go on.
+all-reduce and reads them back: the step's single host sync. `advance_state` counts the step
+into the run's state (`consumed_after` says in advance what it will count) and
+`check_health` stops a run that cannot go on.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import Tensor
 from pipeline.data.batches import MicroBatch
 from pipeline.methods.companion import Companion
 from pipeline.methods.driver import drive
-from pipeline.methods.freeat import Carry
-from pipeline.methods.objective import STATS
+from pipeline.methods.freeat import ReplayPerturbation
+from pipeline.methods.objective import LOGGED_FIELDS, STATS
 from pipeline.methods.registry import method_of
 from pipeline.train import checkpoint, vanishing
 from pipeline.train.distributed import report
@@ -41,7 +41,7 @@ def train_step(
     adversarial,
     step: int,
     companion: Companion | None = None,
-    carries: list[Carry] | None = None,
+    carries: list[ReplayPerturbation] | None = None,
 ) -> Tensor:
     """This rank's summed `STATS` of the step (then the method's extras), on the device. The
     `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
@@ -69,7 +69,7 @@ def train_step(
             ascent_forward=ascent_forward,
             labels=batch.labels,
             backward=backward,
-            real=batch.attention_mask,
+            real_tokens=batch.attention_mask,
             companion=companion,
             module_forward=module_forward,
             carry=carries[i] if carries else None,
@@ -123,10 +123,7 @@ class StepStats:
         values = vector.tolist()
         total = dict(zip(STATS, values))
         micro = total["micro_batches"]
-        means = {
-            name: total[name] / micro
-            for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")
-        }
+        means = {name: total[name] / micro for name in LOGGED_FIELDS}
         return cls(
             **means,
             nonfinite=total["nonfinite"] > 0,
@@ -140,7 +137,7 @@ class StepStats:
         return alpha * self.loss_adv / self.loss_mlm if self.loss_mlm > 0 else 0.0
 
 
-def account(state: TrainState, stats: StepStats, config, engine) -> None:
+def advance_state(state: TrainState, stats: StepStats, config, engine) -> None:
     """Count the step just done into `state`. An update that was applied although the loss
     was not finite (ZeRO stage 0 in fp32 cannot skip it) stops the run at once."""
     adv = config.adversarial
