@@ -31,6 +31,7 @@ contributes 0 (`guarded`), as in the other methods.
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -49,9 +50,12 @@ from pipeline.methods.objective import (
 )
 from pipeline.model import perturbation
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 def accumulated_passes(
-    forward: Forward, labels: Tensor, config, real_tokens: Tensor | None, updates: int = 1
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, updates: int = 1
 ) -> Generator[Tensor, None, StepLosses]:
     """K (or m) passes, each followed by ``updates`` moves of delta (FreeLB: 1; YOPO: n)."""
     passes = config.steps
@@ -88,7 +92,7 @@ def accumulated_passes(
     )
 
 
-def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config) -> Tensor:
+def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config: AdversarialConfig) -> Tensor:
     """`updates` ascent updates of delta along the same gradient (pipeline.model.perturbation)."""
     for _ in range(updates):
         delta = perturbation.ascent_update(delta, grad, unit, config)

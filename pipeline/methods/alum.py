@@ -41,6 +41,7 @@ towards p. docs/methods-bench.md and docs/results/ measure what that costs and b
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -63,8 +64,13 @@ from pipeline.methods.objective import (
 )
 from pipeline.model import perturbation
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
-def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config) -> StepLosses:
+
+def alum_losses(
+    clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config: AdversarialConfig
+) -> StepLosses:
     unit = perturbation.token_scale(clean.embedded, config.scale)
     delta = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
@@ -92,7 +98,7 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
 
 
 def amortized_alum_passes(
-    forward: Forward, labels: Tensor, config, real_tokens: Tensor | None
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None
 ) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()
     clean = clean_pass(forward, labels, real_tokens, zero)

@@ -40,6 +40,7 @@ import contextlib
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,9 @@ from data_prep.errors import UserError
 from pipeline.core import checks
 from pipeline.methods.method import Method
 from pipeline.methods.objective import Forward, StepLosses, clean_pass, guarded, log_probs, symmetric_kl_of
+
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
 IMPLEMENTATION = "asa_sdpa"
 MASKED = -10000.0  # the released code's bias on a masked unit
@@ -151,7 +155,9 @@ class AttentionAdversaries:
 
     CLIENT_KEY = "asa_adversaries"
 
-    def __init__(self, hf_model: nn.Module, config, weight_decay: float = 0.01, grad_clip: float = 1.0):
+    def __init__(
+        self, hf_model: nn.Module, config: AdversarialConfig, weight_decay: float = 0.01, grad_clip: float = 1.0
+    ):
         """``config``: the ``adversarial.asa`` section; the layers are checked against the model."""
         register()
         modules = attention_modules(hf_model)
@@ -254,7 +260,7 @@ class AttentionAdversaries:
 
 
 def asa_pass(
-    forward: Forward, labels: Tensor, config, real_tokens: Tensor | None, masks: AttentionAdversaries
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, masks: AttentionAdversaries
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch of ASA: yields the loss to backward (penalty included), returns its numbers."""
     clean = clean_pass(forward, labels, real_tokens)

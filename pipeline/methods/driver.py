@@ -10,6 +10,7 @@ update) stays theirs.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -19,9 +20,12 @@ from pipeline.methods.method import ModuleForward
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import method_of
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 def drive(
-    config,
+    config: AdversarialConfig,
     *,
     step: int,
     forward: Forward,

@@ -18,6 +18,8 @@ same strength, and ALUM's default step (0.1) is the default size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.methods.method import Method
@@ -36,6 +38,9 @@ from pipeline.methods.objective import (
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 def fgm_losses(
     clean: CleanPass,
@@ -43,7 +48,7 @@ def fgm_losses(
     ascent_forward: AscentForward,
     labels,
     *,
-    config,
+    config: AdversarialConfig,
     sign: bool,
     weights: tuple[float, float],
 ) -> StepLosses:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -44,6 +45,9 @@ from pipeline.methods.objective import (
 )
 from pipeline.model import perturbation
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 @dataclass
 class ReplayPerturbation:
@@ -53,7 +57,7 @@ class ReplayPerturbation:
 
 
 def freeat_pass(
-    forward: Forward, labels: Tensor, config, real_tokens: Tensor | None, carry: ReplayPerturbation
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, carry: ReplayPerturbation
 ) -> Generator[Tensor, None, StepLosses]:
     """One replay: its loss to backward, then the perturbation its backward moves into ``carry``."""
     zero = ZeroDelta()  # on a batch's first replay

@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLosses, clean_pass
 
 if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
+if TYPE_CHECKING:
     from pipeline.methods.asa import AttentionAdversaries
     from pipeline.methods.companion import Companion
     from pipeline.methods.freeat import ReplayPerturbation
@@ -48,7 +51,7 @@ class Method:
     default_steps: ClassVar[int] = 1  # adversarial.steps when left null
     default_norm: ClassVar[str] = "linf"  # adversarial.norm when left null
 
-    def __init__(self, config):
+    def __init__(self, config: AdversarialConfig):
         """``config``: the ``adversarial`` section (`pipeline.methods.adversarial.AdversarialConfig`)."""
         self.config = config
 

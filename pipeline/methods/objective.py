@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from torch import Tensor
 from pipeline.core.rng import RngState
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
+
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
 Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 AscentForward = Callable[[Tensor], Tensor]
@@ -220,7 +224,7 @@ def perturbation_stats_at(
     }
 
 
-def perturbation_radius(config) -> float:
+def perturbation_radius(config: AdversarialConfig) -> float:
     """A gradient method's perturbation size, in units of `perturbation.token_scale`:
     ``adversarial.eps``, or ``step_size`` when eps is null."""
     return config.eps if config.eps is not None else config.step_size

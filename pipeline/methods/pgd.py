@@ -17,6 +17,7 @@ micro-batch's contribution: its adversarial loss is its only loss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -37,8 +38,13 @@ from pipeline.methods.objective import (
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
-def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config) -> StepLosses:
+
+def pgd_losses(
+    clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config: AdversarialConfig
+) -> StepLosses:
     unit = perturbation.token_scale(clean.embedded, config.scale)
     bound = perturbation_radius(config) * unit
     start = (torch.rand(clean.embedded.shape, device=unit.device).to(unit.dtype) * 2 - 1) * bound

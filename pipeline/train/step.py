@@ -14,6 +14,7 @@ into the run's state (`consumed_after` says in advance what it will count) and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import deepspeed.comm as dist
 import torch
@@ -29,13 +30,18 @@ from pipeline.train import checkpoint, vanishing
 from pipeline.train.distributed import report
 from pipeline.train.resume import TrainState
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
+
 
 class TrainingAborted(Exception):
     """Training cannot go on (e.g. the loss stays non-finite); the last checkpoint is intact."""
 
 
 def train_step(
-    engine,
+    engine: DeepSpeedEngine,
     micro_batches: list[MicroBatch],
     *,
     adversarial,
@@ -83,7 +89,7 @@ def train_step(
     return sums
 
 
-def accumulating_backward(engine, count: int):
+def accumulating_backward(engine: DeepSpeedEngine, count: int):
     """`engine.backward` for the `count` backward passes of one optimizer step, the last one
     marked as the gradient-accumulation boundary. Each loss is divided by DeepSpeed's
     gradient_accumulation_steps (the micro-batches), not by the passes: a method's yielded
@@ -137,7 +143,7 @@ class StepStats:
         return alpha * self.loss_adv / self.loss_mlm if self.loss_mlm > 0 else 0.0
 
 
-def advance_state(state: TrainState, stats: StepStats, config, engine) -> None:
+def advance_state(state: TrainState, stats: StepStats, config: RunConfig, engine: DeepSpeedEngine) -> None:
     """Count the step just done into `state`. An update that was applied although the loss
     was not finite (ZeRO stage 0 in fp32 cannot skip it) stops the run at once."""
     adv = config.adversarial
@@ -155,7 +161,7 @@ def advance_state(state: TrainState, stats: StepStats, config, engine) -> None:
         state.vanish_streak = state.vanish_streak + 1 if counts else 0
 
 
-def consumed_after(config, steps_done: int, consumed: int) -> int:
+def consumed_after(config: RunConfig, steps_done: int, consumed: int) -> int:
     """The samples consumed once ``steps_done`` optimizer steps are done, from ``consumed``
     before the last of them: a global batch a step, FreeAT's once a batch's last replay is
     done. It needs no stats, so the trainer knows the next step's batch before this step's
@@ -165,7 +171,7 @@ def consumed_after(config, steps_done: int, consumed: int) -> int:
     return consumed
 
 
-def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:
+def check_health(state: TrainState, stats: StepStats, config: RunConfig, run_dir) -> None:
     """After the step is logged: say once that the adversarial term vanished (or stop on it),
     and stop (TrainingAborted) when the loss has stayed non-finite too long."""
     adv = config.adversarial
