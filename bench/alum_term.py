@@ -161,7 +161,7 @@ def adversarial_gradient(model: MaskedLM, batch, config: AdversarialConfig, seed
 
     torch.manual_seed(seed)
     out = compute_losses(
-        forward, lambda d: model(ids, mask, masked_index, d)[0], batch.labels, config=config, step=0, real=mask
+        forward, lambda d: model(ids, mask, masked_index, d)[0], batch.labels, config=config, step=0, real_tokens=mask
     )
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)

@@ -35,7 +35,7 @@ from pipeline.data.masking import MaskVocab
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.companion import Companion
 from pipeline.methods.driver import drive
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.registry import METHODS, method_of
 from pipeline.methods.smart import Teacher
 from pipeline.model.masked_lm import MaskedLM
@@ -64,12 +64,12 @@ class Passes:
 def method_step(method: str, model: MaskedLM, companion: Companion | None):
     config = AdversarialConfig(method=method, start_step=0)
     optimizer = make_optimizer(model, OPTIMIZER, {})
-    done, carry = 0, Carry()
+    done, carry = 0, ReplayPerturbation()
 
     def step(batch) -> None:
         nonlocal done, carry
         ids, mask, index = batch.input_ids, batch.attention_mask, batch.masked_index
-        carry = carry if method_of(config).replay_index(done) else Carry()
+        carry = carry if method_of(config).replay_index(done) else ReplayPerturbation()
         drive(
             config,
             step=done,
@@ -77,7 +77,7 @@ def method_step(method: str, model: MaskedLM, companion: Companion | None):
             ascent_forward=lambda d: model(ids, mask, index, d)[0],
             labels=batch.labels,
             backward=torch.Tensor.backward,
-            real=mask,
+            real_tokens=mask,
             companion=companion,
             module_forward=lambda module: module(ids, mask, index)[0],
             carry=carry,

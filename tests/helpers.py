@@ -17,13 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
+
+from data_prep import manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
-sys.path.append(
-    str(REPO / "bench")
-)  # the tiny run is shared with bench/fault_injection.py, whose modules the tests import
+# The tiny run is shared with bench/fault_injection.py, whose modules the tests import.
+sys.path.append(str(REPO / "bench"))
 
 # The tests import these from here too: RUN, build_shards, build_tokenizer, comparable, pretrain_args.
 from tiny_run import CONFIG, RUN, build_shards, build_tokenizer, comparable, launch_command, pretrain_args  # noqa: E402,F401
@@ -276,3 +279,14 @@ def checkpoint_logits(run_dir: Path, tag: str, out: Path) -> dict:
         )
     )
     return torch.load(out)
+
+
+def shard_rows(directory: Path, split: str = "train") -> np.ndarray:
+    """Every row of a shard split, read straight from its Arrow files (not through the pipeline's reader)."""
+    data = manifest.read(directory)
+    blocks = []
+    for entry in data["splits"][split]["shards"]:
+        with pa.memory_map(str(directory / entry["path"])) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        blocks.append(np.asarray(table.column("input_ids").combine_chunks().values).reshape(-1, data["seq_len"]))
+    return np.concatenate(blocks)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pipeline.methods import accumulated
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses, objective, passes, run_objective
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.objective import kl, log_probs, mlm_loss
 from pipeline.methods.registry import method_of
 from pipeline.model import perturbation
@@ -140,7 +140,7 @@ def test_dropout_masks_are_the_clean_pass_s_in_every_freelb_pass():
 def test_freeat_carries_its_perturbation_across_replays():
     config = AdversarialConfig(method="freeat", steps=2, start_step=0, scale="absolute", eps=2.0**-7)
     model, closures, labels = setup()
-    carry = Carry()
+    carry = ReplayPerturbation()
     torch.manual_seed(7)
     run_objective(
         objective(closures.forward, closures.ascent_forward, labels, config=config, step=0, carry=carry),

@@ -369,12 +369,14 @@ def test_the_message_lists_the_choices():
 
 def test_logged_norms_average_over_real_tokens_only():
     ids, mask, labels = batch()
-    real = torch.ones_like(ids, dtype=torch.bool)
-    real[1, 8:] = False  # the tail of the second sequence is padding
+    real_tokens = torch.ones_like(ids, dtype=torch.bool)
+    real_tokens[1, 8:] = False  # the tail of the second sequence is padding
     closures = Closures(tiny_bert(), ids, mask)
     torch.manual_seed(7)
-    result = compute_losses(closures.forward, closures.ascent_forward, labels, config=ALUM, step=0, real=real)
+    result = compute_losses(
+        closures.forward, closures.ascent_forward, labels, config=ALUM, step=0, real_tokens=real_tokens
+    )
     (delta,) = closures.deltas
     per_token = token_norm(delta, ALUM.norm)
-    assert result.delta_norm.item() == pytest.approx(per_token[real].mean().item(), rel=1e-6)
+    assert result.delta_norm.item() == pytest.approx(per_token[real_tokens].mean().item(), rel=1e-6)
     assert result.delta_norm.item() != pytest.approx(per_token.mean().item(), rel=1e-3)

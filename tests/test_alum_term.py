@@ -78,7 +78,7 @@ def ratios(trained, config: AdversarialConfig, precision: str) -> list[tuple[flo
             batch.labels,
             config=config,
             step=0,
-            real=mask,
+            real_tokens=mask,
         )
         assert not losses.skipped
         out.append(

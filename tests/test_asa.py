@@ -21,12 +21,12 @@ def padded_batch():
     """Two sequences, the second with 4 padding tokens; 3 masked positions in each."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(5, VOCAB, (2, 12), generator=generator)
-    real = torch.ones_like(ids)
-    real[1, 8:] = 0
+    real_tokens = torch.ones_like(ids)
+    real_tokens[1, 8:] = 0
     masked = torch.zeros_like(ids, dtype=torch.bool)
     masked[:, [2, 5, 7]] = True
     labels = ids[masked]
-    return ids.masked_fill(masked, MASK_ID), real, masked.flatten().nonzero().squeeze(1), labels
+    return ids.masked_fill(masked, MASK_ID), real_tokens, masked.flatten().nonzero().squeeze(1), labels
 
 
 def attacked(asa: AsaConfig = AsaConfig(), seed: int = 3):
@@ -37,15 +37,15 @@ def attacked(asa: AsaConfig = AsaConfig(), seed: int = 3):
 
 
 def step_losses(model, adversaries, config=ASA, seed=7):
-    ids, real, index, labels = padded_batch()
+    ids, real_tokens, index, labels = padded_batch()
     torch.manual_seed(seed)
     losses = objective(
-        lambda d: model(ids, real, index, d),
-        lambda d: model(ids, real, index, d)[0],
+        lambda d: model(ids, real_tokens, index, d),
+        lambda d: model(ids, real_tokens, index, d)[0],
         labels,
         config=config,
         step=0,
-        real=real,
+        real_tokens=real_tokens,
         adversaries=adversaries,
     )
     yielded = []
@@ -67,9 +67,9 @@ def test_the_straight_through_mask_thresholds_forward_and_has_the_sigmoid_gradie
 def test_the_gradient_reversal_flips_the_adversarys_gradient_exactly():
     torch.manual_seed(0)
     adversary = Adversary(8)
-    hidden, real = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    hidden, real_tokens = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
     weights = torch.randn(2, 5, 5)
-    (adversary(hidden, real) * weights).sum().backward()
+    (adversary(hidden, real_tokens) * weights).sum().backward()
     reversed_grads = [p.grad.clone() for p in adversary.parameters()]
     adversary.zero_grad()
     scores = adversary.query(hidden) @ adversary.key(hidden).transpose(-1, -2) / 8**0.5
@@ -98,20 +98,20 @@ def test_masks_that_keep_every_unit_give_the_clean_pass_exactly(padded):
     mask at all without padding), which differs in the last bits (here by under 1e-7)."""
     model, adversaries = attacked()
     keep_everything(adversaries)
-    ids, real, index, _ = padded_batch()
-    attention = real if padded else None
-    real = real if padded else torch.ones_like(real)
+    ids, real_tokens, index, _ = padded_batch()
+    attention = real_tokens if padded else None
+    real_tokens = real_tokens if padded else torch.ones_like(real_tokens)
     model.eval()
     clean, _ = model(ids, attention, index)
-    with adversaries.active(real):
+    with adversaries.active(real_tokens):
         kept, _ = model(ids, attention, index)
     torch.testing.assert_close(clean, kept, rtol=0, atol=1e-6)
     with sdpa_kernel(SDPBackend.MATH):
         clean, _ = model(ids, attention, index)
-        with adversaries.active(real):
+        with adversaries.active(real_tokens):
             kept, _ = model(ids, attention, index)
     assert torch.equal(clean, kept)
-    assert adversaries.masked_fractions(real).tolist() == [0.0, 0.0]
+    assert adversaries.masked_fractions(real_tokens).tolist() == [0.0, 0.0]
 
 
 class SdpaMasks(TorchFunctionMode):
@@ -136,8 +136,8 @@ def test_outside_an_attack_asa_runs_the_models_plain_sdpa(padded):
     model, _ = attacked()
     plain = MaskedLM(tiny_bert())
     assert model.hf.config._attn_implementation == "asa_sdpa" and plain.hf.config._attn_implementation == "sdpa"
-    ids, real, index, _ = padded_batch()
-    attention = real if padded else None
+    ids, real_tokens, index, _ = padded_batch()
+    attention = real_tokens if padded else None
     for mode in ("eval", "train"):
         runs = []
         for lm in (model, plain):
@@ -157,12 +157,12 @@ def test_outside_an_attack_asa_runs_the_models_plain_sdpa(padded):
 
 def test_a_random_adversary_masks_some_units_and_changes_the_prediction():
     model, adversaries = attacked()
-    ids, real, index, _ = padded_batch()
+    ids, real_tokens, index, _ = padded_batch()
     model.eval()
-    clean, _ = model(ids, real, index)
-    with adversaries.active(real):
-        masked, _ = model(ids, real, index)
-    fractions = adversaries.masked_fractions(real)
+    clean, _ = model(ids, real_tokens, index)
+    with adversaries.active(real_tokens):
+        masked, _ = model(ids, real_tokens, index)
+    fractions = adversaries.masked_fractions(real_tokens)
     assert ((fractions > 0.05) & (fractions < 0.95)).all(), fractions
     assert (masked - clean).abs().max() > 1e-3
     assert set(adversaries.masks[0].unique().tolist()) == {0.0, 1.0}
@@ -209,12 +209,12 @@ def test_the_adversaries_take_adamw_steps_and_their_state_round_trips():
 
 def test_the_sampled_variant_draws_a_new_mask_each_pass():
     model, adversaries = attacked(AsaConfig(gumbel=True))
-    ids, real, index, _ = padded_batch()
+    ids, real_tokens, index, _ = padded_batch()
     draws = []
     for _ in range(2):
-        adversaries.draw_noise(real.bool())
-        with adversaries.active(real):
-            model(ids, real, index)
+        adversaries.draw_noise(real_tokens.bool())
+        with adversaries.active(real_tokens):
+            model(ids, real_tokens, index)
         draws.append(adversaries.masks[1].clone())
     assert not torch.equal(draws[0], draws[1])
     assert set(draws[0].unique().tolist()) == {0.0, 1.0}

@@ -184,7 +184,9 @@ def test_alum_loss_is_cross_entropy_plus_alpha_times_symmetric_kl(small_model, s
         return model(input_ids, mask, delta)
 
     config = AdversarialConfig(method="alum", alpha=1.0)
-    out = compute_losses(forward, lambda d: model(input_ids, mask, d)[0], labels, config=config, step=0, real=mask)
+    out = compute_losses(
+        forward, lambda d: model(input_ids, mask, d)[0], labels, config=config, step=0, real_tokens=mask
+    )
     with torch.no_grad():
         clean = model(input_ids, mask)[0].double()
         perturbed = model(input_ids, mask, deltas[-1])[0].double()
@@ -235,7 +237,7 @@ def test_fgm_and_fgsm_train_on_clean_plus_adversarial_cross_entropy(small_model,
         labels,
         config=AdversarialConfig(method=method),
         step=0,
-        real=mask,
+        real_tokens=mask,
     )
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(model(input_ids, mask)[0], labels)

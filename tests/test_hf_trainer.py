@@ -78,7 +78,7 @@ def test_compute_loss_is_compute_losses_on_the_model(tmp_path, batch):
         batch["labels"],
         config=AdversarialConfig(**ALUM),
         step=0,
-        real=mask,
+        real_tokens=mask,
     )
     loss.backward()
     expected.loss.backward()

@@ -83,7 +83,7 @@ def micro_batch(method: str, attention: torch.Tensor | None):
         labels,
         config=AdversarialConfig(method=method, steps=2),
         step=0,
-        real=attention,
+        real_tokens=attention,
         adversaries=adversaries,
     )
     with HostSyncs() as counter:

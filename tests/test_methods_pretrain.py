@@ -147,13 +147,13 @@ def test_an_asa_export_is_a_plain_masked_lm_with_the_training_models_clean_logit
     training.eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, exported.config.vocab_size - 64, (3, 24), generator=generator)
-    real = torch.ones_like(ids)
-    real[2, 16:] = 0
+    real_tokens = torch.ones_like(ids)
+    real_tokens[2, 16:] = 0
     index = torch.arange(ids.numel())
     with torch.no_grad():
-        clean = training(ids, real, index)[0]
-        with adversaries.active(real):
-            attacked = training(ids, real, index)[0]
-        plain = exported(input_ids=ids, attention_mask=real).logits.flatten(0, 1)
+        clean = training(ids, real_tokens, index)[0]
+        with adversaries.active(real_tokens):
+            attacked = training(ids, real_tokens, index)[0]
+        plain = exported(input_ids=ids, attention_mask=real_tokens).logits.flatten(0, 1)
     assert torch.equal(plain, clean)
     assert (attacked - clean).abs().max() > 1e-3  # the adversaries are there, and act only when active

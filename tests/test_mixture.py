@@ -193,3 +193,20 @@ def test_training_on_a_mismatched_source_stops_in_one_line_before_set_up(
     result = pretrain(tmp_path / "run", train_shards, bert_tokenizer, "data.shards=''", sources, world=1, stage=0)
     refused_in_one_line(result, f"data.sources odd ({odd})", "seq_len 32" if bad == "short_rows" else "tokenizer")
     assert not (tmp_path / "run").exists()  # refused before the run directory, the model or the engine
+
+
+def test_the_progress_line_shows_each_named_sets_validation():
+    from pipeline.train.pretrain import _progress_line
+
+    record = {
+        "train/loss": 7.5,
+        "train/loss_mlm": 7.5,
+        "train/loss_adv": 0.0,
+        "train/mask_rate": 0.05,
+        "train/lr": 1e-3,
+        "perf/tokens_per_s": 1000.0,
+        "eval/wiki/ppl": 812.25,
+        "eval/wiki/loss": 6.7,
+        "eval/sst2/ppl": 1500.0,
+    }
+    assert _progress_line(4, 8, record).endswith(" | eval ppl wiki 812.2, sst2 1500.0")

@@ -286,3 +286,28 @@ def test_fill_mask_masks_a_whole_word_of_held_out_text_and_shows_the_models_gues
     assert len({e.guesses for e in examples}) == 3  # this model has learned its rows: the guesses depend on the text
     lines = format_examples(examples)
     assert lines[0] == f'"... {examples[0].text} ..."  ->  {", ".join(examples[0].guesses)}   [{examples[0].truth}]'
+
+
+def test_named_shard_directories_are_evaluated_each_under_its_name(
+    capsys, tmp_path, model_dir, train_shards, shakespeare_shards
+):
+    # As a mixture's sources and eval.sets are validated in training: eval/NAME/... per set.
+    out = tmp_path / "sets.json"
+    small = ["--batches", "2", "--batch-size", "4", "--radius", "--substitution-rate", "--out", out]
+    argv = ["--model", model_dir, "--shards", f"wiki={train_shards}", f"shakespeare={shakespeare_shards}", *small]
+    assert main(list(map(str, argv))) == 0
+    written = json.loads(out.read_text())["sets"]
+    assert sorted(written) == ["shakespeare", "wiki"]
+    for name, shards in (("wiki", train_shards), ("shakespeare", shakespeare_shards)):
+        assert same(
+            written[name], evaluate_model(model_dir, shards, batches=2, batch_size=4, radii=[], substitution_rates=[])
+        )
+    assert written["wiki"]["clean"]["loss"] != written["shakespeare"]["clean"]["loss"]
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("wiki:\n") and "\nshakespeare:\n" in stdout
+    for bad, why in (
+        ([f"{train_shards}", f"b={train_shards}"], "give each as NAME=DIR"),
+        ([f"a={train_shards}", f"a={shakespeare_shards}"], "the name 'a' is given twice"),
+    ):
+        assert main(list(map(str, ["--model", model_dir, "--shards", *bad, *small]))) == 2
+        assert why in capsys.readouterr().err

@@ -105,22 +105,22 @@ def test_relative_eps_ball_scales_with_the_unit():
 
 def test_bf16_loses_a_delta_of_1e_5_and_keeps_one_of_a_tenth():
     e = embeddings()
-    real = torch.ones(2, 5, dtype=torch.bool)
+    real_tokens = torch.ones(2, 5, dtype=torch.bool)
     tiny, tenth = torch.full_like(e, 1e-5), torch.full_like(e, 0.1)
-    assert lost_fraction(e, tiny, real).item() == 0.0  # float32 keeps it
-    assert lost_fraction(e.to(torch.bfloat16), tiny, real).item() > 0.99
-    assert lost_fraction(e.to(torch.bfloat16), tenth, real).item() < 0.01
+    assert lost_fraction(e, tiny, real_tokens).item() == 0.0  # float32 keeps it
+    assert lost_fraction(e.to(torch.bfloat16), tiny, real_tokens).item() > 0.99
+    assert lost_fraction(e.to(torch.bfloat16), tenth, real_tokens).item() < 0.01
 
 
 def test_padding_is_not_counted():
     e = embeddings().to(torch.bfloat16)
     delta = torch.full(e.shape, 0.1)
     delta[:, 3:] = 1e-6  # lost, but on padding
-    real = torch.ones(2, 5, dtype=torch.bool)
-    real[:, 3:] = False
-    assert lost_fraction(e, delta, real).item() < 0.01
+    real_tokens = torch.ones(2, 5, dtype=torch.bool)
+    real_tokens[:, 3:] = False
+    assert lost_fraction(e, delta, real_tokens).item() < 0.01
     values = torch.arange(10.0).reshape(2, 5)
-    assert real_mean(values, real).item() == pytest.approx((0 + 1 + 2 + 5 + 6 + 7) / 6)
+    assert real_mean(values, real_tokens).item() == pytest.approx((0 + 1 + 2 + 5 + 6 + 7) / 6)
 
 
 # 4. The KL gradient

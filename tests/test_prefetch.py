@@ -16,7 +16,7 @@ from pipeline.methods.registry import method_of
 from pipeline.train.config import load_config
 from pipeline.train.prefetch import StepInputs
 from pipeline.train.resume import TrainState
-from pipeline.train.step import StepStats, account, consumed_after
+from pipeline.train.step import StepStats, advance_state, consumed_after
 
 COUNTED = StepStats(
     loss=1.0,
@@ -75,7 +75,7 @@ def test_the_prefetched_batch_is_the_one_the_loop_built_after_counting_the_step(
         ahead = inputs(
             state.step + 1, consumed_after(config, state.step + 1, state.consumed_samples)
         )  # the next, before the read-back
-        account(state, COUNTED, config, engine=None)
+        advance_state(state, COUNTED, config, engine=None)
         # what the loop built before prefetching, from the state after the step was counted
         rate = config.masking.schedule.rate(epoch_fraction(state.consumed_samples, len(dataset)))
         built = batches.for_step(

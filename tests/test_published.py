@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import checkpoint_logits, ok, pretrain, read_metrics, run_alum
+from helpers import checkpoint_logits, ok, pretrain, read_metrics, run_alum, shard_rows, tree_digest
 from published import make_bert, make_roberta
-from test_shard import rows, tree_digest
 
 from data_prep import manifest
 from data_prep.tokenizer_dir import load_tokenizer
@@ -91,7 +90,7 @@ def test_rows_use_the_tokenizers_framing_and_decode_to_the_documents(name, publi
     )
     docs = documents(wikitext_valid)
     for split in ("train", "val"):
-        table = rows(published_shards[name], split)
+        table = shard_rows(published_shards[name], split)
         assert (table[:, 0] == cls).all()
         bodies = [row[1:][row[1:] != pad] for row in table]
         assert all(body[-1] == sep for body in bodies)
@@ -145,7 +144,7 @@ def test_special_token_strings_in_the_corpus_stay_text(tmp_path, published):
         tmp_path / "s",
         check=True,
     )
-    ids = rows(tmp_path / "s")[0]
+    ids = shard_rows(tmp_path / "s")[0]
     special = set(info.special_token_ids.values())
     content = ids[1:][ids[1:] != info.special_token_ids["pad"]][:-2]  # before the document's and the row's separator
     assert len(content) > 5 and not special & set(content.tolist())
@@ -220,7 +219,7 @@ def test_alum_tokenizer_kinds_load_with_autotokenizer_and_shard(kind, cls_name, 
     run_alum(
         "shard", "--input", wikitext_valid, "--tokenizer", outs[0], "--seq-len", SEQ_LEN, "--out", shards, check=True
     )
-    first = rows(shards)[0]
+    first = shard_rows(shards)[0]
     assert first[0] == tokenizer.cls_token_id
     assert tokenizer.decode(first[1:12].tolist()) == tokenizer.decode(
         tokenizer.encode(documents(wikitext_valid)[0], add_special_tokens=False)[:11]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import sentencepiece as spm
-from helpers import REPO, refused_in_one_line, run_alum, tree_digest
+from helpers import REPO, refused_in_one_line, run_alum, shard_rows, tree_digest
 
 from data_prep import manifest
 from data_prep.corpus import ReadOptions, ReadStats, plan_pieces, read_documents
@@ -49,16 +49,6 @@ def shard(out, inputs, tokenizer, *extra, check=True):
     )
 
 
-def rows(directory: Path, split: str = "train") -> np.ndarray:
-    data = manifest.read(directory)
-    blocks = []
-    for entry in data["splits"][split]["shards"]:
-        with pa.memory_map(str(directory / entry["path"])) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        blocks.append(np.asarray(table.column("input_ids").combine_chunks().values).reshape(-1, data["seq_len"]))
-    return np.concatenate(blocks)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, wikitext_valid, bert_tokenizer) -> Path:
     """A single-worker run: the bytes every other configuration must reproduce."""
@@ -73,7 +63,7 @@ def test_rows_decode_back_to_the_documents(reference, wikitext_valid, bert_token
     cls, sep, pad = (data["special_token_ids"][k] for k in ("cls", "sep", "pad"))
     docs = [d for d in (line.strip() for line in wikitext_valid.read_text(encoding="utf-8").splitlines()) if d]
     for split in ("train", "val"):
-        table = rows(reference, split)
+        table = shard_rows(reference, split)
         assert table.shape[1] == SEQ_LEN and table.dtype == np.uint16
         assert (table[:, 0] == cls).all()
         # Each row is [CLS] content [SEP], then padding in the last row of a piece.
@@ -108,7 +98,7 @@ def test_manifest_contract(reference, bert_tokenizer):
     assert (
         data["num_sequences"]
         == sum(s["num_sequences"] for s in data["splits"].values())
-        == len(rows(reference)) + len(rows(reference, "val"))
+        == len(shard_rows(reference)) + len(shard_rows(reference, "val"))
     )
     assert data["num_tokens"] == data["num_sequences"] * SEQ_LEN - data["stats"]["padding_tokens"]
     for split in data["splits"].values():
@@ -127,7 +117,7 @@ def test_shards_open_with_datasets(reference):
     assert ds.num_rows == entry["num_rows"]
     assert ds.features["input_ids"].length == SEQ_LEN
     ds.set_format("numpy")
-    np.testing.assert_array_equal(ds[:]["input_ids"], rows(reference)[: entry["num_rows"]])
+    np.testing.assert_array_equal(ds[:]["input_ids"], shard_rows(reference)[: entry["num_rows"]])
 
 
 @pytest.mark.slow

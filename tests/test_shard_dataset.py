@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_shard import rows as arrow_rows
+from helpers import shard_rows
 
 from data_prep import manifest
 from data_prep.errors import UserError
@@ -45,7 +45,7 @@ def test_rows_are_the_arrow_files_rows(several_shards, split):
     recorded = manifest.read(several_shards)["splits"][split]
     assert len(recorded["shards"]) >= 2  # so that rows() crosses from block to block
     dataset = ShardDataset(several_shards, split)
-    expected = arrow_rows(several_shards, split)
+    expected = shard_rows(several_shards, split)
     assert len(dataset) == len(expected) == recorded["num_sequences"]
     order = np.random.default_rng(0).permutation(len(dataset))
     rows = dataset.rows(order)

@@ -146,10 +146,10 @@ def masked_batch(
     skip it (a host sync per forward)."""
     rows = dataset.rows(indices)
     masked = mask_tokens(rows, indices, step=step, seed=seed, rate=rate, vocab=vocab)
-    real = rows != vocab.pad_id
+    real_tokens = rows != vocab.pad_id
     return MicroBatch(
         input_ids=torch.from_numpy(masked.input_ids),
-        attention_mask=None if real.all() else torch.from_numpy(real.astype(np.int64)),
+        attention_mask=None if real_tokens.all() else torch.from_numpy(real_tokens.astype(np.int64)),
         masked_index=torch.from_numpy(np.flatnonzero(masked.masked)),
         labels=torch.from_numpy(masked.labels),
     )

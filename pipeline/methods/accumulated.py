@@ -31,6 +31,7 @@ contributes 0 (`guarded`), as in the other methods.
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -45,18 +46,21 @@ from pipeline.methods.objective import (
     guarded,
     log_probs,
     nll,
-    sizes,
+    perturbation_stats,
 )
 from pipeline.model import perturbation
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 def accumulated_passes(
-    forward: Forward, labels: Tensor, config, real: Tensor | None, updates: int = 1
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, updates: int = 1
 ) -> Generator[Tensor, None, StepLosses]:
     """K (or m) passes, each followed by ``updates`` moves of delta (FreeLB: 1; YOPO: n)."""
     passes = config.steps
     zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real, zero)
+    clean = clean_pass(forward, labels, real_tokens, zero)
     clean.replay.mark()
     unit = perturbation.token_scale(clean.embedded, config.scale)
     yield clean.loss / passes
@@ -79,10 +83,16 @@ def accumulated_passes(
     loss_adv = torch.stack(adversarial).mean() if adversarial else torch.zeros((), device=unit.device)
     total = (clean.loss.detach() + loss_adv * len(adversarial)) / passes
     skipped = ~torch.stack(kept).all() if kept else ~finite
-    return StepLosses(total, clean.loss.detach(), loss_adv, *sizes(clean, delta, grad, config.norm), skipped)
+    return StepLosses(
+        loss=total,
+        loss_mlm=clean.loss.detach(),
+        loss_adv=loss_adv,
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=skipped,
+    )
 
 
-def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config) -> Tensor:
+def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config: AdversarialConfig) -> Tensor:
     """`updates` ascent updates of delta along the same gradient (pipeline.model.perturbation)."""
     for _ in range(updates):
         delta = perturbation.ascent_update(delta, grad, unit, config)
@@ -100,8 +110,8 @@ class FreeLB(Method):
     def backwards(self) -> int:
         return self.config.steps
 
-    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
-        return (yield from accumulated_passes(forward, labels, self.config, real, self.updates()))
+    def driven_losses(self, forward, labels, real_tokens, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        return (yield from accumulated_passes(forward, labels, self.config, real_tokens, self.updates()))
 
     def updates(self) -> int:
         """Moves of delta after each pass."""

@@ -46,7 +46,7 @@ from torch import Tensor
 from pipeline.core import checks
 from pipeline.methods.asa import AsaConfig, AttentionAdversaries
 from pipeline.methods.driver import run_objective
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import METHODS, method_of
 from pipeline.model.perturbation import NORMS, SCALES, UPDATES
@@ -132,9 +132,9 @@ def objective(
     *,
     config: AdversarialConfig,
     step: int,
-    real: Tensor | None = None,
+    real_tokens: Tensor | None = None,
     teacher: Callable[[], Tensor] | None = None,
-    carry: Carry | None = None,
+    carry: ReplayPerturbation | None = None,
     adversaries: AttentionAdversaries | None = None,
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch's objective as a sequence of losses: yields each loss to backward (their
@@ -142,7 +142,14 @@ def objective(
     ``teacher``: SMART's teacher forward; ``carry``: FreeAT's perturbation of this micro-batch;
     ``adversaries``: ASA's, attached to the model ``forward`` runs."""
     return method_of(config).objective(
-        forward, ascent_forward, labels, step=step, real=real, teacher=teacher, carry=carry, adversaries=adversaries
+        forward,
+        ascent_forward,
+        labels,
+        step=step,
+        real_tokens=real_tokens,
+        teacher=teacher,
+        carry=carry,
+        adversaries=adversaries,
     )
 
 
@@ -153,16 +160,18 @@ def compute_losses(
     *,
     config: AdversarialConfig,
     step: int,
-    real: Tensor | None = None,
+    real_tokens: Tensor | None = None,
     teacher: Callable[[], Tensor] | None = None,
 ) -> StepLosses:
     """One micro-batch's losses: the clean loss, plus the method's adversarial objective from
     ``adversarial.start_step`` on.
 
-    ``real`` marks real tokens [B, T] (the attention mask); None means every token is real.
+    ``real_tokens`` marks real tokens [B, T] (the attention mask); None means every token is real.
     ``teacher`` (SMART only) returns the teacher's clean logits for the same batch.
     Calls no ``backward``: ascent gradients are taken with ``torch.autograd.grad`` with
     respect to delta alone, so the trainer's single backward of ``loss`` is the only one.
     No host sync: a non-finite gradient or term is dropped with ``torch.where``.
     """
-    return method_of(config).compute_losses(forward, ascent_forward, labels, step=step, real=real, teacher=teacher)
+    return method_of(config).compute_losses(
+        forward, ascent_forward, labels, step=step, real_tokens=real_tokens, teacher=teacher
+    )

@@ -41,6 +41,7 @@ towards p. docs/methods-bench.md and docs/results/ measure what that costs and b
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -58,13 +59,18 @@ from pipeline.methods.objective import (
     input_gradient,
     kl,
     log_probs,
-    sizes,
+    perturbation_stats,
     symmetric_kl_of,
 )
 from pipeline.model import perturbation
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
-def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config) -> StepLosses:
+
+def alum_losses(
+    clean: CleanPass, forward: Forward, ascent_forward: AscentForward, config: AdversarialConfig
+) -> StepLosses:
     unit = perturbation.token_scale(clean.embedded, config.scale)
     delta = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
@@ -82,14 +88,20 @@ def alum_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForwar
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(clean.log_probs, log_probs(q), config.kl_grad), q_logits, finite)
     loss = clean.loss + config.alpha * loss_adv
-    return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+    return StepLosses(
+        loss=loss,
+        loss_mlm=clean.loss,
+        loss_adv=loss_adv.detach(),
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=~keep,
+    )
 
 
 def amortized_alum_passes(
-    forward: Forward, labels: Tensor, config, real: Tensor | None
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None
 ) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real, zero)
+    clean = clean_pass(forward, labels, real_tokens, zero)
     unit = perturbation.token_scale(clean.embedded, config.scale)
     noise = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
@@ -103,7 +115,13 @@ def amortized_alum_passes(
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(target, log_probs(q), "detached"), q_logits, finite)
     yield config.alpha * loss_adv
     total = clean.loss.detach() + config.alpha * loss_adv.detach()
-    return StepLosses(total, clean.loss.detach(), loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+    return StepLosses(
+        loss=total,
+        loss_mlm=clean.loss.detach(),
+        loss_adv=loss_adv.detach(),
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=~keep,
+    )
 
 
 class Alum(Method):
@@ -124,5 +142,5 @@ class AlumAmortized(Method):
     def backwards(self) -> int:
         return 2
 
-    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
-        return (yield from amortized_alum_passes(forward, labels, self.config, real))
+    def driven_losses(self, forward, labels, real_tokens, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+        return (yield from amortized_alum_passes(forward, labels, self.config, real_tokens))

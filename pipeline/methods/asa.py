@@ -40,6 +40,7 @@ import contextlib
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,9 @@ from data_prep.errors import UserError
 from pipeline.core import checks
 from pipeline.methods.method import Method
 from pipeline.methods.objective import Forward, StepLosses, clean_pass, guarded, log_probs, symmetric_kl_of
+
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
 IMPLEMENTATION = "asa_sdpa"
 MASKED = -10000.0  # the released code's bias on a masked unit
@@ -123,11 +127,12 @@ class Adversary(nn.Module):
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden: Tensor, real: Tensor, noise: Tensor | None = None) -> Tensor:
-        """``hidden`` [B, T, H] (detached here), ``real`` bool [B, T], ``noise`` the sampled variant's [B, T, T]."""
+    def forward(self, hidden: Tensor, real_tokens: Tensor, noise: Tensor | None = None) -> Tensor:
+        """``hidden`` [B, T, H] (detached here), ``real_tokens`` bool [B, T], ``noise`` the sampled
+        variant's [B, T, T]."""
         hidden = hidden.detach().to(self.query.weight.dtype)
         scores = self.query(hidden) @ self.key(hidden).transpose(-1, -2) / math.sqrt(hidden.shape[-1])
-        scores = scores + torch.where(real, 0.0, MASKED)[:, None, :].to(scores.dtype)
+        scores = scores + torch.where(real_tokens, 0.0, MASKED)[:, None, :].to(scores.dtype)
         if noise is not None:
             scores = scores + noise
         return GradientReversal.apply(StraightThroughMask.apply(scores))
@@ -150,7 +155,9 @@ class AttentionAdversaries:
 
     CLIENT_KEY = "asa_adversaries"
 
-    def __init__(self, hf_model: nn.Module, config, weight_decay: float = 0.01, grad_clip: float = 1.0):
+    def __init__(
+        self, hf_model: nn.Module, config: AdversarialConfig, weight_decay: float = 0.01, grad_clip: float = 1.0
+    ):
         """``config``: the ``adversarial.asa`` section; the layers are checked against the model."""
         register()
         modules = attention_modules(hf_model)
@@ -162,7 +169,7 @@ class AttentionAdversaries:
         self.optimizer = torch.optim.AdamW(self.adversaries.parameters(), lr=0.0, weight_decay=weight_decay)
         self.grad_norm = torch.zeros(())
         self.masks: dict[int, Tensor] = {}
-        self._real: Tensor | None = None
+        self._real_tokens: Tensor | None = None
         self._noise: dict[int, Tensor] = {}
 
     def stat_names(self) -> list[str]:
@@ -209,29 +216,30 @@ class AttentionAdversaries:
         self.adversaries.load_state_dict(state["adversaries"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def draw_noise(self, real: Tensor) -> None:
+    def draw_noise(self, real_tokens: Tensor) -> None:
         """The sampled variant's logistic noise for the next active pass, drawn now: outside
         the adversarial pass, whose dropout replays the clean pass's RNG."""
         if self.gumbel:
-            batch, length = real.shape
-            uniform = torch.rand((len(self.layers), batch, length, length), device=real.device).clamp(1e-6, 1 - 1e-6)
+            batch, length = real_tokens.shape
+            shape = (len(self.layers), batch, length, length)
+            uniform = torch.rand(shape, device=real_tokens.device).clamp(1e-6, 1 - 1e-6)
             self._noise = dict(zip(self.layers, torch.log(uniform) - torch.log1p(-uniform)))
 
     @contextlib.contextmanager
-    def active(self, real: Tensor):
-        """Forwards inside attack the model with masks of the real tokens ``real`` [B, T]."""
-        self._real, self.masks = real.bool(), {}
+    def active(self, real_tokens: Tensor):
+        """Forwards inside attack the model with masks of the real tokens ``real_tokens`` [B, T] (bool or 0/1)."""
+        self._real_tokens, self.masks = real_tokens.bool(), {}
         try:
             yield self
         finally:
-            self._real, self._noise = None, {}
+            self._real_tokens, self._noise = None, {}
 
     def _hook(self, adversary: Adversary, index: int):
         def hook(module, args, kwargs):
-            if self._real is None:
+            if self._real_tokens is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            mask = adversary(hidden, self._real, self._noise.get(index))
+            mask = adversary(hidden, self._real_tokens, self._noise.get(index))
             self.masks[index] = mask
             module.asa_bias = ((1 - mask) * MASKED)[:, None]  # [B, 1, T, T], over the heads
             return None
@@ -242,9 +250,9 @@ class AttentionAdversaries:
         """kept: the units the masks keep, summed over the layers, per example."""
         return sum(m.sum() for m in self.masks.values()) / self._batch()
 
-    def masked_fractions(self, real: Tensor) -> Tensor:
+    def masked_fractions(self, real_tokens: Tensor) -> Tensor:
         """Per attacked layer, the fraction of (real query, real key) units masked [L]."""
-        pairs = real.float()[:, :, None] * real.float()[:, None, :]
+        pairs = real_tokens.float()[:, :, None] * real_tokens.float()[:, None, :]
         return torch.stack([1 - (self.masks[i].detach() * pairs).sum() / pairs.sum().clamp_min(1) for i in self.layers])
 
     def _batch(self) -> int:
@@ -252,17 +260,17 @@ class AttentionAdversaries:
 
 
 def asa_pass(
-    forward: Forward, labels: Tensor, config, real: Tensor | None, masks: AttentionAdversaries
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, masks: AttentionAdversaries
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch of ASA: yields the loss to backward (penalty included), returns its numbers."""
-    clean = clean_pass(forward, labels, real)
-    masks.draw_noise(clean.real)
+    clean = clean_pass(forward, labels, real_tokens)
+    masks.draw_noise(clean.real_tokens)
     clean.replay.mark()
     clean.replay.again()
-    with masks.active(clean.real):
+    with masks.active(clean.real_tokens):
         adv_logits, _ = forward(None)
         penalty = config.asa.tau**2 * masks.penalty()
-        fractions = masks.masked_fractions(clean.real)
+        fractions = masks.masked_fractions(clean.real_tokens)
     clean.replay.finish()
     kl, kept = guarded(
         lambda q: 0.5 * symmetric_kl_of(clean.log_probs, log_probs(q), "full"),
@@ -273,7 +281,14 @@ def asa_pass(
     yield loss + penalty
     zero = torch.zeros((), device=loss.device)
     return StepLosses(
-        loss, clean.loss, kl, zero, zero, zero, ~kept, extras=torch.cat([penalty.detach().reshape(1), fractions])
+        loss=loss,
+        loss_mlm=clean.loss,
+        loss_adv=kl,
+        delta_norm=zero,
+        adv_grad_norm=zero,
+        delta_lost=zero,
+        skipped=~kept,
+        extras=torch.cat([penalty.detach().reshape(1), fractions]),
     )
 
 
@@ -349,7 +364,7 @@ class Asa(Method):
         """The adversaries' gradient norm of the step, once they are in play."""
         return [companion.grad_norm.double().reshape(1)] if self.active(step) else []
 
-    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+    def driven_losses(self, forward, labels, real_tokens, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
         if adversaries is None:
             raise ValueError("adversarial.method=asa needs the model's AttentionAdversaries (pipeline.methods.asa)")
-        return (yield from asa_pass(forward, labels, self.config, real, adversaries))
+        return (yield from asa_pass(forward, labels, self.config, real_tokens, adversaries))

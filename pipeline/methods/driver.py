@@ -10,28 +10,32 @@ update) stays theirs.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from pipeline.methods.companion import Companion
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.method import ModuleForward
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import method_of
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 def drive(
-    config,
+    config: AdversarialConfig,
     *,
     step: int,
     forward: Forward,
     ascent_forward: AscentForward,
     labels: Tensor,
     backward: Callable[[Tensor], None],
-    real: Tensor | None = None,
+    real_tokens: Tensor | None = None,
     companion: Companion | None = None,
     module_forward: ModuleForward | None = None,
-    carry: Carry | None = None,
+    carry: ReplayPerturbation | None = None,
 ) -> StepLosses:
     """One micro-batch of ``config``'s method at optimizer step ``step``: `backward` each loss
     it yields, in order; returns its numbers. ``module_forward(module)`` runs the micro-batch
@@ -42,7 +46,7 @@ def drive(
         ascent_forward,
         labels,
         step=step,
-        real=real,
+        real_tokens=real_tokens,
         carry=carry,
         **method.objective_args(companion, module_forward),
     )

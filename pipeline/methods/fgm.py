@@ -18,6 +18,8 @@ same strength, and ALUM's default step (0.1) is the default size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.methods.method import Method
@@ -30,11 +32,14 @@ from pipeline.methods.objective import (
     input_gradient,
     log_probs,
     nll,
-    size,
-    sizes,
+    perturbation_radius,
+    perturbation_stats,
 )
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
+
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
 
 def fgm_losses(
@@ -43,27 +48,34 @@ def fgm_losses(
     ascent_forward: AscentForward,
     labels,
     *,
-    config,
+    config: AdversarialConfig,
     sign: bool,
     weights: tuple[float, float],
 ) -> StepLosses:
     """A sign (FGSM) or L2 (FGM) step; ``weights``: (the clean loss's, the adversarial loss's)."""
     unit = perturbation.token_scale(clean.embedded, config.scale)
+    step = perturbation_radius(config) * unit
     clean.replay.mark()
     clean.replay.again()
     start = torch.zeros(clean.embedded.shape, dtype=unit.dtype, device=unit.device, requires_grad=True)
     grad, finite = input_gradient(lambda q: nll(log_probs(q), labels), ascent_forward(start), start)
     if sign:
-        delta, norm = size(config) * unit * grad.sign(), "linf"
+        delta, norm = step * grad.sign(), "linf"
     else:
-        delta, norm = size(config) * unit * grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps), "l2"
+        delta, norm = step * grad / (token_norm(grad, "l2").unsqueeze(-1) + config.grad_eps), "l2"
     clean.replay.again()
     adv_logits, _ = forward(delta)
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: nll(log_probs(q), labels), adv_logits, finite)
     clean_weight, adv_weight = weights
     loss = torch.where(keep, clean_weight, 1.0) * clean.loss + adv_weight * loss_adv
-    return StepLosses(loss, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, norm), ~keep)
+    return StepLosses(
+        loss=loss,
+        loss_mlm=clean.loss,
+        loss_adv=loss_adv.detach(),
+        **perturbation_stats(clean, delta, grad, norm),
+        skipped=~keep,
+    )
 
 
 class Fgm(Method):

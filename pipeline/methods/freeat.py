@@ -14,9 +14,9 @@ backward, nothing more: there is no separate clean pass, so ``train/loss_mlm`` a
 ``train/loss_adv`` both log the loss trained on (at delta = 0 on a batch's first replay).
 The dropout masks are drawn afresh on each replay, a training step of its own.
 
-The perturbation lives between optimizer steps (`Carry`, one per micro-batch of the rank),
-so a checkpoint is only taken once a batch's replays are done (`FreeAt.at_boundary`): a resumed
-run starts the next batch from delta = 0, as the uninterrupted one does. The one exception
+The perturbation lives between optimizer steps (`ReplayPerturbation`, one per micro-batch of
+the rank), so a checkpoint is only taken once a batch's replays are done (`FreeAt.at_boundary`):
+a resumed run starts the next batch from delta = 0, as the uninterrupted one does. The one exception
 is the checkpoint at train.max_steps, taken wherever the run ends: continued with a higher
 max_steps, the rest of that batch's replays start again from delta = 0.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,44 +36,48 @@ from pipeline.methods.objective import (
     StepLosses,
     ZeroDelta,
     backward_gradient,
+    every_token_or,
     guarded,
     log_probs,
     nll,
-    size,
-    sizes_at,
+    perturbation_radius,
+    perturbation_stats_at,
 )
 from pipeline.model import perturbation
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 
 @dataclass
-class Carry:
+class ReplayPerturbation:
     """One micro-batch's perturbation, from one replay of its batch to the next."""
 
     delta: Tensor | None = None
 
 
 def freeat_pass(
-    forward: Forward, labels: Tensor, config, real: Tensor | None, carry: Carry
+    forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, carry: ReplayPerturbation
 ) -> Generator[Tensor, None, StepLosses]:
     """One replay: its loss to backward, then the perturbation its backward moves into ``carry``."""
     zero = ZeroDelta()  # on a batch's first replay
     delta = carry.delta.requires_grad_(True) if carry.delta is not None else zero
     logits, embedded = forward(delta)
     delta = zero.tensor if carry.delta is None else delta
-    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
+    real_tokens = every_token_or(real_tokens, embedded)
     loss, keep = guarded(
         lambda q: nll(log_probs(q), labels), logits, torch.ones((), dtype=torch.bool, device=embedded.device)
     )
     yield loss
     grad, finite = backward_gradient(delta)
-    bound = size(config) * perturbation.token_scale(embedded, config.scale)
+    bound = perturbation_radius(config) * perturbation.token_scale(embedded, config.scale)
     carry.delta = perturbation.project(delta.detach() + bound * grad.sign(), bound, "linf")
     return StepLosses(
-        loss.detach(),
-        loss.detach(),
-        loss.detach(),
-        *sizes_at(embedded, real, carry.delta, grad, "linf"),
-        ~(keep & finite),
+        loss=loss.detach(),
+        loss_mlm=loss.detach(),
+        loss_adv=loss.detach(),
+        **perturbation_stats_at(embedded, real_tokens, carry.delta, grad, "linf"),
+        skipped=~(keep & finite),
     )
 
 
@@ -88,7 +93,9 @@ class FreeAt(Method):
             return 0
         return (step - self.config.start_step) % self.config.steps
 
-    def driven_losses(self, forward, labels, real, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
+    def driven_losses(self, forward, labels, real_tokens, carry, adversaries) -> Generator[Tensor, None, StepLosses]:
         if carry is None:
-            raise ValueError("adversarial.method=freeat needs the micro-batch's Carry (pipeline.methods.freeat)")
-        return (yield from freeat_pass(forward, labels, self.config, real, carry))
+            raise ValueError(
+                "adversarial.method=freeat needs the micro-batch's ReplayPerturbation (pipeline.methods.freeat)"
+            )
+        return (yield from freeat_pass(forward, labels, self.config, real_tokens, carry))

@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLosses, clean_pass
 
 if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
+if TYPE_CHECKING:
     from pipeline.methods.asa import AttentionAdversaries
     from pipeline.methods.companion import Companion
-    from pipeline.methods.freeat import Carry
+    from pipeline.methods.freeat import ReplayPerturbation
 
 # A micro-batch's logits through another module than the trained one (SMART's teacher).
 ModuleForward = Callable[[nn.Module], Tensor]
@@ -48,7 +51,7 @@ class Method:
     default_steps: ClassVar[int] = 1  # adversarial.steps when left null
     default_norm: ClassVar[str] = "linf"  # adversarial.norm when left null
 
-    def __init__(self, config):
+    def __init__(self, config: AdversarialConfig):
         """``config``: the ``adversarial`` section (`pipeline.methods.adversarial.AdversarialConfig`)."""
         self.config = config
 
@@ -100,15 +103,15 @@ class Method:
         labels: Tensor,
         *,
         step: int,
-        real: Tensor | None = None,
+        real_tokens: Tensor | None = None,
         teacher: Callable[[], Tensor] | None = None,
-        carry: Carry | None = None,
+        carry: ReplayPerturbation | None = None,
         adversaries: AttentionAdversaries | None = None,
     ) -> Generator[Tensor, None, StepLosses]:
         """One micro-batch's losses: yields each to backward, returns its numbers once all are backwarded."""
         if self.driven and self.active(step):
-            return (yield from self.driven_losses(forward, labels, real, carry, adversaries))
-        out = self.compute_losses(forward, ascent_forward, labels, step=step, real=real, teacher=teacher)
+            return (yield from self.driven_losses(forward, labels, real_tokens, carry, adversaries))
+        out = self.compute_losses(forward, ascent_forward, labels, step=step, real_tokens=real_tokens, teacher=teacher)
         yield out.loss
         return out
 
@@ -119,7 +122,7 @@ class Method:
         labels: Tensor,
         *,
         step: int,
-        real: Tensor | None = None,
+        real_tokens: Tensor | None = None,
         teacher: Callable[[], Tensor] | None = None,
     ) -> StepLosses:
         """The clean loss, plus the term from adversarial.start_step on, for one backward."""
@@ -130,7 +133,7 @@ class Method:
                 f"({self.passes(step)} per batch): drive it with run_objective(objective(...), backward)"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.trains_clean or not active)):
-            clean = clean_pass(forward, labels, real)
+            clean = clean_pass(forward, labels, real_tokens)
         if not active:
             return StepLosses.clean(clean.loss)
         return self.losses(clean, forward, ascent_forward, labels, teacher)
@@ -150,8 +153,8 @@ class Method:
         self,
         forward: Forward,
         labels: Tensor,
-        real: Tensor | None,
-        carry: Carry | None,
+        real_tokens: Tensor | None,
+        carry: ReplayPerturbation | None,
         adversaries: AttentionAdversaries | None,
     ) -> Generator[Tensor, None, StepLosses]:
         """A driven method's losses, each yielded to backward before the next is computed."""

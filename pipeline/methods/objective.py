@@ -28,7 +28,8 @@ Shared rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,35 +39,27 @@ from pipeline.core.rng import RngState
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 AscentForward = Callable[[Tensor], Tensor]
 
-# The per-micro-batch numbers a step sums and all-reduces, in `StepLosses.stats` order.
-STATS = (
-    "loss",
-    "loss_mlm",
-    "loss_adv",
-    "delta_norm",
-    "adv_grad_norm",
-    "delta_lost",
-    "nonfinite",
-    "adv_skipped",
-    "micro_batches",
-)
+LOGGED = {"logged": True}  # the field's value is one of the numbers `StepLosses.stats` sums, under its name
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepLosses:
     """What one micro-batch produced: the loss to backward and the numbers to log, all 0-dim
     tensors on the device, so that nothing waits for the accelerator until the step's stats
-    are read back once."""
+    are read back once. Built by keyword: several fields are tensors of the same kind."""
 
-    loss: Tensor
-    loss_mlm: Tensor  # the clean loss (masked-LM or classification cross-entropy)
-    loss_adv: Tensor  # the method's adversarial term, before its weight; 0 when off or skipped
-    delta_norm: Tensor  # mean per-token norm of the final delta over real tokens
-    adv_grad_norm: Tensor  # mean per-token norm of the last ascent gradient over real tokens
-    delta_lost: Tensor  # fraction of delta's elements that vanish when added to the embeddings
+    loss: Tensor = field(metadata=LOGGED)
+    loss_mlm: Tensor = field(metadata=LOGGED)  # the clean loss (masked-LM or classification cross-entropy)
+    loss_adv: Tensor = field(metadata=LOGGED)  # the method's adversarial term, before its weight; 0 when off or skipped
+    delta_norm: Tensor = field(metadata=LOGGED)  # mean per-token norm of the final delta over real tokens
+    adv_grad_norm: Tensor = field(metadata=LOGGED)  # mean per-token norm of the last ascent gradient over real tokens
+    delta_lost: Tensor = field(metadata=LOGGED)  # fraction of delta's elements that vanish when added to the embeddings
     skipped: Tensor  # bool: the adversarial term was dropped (non-finite)
     extras: Tensor | None = None  # a method's own numbers [E], named by it (ASA: `AttentionAdversaries.stat_names`)
 
@@ -74,16 +67,28 @@ class StepLosses:
     def clean(cls, loss_mlm: Tensor) -> StepLosses:
         zero = torch.zeros((), device=loss_mlm.device)
         return cls(
-            loss_mlm, loss_mlm, zero, zero, zero, zero, torch.zeros((), dtype=torch.bool, device=loss_mlm.device)
+            loss=loss_mlm,
+            loss_mlm=loss_mlm,
+            loss_adv=zero,
+            delta_norm=zero,
+            adv_grad_norm=zero,
+            delta_lost=zero,
+            skipped=torch.zeros((), dtype=torch.bool, device=loss_mlm.device),
         )
 
     def stats(self) -> Tensor:
         """The numbers of `STATS`, then the extras, as one float64 vector, still on the device (no host sync)."""
-        values = (self.loss, self.loss_mlm, self.loss_adv, self.delta_norm, self.adv_grad_norm, self.delta_lost)
-        vector = torch.stack([v.detach().double() for v in values])
-        flags = torch.stack([~torch.isfinite(vector[0]), self.skipped]).double()
+        vector = torch.stack([getattr(self, name).detach().double() for name in LOGGED_FIELDS])
+        flags = torch.stack([~torch.isfinite(self.loss.detach()), self.skipped]).double()
         extras = [] if self.extras is None else [self.extras.detach().double()]
         return torch.cat([vector, flags, vector.new_ones(1), *extras])
+
+
+# The per-micro-batch numbers a step sums and all-reduces, in `StepLosses.stats` order: the
+# logged fields, whether the loss was not finite, whether the term was skipped, and a 1 that
+# counts the micro-batch.
+LOGGED_FIELDS = tuple(f.name for f in fields(StepLosses) if f.metadata.get("logged"))
+STATS = (*LOGGED_FIELDS, "nonfinite", "adv_skipped", "micro_batches")
 
 
 @dataclass
@@ -94,7 +99,7 @@ class CleanPass:
     log_probs: Tensor  # computed once, shared by the clean loss and the methods' terms
     loss: Tensor
     embedded: Tensor  # the unperturbed embeddings delta is added to [B, T, H]
-    real: Tensor  # bool [B, T]
+    real_tokens: Tensor  # bool [B, T]
     replay: Replay
 
 
@@ -132,13 +137,22 @@ class ZeroDelta:
         return self.tensor
 
 
-def clean_pass(forward: Forward, labels: Tensor, real: Tensor | None, delta: ZeroDelta | None = None) -> CleanPass:
+def clean_pass(
+    forward: Forward, labels: Tensor, real_tokens: Tensor | None, delta: ZeroDelta | None = None
+) -> CleanPass:
     """The clean pass; with a `ZeroDelta`, one whose backward gives the gradient at delta = 0."""
     replay = Replay().start()
     logits, embedded = forward(delta)
     log_p = log_probs(logits)
-    real = torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device) if real is None else real.bool()
-    return CleanPass(logits, log_p, nll(log_p, labels), embedded, real, replay)
+    real_tokens = every_token_or(real_tokens, embedded)
+    return CleanPass(logits, log_p, nll(log_p, labels), embedded, real_tokens, replay)
+
+
+def every_token_or(real_tokens: Tensor | None, embedded: Tensor) -> Tensor:
+    """``real_tokens`` (the attention mask) as bool [B, T]; None means every token of ``embedded`` is real."""
+    if real_tokens is None:
+        return torch.ones(embedded.shape[:-1], dtype=torch.bool, device=embedded.device)
+    return real_tokens.bool()
 
 
 def input_gradient(loss_of: Callable[[Tensor], Tensor], logits: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,22 +207,26 @@ def guarded(term: Callable[[Tensor], Tensor], logits: Tensor, finite: Tensor) ->
     return torch.where(keep, value, torch.zeros_like(value)), keep
 
 
-def sizes(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(delta's and the gradient's mean per-token norms, the fraction of delta lost to rounding)."""
-    return sizes_at(clean.embedded, clean.real, delta, grad, norm)
+def perturbation_stats(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> dict[str, Tensor]:
+    """The `StepLosses` fields that describe the perturbation, by name: delta's and the
+    gradient's mean per-token norms over real tokens, the fraction of delta lost to rounding."""
+    return perturbation_stats_at(clean.embedded, clean.real_tokens, delta, grad, norm)
 
 
-def sizes_at(embedded: Tensor, real: Tensor, delta: Tensor, grad: Tensor, norm: str) -> tuple[Tensor, Tensor, Tensor]:
-    """`sizes` for a method without a separate clean pass."""
-    return (
-        perturbation.real_mean(token_norm(delta, norm), real),
-        perturbation.real_mean(token_norm(grad, norm), real),
-        perturbation.lost_fraction(embedded, delta, real),
-    )
+def perturbation_stats_at(
+    embedded: Tensor, real_tokens: Tensor, delta: Tensor, grad: Tensor, norm: str
+) -> dict[str, Tensor]:
+    """`perturbation_stats` for a method without a separate clean pass."""
+    return {
+        "delta_norm": perturbation.real_mean(token_norm(delta, norm), real_tokens),
+        "adv_grad_norm": perturbation.real_mean(token_norm(grad, norm), real_tokens),
+        "delta_lost": perturbation.lost_fraction(embedded, delta, real_tokens),
+    }
 
 
-def size(config) -> float:
-    """A gradient method's perturbation size: ``adversarial.eps``, or ``step_size`` when eps is null."""
+def perturbation_radius(config: AdversarialConfig) -> float:
+    """A gradient method's perturbation size, in units of `perturbation.token_scale`:
+    ``adversarial.eps``, or ``step_size`` when eps is null."""
     return config.eps if config.eps is not None else config.step_size
 
 

@@ -17,6 +17,7 @@ micro-batch's contribution: its adversarial loss is its only loss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,16 +32,21 @@ from pipeline.methods.objective import (
     input_gradient,
     log_probs,
     nll,
-    size,
-    sizes,
+    perturbation_radius,
+    perturbation_stats,
 )
 from pipeline.model import perturbation
 from pipeline.model.perturbation import token_norm
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
-def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config) -> StepLosses:
+
+def pgd_losses(
+    clean: CleanPass, forward: Forward, ascent_forward: AscentForward, labels, config: AdversarialConfig
+) -> StepLosses:
     unit = perturbation.token_scale(clean.embedded, config.scale)
-    bound = size(config) * unit
+    bound = perturbation_radius(config) * unit
     start = (torch.rand(clean.embedded.shape, device=unit.device).to(unit.dtype) * 2 - 1) * bound
     delta = perturbation.project(start, bound, config.norm)
     clean.replay.mark()
@@ -54,7 +60,7 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
         lambda q: nll(log_probs(q), labels),
         delta,
         unit=unit,
-        radius=size(config),
+        radius=perturbation_radius(config),
         steps=config.steps,
         norm=config.norm,
         grad_eps=config.grad_eps,
@@ -63,7 +69,13 @@ def pgd_losses(clean: CleanPass, forward: Forward, ascent_forward: AscentForward
     adv_logits, _ = forward(delta)
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: nll(log_probs(q), labels), adv_logits, finite)
-    return StepLosses(loss_adv, clean.loss, loss_adv.detach(), *sizes(clean, delta, grad, config.norm), ~keep)
+    return StepLosses(
+        loss=loss_adv,
+        loss_mlm=clean.loss,
+        loss_adv=loss_adv.detach(),
+        **perturbation_stats(clean, delta, grad, config.norm),
+        skipped=~keep,
+    )
 
 
 def pgd_ascent(

@@ -7,6 +7,8 @@ file and a line here. The order is the one the config's error message, `alum fin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.methods.accumulated import FreeLB, Yopo
 from pipeline.methods.alum import Alum, AlumAmortized
 from pipeline.methods.asa import Asa
@@ -16,6 +18,9 @@ from pipeline.methods.method import Method, Standard
 from pipeline.methods.pgd import Pgd
 from pipeline.methods.smart import Smart
 
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
+
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Standard, Alum, AlumAmortized, Smart, Fgsm, Fgm, Pgd, FreeAt, FreeLB, Yopo, Asa)
 }
@@ -23,6 +28,6 @@ METHODS: dict[str, type[Method]] = {
 FINETUNE_NAMES = {("standard" if not cls.adversarial else name): name for name, cls in METHODS.items()}
 
 
-def method_of(config) -> Method:
+def method_of(config: AdversarialConfig) -> Method:
     """The method an ``adversarial`` config section names, bound to it."""
     return METHODS[config.method](config)

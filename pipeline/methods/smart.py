@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,9 @@ from torch import Tensor, nn
 from pipeline.methods.alum import alum_losses
 from pipeline.methods.method import Method
 from pipeline.methods.objective import CleanPass, StepLosses, guarded, log_probs, symmetric_kl_of
+
+if TYPE_CHECKING:
+    from pipeline.methods.adversarial import AdversarialConfig
 
 
 class Teacher:
@@ -100,7 +104,9 @@ def _gathered(params: Iterable[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params)
 
 
-def with_proximal(out: StepLosses, clean: CleanPass, teacher_forward: Callable[[], Tensor], config) -> StepLosses:
+def with_proximal(
+    out: StepLosses, clean: CleanPass, teacher_forward: Callable[[], Tensor], config: AdversarialConfig
+) -> StepLosses:
     """ALUM's `out` plus mu times the proximal term, the teacher run with the clean pass's dropout masks."""
     clean.replay.again()
     with torch.no_grad():

@@ -85,15 +85,15 @@ def project(delta: Tensor, radius: Tensor, norm: str) -> Tensor:
     return delta * (radius / torch.maximum(norms, radius))
 
 
-def lost_fraction(embedded: Tensor, delta: Tensor, real: Tensor) -> Tensor:
+def lost_fraction(embedded: Tensor, delta: Tensor, real_tokens: Tensor) -> Tensor:
     """Fraction of delta's non-zero elements on real tokens that vanish in ``embedded + delta``
     computed as the model computes it (delta cast to the embeddings' dtype, then added)."""
     e = embedded.detach()
-    counted = (delta != 0) & real.unsqueeze(-1)
+    counted = (delta != 0) & real_tokens.unsqueeze(-1)
     lost = ((e + delta.to(e.dtype)) == e) & counted
     return lost.sum() / counted.sum().clamp(min=1)
 
 
-def real_mean(values: Tensor, real: Tensor) -> Tensor:
+def real_mean(values: Tensor, real_tokens: Tensor) -> Tensor:
     """Mean of per-token values [B, T] over real tokens only (padding excluded)."""
-    return (values * real).sum() / real.sum().clamp(min=1)
+    return (values * real_tokens).sum() / real_tokens.sum().clamp(min=1)

@@ -38,7 +38,7 @@ from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.glue import Task, load_task
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.driver import drive
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.registry import FINETUNE_NAMES, method_of
 from pipeline.model.masked_lm import local_device
 from pipeline.tasks.classifier import Classifier, accuracy, check_model_dir, encode, load_model, padded
@@ -151,7 +151,7 @@ def set_up(args: argparse.Namespace, model: Classifier, settings: TrainConfig, w
     return Fit(settings, model, engine, optimizer, schedule, adversarial, method, companion, device)
 
 
-def batches(fit: Fit, examples: int, seed: int) -> Iterator[tuple[int, list[int], Carry]]:
+def batches(fit: Fit, examples: int, seed: int) -> Iterator[tuple[int, list[int], ReplayPerturbation]]:
     """Per optimizer step: (step, this rank's share of the step's global batch as indices into the training set,
     FreeAT's perturbation carried between replays of one batch). The order is a permutation per epoch drawn from
     the seed alone, so a seed's batches do not depend on the number of ranks; a method that replays a batch
@@ -160,12 +160,12 @@ def batches(fit: Fit, examples: int, seed: int) -> Iterator[tuple[int, list[int]
     size = fit.settings.global_batch_size
     per_epoch = math.ceil(examples / size)
     generator = torch.Generator().manual_seed(seed)
-    position, order, carry = 0, torch.empty(0, dtype=torch.long), Carry()  # position: batches drawn so far
+    position, order, carry = 0, torch.empty(0, dtype=torch.long), ReplayPerturbation()  # position: batches drawn so far
     for step in range(fit.settings.max_steps):
         replay = fit.method.replay_index(step)
         if position % per_epoch == 0 and replay == 0:
             order = torch.randperm(examples, generator=generator)
-        carry = carry if replay else Carry()
+        carry = carry if replay else ReplayPerturbation()
         chosen = order[(position % per_epoch) * size :][:size].tolist()
         share = math.ceil(len(chosen) / world)
         yield step, chosen[rank * share : (rank + 1) * share], carry
@@ -199,7 +199,9 @@ def train_loop(
     return history
 
 
-def optimizer_step(fit: Fit, step: int, input_ids: Tensor, mask: Tensor, labels: Tensor, carry: Carry) -> Tensor:
+def optimizer_step(
+    fit: Fit, step: int, input_ids: Tensor, mask: Tensor, labels: Tensor, carry: ReplayPerturbation
+) -> Tensor:
     """One optimizer step of the method on this rank's batch: each of its passes (clean, adversarial, the
     ascent's) backward, through the DeepSpeed engine, which clips and steps, or plainly with clipping; then the
     companion's update at the step's learning rate. Returns the step's loss (on the device: no host sync)."""
@@ -215,7 +217,7 @@ def optimizer_step(fit: Fit, step: int, input_ids: Tensor, mask: Tensor, labels:
         ascent_forward=lambda d: ascent(input_ids, mask, d)[0],
         labels=labels,
         backward=accumulating_backward(engine, fit.method.passes(step)) if engine else Tensor.backward,
-        real=mask,
+        real_tokens=mask,
         companion=fit.companion,
         module_forward=lambda module: module(input_ids, mask)[0],
         carry=carry,

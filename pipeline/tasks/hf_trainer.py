@@ -87,7 +87,7 @@ class AdversarialTrainer(Trainer):
             labels,
             config=config,
             step=self.state.global_step,
-            real=inputs.get("attention_mask"),
+            real_tokens=inputs.get("attention_mask"),
         )
         if model.training:
             self._adv_sum = self._adv_sum.to(losses.loss_adv.device) + losses.loss_adv.detach()

@@ -49,6 +49,7 @@ SUBSTITUTION_SEED_OFFSET = 104729  # keeps substitution draws unrelated to the m
 def evaluate_model(
     model_dir: str | Path,
     shards: str | Path,
+    *,
     split: str = "val",
     batches: int = 50,
     batch_size: int = 32,
@@ -62,7 +63,14 @@ def evaluate_model(
     """Clean, perturbed and substituted MLM metrics of an HF model directory on a shard split.
 
     Every input is checked before the model is loaded, so a typo costs no loading time."""
-    _check_options(batches, batch_size, mask_rate, radii, pgd_steps, substitution_rates)
+    _check_options(
+        batches=batches,
+        batch_size=batch_size,
+        mask_rate=mask_rate,
+        radii=radii,
+        pgd_steps=pgd_steps,
+        substitution_rates=substitution_rates,
+    )
     model_dir, shards = Path(model_dir), Path(shards)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model: {model_dir}: not a Hugging Face model directory (no config.json)")
@@ -103,7 +111,19 @@ def evaluate_model(
             logits, embedded = model(ids, mask, masked_index)
         clean.add(logits, labels)
         for radius, score in zip(radii, attacked):
-            score.add(_pgd(model, ids, mask, masked_index, labels, embedded, radius, pgd_steps), labels)
+            score.add(
+                _pgd(
+                    model,
+                    ids,
+                    mask=mask,
+                    masked_index=masked_index,
+                    labels=labels,
+                    embedded=embedded,
+                    radius=radius,
+                    steps=pgd_steps,
+                ),
+                labels,
+            )
         eligible = ~batch.masked & ~torch.isin(batch.input_ids, torch.tensor(vocab.special_ids))
         draws, replacements = _substitution_draws(indices, dataset.seq_len, seed, ordinary)
         eligible_tokens += int(eligible.sum())
@@ -135,7 +155,7 @@ def evaluate_model(
     }
 
 
-def _check_options(batches, batch_size, mask_rate, radii, pgd_steps, substitution_rates) -> None:
+def _check_options(*, batches, batch_size, mask_rate, radii, pgd_steps, substitution_rates) -> None:
     for name, value in (("--batches", batches), ("--batch-size", batch_size), ("--pgd-steps", pgd_steps)):
         if value < 1:
             raise UserError(f"{name}: must be a positive integer, got {value}")
@@ -185,7 +205,7 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
     return model.to(local_device())
 
 
-def _pgd(model, ids, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
+def _pgd(model, ids, *, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
     """Masked-position logits after training's PGD ascent (`pgd_ascent`: linf, `steps` sign
     steps of 2.5 R / K) from delta = 0, so the attack repeats exactly, on the summed
     masked-token loss (the sign step does not see the scale; the sum keeps the recorded figures)."""
@@ -234,7 +254,14 @@ def format_table(results: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an `alum export` (or any HF BERT/RoBERTa masked-LM) directory")
-    p.add_argument("--shards", required=True, help="a shard directory made with the model's tokenizer")
+    p.add_argument(
+        "--shards",
+        required=True,
+        nargs="+",
+        metavar="[NAME=]DIR",
+        help="shard directories made with the model's tokenizer; NAME=DIR names each, as a mixture's "
+        "eval/NAME/... keys do (the sources and eval.sets of its run), and the results are per name",
+    )
     p.add_argument("--split", default="val", help="the shard split to evaluate on")
     p.add_argument(
         "--tokenizer", default=None, help="the tokenizer directory, for a model directory without tokenizer files"
@@ -271,27 +298,49 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{args.split}.json"
     try:
-        results = evaluate_model(
-            args.model,
-            args.shards,
-            args.split,
-            args.batches,
-            args.batch_size,
-            args.mask_rate,
-            args.seed,
-            args.radius,
-            args.pgd_steps,
-            args.substitution_rate,
-            args.tokenizer,
-        )
+        sets = named_shards(args.shards)
+        results = {name: _evaluate(args, shards) for name, shards in sets.items()}
     except UserError as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(results))
+    for name, result in results.items():
+        print(f"{name}:\n{format_table(result)}" if name else format_table(result))
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out, results)
+    atomic.write_json(out, results[None] if None in results else {"sets": results})
     print(f"results: {out}")
     return 0
+
+
+def named_shards(values: list[str]) -> dict[str | None, str]:
+    """`--shards` as {name: directory}: one unnamed directory is {None: DIR}, the single-corpus
+    results of before; several must each be NAME=DIR, with distinct names."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {None: values[0]}
+    sets = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise UserError(f"--shards {value}: with several directories, give each as NAME=DIR")
+        if name in sets:
+            raise UserError(f"--shards: the name {name!r} is given twice")
+        sets[name] = directory
+    return sets
+
+
+def _evaluate(args: argparse.Namespace, shards: str) -> dict:
+    return evaluate_model(
+        args.model,
+        shards,
+        split=args.split,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        mask_rate=args.mask_rate,
+        seed=args.seed,
+        radii=args.radius,
+        pgd_steps=args.pgd_steps,
+        substitution_rates=args.substitution_rate,
+        tokenizer=args.tokenizer,
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import deepspeed.comm as dist
 import torch
@@ -38,6 +39,11 @@ from pipeline.core.rng import RngState, restore_saved
 from pipeline.methods.registry import method_of
 from pipeline.train import weights_only
 from pipeline.train.integrity import file_digests
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -311,15 +317,36 @@ def _convert_to_universal(tag_dir: Path, target: Path) -> None:
         _fsync_tree(partial)
 
 
+class CheckpointedState(Protocol):
+    """State a run keeps beside the engine, saved in each checkpoint's client state under
+    ``CLIENT_KEY`` and restored on resume (`pipeline.train.resume`); a run that does not resume
+    gets ``start(student)`` instead."""
+
+    CLIENT_KEY: str
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def start(self, student: torch.nn.Module) -> None: ...
+
+
 class Checkpointer:
     """Saves on its schedule: every checkpoint.every_steps, at train.max_steps and when a
     stop was requested, but never right after a non-finite step, so that the last good
-    checkpoint stays the latest. The method's companion (SMART's teacher, ASA's adversaries)
-    goes into the client state."""
+    checkpoint stays the latest. Every `CheckpointedState` of the run (a method's companion:
+    SMART's teacher, ASA's adversaries) goes into the client state under its key."""
 
-    def __init__(self, engine, run_dir: Path, config, world_size: int, companion=None):
-        """`config`: the RunConfig; `companion`: a `pipeline.methods.companion`, saved in the client state."""
-        self.engine, self.run_dir, self.world_size, self.companion = engine, run_dir, world_size, companion
+    def __init__(
+        self,
+        engine: DeepSpeedEngine,
+        run_dir: Path,
+        config: RunConfig,
+        world_size: int,
+        states: list[CheckpointedState],
+    ):
+        """`config`: the RunConfig."""
+        self.engine, self.run_dir, self.world_size, self.states = engine, run_dir, world_size, states
         self.every, self.keep_last, self.max_steps = (
             config.checkpoint.every_steps,
             config.checkpoint.keep_last,
@@ -334,9 +361,7 @@ class Checkpointer:
         return state.bad_streak == 0 and (stop or state.step % self.every == 0) and self.method.at_boundary(state.step)
 
     def save(self, state) -> str:
-        client = state.client_state(self.world_size)
-        if self.companion is not None:
-            client[self.companion.CLIENT_KEY] = self.companion.state_dict()
+        client = state.client_state(self.world_size) | {s.CLIENT_KEY: s.state_dict() for s in self.states}
         return save(self.engine, self.run_dir, state.step, client, self.keep_last)
 
 

@@ -17,20 +17,17 @@ configs/; the resolved config holds them absolute. `--config tiny` names a shipp
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import signal
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from data_prep.errors import UserError
 from pipeline.core import checks
+from pipeline.core.typed_mapping import build_dataclass
 from pipeline.core.yaml_mapping import read_yaml_mapping
 from pipeline.data.curriculum import MaskSchedule
 from pipeline.methods.adversarial import AdversarialConfig
@@ -247,7 +244,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         _absolute_paths(data, path.resolve().parent)
     for item in overrides:
         _apply_override(data, item)
-    config = _build(RunConfig, data, "")
+    config = build_dataclass(RunConfig, data)
     if (not config.data.tokenizer or config.data.tokenizer.startswith(PLACEHOLDER)) and config.model.init_from:
         # A published model directory holds its tokenizer: the shards must be made with it. A
         # shipped config's placeholder (/path/to/tokenizer) is no setting: it does not win over that.
@@ -326,65 +323,6 @@ def _apply_override(data: dict, item: str) -> None:
         target[parts[-1]] = os.path.abspath(os.path.expanduser(value))
     if key in LIST_PATH_KEYS:
         _absolute_entry_paths(data, Path.cwd())
-
-
-def _build(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
-        guess = f"did you mean {prefix}{close[0]}? " if close else ""
-        raise UserError(f"{prefix}{unknown[0]}: unknown config key ({guess}known: {', '.join(sorted(names))})")
-    values = {name: _convert(hints[name], data[name], f"{prefix}{name}") for name in data}
-    try:
-        return cls(**values)
-    except ValueError as e:  # a dataclass names its own field; only here is the path to it known
-        raise UserError(f"{prefix}{e}") from None
-
-
-def _convert(kind, value: Any, key: str):
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, f"{key}.")
-    if typing.get_origin(kind) is tuple:  # tuple[Entry, ...]: a YAML list of mappings
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}")
-        entry = typing.get_args(kind)[0]
-        return tuple(_build(entry, item, f"{key}[{i}].") for i, item in enumerate(value))
-    options = (
-        typing.get_args(kind)
-        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
-        else (kind,)
-    )
-    if value is None:
-        if type(None) in options:
-            return None
-        raise UserError(f"{key}: must be set (got null)")
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str) and _is_float(value):
-            return float(value)  # YAML 1.1 reads "1e-12" (no dot) as a string
-        if option is str and isinstance(value, str):
-            return value
-        if option is dict and isinstance(value, dict):
-            return value
-    expected = " or ".join(o.__name__ for o in options if o is not type(None))
-    raise UserError(f"{key}: expected {expected}, got {value!r}")
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _require_data(config: RunConfig) -> None:

@@ -13,11 +13,17 @@ import math
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.data.sampling import sample_digest
 from pipeline.methods.registry import method_of
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 METRICS = "metrics.jsonl"
 
@@ -26,7 +32,7 @@ class MetricsLogger:
     """Writes a step's record when it is due (every train.log_every steps and the last), on
     rank 0 only; the other ranks' logger does nothing."""
 
-    def __init__(self, run_dir: Path, config, resume_from, enabled: bool):
+    def __init__(self, run_dir: Path, config: RunConfig, resume_from, enabled: bool):
         """`config`: the RunConfig; `resume_from`: the TrainState the run continues from."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
@@ -98,7 +104,7 @@ class MetricsLogger:
         print(f"wandb: run {self.run.id} ({where})", flush=True)
 
 
-def step_record(stats, *, state, batch, mask_rate: float, adversarial, engine, companion=None) -> dict:
+def step_record(stats, *, state, batch, mask_rate: float, adversarial, engine: DeepSpeedEngine, companion=None) -> dict:
     """The train/* and data/* keys of a logged step, from its `pipeline.train.step.StepStats`, its
     `pipeline.data.batches.StepBatches` and the run's counters after it, plus the method's own
     numbers (`Method.stat_names`: ASA's asa/*)."""
@@ -128,7 +134,7 @@ def step_record(stats, *, state, batch, mask_rate: float, adversarial, engine, c
     return record
 
 
-def _grad_norm(engine) -> float:
+def _grad_norm(engine: DeepSpeedEngine) -> float:
     """The global gradient norm DeepSpeed computed for clipping; NaN where it keeps none (ZeRO-0)."""
     norm = engine.get_global_grad_norm()
     if norm is None:

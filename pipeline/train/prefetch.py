@@ -3,7 +3,7 @@
 A step's batch is a pure function of (step, consumed samples): the sample order and the
 masks of `pipeline.data.batches.Batches`, at the curriculum's rate for the consumed samples, with
 FreeAT's replays repeating their batch's. Both are known for step N + 1 before step N's
-stats are read back (`pipeline.train.step.consumed_after` counts as `account` will), so the loop
+stats are read back (`pipeline.train.step.consumed_after` counts as `advance_state` will), so the loop
 queues step N on the device, builds step N + 1's batch (the numpy masking, the pinned
 tensors) and only then waits for step N's read-back; otherwise the device would idle while
 the host builds it. `StepInputs` keeps the batch it built last with what it was built for,
@@ -13,15 +13,20 @@ batch is built, never what it holds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.data.batches import Batches, StepBatches
 from pipeline.data.sampling import epoch_fraction
 from pipeline.methods.registry import method_of
+
+if TYPE_CHECKING:
+    from pipeline.train.config import RunConfig
 
 
 class StepInputs:
     """A step's batches and mask rate, from (step, consumed samples); the last ones built are kept."""
 
-    def __init__(self, batches: Batches, config):
+    def __init__(self, batches: Batches, config: RunConfig):
         """``config``: the RunConfig (the masking schedule; adversarial, for FreeAT's replays)."""
         self.batches, self.config, self.method = batches, config, method_of(config.adversarial)
         self._built: tuple[tuple[int, int], StepBatches, float] | None = None

@@ -34,11 +34,11 @@ from pipeline.data.batches import Batches, ShardDataset
 from pipeline.data.masking import MaskVocab
 from pipeline.data.mixture import Mixture
 from pipeline.methods.companion import Companion
-from pipeline.methods.freeat import Carry
+from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.registry import method_of
 from pipeline.model.masked_lm import MaskedLM, build_model, check_init_from, hf_config
 from pipeline.train import checkpoint
-from pipeline.train.checkpoint import Checkpointer, step_of
+from pipeline.train.checkpoint import CheckpointedState, Checkpointer, step_of
 from pipeline.train.config import RunConfig, TrainConfig, flatten, missing_paths, to_dict
 from pipeline.train.deepspeed_setup import (
     compute_dtype,
@@ -64,7 +64,7 @@ from pipeline.train.prefetch import StepInputs
 from pipeline.train.resume import StartPoint, TrainState, resume, start_point, verified
 from pipeline.train.run_lock import RunLock
 from pipeline.train.rundir import resolve_run_config, write_run_files
-from pipeline.train.step import StepStats, TrainingAborted, account, check_health, consumed_after, train_step
+from pipeline.train.step import StepStats, TrainingAborted, advance_state, check_health, consumed_after, train_step
 from pipeline.train.stop import StopRequest
 from pipeline.train.training_data import Evaluators, TrainingData, open_training_data
 
@@ -126,6 +126,11 @@ class Run:
     companion: Companion | None  # SMART's teacher or ASA's adversaries (pipeline.methods.companion)
     peak_flops: float | None  # of one accelerator, when known: perf/mfu is logged
     lock: RunLock | None  # rank 0's lock on the run directory (pipeline.train.run_lock)
+
+    @property
+    def checkpointed(self) -> list[CheckpointedState]:
+        """What the checkpoints keep beside the engine: the method's companion, if it has one."""
+        return [self.companion] if self.companion is not None else []
 
 
 def prepare(config_path: str | None, run_dir: Path, overrides: list[str], finished_ok: bool = False) -> Run:
@@ -216,7 +221,7 @@ def train(config_path: str | None, run_dir: Path, overrides: list[str]) -> Train
             config=run.config,
             rank=rank,
             world_size=int(os.environ["WORLD_SIZE"]),
-            companion=run.companion,
+            states=run.checkpointed,
         )
         logger = MetricsLogger(run_dir, run.config, state, enabled=rank == 0)
         state.wandb_id = logger.wandb_id
@@ -242,18 +247,18 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         pin_memory=engine.device.type == "cuda",
     )
     evaluator = Evaluators(engine, run.data.val_sets, config, run.vocab)
-    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.companion)
+    checkpointer = Checkpointer(engine, run.run_dir, config, world_size, run.checkpointed)
     throughput = Throughput(
         engine.module.hf.config, global_batch * dataset.seq_len, dataset.seq_len, run.peak_flops, world_size
     )
     inputs = StepInputs(batches, config)
     method = method_of(config.adversarial)
     started = time.perf_counter()
-    carries: list[Carry] = []  # FreeAT's perturbations, from one replay of a batch to the next
+    carries: list[ReplayPerturbation] = []  # FreeAT's perturbations, from one replay of a batch to the next
     while state.step < max_steps:
         batch, rate = inputs(state.step, state.consumed_samples)
         replay = method.replay_index(state.step)  # 0 unless FreeAT replays this batch
-        carries = carries if replay and carries else [Carry() for _ in batch.micro_batches]
+        carries = carries if replay and carries else [ReplayPerturbation() for _ in batch.micro_batches]
         sums = train_step(
             engine,
             batch.micro_batches,
@@ -265,7 +270,7 @@ def _loop(run: Run, state: TrainState, logger: MetricsLogger) -> None:
         if state.step + 1 < max_steps:  # the next step's batch, built while the device runs this one
             inputs(state.step + 1, consumed_after(config, state.step + 1, state.consumed_samples))
         stats = StepStats.gather(sums, stop=StopRequest.requested())
-        account(state, stats, config, engine)
+        advance_state(state, stats, config, engine)
         seconds = time.perf_counter() - started
         evaluated = evaluator() if evaluator.due(state.step) else {}
         if evaluated or logger.due(state.step):
@@ -313,6 +318,11 @@ def _progress_line(step: int, max_steps: int, record: dict) -> str:
             f" | eval ppl {record['eval/ppl']:.1f} acc {record['eval/accuracy']:.3f} "
             f"(commonest token {record['eval/commonest_token_accuracy']:.3f})"
         )
+    named = [
+        key.split("/")[1] for key in record if key.startswith("eval/") and key.endswith("/ppl") and key.count("/") == 2
+    ]
+    if named:  # a mixture's sources and eval.sets
+        line += " | eval ppl " + ", ".join(f"{name} {record[f'eval/{name}/ppl']:.1f}" for name in named)
     return line
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed
@@ -18,6 +19,11 @@ import torch.distributed
 from data_prep.errors import UserError
 from pipeline.train import checkpoint, weights_only
 from pipeline.train.integrity import problems
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 
 @dataclass
@@ -115,22 +121,29 @@ def dropout_seed(seed: int, rank: int) -> int:
 
 
 def resume(
-    engine, *, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int, companion=None
+    engine: DeepSpeedEngine,
+    *,
+    run_dir: Path,
+    start: StartPoint | None,
+    config: RunConfig,
+    rank: int,
+    world_size: int,
+    states: list[checkpoint.CheckpointedState],
 ) -> TrainState:
-    """Load the start point into the engine, and the method's `companion` (`pipeline.methods.companion`:
-    from a resumed checkpoint, otherwise its start state); the state the loop continues from."""
+    """Load the start point into the engine, and each of `states` from a resumed checkpoint
+    (otherwise their start state); the state the loop continues from."""
     state, client = _resume(engine, run_dir=run_dir, start=start, config=config, rank=rank, world_size=world_size)
-    if companion is not None:
-        saved = client.get(companion.CLIENT_KEY) if start and start.resume else None
+    for kept in states:
+        saved = client.get(kept.CLIENT_KEY) if start and start.resume else None
         if saved is not None:
-            companion.load_state_dict(saved)
+            kept.load_state_dict(saved)
         else:
-            companion.start(engine.module)
+            kept.start(engine.module)
     return state
 
 
 def _resume(
-    engine, *, run_dir: Path, start: StartPoint | None, config, rank: int, world_size: int
+    engine: DeepSpeedEngine, *, run_dir: Path, start: StartPoint | None, config: RunConfig, rank: int, world_size: int
 ) -> tuple[TrainState, dict]:
     """(the state, the checkpoint's client state or {})."""
     if rank == 0:

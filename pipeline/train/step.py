@@ -6,14 +6,15 @@ lets DeepSpeed step. A method may take several backward passes per micro-batch
 gradient-accumulation boundary itself, so every pass's gradients accumulate (ZeRO 1-3
 reduce them at that boundary or bucket by bucket as usual) and the optimizer steps once.
 Every number stays on the device; `StepStats.gather` sums them over the ranks in one
-all-reduce and reads them back: the step's single host sync. `account` counts the step into
-the run's state (`consumed_after` says in advance what it will count) and `check_health`
-stops a run that cannot go on.
+all-reduce and reads them back: the step's single host sync. `advance_state` counts the step
+into the run's state (`consumed_after` says in advance what it will count) and
+`check_health` stops a run that cannot go on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import deepspeed.comm as dist
 import torch
@@ -22,12 +23,17 @@ from torch import Tensor
 from pipeline.data.batches import MicroBatch
 from pipeline.methods.companion import Companion
 from pipeline.methods.driver import drive
-from pipeline.methods.freeat import Carry
-from pipeline.methods.objective import STATS
+from pipeline.methods.freeat import ReplayPerturbation
+from pipeline.methods.objective import LOGGED_FIELDS, STATS
 from pipeline.methods.registry import method_of
 from pipeline.train import checkpoint, vanishing
 from pipeline.train.distributed import report
 from pipeline.train.resume import TrainState
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 
 class TrainingAborted(Exception):
@@ -35,13 +41,13 @@ class TrainingAborted(Exception):
 
 
 def train_step(
-    engine,
+    engine: DeepSpeedEngine,
     micro_batches: list[MicroBatch],
     *,
     adversarial,
     step: int,
     companion: Companion | None = None,
-    carries: list[Carry] | None = None,
+    carries: list[ReplayPerturbation] | None = None,
 ) -> Tensor:
     """This rank's summed `STATS` of the step (then the method's extras), on the device. The
     `companion` (SMART's teacher, ASA's adversaries) is updated after the optimizer step;
@@ -69,7 +75,7 @@ def train_step(
             ascent_forward=ascent_forward,
             labels=batch.labels,
             backward=backward,
-            real=batch.attention_mask,
+            real_tokens=batch.attention_mask,
             companion=companion,
             module_forward=module_forward,
             carry=carries[i] if carries else None,
@@ -83,7 +89,7 @@ def train_step(
     return sums
 
 
-def accumulating_backward(engine, count: int):
+def accumulating_backward(engine: DeepSpeedEngine, count: int):
     """`engine.backward` for the `count` backward passes of one optimizer step, the last one
     marked as the gradient-accumulation boundary. Each loss is divided by DeepSpeed's
     gradient_accumulation_steps (the micro-batches), not by the passes: a method's yielded
@@ -123,10 +129,7 @@ class StepStats:
         values = vector.tolist()
         total = dict(zip(STATS, values))
         micro = total["micro_batches"]
-        means = {
-            name: total[name] / micro
-            for name in ("loss", "loss_mlm", "loss_adv", "delta_norm", "adv_grad_norm", "delta_lost")
-        }
+        means = {name: total[name] / micro for name in LOGGED_FIELDS}
         return cls(
             **means,
             nonfinite=total["nonfinite"] > 0,
@@ -140,7 +143,7 @@ class StepStats:
         return alpha * self.loss_adv / self.loss_mlm if self.loss_mlm > 0 else 0.0
 
 
-def account(state: TrainState, stats: StepStats, config, engine) -> None:
+def advance_state(state: TrainState, stats: StepStats, config: RunConfig, engine: DeepSpeedEngine) -> None:
     """Count the step just done into `state`. An update that was applied although the loss
     was not finite (ZeRO stage 0 in fp32 cannot skip it) stops the run at once."""
     adv = config.adversarial
@@ -158,7 +161,7 @@ def account(state: TrainState, stats: StepStats, config, engine) -> None:
         state.vanish_streak = state.vanish_streak + 1 if counts else 0
 
 
-def consumed_after(config, steps_done: int, consumed: int) -> int:
+def consumed_after(config: RunConfig, steps_done: int, consumed: int) -> int:
     """The samples consumed once ``steps_done`` optimizer steps are done, from ``consumed``
     before the last of them: a global batch a step, FreeAT's once a batch's last replay is
     done. It needs no stats, so the trainer knows the next step's batch before this step's
@@ -168,7 +171,7 @@ def consumed_after(config, steps_done: int, consumed: int) -> int:
     return consumed
 
 
-def check_health(state: TrainState, stats: StepStats, config, run_dir) -> None:
+def check_health(state: TrainState, stats: StepStats, config: RunConfig, run_dir) -> None:
     """After the step is logged: say once that the adversarial term vanished (or stop on it),
     and stop (TrainingAborted) when the loss has stayed non-finite too long."""
     adv = config.adversarial

@@ -14,11 +14,17 @@ a large weight repeats), and `eval/<name>/loss`, `ppl`, `accuracy`, ... from one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from data_prep.errors import UserError
 from pipeline.data.batches import ShardDataset
 from pipeline.data.mixture import Mixture
 from pipeline.train.validation import Evaluator
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
 
 
 @dataclass
@@ -44,7 +50,7 @@ class TrainingData:
         return record
 
 
-def open_training_data(config, tokenizer, rank: int, world_size: int) -> TrainingData:
+def open_training_data(config: RunConfig, tokenizer, rank: int, world_size: int) -> TrainingData:
     """The run's datasets, checked (fingerprints, seq_len, splits, this rank's share of the
     shard checksums). ``config``: the RunConfig; ``tokenizer``: data.tokenizer's TokenizerInfo."""
     data, validating = config.data, config.eval.every_steps > 0
@@ -103,7 +109,7 @@ class Evaluators:
     """Validation of every named set on eval.every_steps: one Evaluator each, its keys
     prefixed by the set's name (eval/<name>/loss); data.shards' own val split keeps eval/loss."""
 
-    def __init__(self, engine, val_sets: dict[str, ShardDataset], config, vocab):
+    def __init__(self, engine: DeepSpeedEngine, val_sets: dict[str, ShardDataset], config: RunConfig, vocab):
         self.every = config.eval.every_steps
         self.evaluators = {name: Evaluator(engine, dataset, config, vocab) for name, dataset in val_sets.items()}
 

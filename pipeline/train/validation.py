@@ -13,6 +13,8 @@ accuracy must beat to show that the model uses context.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -20,10 +22,15 @@ from pipeline.data.batches import masked_batch
 from pipeline.data.sampling import rank_slice
 from pipeline.model.mlm_score import MlmScore
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.train.config import RunConfig
+
 EVAL_SEED_OFFSET = 7919
 
 
-def evaluate(engine, dataset, config, vocab) -> dict:
+def evaluate(engine: DeepSpeedEngine, dataset, config: RunConfig, vocab) -> dict:
     import deepspeed.comm as dist  # here, not at the top: `alum eval` imports this module's constant, and no DeepSpeed
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -60,7 +67,7 @@ def evaluate(engine, dataset, config, vocab) -> dict:
 class Evaluator:
     """Validation on its schedule: every eval.every_steps steps, when there is a val split."""
 
-    def __init__(self, engine, dataset, config, vocab):
+    def __init__(self, engine: DeepSpeedEngine, dataset, config: RunConfig, vocab):
         self.engine, self.dataset, self.config, self.vocab = engine, dataset, config, vocab
 
     def due(self, step: int) -> bool:
