@@ -18,7 +18,7 @@ import torch
 
 def smart(out: Path) -> None:
     """A bf16 student and its teacher, equal: the proximal term must be exactly 0 on this
-    device's attention kernels and dropout, as it is on the CPU (tests/test_smart.py)."""
+    device's attention kernels and dropout, as it is on the CPU (tests/unit/methods/test_smart.py)."""
     from transformers import BertConfig, BertForMaskedLM
 
     from pipeline.methods.adversarial import AdversarialConfig, compute_losses

@@ -12,7 +12,7 @@
 #    the time; GPU only): 8 standard steps, then 8 ALUM steps; tokens/s, perf/mfu and the ALUM/standard step time
 #    (medians after 2 warm-up steps of each). perf/mfu needs the GPU's exact name in pipeline/train/flops.py.
 # Without CUDA, 4 and 6 are skipped (the output says so) and the timing line comes from run 2, so the script is
-# tested on a CPU (tests/test_gpu_check.py). Every line starts with "gpu_check:"; the exit code is 1 if a check failed.
+# tested on a CPU (tests/integration/test_gpu_check.py). Every line starts with "gpu_check:"; the exit code is 1 if a check failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"

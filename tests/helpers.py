@@ -24,9 +24,11 @@ import pytest
 from data_prep import manifest
 
 REPO = Path(__file__).resolve().parents[1]
+SUPPORT = REPO / "tests" / "support"  # what launched processes run (modules, sitecustomize.py)
 DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
-# The tiny run is shared with bench/fault_injection.py, whose modules the tests import.
-sys.path.append(str(REPO / "bench"))
+# The tiny run is shared with bench/fault_injection.py, whose modules the tests import; the
+# support scripts that launched processes run are imported by tests too (host_syncs, published).
+sys.path += [str(REPO / "bench"), str(SUPPORT)]
 
 # The tests import these from here too: RUN, build_shards, build_tokenizer, comparable, pretrain_args.
 from tiny_run import CONFIG, RUN, build_shards, build_tokenizer, comparable, launch_command, pretrain_args  # noqa: E402,F401
@@ -81,7 +83,7 @@ def pretrain(
     )
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, REPO / "tests"))),
+        "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO, SUPPORT))),
         "WANDB_SILENT": "true",
     }
     if start is subprocess.run:
@@ -114,7 +116,7 @@ def pretrain_several(
     stage: int = 2,
     timeout: int = 900,
 ) -> subprocess.CompletedProcess:
-    """Several runs (run dir, overrides), one after another in one launch (tests/several_runs.py)."""
+    """Several runs (run dir, overrides), one after another in one launch (tests/support/several_runs.py)."""
     from pipeline.train.distributed import free_port
 
     command = [
@@ -122,7 +124,7 @@ def pretrain_several(
     ]
     for i, (run_dir, overrides) in enumerate(runs):
         command += [*(["--next"] if i else []), *pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, REPO / "tests"))), "WANDB_SILENT": "true"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, SUPPORT))), "WANDB_SILENT": "true"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -265,14 +267,14 @@ def minimal(tmp_path: Path, **sections) -> Path:
 
 def checkpoint_logits(run_dir: Path, tag: str, out: Path) -> dict:
     """The training engine's masked-position logits at checkpoint `tag` ("start": the weights
-    training starts from), from 2 ranks under the DeepSpeed launcher (tests/checkpoint_logits.py)."""
+    training starts from), from 2 ranks under the DeepSpeed launcher (tests/support/checkpoint_logits.py)."""
     import torch
 
     from pipeline.train.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
 
     launcher = str(Path(sys.executable).parent / "deepspeed")
     command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "checkpoint_logits"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{SUPPORT}"}
     ok(
         subprocess.run(
             [*command, str(run_dir), tag, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600

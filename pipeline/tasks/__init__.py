@@ -2,4 +2,4 @@
 the demo.
 
 Imports go down the layers only (core -> data -> model -> methods -> train -> tasks ->
-cli); tests/test_layers.py checks it."""
+cli); tests/project/test_layers.py checks it."""

@@ -24,7 +24,7 @@ term since the last log.
 
 This module imports no DeepSpeed; Trainer itself (through accelerate) imports it whenever it
 is installed, and runs without it where it is not (tested). Tested in one process on CPU
-(tests/test_hf_trainer.py). Under Trainer's DeepSpeed or DDP integration the wrapped model
+(tests/unit/tasks/test_hf_trainer.py). Under Trainer's DeepSpeed or DDP integration the wrapped model
 would run the clean and adversarial passes and the core model the ascent, as `alum finetune`
 does with DeepSpeed; that combination is not tested here.
 """

@@ -3,7 +3,7 @@ adversarial term on every step beside the clean MLM loss; and SMART (whose teach
 state), ASA (whose adversaries are) and FreeAT (whose replays span optimizer steps) resumed
 mid-run equal to the run that was not interrupted; FreeLB's accumulated passes and ASA under
 ZeRO-1 and ZeRO-3 as under ZeRO-2; an ASA run's export is a plain HF masked LM. All runs
-share one launch (tests/several_runs.py): the launch is most of a short run's cost."""
+share one launch (tests/support/several_runs.py): the launch is most of a short run's cost."""
 
 from __future__ import annotations
 

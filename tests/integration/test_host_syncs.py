@@ -1,6 +1,6 @@
 """The training step waits for the accelerator once: no host sync in an ALUM or ASA
 micro-batch, the libraries' code included, and one read-back of the step's all-reduced
-numbers besides DeepSpeed's own syncs (counted by tests/host_syncs.py)."""
+numbers besides DeepSpeed's own syncs (counted by tests/support/host_syncs.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import sys
 
 import pytest
 import torch
+from helpers import REPO, SUPPORT
 from host_syncs import HostSyncs
 from transformers import BertConfig, BertForMaskedLM
 
 from pipeline.methods.adversarial import AdversarialConfig, objective, run_objective
 from pipeline.methods.asa import AsaConfig, AttentionAdversaries
 from pipeline.model.masked_lm import MaskedLM
-
-REPO_TESTS = os.path.dirname(__file__)
 
 
 def test_the_counter_sees_each_kind_of_sync_where_it_happens():
@@ -125,7 +124,7 @@ DEEPSPEED_SYNCS = {
 
 @pytest.mark.slow
 def test_a_training_step_reads_back_once_besides_deepspeeds_own_syncs(tmp_path, train_shards, bert_tokenizer):
-    """Every sync of `alum pretrain`'s steps, the libraries' included (tests/count_step_syncs.py):
+    """Every sync of `alum pretrain`'s steps, the libraries' included (tests/support/count_step_syncs.py):
     4 steps of 2 micro-batches, ALUM from step 2, on a one-rank ZeRO-2 engine. A step reads
     its numbers back once, and the next step's batch is built before that read-back. Before
     packed rows passed no attention mask, transformers added one sync per forward
@@ -144,9 +143,9 @@ def test_a_training_step_reads_back_once_besides_deepspeeds_own_syncs(tmp_path, 
         "checkpoint.every_steps=100",
         "wandb.mode=disabled",
     ]
-    env = {**os.environ, "PYTHONPATH": f"{os.path.dirname(REPO_TESTS)}:{REPO_TESTS}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{SUPPORT}"}
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO_TESTS, "count_step_syncs.py"), str(tmp_path / "run"), str(out), *overrides],
+        [sys.executable, str(SUPPORT / "count_step_syncs.py"), str(tmp_path / "run"), str(out), *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -191,7 +190,7 @@ print(float(out.loss_adv) > 0, "deepspeed" in sys.modules)
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": os.path.dirname(REPO_TESTS)},
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "False"]

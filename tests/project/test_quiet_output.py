@@ -1,6 +1,6 @@
 """What the commands print is what a user needs: `--help` says nothing of DeepSpeed (which
 logs its accelerator choice when imported), and a training run's own lines are counted in
-tests/test_stop.py, where a real 2-rank launch runs."""
+tests/integration/test_stop.py, where a real 2-rank launch runs."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
-    REPO,
     RUN,
+    SUPPORT,
     checkpoint_logits,
     comparable,
     kill_when,
@@ -320,7 +320,7 @@ def test_a_full_disk_during_a_save_stops_the_job_in_one_line_and_keeps_the_previ
     monkeypatch.setenv(
         "ALUM_TEST_DISK_FULL", str(full.relative_to(run_dir / "checkpoints"))
     )  # rank 1's share of step 8
-    failed = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2, python_path=(REPO / "tests" / "disk_full",))
+    failed = pretrain(run_dir, train_shards, bert_tokenizer, *RUN, stage=2, python_path=(SUPPORT / "disk_full",))
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("pretrain:")]
     assert errors == [

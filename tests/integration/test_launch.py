@@ -2,7 +2,7 @@
 
 Two "nodes" are two DeepSpeed launchers started with `launch/node.sh` (no ssh), each with
 one rank, meeting on 127.0.0.1 only. Each launcher runs under pipeline.train.supervise (see
-tests/test_supervise.py for what that adds).
+tests/integration/test_supervise.py for what that adds).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ made, with the `tokenizers` library and `save_pretrained`, independently of `alu
 - BERT: a cased WordPiece vocab.txt with a tokenizer_config.json and no tokenizer.json (the
   fast tokenizer is converted from the vocabulary on load), and a BertForMaskedLM.
 
-    python tests/published.py roberta|bert TEXT_FILE OUT_DIR
+    python tests/support/published.py roberta|bert TEXT_FILE OUT_DIR
 """
 
 from __future__ import annotations

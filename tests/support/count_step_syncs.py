@@ -1,6 +1,6 @@
 """Every host sync of real training steps on a one-rank DeepSpeed engine (CPU), as JSON.
 
-    python tests/count_step_syncs.py RUN_DIR OUT.json key=value ...
+    python tests/support/count_step_syncs.py RUN_DIR OUT.json key=value ...
 
 Runs training as `alum pretrain` does (`pipeline.train.pretrain.train`, config `tiny` plus the
 overrides) under `host_syncs.HostSyncs`, every library's syncs included, with a mark each

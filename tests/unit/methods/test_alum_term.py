@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import Batches, ShardDataset, masked_batch
@@ -24,7 +24,6 @@ from pipeline.model.masked_lm import MaskedLM, build_model, hf_config
 from pipeline.train import vanishing
 from pipeline.train.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # What the shipped configs used before this study: the official code's magnitudes, absolute units.

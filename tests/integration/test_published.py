@@ -1,7 +1,7 @@
 """Published checkpoints and Hugging Face tokenizers: sharding with them, continual ALUM
 pretraining from them, `alum tokenizer --kind`, and their bad inputs.
 
-The RoBERTa and BERT directories are stand-ins made in the test (tests/published.py) with
+The RoBERTa and BERT directories are stand-ins made in the test (tests/support/published.py) with
 the layout of the published ones.
 """
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
-from helpers import minimal, raises_naming, write_yaml
+from helpers import REPO, minimal, raises_naming, write_yaml
 
 from data_prep.errors import UserError
 from pipeline.data.curriculum import MaskSchedule
@@ -27,7 +26,6 @@ from pipeline.train.config import (
 )
 from pipeline.train.deepspeed_setup import deepspeed_config, zero_stage
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 DEEPSPEED_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 MODEL_SIZES = sorted((REPO / "configs" / "models").glob("*.yaml"))
