@@ -31,7 +31,15 @@ DATA = Path(os.environ.get("ALUM_SHARED_DATA", ""))
 sys.path += [str(REPO / "bench"), str(SUPPORT)]
 
 # The tests import these from here too: RUN, build_shards, build_tokenizer, comparable, pretrain_args.
-from tiny_run import CONFIG, RUN, build_shards, build_tokenizer, comparable, launch_command, pretrain_args  # noqa: E402,F401
+from tiny_run import (  # noqa: E402,F401
+    CONFIG,
+    RUN,
+    build_shards,
+    build_tokenizer,
+    comparable,
+    launch_command,
+    pretrain_args,
+)
 
 
 def data_file(relative: str) -> Path:

@@ -185,7 +185,9 @@ def train_loop(
     progress = tqdm(steps, total=total, desc=desc, unit="step", disable=None if rank == 0 else True)
     for step, mine, carry in progress:
         input_ids, mask = (t.to(fit.device) for t in padded([train_ids[i] for i in mine], pad_id))
-        loss = optimizer_step(fit, step, input_ids, mask, train_labels[mine].to(fit.device), carry)
+        loss = optimizer_step(
+            fit, step, input_ids=input_ids, mask=mask, labels=train_labels[mine].to(fit.device), carry=carry
+        )
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             dev_accuracy = accuracy(fit.model, *dev, pad_id=pad_id, device=fit.device)
             history.append({"step": step + 1, "loss": loss.item(), "dev_accuracy": dev_accuracy})
@@ -200,7 +202,7 @@ def train_loop(
 
 
 def optimizer_step(
-    fit: Fit, step: int, input_ids: Tensor, mask: Tensor, labels: Tensor, carry: ReplayPerturbation
+    fit: Fit, step: int, *, input_ids: Tensor, mask: Tensor, labels: Tensor, carry: ReplayPerturbation
 ) -> Tensor:
     """One optimizer step of the method on this rank's batch: each of its passes (clean, adversarial, the
     ascent's) backward, through the DeepSpeed engine, which clips and steps, or plainly with clipping; then the
