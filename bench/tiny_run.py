@@ -71,31 +71,21 @@ def pretrain_args(
     ]
 
 
-def launch_command(launcher: str, world: int, port: int) -> list[str]:
+def launch_command(launcher: str, world: int, port: int, module: str = "pipeline.pretrain") -> list[str]:
     """The command before pretrain_args, as users start training: `deepspeed`, `torchrun`,
-    `python -m pipeline.pretrain` (one rank) or `alum pretrain` (one rank)."""
+    `python -m pipeline.pretrain` (one rank) or `alum pretrain` (one rank). `module`: another
+    module to launch the same way (a test's helper, `pipeline.finetune`)."""
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
     return {
-        "deepspeed": [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            str(world),
-            "--master_port",
-            str(port),
-            "--module",
-            "pipeline.pretrain",
-        ],
+        "deepspeed": [deepspeed, "--num_gpus", str(world), "--master_port", str(port), "--module", module],
         "torchrun": [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--nproc_per_node",
-            str(world),
-            "--master_port",
-            str(port),
-            "-m",
-            "pipeline.pretrain",
+            *("--nproc_per_node", str(world)),
+            *("--master_port", str(port), "-m", module),
         ],
-        "python": [sys.executable, "-m", "pipeline.pretrain"],
+        "python": [sys.executable, "-m", module],
         "alum": [sys.executable, "-m", "pipeline.cli", "pretrain"],
     }[launcher]
 

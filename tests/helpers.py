@@ -127,9 +127,7 @@ def pretrain_several(
     """Several runs (run dir, overrides), one after another in one launch (tests/support/several_runs.py)."""
     from pipeline.train.distributed import free_port
 
-    command = [
-        arg if arg != "pipeline.pretrain" else "several_runs" for arg in launch_command("deepspeed", world, free_port())
-    ]
+    command = launch_command("deepspeed", world, free_port(), module="several_runs")
     for i, (run_dir, overrides) in enumerate(runs):
         command += [*(["--next"] if i else []), *pretrain_args(run_dir, shards, tokenizer, *overrides, stage=stage)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, SUPPORT))), "WANDB_SILENT": "true"}
@@ -280,8 +278,7 @@ def checkpoint_logits(run_dir: Path, tag: str, out: Path) -> dict:
 
     from pipeline.train.distributed import free_port  # imports DeepSpeed: only the tests that launch pay for it
 
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "checkpoint_logits"]
+    command = launch_command("deepspeed", 2, free_port(), module="checkpoint_logits")
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{SUPPORT}"}
     ok(
         subprocess.run(

@@ -9,12 +9,11 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, data_file
+from helpers import REPO, data_file, launch_command
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -341,13 +340,7 @@ def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_pat
     )
     assert finetune.main(options) == 0
     two = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "pipeline.finetune",
+        *launch_command("deepspeed", 2, free_port(), module="pipeline.finetune"),
         *args(
             dropout_free_model,
             sst2,
@@ -389,13 +382,7 @@ def test_a_bf16_deepspeed_run_saves_its_float32_master_weights(small_model, smal
         "--precision": "bf16",
     }
     command = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "pipeline.finetune",
+        *launch_command("deepspeed", 2, free_port(), module="pipeline.finetune"),
         *(str(item) for pair in options.items() for item in pair),
     ]
     result = subprocess.run(
