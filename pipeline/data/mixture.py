@@ -66,6 +66,11 @@ class MixtureOrder:
         return slots
 
     @functools.cached_property
+    def slots_key(self) -> tuple[int, ...]:
+        """`slots` as the block tables' cache key."""
+        return tuple(self.slots.tolist())
+
+    @functools.cached_property
     def offsets(self) -> np.ndarray:
         """Each source's first id in the virtual dataset."""
         return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
@@ -92,7 +97,7 @@ class MixtureOrder:
         sources, counts = np.empty_like(k), np.empty_like(k)
         for block in np.unique(blocks):
             where = blocks == block
-            source, rank = _block_table(tuple(slots.tolist()), seed, int(block))
+            source, rank = _block_table(self.slots_key, seed, int(block))
             sources[where] = source[positions[where]]
             counts[where] = block * slots[sources[where]] + rank[positions[where]]
         return sources, counts
@@ -100,19 +105,25 @@ class MixtureOrder:
     def consumed(self, samples: int, seed: int) -> np.ndarray:
         """Samples each source has given once ``samples`` global samples are consumed."""
         blocks, rest = divmod(samples, BLOCK)
-        source, _ = _block_table(tuple(self.slots.tolist()), seed, blocks)
+        source, _ = _block_table(self.slots_key, seed, blocks)
         return blocks * self.slots + np.bincount(source[:rest], minlength=len(self.sizes))
 
     def _source_rows(self, source: int, counts: np.ndarray, seed: int) -> np.ndarray:
         """Rows of ``source`` for its samples number ``counts``, epoch by epoch reshuffled."""
         n = self.sizes[source]
-        source_seed = int(hash_parts(_SOURCE_DOMAIN, seed, source)[0] >> np.uint64(1))
+        source_seed = _source_seed(seed, source)
         epochs, positions = np.divmod(counts, n)
         rows = np.empty_like(counts)
         for epoch in np.unique(epochs):
             where = epochs == epoch
             rows[where] = permute(positions[where], n, source_seed, int(epoch))
         return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _source_seed(seed: int, source: int) -> int:
+    """The seed of a source's own epochs, apart from every other source's and from the slots'."""
+    return int(hash_parts(_SOURCE_DOMAIN, seed, source)[0] >> np.uint64(1))
 
 
 @functools.lru_cache(maxsize=4)
