@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pipeline.methods.objective import AscentForward, CleanPass, Forward, StepLosses, clean_pass
+from pipeline.methods.objective import AscentForward, Forward, StepLosses, clean_pass
 
 if TYPE_CHECKING:
     from pipeline.methods.adversarial import AdversarialConfig
@@ -41,7 +41,11 @@ ModuleForward = Callable[[nn.Module], Tensor]
 
 
 class Method:
-    """The plain method's answers; a method overrides what makes it itself."""
+    """The plain method's answers; a method overrides what makes it itself. An adversarial
+    method also defines its term: ``losses(clean, forward, ascent_forward, labels, teacher)``
+    (one backward), or, with ``driven``, ``driven_losses(forward, labels, real_tokens, carry,
+    adversaries)`` yielding each loss to backward (tests/unit/methods/test_method_registry.py
+    checks that each registered method has the one it needs)."""
 
     name: ClassVar[str]
     adversarial: ClassVar[bool] = True  # False for "none": no term at any step
@@ -137,28 +141,6 @@ class Method:
         if not active:
             return StepLosses.clean(clean.loss)
         return self.losses(clean, forward, ascent_forward, labels, teacher)
-
-    def losses(
-        self,
-        clean: CleanPass,
-        forward: Forward,
-        ascent_forward: AscentForward,
-        labels: Tensor,
-        teacher: Callable[[], Tensor] | None,
-    ) -> StepLosses:
-        """A one-backward method's losses on top of its clean pass."""
-        raise NotImplementedError(f"{self.name} has no single-backward losses")
-
-    def driven_losses(
-        self,
-        forward: Forward,
-        labels: Tensor,
-        real_tokens: Tensor | None,
-        carry: ReplayPerturbation | None,
-        adversaries: AttentionAdversaries | None,
-    ) -> Generator[Tensor, None, StepLosses]:
-        """A driven method's losses, each yielded to backward before the next is computed."""
-        raise NotImplementedError(f"{self.name} is not driven")
 
 
 class Standard(Method):

@@ -87,3 +87,9 @@ def test_every_method_answers_the_trainer(name):
         with pytest.raises(ValueError, match="uses the gradient of its own backward"):
             method.compute_losses(None, None, None, step=2)
     assert set(FINETUNE_NAMES.values()) == set(METHODS)
+
+
+def test_every_adversarial_method_defines_the_losses_its_kind_runs():
+    for name, cls in METHODS.items():
+        needed = "driven_losses" if cls.driven else "losses"
+        assert not cls.adversarial or callable(getattr(cls, needed, None)), f"{name} has no {needed}"
