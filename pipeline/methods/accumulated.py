@@ -60,7 +60,7 @@ def accumulated_passes(
     """K (or m) passes, each followed by ``updates`` moves of delta (FreeLB: 1; YOPO: n)."""
     passes = config.steps
     zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real_tokens, zero)
+    clean = clean_pass(forward, labels, real_tokens, zero, config.dropout)
     clean.replay.mark()
     unit = perturbation.token_scale(clean.embedded, config.scale)
     yield clean.loss / passes

@@ -53,6 +53,7 @@ from pipeline.methods.objective import (
     Forward,
     StepLosses,
     ZeroDelta,
+    adversarial_delta,
     backward_gradient,
     clean_pass,
     guarded,
@@ -84,7 +85,7 @@ def alum_losses(
         delta = perturbation.ascent_update(delta.detach(), grad, unit, config)
 
     clean.replay.again()
-    q_logits, _ = forward(delta.detach())
+    q_logits, _ = forward(adversarial_delta(delta.detach(), config))
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(clean.log_probs, log_probs(q), config.kl_grad), q_logits, finite)
     loss = clean.loss + config.alpha * loss_adv
@@ -101,7 +102,7 @@ def amortized_alum_passes(
     forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None
 ) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real_tokens, zero)
+    clean = clean_pass(forward, labels, real_tokens, zero, config.dropout)
     unit = perturbation.token_scale(clean.embedded, config.scale)
     noise = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
@@ -109,7 +110,7 @@ def amortized_alum_passes(
     grad, finite = backward_gradient(zero.tensor)
     delta = perturbation.ascent_update(noise, grad, unit, config)
     clean.replay.again()
-    q_logits, _ = forward(delta)
+    q_logits, _ = forward(adversarial_delta(delta, config))
     clean.replay.finish()
     target = clean.log_probs.detach()
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(target, log_probs(q), "detached"), q_logits, finite)
@@ -128,6 +129,7 @@ class Alum(Method):
     """``alum``: the clean loss plus alpha times the virtual-adversarial symmetric KL, one backward."""
 
     name = "alum"
+    detachable = True
 
     def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
         return alum_losses(clean, forward, ascent_forward, self.config)
@@ -137,6 +139,7 @@ class AlumAmortized(Method):
     """``alum_amortized``: the direction read off the clean loss's own backward, so two backwards."""
 
     name = "alum_amortized"
+    detachable = True
     driven = True
 
     def backwards(self) -> int:

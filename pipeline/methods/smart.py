@@ -125,6 +125,7 @@ class Smart(Method):
     """``smart``: ALUM's term plus the proximal term towards its EMA `Teacher`, its companion."""
 
     name = "smart"
+    detachable = True
     keeps_state = True
 
     def companion(self, model, hf_model, weight_decay, grad_clip) -> Teacher:

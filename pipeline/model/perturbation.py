@@ -14,10 +14,19 @@ Whatever the unit, a perturbation smaller than the embeddings' rounding step is 
 added: bf16 keeps 8 significant bits, so an element of size 1 absorbs anything below
 about 4e-3. `lost_fraction` measures that on the real tensors, so a run can report it.
 
-Update rules (`update`), per token, with ||.|| the configured norm (linf or l2):
+Update rules (`update`), per token, with ||.|| the configured norm (linf or l2); each is
+named for what it does, and docs/ALUM.md says which source uses it:
 
-- ``paper``: ``delta + step_size * r_t * g / (||g|| + grad_eps)`` (Liu et al. 2020, Alg. 1):
-  the step has length step_size whatever the gradient's magnitude.
+- ``normalised`` (alias ``paper``, its name before its source was checked):
+  ``delta + step_size * r_t * g / (||g|| + grad_eps)``: a step of length step_size whatever
+  the gradient's magnitude: normalised PGD (Madry et al. 2018), the step the project's notes
+  on ALUM write (``delta = project_eps(delta + eta * g / ||g||)``); FreeLB's code takes it
+  with the norm over a whole sequence instead of per token.
+- ``projected``: ``Pi_eps(delta + step_size * r_t * g)``: the unnormalised gradient step,
+  then the projection when ``eps`` is set. Issue 24 reports it as what the ALUM paper's
+  Algorithm 1 prints (``delta <- Pi_eps(delta + eta * g_adv)``); the project's notes do not
+  quote the paper, so that attribution is unchecked here. Its step scales with the gradient,
+  which is tiny near delta = 0 (docs/ALUM.md), so it needs a large ``step_size``.
 - ``official``: ``r_t * normalise(delta + step_size * g)``, i.e. the sum is rescaled to unit
   length (times r_t): what mt-dnn's pretraining plugin (v0.2 `alum/`) and its fine-tuning
   `SmartPerturbation` do. Delta then always has the length of the embeddings' RMS, and
@@ -34,7 +43,8 @@ from torch import Tensor
 
 NORMS = ("linf", "l2")
 SCALES = ("relative", "absolute")
-UPDATES = ("paper", "official")
+UPDATES = ("normalised", "projected", "official")
+UPDATE_ALIASES = {"paper": "normalised"}  # names configs may still use, and the rule each means
 
 
 def token_norm(x: Tensor, norm: str) -> Tensor:
@@ -65,9 +75,12 @@ def initial_noise(embedded: Tensor, unit: Tensor, noise_std: float) -> Tensor:
 
 def ascent_update(delta: Tensor, grad: Tensor, unit: Tensor, config) -> Tensor:
     """One ascent step on delta by `config.update`, then the optional eps-ball projection."""
-    if config.update == "paper":
+    update = UPDATE_ALIASES.get(config.update, config.update)
+    if update == "normalised":
         step = grad / (token_norm(grad, config.norm).unsqueeze(-1) + config.grad_eps)
         delta = delta + config.step_size * unit * step
+    elif update == "projected":
+        delta = delta + config.step_size * unit * grad
     else:
         raw = delta + config.step_size * grad
         delta = unit * raw / (token_norm(raw, config.norm).unsqueeze(-1) + config.grad_eps)
@@ -83,6 +96,15 @@ def project(delta: Tensor, radius: Tensor, norm: str) -> Tensor:
         return torch.maximum(torch.minimum(delta, radius), -radius)
     norms = token_norm(delta, "l2").unsqueeze(-1)
     return delta * (radius / torch.maximum(norms, radius))
+
+
+class OnDetached:
+    """A delta to add to a detached copy of the embeddings (``adversarial.embedding_grad:
+    detached``, as mt-dnn's pretraining plugin adds its noise to ``embed.data.detach()``): the
+    pass's gradient reaches delta and the layers after the embeddings, not the embedding layer."""
+
+    def __init__(self, delta):
+        self.delta = delta
 
 
 def lost_fraction(embedded: Tensor, delta: Tensor, real_tokens: Tensor) -> Tensor:
