@@ -49,7 +49,7 @@ from pipeline.methods.driver import run_objective
 from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import METHODS, method_of
-from pipeline.model.perturbation import NORMS, SCALES, UPDATE_ALIASES, UPDATES
+from pipeline.model.perturbation import NORM_OVER, NORMS, SCALES, UPDATE_ALIASES, UPDATES
 
 __all__ = ["METHODS", "AdversarialConfig", "compute_losses", "objective", "passes", "run_objective"]
 
@@ -77,8 +77,10 @@ class AdversarialConfig:
     noise_std: float = 1e-2
     eps: float | None = None
     norm: str | None = None  # null: the method's default_norm
+    norm_over: str | None = None  # token | sequence; null: the method's default_norm_over
+    init_mag: float | None = None  # FreeLB and YOPO: FreeLB's code's uniform start (adv_init_mag); null: delta_0 = 0
     grad_eps: float = 1e-12
-    perturb_at: str = "embedding_output"
+    perturb_at: str | None = None  # null: the method's default_perturb_at (embedding_output; FreeLB word_embeddings)
     kl_grad: str = "detached"
     embedding_grad: str = "full"  # detached: the adversarial pass adds delta to detached embeddings
     dropout: str = "replay"  # independent: every pass draws its own dropout masks
@@ -97,6 +99,16 @@ class AdversarialConfig:
         if self.norm is None:
             object.__setattr__(self, "norm", METHODS[self.method].default_norm)
         checks.choice("norm", self.norm, NORMS)
+        if self.norm_over is None:
+            object.__setattr__(self, "norm_over", METHODS[self.method].default_norm_over)
+        checks.choice("norm_over", self.norm_over, NORM_OVER)
+        if self.init_mag is not None:
+            checks.number("init_mag", self.init_mag, positive=True)
+            if not METHODS[self.method].random_start:
+                starts = ", ".join(name for name, method in METHODS.items() if method.random_start)
+                raise ValueError(f"init_mag: a random start is for {starts}, not {self.method!r}; leave it null")
+        if self.perturb_at is None:
+            object.__setattr__(self, "perturb_at", METHODS[self.method].default_perturb_at)
         checks.choice("perturb_at", self.perturb_at, PERTURB_AT)
         checks.choice("kl_grad", self.kl_grad, KL_GRADS)
         checks.choice("on_vanish", self.on_vanish, ON_VANISH)

@@ -51,6 +51,9 @@ class Method:
     default_steps: ClassVar[int] = 1  # adversarial.steps when left null
     default_norm: ClassVar[str] = "linf"  # adversarial.norm when left null
     detachable: ClassVar[bool] = False  # takes adversarial.embedding_grad: detached (ALUM's term)
+    default_norm_over: ClassVar[str] = "token"  # adversarial.norm_over when left null
+    default_perturb_at: ClassVar[str] = "embedding_output"  # adversarial.perturb_at when left null
+    random_start: ClassVar[bool] = False  # takes adversarial.init_mag (FreeLB's uniform start)
 
     def __init__(self, config: AdversarialConfig):
         """``config``: the ``adversarial`` section (`pipeline.methods.adversarial.AdversarialConfig`)."""

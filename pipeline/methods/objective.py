@@ -133,18 +133,22 @@ class Replay:
 
 
 class ZeroDelta:
-    """delta = 0, made by the perturbation hook in the shape of the embeddings it is added to
-    (unknown before the first pass), as a leaf: the trainer's backward of that pass leaves the
-    gradient with respect to delta on `tensor`. (Reading it off the embeddings instead, with
-    `retain_grad`, fails under ZeRO-3, whose module hooks re-wrap the tensors.)"""
+    """delta = 0 (or ``start(embedded)``, FreeLB's random start), made by the perturbation hook
+    in the shape of the embeddings it is added to (unknown before the first pass), as a leaf:
+    the trainer's backward of that pass leaves the gradient with respect to delta on `tensor`.
+    (Reading it off the embeddings instead, with `retain_grad`, fails under ZeRO-3, whose
+    module hooks re-wrap the tensors.)"""
 
-    def __init__(self):
+    def __init__(self, start: Callable[[Tensor], Tensor] | None = None):
         self.tensor: Tensor | None = None
+        self.start = start
 
     def __call__(self, embedded: Tensor) -> Tensor:
-        self.tensor = torch.zeros(
-            embedded.shape, dtype=perturbation.work_dtype(embedded.dtype), device=embedded.device, requires_grad=True
-        )
+        dtype = perturbation.work_dtype(embedded.dtype)
+        if self.start is None:
+            self.tensor = torch.zeros(embedded.shape, dtype=dtype, device=embedded.device, requires_grad=True)
+        else:
+            self.tensor = self.start(embedded).detach().to(dtype).requires_grad_(True)
         return self.tensor
 
 

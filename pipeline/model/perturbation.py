@@ -34,6 +34,11 @@ named for what it does, and docs/ALUM.md says which source uses it:
   noise's.
 
 `eps`, when set, projects delta onto the per-token ball of radius eps * r_t afterwards.
+
+`norm_over` (``token`` or ``sequence``) says what ||.|| is taken over: each token's H values
+(the default), or all T x H values of a sequence at once, as FreeLB's code normalises its
+step and clips to ``adv_max_norm``. Over a sequence, sizes stay in units of r_t: the rule and
+the projection act on delta / r_t, so with ``scale: absolute`` (r_t = 1) it is FreeLB's code.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ import torch
 from torch import Tensor
 
 NORMS = ("linf", "l2")
+TINY = 1e-30  # a floor for r_t where delta is divided by it
 SCALES = ("relative", "absolute")
 UPDATES = ("normalised", "projected", "official")
-UPDATE_ALIASES = {"paper": "normalised"}  # names configs may still use, and the rule each means
+UPDATE_ALIASES = {"paper": "normalised"}
+NORM_OVER = ("token", "sequence")  # names configs may still use, and the rule each means
 
 
 def token_norm(x: Tensor, norm: str) -> Tensor:
@@ -52,6 +59,16 @@ def token_norm(x: Tensor, norm: str) -> Tensor:
     if norm == "linf":
         return x.abs().amax(dim=-1)
     return torch.linalg.vector_norm(x, dim=-1)
+
+
+def scoped_norm(x: Tensor, norm: str, over: str) -> Tensor:
+    """`token_norm` shaped [B, T, 1] (``over="token"``), or the norm of each sequence's T x H
+    values shaped [B, 1, 1] (``over="sequence"``), ready to divide ``x`` by."""
+    if over == "token":
+        return token_norm(x, norm).unsqueeze(-1)
+    if norm == "linf":
+        return x.abs().amax(dim=(-2, -1), keepdim=True)
+    return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,17 +93,28 @@ def initial_noise(embedded: Tensor, unit: Tensor, noise_std: float) -> Tensor:
 def ascent_update(delta: Tensor, grad: Tensor, unit: Tensor, config) -> Tensor:
     """One ascent step on delta by `config.update`, then the optional eps-ball projection."""
     update = UPDATE_ALIASES.get(config.update, config.update)
+    over = config.norm_over
     if update == "normalised":
-        step = grad / (token_norm(grad, config.norm).unsqueeze(-1) + config.grad_eps)
+        if over == "token":
+            step = grad / (token_norm(grad, config.norm).unsqueeze(-1) + config.grad_eps)
+        else:  # the step on delta / r_t, whose gradient is g * r_t, normalised over the sequence
+            scaled = grad * unit
+            step = scaled / (scoped_norm(scaled, config.norm, over) + config.grad_eps)
         delta = delta + config.step_size * unit * step
     elif update == "projected":
         delta = delta + config.step_size * unit * grad
     else:
         raw = delta + config.step_size * grad
-        delta = unit * raw / (token_norm(raw, config.norm).unsqueeze(-1) + config.grad_eps)
+        if over == "token":
+            delta = unit * raw / (token_norm(raw, config.norm).unsqueeze(-1) + config.grad_eps)
+        else:
+            raw = raw / unit.clamp_min(TINY)
+            delta = unit * raw / (scoped_norm(raw, config.norm, over) + config.grad_eps)
     if config.eps is None:
         return delta
-    return project(delta, config.eps * unit, config.norm)
+    if over == "token":
+        return project(delta, config.eps * unit, config.norm)
+    return unit * project_sequence(delta / unit.clamp_min(TINY), config.eps, config.norm)
 
 
 def project(delta: Tensor, radius: Tensor, norm: str) -> Tensor:
@@ -105,6 +133,30 @@ class OnDetached:
 
     def __init__(self, delta):
         self.delta = delta
+
+
+def project_sequence(delta: Tensor, radius: float, norm: str) -> Tensor:
+    """delta [B, T, H] moved into each sequence's ball of ``radius``: clipped element-wise
+    (linf: the same ball as per token) or each sequence scaled down as a whole (l2), as
+    FreeLB's code applies ``adv_max_norm``."""
+    if norm == "linf":
+        return delta.clamp(-radius, radius)
+    norms = scoped_norm(delta, "l2", "sequence")
+    return delta * (radius / torch.clamp(norms, min=radius))
+
+
+def uniform_start(embedded: Tensor, unit: Tensor, real_tokens: Tensor, init_mag: float, norm: str, generator) -> Tensor:
+    """FreeLB's code's random start (``adv_init_mag``), in units of r_t: U(-1, 1) on real
+    tokens times ``init_mag / sqrt(length x H)`` per sequence for l2 (so each sequence's
+    norm is about init_mag / sqrt(3)), times ``init_mag`` for linf; 0 on padding."""
+    u = torch.rand(embedded.shape, generator=generator, device=embedded.device).to(unit.dtype) * 2 - 1
+    real = real_tokens.unsqueeze(-1).to(unit.dtype)
+    if norm == "l2":
+        values = real.sum(dim=(-2, -1), keepdim=True) * embedded.shape[-1]
+        magnitude = init_mag / values.clamp_min(1).sqrt()
+    else:
+        magnitude = torch.full((), init_mag, dtype=unit.dtype, device=unit.device)
+    return u * real * magnitude * unit
 
 
 def lost_fraction(embedded: Tensor, delta: Tensor, real_tokens: Tensor) -> Tensor:
