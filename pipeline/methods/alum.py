@@ -9,9 +9,9 @@
 Choices, and which source each follows (docs/ALUM.md has the study behind the defaults):
 
 - Sizes and the update rule live in `pipeline.model.perturbation` (relative or absolute units;
-  the paper's or the official code's rule). The official code's magnitudes (step 1e-3,
-  noise 1e-5, normaliser epsilon 1e-6) make the term numerically zero in float32 and
-  exactly zero in bf16, hence relative defaults.
+  the normalised, projected or official rule, each labelled there by its source). The
+  official code's magnitudes (step 1e-3, noise 1e-5, normaliser epsilon 1e-6) make the term
+  numerically zero in float32 and exactly zero in bf16, hence relative defaults.
 - ``kl_grad``: ``detached`` (default, as mt-dnn's ``SymKlCriterion``) computes
   KL(stopgrad(p) || q) + KL(stopgrad(q) || p), so each logit tensor is pulled towards the
   other and no gradient flows through a softmax used as a target. Near q = p that is half
@@ -19,6 +19,11 @@ Choices, and which source each follows (docs/ALUM.md has the study behind the de
   term, and detaching drops one of them): alpha = 10 detached acts like alpha = 5 in the
   paper's formula. ``full`` differentiates both directions completely.
 - ``eps=None`` (the default) skips the projection, as the official pretraining code does.
+- ``embedding_grad``: ``full`` (default, as mt-dnn's fine-tuning code) or ``detached`` (its
+  pretraining plugin: delta is added to ``embed.data.detach()``, so the adversarial pass sends
+  no gradient to the layers before delta; `pipeline.methods.objective.adversarial_delta`).
+- ``dropout``: ``replay`` (default) or ``independent`` (both official ALUM versions: each pass
+  draws its own masks), `pipeline.methods.objective.Replay`.
 
 Amortized ALUM (``alum_amortized``) drops the ascent pass. ALUM's ascent is a forward and an
 input-only backward whose parameter gradients are thrown away, then the clean and the
