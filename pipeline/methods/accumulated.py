@@ -1,7 +1,7 @@
 """FreeLB and YOPO: parameter gradients accumulated over several full passes, each at a
 perturbation moved by the gradient its predecessor's backward left on delta.
 
-    delta_0 = 0                                             (pass 0 is the clean pass)
+    delta_0 = 0, or FreeLB's random start (init_mag)      (pass 0 at delta_0 = 0 is the clean pass)
     for k in 0 .. K-1:
         loss_k = CE(x + delta_k) / K ;  backward            (parameter gradients accumulate)
         p_k    = d loss_k / d delta_k                       (from that same backward)
@@ -9,12 +9,17 @@ perturbation moved by the gradient its predecessor's backward left on delta.
     parameter gradient = mean_k grad CE(x + delta_k)
 
 - FreeLB (Zhu et al. 2020): K passes (``adversarial.steps``, default 2), one update per pass
-  with ALUM's update rule and units (`pipeline.model.perturbation`: step ``step_size`` per token,
-  per-token L2 by default as FreeLB's code normalises, projection onto ``eps`` when set;
-  FreeLB's code defaults to no projection, max-norm 0).
-  FreeLB starts from a random delta of magnitude ``adv_init_mag``; here pass 0 is at delta
-  = 0 (FreeLB's code allows ``adv_init_mag=0``), so the first of the K passes is the clean
-  pass, logged as ``loss_mlm``, and the per-token units are known before delta is drawn.
+  with ALUM's update rule and units (`pipeline.model.perturbation`). Its defaults follow
+  FreeLB's code (zhuchen03/FreeLB, ``examples/run_glue_freelb.py``): delta added to the raw
+  word embeddings (``perturb_at: word_embeddings``), the step ``adv_lr * g / ||g||`` with the
+  L2 norm over each sequence's T x H values (``norm: l2``, ``norm_over: sequence``), and no
+  projection (its ``adv_max_norm`` 0; ``eps`` bounds each sequence when set). The code's
+  random start, U(-1, 1) x ``adv_init_mag / sqrt(length x H)`` on real tokens, is
+  ``adversarial.init_mag``. Its default, null, is the code's argparse default ``adv_init_mag=0``
+  (its launch scripts set a value per task): pass 0 is at delta = 0, so the first of the K
+  passes is the clean pass, logged as ``loss_mlm``. With init_mag
+  set there is no clean pass, as in the code: ``loss_mlm`` is the first pass's loss, at the
+  random start. Sizes are in the ``scale`` units (``scale: absolute`` for the code's numbers).
 - YOPO (Zhang et al. 2019): m full passes (``adversarial.steps``, default 2), each followed by
   n cheap updates (``adversarial.inner_steps``, default 3) that reuse the gradient p at the
   layer delta is added to instead of a new backward through the network: m x n updates for
@@ -23,9 +28,9 @@ perturbation moved by the gradient its predecessor's backward left on delta.
   identity, so the n updates move along p, each one projected onto ``eps`` when set (without
   a projection they add up to one step n times as long).
 
-The dropout masks of every pass are the clean pass's (`pipeline.methods.objective.Replay`). A
-non-finite gradient freezes delta for the rest of the micro-batch and a non-finite loss
-contributes 0 (`guarded`), as in the other methods.
+The dropout masks of every pass are the clean pass's (`pipeline.methods.objective.Replay`), as
+FreeLB's code replays its ``dp_masks``. A non-finite gradient freezes delta for the rest of the
+micro-batch and a non-finite loss contributes 0 (`guarded`), as in the other methods.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pipeline.methods.objective import (
     ZeroDelta,
     backward_gradient,
     clean_pass,
+    every_token_or,
     guarded,
     log_probs,
     nll,
@@ -59,13 +65,13 @@ def accumulated_passes(
 ) -> Generator[Tensor, None, StepLosses]:
     """K (or m) passes, each followed by ``updates`` moves of delta (FreeLB: 1; YOPO: n)."""
     passes = config.steps
-    zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real_tokens, zero)
+    zero = ZeroDelta(random_start(config, real_tokens))
+    clean = clean_pass(forward, labels, real_tokens, zero, config.dropout)
     clean.replay.mark()
     unit = perturbation.token_scale(clean.embedded, config.scale)
     yield clean.loss / passes
     grad, finite = backward_gradient(zero.tensor)
-    delta, adversarial, kept = torch.zeros(clean.embedded.shape, dtype=unit.dtype, device=unit.device), [], []
+    delta, adversarial, kept = zero.tensor.detach(), [], []
     for _ in range(1, passes):
         delta = move(delta, grad, unit, updates, config)
         clean.replay.again()
@@ -92,6 +98,24 @@ def accumulated_passes(
     )
 
 
+def random_start(config: AdversarialConfig, real_tokens: Tensor | None):
+    """None (delta_0 = 0, the first pass is the clean one), or with ``adversarial.init_mag``
+    the function that draws FreeLB's uniform start from the embeddings. Its noise comes from
+    a generator seeded from the global RNG before the first pass: drawn from the global RNG
+    inside that pass, it would shift the dropout masks the later passes replay."""
+    if config.init_mag is None:
+        return None
+    seed = int(torch.randint(2**62, ()))
+
+    def start(embedded: Tensor) -> Tensor:
+        generator = torch.Generator(device=embedded.device).manual_seed(seed)
+        unit = perturbation.token_scale(embedded, config.scale)
+        real = every_token_or(real_tokens, embedded)
+        return perturbation.uniform_start(embedded, unit, real, config.init_mag, config.norm, generator)
+
+    return start
+
+
 def move(delta: Tensor, grad: Tensor, unit: Tensor, updates: int, config: AdversarialConfig) -> Tensor:
     """`updates` ascent updates of delta along the same gradient (pipeline.model.perturbation)."""
     for _ in range(updates):
@@ -106,6 +130,9 @@ class FreeLB(Method):
     driven = True
     default_steps = 2  # the FreeLB repository's launch scripts
     default_norm = "l2"  # FreeLB's code's; its per-token L-inf step drove SST-2 to the majority class
+    default_norm_over = "sequence"  # FreeLB's code normalises its step over each sequence's T x H values
+    default_perturb_at = "word_embeddings"  # FreeLB's code adds delta to the raw word embeddings
+    random_start = True
 
     def backwards(self) -> int:
         return self.config.steps
@@ -122,6 +149,8 @@ class Yopo(FreeLB):
     """``yopo``: m passes, each followed by n cheap updates along the same gradient."""
 
     name = "yopo"
+    default_norm_over = "token"  # YOPO's code works per example, on images: per token is this project's reading
+    default_perturb_at = "embedding_output"
 
     def updates(self) -> int:
         return self.config.inner_steps

@@ -49,13 +49,15 @@ from pipeline.methods.driver import run_objective
 from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.objective import AscentForward, Forward, StepLosses
 from pipeline.methods.registry import METHODS, method_of
-from pipeline.model.perturbation import NORMS, SCALES, UPDATES
+from pipeline.model.perturbation import NORM_OVER, NORMS, SCALES, UPDATE_ALIASES, UPDATES
 
 __all__ = ["METHODS", "AdversarialConfig", "compute_losses", "objective", "passes", "run_objective"]
 
 PERTURB_AT = ("word_embeddings", "embedding_output")
 KL_GRADS = ("detached", "full")
 ON_VANISH = ("warn", "error")
+EMBEDDING_GRADS = ("full", "detached")
+DROPOUTS = ("replay", "independent")
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,19 @@ class AdversarialConfig:
     inner_steps: int = 3  # YOPO's n cheap updates per full pass (YOPO-m-n)
     mu: float = 1.0  # SMART's proximal-term weight
     teacher_momentum: float = 0.99  # SMART's beta: the teacher's EMA momentum per optimizer step
-    update: str = "paper"
+    update: str = "normalised"  # `paper` is read as `normalised`
     scale: str = "relative"
     step_size: float = 1e-1
     noise_std: float = 1e-2
     eps: float | None = None
     norm: str | None = None  # null: the method's default_norm
+    norm_over: str | None = None  # token | sequence; null: the method's default_norm_over
+    init_mag: float | None = None  # FreeLB and YOPO: FreeLB's code's uniform start (adv_init_mag); null: delta_0 = 0
     grad_eps: float = 1e-12
-    perturb_at: str = "embedding_output"
+    perturb_at: str | None = None  # null: the method's default_perturb_at (embedding_output; FreeLB word_embeddings)
     kl_grad: str = "detached"
+    embedding_grad: str = "full"  # detached: the adversarial pass adds delta to detached embeddings
+    dropout: str = "replay"  # independent: every pass draws its own dropout masks
     vanish_ratio: float = 1e-5
     vanish_steps: int = 10
     on_vanish: str = "warn"
@@ -86,14 +92,31 @@ class AdversarialConfig:
     def __post_init__(self) -> None:
         """A bad setting fails where the config is built, naming the field (the loader adds ``adversarial.``)."""
         checks.choice("method", self.method, tuple(METHODS))
+        if isinstance(self.update, str):
+            object.__setattr__(self, "update", UPDATE_ALIASES.get(self.update, self.update))
         checks.choice("update", self.update, UPDATES)
         checks.choice("scale", self.scale, SCALES)
         if self.norm is None:
             object.__setattr__(self, "norm", METHODS[self.method].default_norm)
         checks.choice("norm", self.norm, NORMS)
+        if self.norm_over is None:
+            object.__setattr__(self, "norm_over", METHODS[self.method].default_norm_over)
+        checks.choice("norm_over", self.norm_over, NORM_OVER)
+        if self.init_mag is not None:
+            checks.number("init_mag", self.init_mag, positive=True)
+            if not METHODS[self.method].random_start:
+                starts = ", ".join(name for name, method in METHODS.items() if method.random_start)
+                raise ValueError(f"init_mag: a random start is for {starts}, not {self.method!r}; leave it null")
+        if self.perturb_at is None:
+            object.__setattr__(self, "perturb_at", METHODS[self.method].default_perturb_at)
         checks.choice("perturb_at", self.perturb_at, PERTURB_AT)
         checks.choice("kl_grad", self.kl_grad, KL_GRADS)
         checks.choice("on_vanish", self.on_vanish, ON_VANISH)
+        checks.choice("embedding_grad", self.embedding_grad, EMBEDDING_GRADS)
+        checks.choice("dropout", self.dropout, DROPOUTS)
+        if self.embedding_grad == "detached" and not METHODS[self.method].detachable:
+            detachable = ", ".join(name for name, method in METHODS.items() if method.detachable)
+            raise ValueError(f"embedding_grad: detached is for {detachable} (ALUM's term), not {self.method!r}")
         checks.integer("start_step", self.start_step, minimum=0)
         if self.steps is None:
             object.__setattr__(self, "steps", METHODS[self.method].default_steps)

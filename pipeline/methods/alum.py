@@ -9,9 +9,9 @@
 Choices, and which source each follows (docs/ALUM.md has the study behind the defaults):
 
 - Sizes and the update rule live in `pipeline.model.perturbation` (relative or absolute units;
-  the paper's or the official code's rule). The official code's magnitudes (step 1e-3,
-  noise 1e-5, normaliser epsilon 1e-6) make the term numerically zero in float32 and
-  exactly zero in bf16, hence relative defaults.
+  the normalised, projected or official rule, each labelled there by its source). The
+  official code's magnitudes (step 1e-3, noise 1e-5, normaliser epsilon 1e-6) make the term
+  numerically zero in float32 and exactly zero in bf16, hence relative defaults.
 - ``kl_grad``: ``detached`` (default, as mt-dnn's ``SymKlCriterion``) computes
   KL(stopgrad(p) || q) + KL(stopgrad(q) || p), so each logit tensor is pulled towards the
   other and no gradient flows through a softmax used as a target. Near q = p that is half
@@ -19,6 +19,11 @@ Choices, and which source each follows (docs/ALUM.md has the study behind the de
   term, and detaching drops one of them): alpha = 10 detached acts like alpha = 5 in the
   paper's formula. ``full`` differentiates both directions completely.
 - ``eps=None`` (the default) skips the projection, as the official pretraining code does.
+- ``embedding_grad``: ``full`` (default, as mt-dnn's fine-tuning code) or ``detached`` (its
+  pretraining plugin: delta is added to ``embed.data.detach()``, so the adversarial pass sends
+  no gradient to the layers before delta; `pipeline.methods.objective.adversarial_delta`).
+- ``dropout``: ``replay`` (default) or ``independent`` (both official ALUM versions: each pass
+  draws its own masks), `pipeline.methods.objective.Replay`.
 
 Amortized ALUM (``alum_amortized``) drops the ascent pass. ALUM's ascent is a forward and an
 input-only backward whose parameter gradients are thrown away, then the clean and the
@@ -53,6 +58,7 @@ from pipeline.methods.objective import (
     Forward,
     StepLosses,
     ZeroDelta,
+    adversarial_delta,
     backward_gradient,
     clean_pass,
     guarded,
@@ -84,7 +90,7 @@ def alum_losses(
         delta = perturbation.ascent_update(delta.detach(), grad, unit, config)
 
     clean.replay.again()
-    q_logits, _ = forward(delta.detach())
+    q_logits, _ = forward(adversarial_delta(delta.detach(), config))
     clean.replay.finish()
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(clean.log_probs, log_probs(q), config.kl_grad), q_logits, finite)
     loss = clean.loss + config.alpha * loss_adv
@@ -101,7 +107,7 @@ def amortized_alum_passes(
     forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None
 ) -> Generator[Tensor, None, StepLosses]:
     zero = ZeroDelta()
-    clean = clean_pass(forward, labels, real_tokens, zero)
+    clean = clean_pass(forward, labels, real_tokens, zero, config.dropout)
     unit = perturbation.token_scale(clean.embedded, config.scale)
     noise = perturbation.initial_noise(clean.embedded, unit, config.noise_std)
     clean.replay.mark()
@@ -109,7 +115,7 @@ def amortized_alum_passes(
     grad, finite = backward_gradient(zero.tensor)
     delta = perturbation.ascent_update(noise, grad, unit, config)
     clean.replay.again()
-    q_logits, _ = forward(delta)
+    q_logits, _ = forward(adversarial_delta(delta, config))
     clean.replay.finish()
     target = clean.log_probs.detach()
     loss_adv, keep = guarded(lambda q: symmetric_kl_of(target, log_probs(q), "detached"), q_logits, finite)
@@ -128,6 +134,7 @@ class Alum(Method):
     """``alum``: the clean loss plus alpha times the virtual-adversarial symmetric KL, one backward."""
 
     name = "alum"
+    detachable = True
 
     def losses(self, clean, forward, ascent_forward, labels, teacher) -> StepLosses:
         return alum_losses(clean, forward, ascent_forward, self.config)
@@ -137,6 +144,7 @@ class AlumAmortized(Method):
     """``alum_amortized``: the direction read off the clean loss's own backward, so two backwards."""
 
     name = "alum_amortized"
+    detachable = True
     driven = True
 
     def backwards(self) -> int:

@@ -263,7 +263,7 @@ def asa_pass(
     forward: Forward, labels: Tensor, config: AdversarialConfig, real_tokens: Tensor | None, masks: AttentionAdversaries
 ) -> Generator[Tensor, None, StepLosses]:
     """One micro-batch of ASA: yields the loss to backward (penalty included), returns its numbers."""
-    clean = clean_pass(forward, labels, real_tokens)
+    clean = clean_pass(forward, labels, real_tokens, dropout=config.dropout)
     masks.draw_noise(clean.real_tokens)
     clean.replay.mark()
     clean.replay.again()

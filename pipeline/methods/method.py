@@ -54,6 +54,10 @@ class Method:
     trains_clean: ClassVar[bool] = True  # whether the clean pass is trained on, or only logged (PGD)
     default_steps: ClassVar[int] = 1  # adversarial.steps when left null
     default_norm: ClassVar[str] = "linf"  # adversarial.norm when left null
+    detachable: ClassVar[bool] = False  # takes adversarial.embedding_grad: detached (ALUM's term)
+    default_norm_over: ClassVar[str] = "token"  # adversarial.norm_over when left null
+    default_perturb_at: ClassVar[str] = "embedding_output"  # adversarial.perturb_at when left null
+    random_start: ClassVar[bool] = False  # takes adversarial.init_mag (FreeLB's uniform start)
 
     def __init__(self, config: AdversarialConfig):
         """``config``: the ``adversarial`` section (`pipeline.methods.adversarial.AdversarialConfig`)."""
@@ -137,7 +141,7 @@ class Method:
                 f"({self.passes(step)} per batch): drive it with run_objective(objective(...), backward)"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.trains_clean or not active)):
-            clean = clean_pass(forward, labels, real_tokens)
+            clean = clean_pass(forward, labels, real_tokens, dropout=self.config.dropout)
         if not active:
             return StepLosses.clean(clean.loss)
         return self.losses(clean, forward, ascent_forward, labels, teacher)

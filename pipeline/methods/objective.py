@@ -12,9 +12,11 @@ perturbation is added:
 
 Shared rules:
 
-- Dropout: every pass after the clean one sees the clean pass's dropout masks; otherwise an
-  ascent chases the difference between two dropout samples instead of the perturbation
-  (FreeLB makes the same point). `Replay` captures the RNG before the clean pass and
+- Dropout (``adversarial.dropout: replay``, the default): every pass after the clean one sees
+  the clean pass's dropout masks; otherwise an ascent chases the difference between two
+  dropout samples instead of the perturbation (FreeLB makes the same point).
+  ``independent`` lets every pass draw its own masks, as the official ALUM (mt-dnn) and ASA
+  code do. `Replay` captures the RNG before the clean pass and
   restores it before each later pass; the state after the clean pass (and any noise drawn
   right after it) is restored at the end, so the next micro-batch gets fresh masks. This
   holds only if every pass runs the whole model in the same order (delta added by a hook).
@@ -105,43 +107,61 @@ class CleanPass:
 
 class Replay:
     """The dropout replay (module doc): `start()` before the clean pass, `mark()` once the
-    clean pass and any noise draws are done, `again()` before every later pass, `finish()`."""
+    clean pass and any noise draws are done, `again()` before every later pass, `finish()`.
+    ``dropout="independent"`` (``adversarial.dropout``) makes all four do nothing: every pass
+    then draws its own masks, as the official ALUM and ASA code's passes do."""
+
+    def __init__(self, dropout: str = "replay"):
+        self.replays = dropout == "replay"
 
     def start(self) -> Replay:
-        self.clean = RngState.capture()
+        if self.replays:
+            self.clean = RngState.capture()
         return self
 
     def mark(self) -> None:
-        self.after = RngState.capture()
+        if self.replays:
+            self.after = RngState.capture()
 
     def again(self) -> None:
-        self.clean.restore()
+        if self.replays:
+            self.clean.restore()
 
     def finish(self) -> None:
-        self.after.restore()
+        if self.replays:
+            self.after.restore()
 
 
 class ZeroDelta:
-    """delta = 0, made by the perturbation hook in the shape of the embeddings it is added to
-    (unknown before the first pass), as a leaf: the trainer's backward of that pass leaves the
-    gradient with respect to delta on `tensor`. (Reading it off the embeddings instead, with
-    `retain_grad`, fails under ZeRO-3, whose module hooks re-wrap the tensors.)"""
+    """delta = 0 (or ``start(embedded)``, FreeLB's random start), made by the perturbation hook
+    in the shape of the embeddings it is added to (unknown before the first pass), as a leaf:
+    the trainer's backward of that pass leaves the gradient with respect to delta on `tensor`.
+    (Reading it off the embeddings instead, with `retain_grad`, fails under ZeRO-3, whose
+    module hooks re-wrap the tensors.)"""
 
-    def __init__(self):
+    def __init__(self, start: Callable[[Tensor], Tensor] | None = None):
         self.tensor: Tensor | None = None
+        self.start = start
 
     def __call__(self, embedded: Tensor) -> Tensor:
-        self.tensor = torch.zeros(
-            embedded.shape, dtype=perturbation.work_dtype(embedded.dtype), device=embedded.device, requires_grad=True
-        )
+        dtype = perturbation.work_dtype(embedded.dtype)
+        if self.start is None:
+            self.tensor = torch.zeros(embedded.shape, dtype=dtype, device=embedded.device, requires_grad=True)
+        else:
+            self.tensor = self.start(embedded).detach().to(dtype).requires_grad_(True)
         return self.tensor
 
 
 def clean_pass(
-    forward: Forward, labels: Tensor, real_tokens: Tensor | None, delta: ZeroDelta | None = None
+    forward: Forward,
+    labels: Tensor,
+    real_tokens: Tensor | None,
+    delta: ZeroDelta | None = None,
+    dropout: str = "replay",
 ) -> CleanPass:
-    """The clean pass; with a `ZeroDelta`, one whose backward gives the gradient at delta = 0."""
-    replay = Replay().start()
+    """The clean pass; with a `ZeroDelta`, one whose backward gives the gradient at delta = 0.
+    ``dropout``: ``adversarial.dropout``, whether later passes replay this one's masks (`Replay`)."""
+    replay = Replay(dropout).start()
     logits, embedded = forward(delta)
     log_p = log_probs(logits)
     real_tokens = every_token_or(real_tokens, embedded)
@@ -205,6 +225,13 @@ def guarded(term: Callable[[Tensor], Tensor], logits: Tensor, finite: Tensor) ->
     value = term(safe)
     keep = finite & logits_finite.all() & torch.isfinite(value)
     return torch.where(keep, value, torch.zeros_like(value)), keep
+
+
+def adversarial_delta(delta: Tensor, config: AdversarialConfig) -> Tensor | perturbation.OnDetached:
+    """``delta`` as the adversarial pass adds it: to a detached copy of the embeddings under
+    ``adversarial.embedding_grad: detached`` (mt-dnn's pretraining plugin), so that no gradient
+    of the term reaches the embedding layer; to the embeddings themselves under ``full``."""
+    return perturbation.OnDetached(delta) if config.embedding_grad == "detached" else delta
 
 
 def perturbation_stats(clean: CleanPass, delta: Tensor, grad: Tensor, norm: str) -> dict[str, Tensor]:

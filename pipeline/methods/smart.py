@@ -8,7 +8,9 @@ keeps the model close to a momentum (EMA) teacher of itself.
 SKL is the symmetric KL. The teacher is constant in the loss (no gradient reaches it); the
 proximal term's gradient goes through both directions of the student's side. Defaults
 follow the paper: mu = 1 (``adversarial.mu``), beta = 0.99 (``adversarial.teacher_momentum``);
-alpha and the perturbation are ALUM's (the paper's lambda_s and its ascent are ALUM's).
+alpha and the perturbation are ALUM's (the paper's lambda_s and its ascent are ALUM's). The
+ascent climbs KL(p || q); mt-dnn's ``SmartPerturbation`` climbs ``stable_kl``, a log-odds
+divergence (docs/ALUM.md), which this project does not implement.
 
 The teacher sees the clean pass's dropout masks (`pipeline.methods.objective.Replay`) and computes
 in the student's dtype, so the term is exactly 0 while teacher and student are equal: a
@@ -125,6 +127,7 @@ class Smart(Method):
     """``smart``: ALUM's term plus the proximal term towards its EMA `Teacher`, its companion."""
 
     name = "smart"
+    detachable = True
     keeps_state = True
 
     def companion(self, model, hf_model, weight_decay, grad_clip) -> Teacher:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from data_prep.errors import UserError
+from pipeline.model.perturbation import OnDetached
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -128,7 +129,8 @@ class Perturbation:
     LayerNorm and dropout). A hook, rather than feeding cached embeddings to the encoder,
     keeps every pass running the whole model in the same order, which the dropout replay of
     `pipeline.methods.adversarial` relies on, and works through a DeepSpeed engine and through
-    `engine.module` alike."""
+    `engine.module` alike. A delta wrapped in `OnDetached` is added to a detached copy of the
+    embeddings (``adversarial.embedding_grad: detached``)."""
 
     def __init__(self, base_model: nn.Module, perturb_at: str):
         embeddings = base_model.embeddings
@@ -141,8 +143,11 @@ class Perturbation:
         self._embedded = output
         if self._delta is None:
             return None
-        delta = self._delta(output) if callable(self._delta) else self._delta
-        return output + delta.to(output.dtype)
+        delta, base = self._delta, output
+        if isinstance(delta, OnDetached):
+            delta, base = delta.delta, output.detach()
+        delta = delta(output) if callable(delta) else delta
+        return base + delta.to(output.dtype)
 
     def run(self, delta, fn):
         """(fn() computed with delta added, the unperturbed embeddings [B, T, H])."""

@@ -29,8 +29,9 @@ class Classifier(nn.Module):
         return self.perturbation.run(delta, lambda: self.hf(input_ids=input_ids, attention_mask=attention_mask).logits)
 
 
-def load_model(model_dir: str | Path, num_labels: int, seed: int):
-    """(Classifier, tokenizer) from a BERT/RoBERTa directory; the new head is seeded."""
+def load_model(model_dir: str | Path, num_labels: int, seed: int, perturb_at: str = "embedding_output"):
+    """(Classifier, tokenizer) from a BERT/RoBERTa directory; the new head is seeded; delta goes where
+    ``perturb_at`` says (the method's `adversarial.perturb_at`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -41,7 +42,7 @@ def load_model(model_dir: str | Path, num_labels: int, seed: int):
     hf = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=num_labels, attn_implementation="sdpa"
     )
-    return Classifier(hf), AutoTokenizer.from_pretrained(str(path))
+    return Classifier(hf, perturb_at), AutoTokenizer.from_pretrained(str(path))
 
 
 def check_model_dir(model_dir: str | Path) -> Path:

@@ -109,7 +109,7 @@ def finetune_seed(args: argparse.Namespace, task: Task, seed: int) -> dict:
     Under DeepSpeed (`--deepspeed`) every rank draws the same global batch of --batch-size
     examples and takes its own contiguous share, so the examples an optimizer step sees do
     not depend on the number of ranks."""
-    model, tokenizer = load_model(args.model, len(task.labels), seed)
+    model, tokenizer = load_model(args.model, len(task.labels), seed, adversarial_config(args).perturb_at)
     train = encode(tokenizer, task.train, args.max_length)
     dev = encode(tokenizer, task.dev, args.max_length)
     _, world = _ranks()
@@ -128,6 +128,11 @@ def finetune_seed(args: argparse.Namespace, task: Task, seed: int) -> dict:
     return result
 
 
+def adversarial_config(args: argparse.Namespace) -> AdversarialConfig:
+    """--method at its defaults, with --alpha."""
+    return AdversarialConfig(method=FINETUNE_NAMES[args.method], alpha=args.alpha)
+
+
 def set_up(args: argparse.Namespace, model: Classifier, settings: TrainConfig, world: int) -> Fit:
     """The optimizer, LR schedule and method around `model`, built by the code pretraining builds them with,
     inside a DeepSpeed engine with --deepspeed (ZeRO from its JSON), else on this process's device."""
@@ -136,7 +141,7 @@ def set_up(args: argparse.Namespace, model: Classifier, settings: TrainConfig, w
         model.to(local_device())
     optimizer = make_optimizer(model, settings, ds_config)
     schedule = make_scheduler(optimizer, settings)
-    adversarial = AdversarialConfig(method=FINETUNE_NAMES[args.method], alpha=args.alpha)
+    adversarial = adversarial_config(args)
     method = method_of(adversarial)
     companion = method.companion(model, model.hf, settings.weight_decay, settings.grad_clip)
     engine, device, dtype = None, local_device(), torch.float32

@@ -29,6 +29,7 @@ import yaml
 from data_prep import atomic, output_dir
 from data_prep.differences import first_difference
 from data_prep.errors import UserError
+from pipeline.model.perturbation import UPDATE_ALIASES
 from pipeline.train.checkpoint import CHECKPOINTS, TAG
 from pipeline.train.config import RunConfig, dump, flatten, load_config, to_dict
 from pipeline.train.run_lock import LOCK
@@ -54,6 +55,9 @@ CHANGEABLE = {
     "adversarial.on_vanish",
 }
 
+# Values stored under an older name mean what the new name does: a run started with them resumes.
+RENAMED = {"adversarial.update": UPDATE_ALIASES}
+
 
 def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: Path) -> RunConfig:
     """The config for this launch: the given one, checked against the run's stored config."""
@@ -65,6 +69,7 @@ def resolve_run_config(config_path: str | None, overrides: list[str], run_dir: P
     if stored_path.is_file():
         # A key the stored config lacks is newer than the run, which ran with its default.
         stored = flatten(to_dict(RunConfig())) | flatten(yaml.safe_load(stored_path.read_text()))
+        stored |= {key: names.get(stored[key], stored[key]) for key, names in RENAMED.items() if key in stored}
         fixed = {
             key: _by_name(value)
             for key, value in flatten(to_dict(config)).items()

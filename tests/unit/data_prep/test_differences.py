@@ -48,3 +48,14 @@ def test_a_run_directory_refuses_a_changed_setting_but_not_a_changeable_one(tmp_
     assert resolve_run_config(None, ["train.max_steps=7", "wandb.mode=offline"], tmp_path).train.max_steps == 7
     with pytest.raises(UserError, match=r"this run was started with train\.lr=0\.001, not 0\.1; use a new --run-dir"):
         resolve_run_config(None, ["train.lr=0.1"], tmp_path)
+
+
+def test_a_run_started_with_a_renamed_value_resumes(tmp_path):
+    # adversarial.update: paper is what normalised was called when the run was started.
+    started = dump(load_config("tiny", ["adversarial.method=alum"])).replace("update: normalised", "update: paper")
+    assert "update: paper" in started
+    (tmp_path / CONFIG).write_text(started)
+    output_dir.mark(tmp_path, COMMAND)
+    assert resolve_run_config(None, [], tmp_path).adversarial.update == "normalised"
+    with pytest.raises(UserError, match=r"adversarial\.update='normalised', not 'projected'"):
+        resolve_run_config(None, ["adversarial.update=projected"], tmp_path)

@@ -158,3 +158,73 @@ def test_freeat_carries_its_perturbation_across_replays():
     torch.testing.assert_close(carry.delta, (first + 2.0**-7 * grad.sign()).clamp(-(2.0**-7), 2.0**-7))
     method = method_of(config)
     assert out.loss_adv > 0 and method.replay_index(1) == 1 and method.at_boundary(2) and not method.at_boundary(1)
+
+
+# FreeLB as its code does it (zhuchen03/FreeLB, huggingface-transformers/examples/run_glue_freelb.py)
+
+
+def test_freelb_normalises_its_step_over_each_sequence():
+    """FreeLB's default `norm_over: sequence`: the step is ``adv_lr * g / ||g.view(B, -1)||``,
+    so each sequence (not each token) moves by step_size in L2."""
+    config = AdversarialConfig(method="freelb", start_step=0, scale="absolute", step_size=0.3)
+    assert config.norm_over == "sequence" and config.norm == "l2" and config.perturb_at == "word_embeddings"
+    alum = AdversarialConfig(method="alum")  # every other method: per token at the embedding output, as before
+    assert (alum.norm_over, alum.perturb_at) == ("token", "embedding_output")
+    generator = torch.Generator().manual_seed(4)
+    grad = torch.randn(3, 5, 8, generator=generator) * torch.tensor([1.0, 10.0, 1e-3]).view(3, 1, 1)
+    moved = perturbation.ascent_update(torch.zeros_like(grad), grad, torch.ones(()), config)
+    by_freelb = 0.3 * grad / torch.norm(grad.view(3, -1), dim=1).view(-1, 1, 1)
+    torch.testing.assert_close(moved, by_freelb)
+    torch.testing.assert_close(torch.linalg.vector_norm(moved, dim=(1, 2)), torch.full((3,), 0.3))
+    assert not torch.allclose(perturbation.token_norm(moved, "l2"), torch.full((3, 5), 0.3 / 5**0.5))
+
+
+def test_freelb_default_moves_delta_by_the_sequence_normalised_gradient():
+    config = AdversarialConfig(method="freelb", steps=2, start_step=0, scale="absolute")
+    _, _, _, closures = run(config)
+    model, by_hand, labels = setup()
+    logits, embedded = by_hand.forward(None)
+    (g,) = torch.autograd.grad(mlm_loss(logits, labels), embedded)
+    expected = config.step_size * g / torch.norm(g.view(g.shape[0], -1), dim=1).view(-1, 1, 1)
+    torch.testing.assert_close(closures.deltas[0].detach(), expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_a_sequence_ball_bounds_each_sequence_as_freelb_s_max_norm(norm):
+    config = AdversarialConfig(method="freelb", start_step=0, scale="absolute", step_size=5.0, eps=0.5, norm=norm)
+    generator = torch.Generator().manual_seed(6)
+    grad = torch.randn(2, 4, 8, generator=generator)
+    moved = perturbation.ascent_update(torch.zeros_like(grad), grad, torch.ones(()), config)
+    if norm == "l2":  # each sequence scaled down as a whole to adv_max_norm
+        torch.testing.assert_close(torch.linalg.vector_norm(moved, dim=(1, 2)), torch.full((2,), 0.5))
+    else:  # clipped element-wise
+        assert moved.abs().max() == pytest.approx(0.5)
+
+
+def test_freelb_uniform_start_is_scaled_by_length_times_width():
+    """``adv_init_mag / sqrt(length * H)`` times U(-1, 1) on the real tokens, 0 on padding."""
+    embedded = torch.ones(2, 6, 8)
+    real = torch.tensor([[1] * 6, [1] * 3 + [0] * 3]).bool()
+    start = perturbation.uniform_start(embedded, torch.ones(()), real, 0.6, "l2", torch.Generator().manual_seed(0))
+    assert start[1, 3:].abs().max() == 0
+    for row, length in ((0, 6), (1, 3)):
+        bound = 0.6 / (length * 8) ** 0.5
+        assert 0.5 * bound < start[row, :length].abs().max() <= bound
+
+
+def test_freelb_with_init_mag_trains_every_pass_from_the_random_start():
+    """With `init_mag` the first pass is at FreeLB's random start, not the clean input; with
+    step size 0 every pass stays there and (masks replayed) has the same loss."""
+    config = AdversarialConfig(method="freelb", steps=3, start_step=0, step_size=0.0, init_mag=0.6, scale="absolute")
+    out, _, yielded, closures = run(config, train=True)
+    start = closures.deltas[0].detach()
+    real = torch.ones(start.shape[:2])
+    assert start.abs().max() > 0 and start.abs().max() <= 0.6 / (real.sum(1).max() * start.shape[-1]) ** 0.5
+    assert len(set(round(float(y), 7) for y in yielded)) == 1
+    clean = run(AdversarialConfig(method="freelb", steps=3, start_step=0, step_size=0.0), train=True)[0]
+    assert out.loss_mlm != clean.loss_mlm  # pass 0 is perturbed: there is no clean pass
+
+
+def test_init_mag_is_refused_where_no_random_start_is_drawn():
+    with pytest.raises(ValueError, match=r"^init_mag: "):
+        AdversarialConfig(method="alum", init_mag=0.6)

@@ -7,11 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import minimal
 from transformers import BertConfig, BertForMaskedLM
 
 from pipeline.methods.adversarial import AdversarialConfig, compute_losses
-from pipeline.methods.objective import mlm_loss, symmetric_kl
+from pipeline.methods.objective import kl, log_probs, mlm_loss, symmetric_kl
+from pipeline.model.masked_lm import MaskedLM
 from pipeline.model.perturbation import ascent_update, token_norm
+from pipeline.train.config import load_config
 
 torch.set_num_threads(1)
 
@@ -23,7 +26,7 @@ OFFICIAL_SIZES = replace(ALUM, scale="absolute", step_size=1e-3, noise_std=1e-5,
 ONE = torch.ones(())  # the unit of sizes with scale=absolute
 
 
-def tiny_bert() -> BertForMaskedLM:
+def tiny_bert(**changes) -> BertForMaskedLM:
     """Two layers, hidden 32, dropout 0.1 left on: small enough for CPU, real enough to matter."""
     torch.manual_seed(0)
     config = BertConfig(
@@ -33,6 +36,7 @@ def tiny_bert() -> BertForMaskedLM:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        **changes,
     )
     return BertForMaskedLM(config).train()
 
@@ -274,6 +278,27 @@ def test_passes_replay_the_clean_dropout_masks():
     assert result.loss_adv == 0.0 and not result.skipped
 
 
+def test_independent_dropout_gives_a_divergence_at_delta_zero():
+    """`dropout: independent` (the official ALUM and ASA code): the adversarial pass draws its
+    own masks, so even at delta = 0 it differs from the clean pass; replayed masks give 0."""
+    at_zero = replace(ALUM, noise_std=0.0, step_size=0.0)
+    independent, _ = run_step(replace(at_zero, dropout="independent"))
+    replayed, _ = run_step(at_zero)
+    assert independent.loss_adv > 1e-4 and not independent.skipped
+    assert replayed.loss_adv == 0.0
+
+
+def test_independent_dropout_without_dropout_in_the_model_is_the_replay():
+    ids, mask, labels = batch()
+    results = []
+    for dropout in ("replay", "independent"):
+        closures = Closures(tiny_bert().eval(), ids, mask)
+        torch.manual_seed(7)
+        config = replace(ALUM, dropout=dropout)
+        results.append(compute_losses(closures.forward, closures.ascent_forward, labels, config=config, step=0))
+    assert torch.equal(results[0].loss, results[1].loss)
+
+
 def test_dropout_is_active_without_replay():
     ids, mask, _ = batch()
     closures = Closures(tiny_bert(), ids, mask)
@@ -290,6 +315,56 @@ def test_rng_advances_so_the_next_step_gets_new_masks():
     assert not torch.equal(torch.get_rng_state(), before)
     second = compute_losses(closures.forward, closures.ascent_forward, labels, config=ALUM, step=1)
     assert not torch.equal(first.loss_mlm, second.loss_mlm)
+
+
+# 6b. The embedding layer's gradient from the adversarial pass (embedding_grad)
+
+
+def adversarial_pass_gradients(embedding_grad: str, perturb_at: str = "embedding_output"):
+    """One ALUM micro-batch through `MaskedLM` (the real perturbation hook): the gradients on the
+    embedding layer's weights of the clean loss and of the adversarial pass's KL(stopgrad(p) || q).
+    The output layer is untied from the word embeddings: tied (BERT's default), the LM head's
+    copy of the weights gets the term's gradient whatever the embedding layer gets."""
+    model = MaskedLM(tiny_bert(tie_word_embeddings=False), perturb_at)
+    ids, mask, labels = batch()
+    masked_index = mask.flatten().nonzero().squeeze(1)
+    passes = []
+
+    def forward(delta):
+        logits, embedded = model(ids, None, masked_index, delta)
+        passes.append((delta, logits))
+        return logits, embedded
+
+    def ascent_forward(delta):
+        return model(ids, None, masked_index, delta)[0]
+
+    torch.manual_seed(7)
+    config = replace(ALUM, embedding_grad=embedding_grad, perturb_at=perturb_at)
+    result = compute_losses(forward, ascent_forward, labels, config=config, step=0)
+    (_, clean_logits), (_, adversarial_logits) = passes
+    # The layers before delta: the word embeddings, or all of the embedding layer (word,
+    # position and type embeddings, LayerNorm) when delta is added to its output.
+    embeddings = model.hf.bert.embeddings
+    weights = [embeddings.word_embeddings.weight] if perturb_at == "word_embeddings" else list(embeddings.parameters())
+    term = kl(log_probs(clean_logits).detach(), log_probs(adversarial_logits))
+    clean_grad = torch.autograd.grad(result.loss_mlm, weights, retain_graph=True, allow_unused=True)
+    term_grad = torch.autograd.grad(term, weights, allow_unused=True, materialize_grads=True)
+    flat = [torch.cat([g.flatten() for g in grads if g is not None]) for grads in (clean_grad, term_grad)]
+    return *flat, result
+
+
+@pytest.mark.parametrize("perturb_at", ["embedding_output", "word_embeddings"])
+def test_detached_embeddings_get_no_gradient_from_the_adversarial_pass(perturb_at):
+    """`embedding_grad: detached` (mt-dnn's pretraining plugin adds its noise to
+    ``embed.data.detach()``): the adversarial pass sends nothing to the embedding layer, the
+    clean loss does; with `full` (the default, as the fine-tuning code) both do."""
+    clean_grad, term_grad, result = adversarial_pass_gradients("detached", perturb_at)
+    assert clean_grad.abs().sum() > 0
+    assert torch.count_nonzero(term_grad) == 0
+    assert result.loss_adv > 0 and not result.skipped
+    _, full_term_grad, full = adversarial_pass_gradients("full", perturb_at)
+    assert full_term_grad.abs().sum() > 0
+    assert full.loss_adv == result.loss_adv  # the same forward values: only the gradient differs
 
 
 # 7. No masked tokens
@@ -345,6 +420,9 @@ def test_step_without_masked_tokens_runs():
         ({"on_vanish": "ignore"}, "on_vanish"),
         ({"vanish_steps": 0}, "vanish_steps"),
         ({"vanish_ratio": -1.0}, "vanish_ratio"),
+        ({"embedding_grad": "none"}, "embedding_grad"),
+        ({"dropout": "off"}, "dropout"),
+        ({"method": "fgm", "embedding_grad": "detached"}, "embedding_grad"),
     ],
 )
 def test_building_a_bad_config_names_the_field(changes, key):
@@ -357,6 +435,11 @@ def test_the_defaults_and_paper_values_build():
     AdversarialConfig()
     replace(ALUM, eps=1e-5, norm="l2", perturb_at="word_embeddings", steps=3, alpha=1)
     replace(ALUM, update="official", scale="absolute", kl_grad="full", on_vanish="error", vanish_steps=1)
+
+
+def test_a_config_file_saying_update_paper_still_loads(tmp_path):
+    config = load_config(minimal(tmp_path, adversarial={"method": "alum", "update": "paper"}))
+    assert config.adversarial.update == "normalised"
 
 
 def test_the_message_lists_the_choices():

@@ -1,4 +1,4 @@
-"""Perturbation mechanics: units, the two update rules, rounding loss; the full KL gradient; the vanishing guard."""
+"""Perturbation mechanics: units, the three update rules, rounding loss; the full KL gradient; the vanishing guard."""
 
 from __future__ import annotations
 
@@ -90,6 +90,38 @@ def test_paper_rule_moves_by_step_size_times_the_unit():
     config = replace(ALUM, update="paper", step_size=0.1, grad_eps=1e-12)
     moved = ascent_update(torch.zeros_like(e), embeddings(), unit, config)
     assert torch.allclose(token_norm(moved, "linf"), 0.1 * unit[..., 0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projected_rule_stays_in_the_eps_ball(norm):
+    """`projected` (the unnormalised step, then Pi_eps): a step far longer than eps still lands
+    in every token's ball, and tokens whose step stays inside are moved by step_size * g exactly."""
+    generator = torch.Generator().manual_seed(5)
+    delta = torch.randn(2, 6, 8, generator=generator) * 1e-3
+    grad = torch.randn(2, 6, 8, generator=generator) * 10.0
+    grad[1, 0] = 1e-6  # one token whose step stays inside the ball
+    config = replace(ALUM, update="projected", scale="absolute", step_size=1.0, eps=0.01, norm=norm)
+    out = ascent_update(delta, grad, torch.ones(()), config)
+    assert (token_norm(out, norm) <= 0.01 * (1 + 1e-6)).all()
+    assert token_norm(out, norm).max() == pytest.approx(0.01, rel=1e-5)
+    assert torch.allclose(out[1, 0], delta[1, 0] + 1e-6)
+
+
+def test_projected_rule_without_eps_is_the_plain_gradient_step():
+    delta, grad = torch.zeros(1, 2, 4), torch.tensor([[[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1e-9]]])
+    config = replace(ALUM, update="projected", scale="absolute", step_size=0.5)
+    assert torch.equal(ascent_update(delta, grad, torch.ones(()), config), 0.5 * grad)
+
+
+def test_paper_is_read_as_the_normalised_rule():
+    config = replace(ALUM, update="paper")
+    assert config.update == "normalised"
+    assert AdversarialConfig().update == "normalised"  # the default rule, as before it was renamed
+    generator = torch.Generator().manual_seed(2)
+    delta, grad = torch.randn(2, 3, 8, generator=generator), torch.randn(2, 3, 8, generator=generator)
+    unit = torch.ones(())
+    paper = ascent_update(delta, grad, unit, replace(ALUM, update="paper"))
+    assert torch.equal(paper, ascent_update(delta, grad, unit, replace(ALUM, update="normalised")))
 
 
 def test_relative_eps_ball_scales_with_the_unit():
