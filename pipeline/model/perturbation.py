@@ -32,6 +32,10 @@ named for what it does, and docs/ALUM.md says which source uses it:
   `SmartPerturbation` do. Delta then always has the length of the embeddings' RMS, and
   when ``step_size * g`` is much smaller than delta its direction is mostly the initial
   noise's.
+- ``random``: ``normalised`` with the gradient replaced by Gaussian noise, the noise control
+  of issue 24's study: the same passes (the gradient's pass runs, its direction is unused)
+  and a delta of the same per-token size as ``normalised`` gives, in a random direction, so
+  a comparison with ALUM separates "adversarial" from "perturbed".
 
 `eps`, when set, projects delta onto the per-token ball of radius eps * r_t afterwards.
 
@@ -49,7 +53,7 @@ from torch import Tensor
 NORMS = ("linf", "l2")
 TINY = 1e-30  # a floor for r_t where delta is divided by it
 SCALES = ("relative", "absolute")
-UPDATES = ("normalised", "projected", "official")
+UPDATES = ("normalised", "projected", "official", "random")
 UPDATE_ALIASES = {"paper": "normalised"}
 NORM_OVER = ("token", "sequence")  # names configs may still use, and the rule each means
 
@@ -94,6 +98,8 @@ def ascent_update(delta: Tensor, grad: Tensor, unit: Tensor, config) -> Tensor:
     """One ascent step on delta by `config.update`, then the optional eps-ball projection."""
     update = UPDATE_ALIASES.get(config.update, config.update)
     over = config.norm_over
+    if update == "random":  # from the model's RNG stream, so a resumed run draws the same
+        grad, update = torch.randn(grad.shape, device=grad.device).to(grad.dtype), "normalised"
     if update == "normalised":
         if over == "token":
             step = grad / (token_norm(grad, config.norm).unsqueeze(-1) + config.grad_eps)

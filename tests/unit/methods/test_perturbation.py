@@ -224,3 +224,20 @@ def test_the_guard_advises_only_changes_to_the_config(lost):
     absolute = vanishing.message(replace(ALUM, scale="absolute"), 85, 1e-7, lost)
     assert "scale=relative" not in relative and absolute.endswith(", or use adversarial.scale=relative")
     assert "raise adversarial" in relative
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_rule_has_the_normalised_size_and_not_its_direction(norm):
+    """`random` (the study's noise control): each token's step is as long as the normalised
+    rule's, and its direction does not follow the gradient (cosine near 0, not 1)."""
+    generator = torch.Generator().manual_seed(3)
+    grad = torch.randn(4, 16, 64, generator=generator)
+    unit = torch.rand(4, 16, 1, generator=generator) + 0.5
+    zero = torch.zeros_like(grad)
+    torch.manual_seed(0)
+    noise = ascent_update(zero, grad, unit, replace(ALUM, update="random", norm=norm, grad_eps=1e-12))
+    aligned = ascent_update(zero, grad, unit, replace(ALUM, update="normalised", norm=norm, grad_eps=1e-12))
+    assert torch.allclose(token_norm(noise, norm), token_norm(aligned, norm), rtol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(noise, grad, dim=-1)
+    assert cosine.abs().mean() < 0.2
+    assert torch.nn.functional.cosine_similarity(aligned, grad, dim=-1).mean() > 0.5
