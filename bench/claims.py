@@ -1,44 +1,39 @@
-"""The paper's claims at small scale: does ALUM pretraining (from scratch, and continual) or
-ALUM fine-tuning buy generalization or robustness? One command, resumable.
+"""Can this design see ALUM's effect? The study of docs/results/study-plan.md, in one resumable
+command (the plan was committed before any of its runs).
 
-    python bench/claims.py                          # the full experiment (about 1.5 hours here)
-    python bench/claims.py --work /tmp/c --pretrain-steps 40 --continual-steps 20 \
-        --finetune-steps 20 --seeds 1,2             # a smoke run
-    python bench/claims.py --render                 # the table and figure again, from docs/results/claims.json
-    python bench/claims.py --only asa               # add ASA's stages to the committed study (about 25 minutes here)
+    python bench/claims.py                 # the study (about 90 minutes on a 2-core machine)
+    python bench/claims.py --work /tmp/c --pretrain-steps 20 --finetune-steps 10 \\
+        --subset-epochs 1 --pretrain-seeds 1,2 --finetune-seeds 1,2 --eval-batches 2 --out /tmp/c/out
+                                           # a smoke run
+    python bench/claims.py --render        # table, figure and README summary again, from the JSON
 
 Every stage runs the project's own commands as a user would (`python -m pipeline.pretrain`,
 `alum export`, `alum eval`, `alum finetune`) in --work, and is skipped when its output is
-already there, so a re-run continues where the last one stopped.
+there, so a re-run continues where the last one stopped. Stages run on --workers processes
+at once, one thread each (a 64-wide model uses a second thread poorly).
 
-1. Data: a sentencepiece tokenizer and 128-token shards of WikiText-2 train (2% of the
-   documents held out as the val split).
-2. Pretraining, the tiny BERT of configs/models/tiny.yaml with the mask curriculum, batch 32:
-   - `standard`: standard MLM for S steps;
-   - `alum`: the paper's two stages: the standard run's step-S/2 checkpoint (weights,
-     optimizer, schedule, data position) continued with ALUM to step S (equal steps);
-   - `alum-amortized`: the same two stages with amortized ALUM (pipeline/methods/alum.py);
-   - `asa`: the same two stages with adversarial self-attention (pipeline/methods/asa.py), its KL
-     weighted 1 as in the ASA paper;
-   - `standard-compute`: standard MLM from scratch for S/2 + r * S/2 steps, where r is the
-     measured time of an ALUM step over a standard one (equal compute);
-   - `continual-standard` and `continual-alum`: the `standard` model continued for C more
-     steps, a new schedule at a fifth of the learning rate, without and with ALUM.
-3. `alum eval` of every model on the held-out split: perplexity, accuracy (beside the
-   commonest-token baseline), loss under embedding PGD and token substitution.
-4. `alum finetune` of every model on SST-2, standard and ALUM (alpha 1), one run per seed,
-   with SST-2 dev and AdvGLUE-SST2 accuracy; the `standard` model also with amortized
-   ALUM, SMART, FreeLB and ASA fine-tuning, at their defaults.
-5. docs/results/claims.{json,md,png}: the table (mean +- std over seeds; a difference from
-   the `standard` model counts only if it exceeds the sum of the two spreads) and a figure;
-   docs/results/pretraining.png: the pretraining curves.
+Per pretraining seed (model initialisation and data order), on WikiText-2 train:
+- `standard`: S steps of standard MLM (batch 32 x 128, the mask curriculum); its step-S/2
+  checkpoint is the shared phase every branch below starts from (weights, optimizer,
+  schedule, data position), so branches see identical data;
+- `alum`: steps S/2 to S with ALUM (alpha 10, its default perturbation);
+- `noise`: the same with `adversarial.update: random`: ALUM's passes and per-token size, a
+  random direction (the control separating "adversarial" from "perturbed");
+- `standard-compute`: standard MLM from scratch for S/2 + 3 x S/2 steps, ALUM's compute
+  by counted passes (an ALUM step is three forward and three backward passes, a standard
+  one one of each);
+- `random-init`: the seed's initial weights, untrained (a 1-step run at learning rate 0),
+  the floor pretraining should lift.
+Each model: `alum eval` on WikiText-2's test split and Tiny Shakespeare (never seen by the
+tokenizer or the model): clean loss, PGD with a random start (10 steps, radii 0.03, 0.1,
+0.3) and random noise of the same norm, 10% token substitution. Then `alum finetune` with
+the standard objective and with ALUM (alpha 1), fine-tuning seeds shared across models, on
+full SST-2 (F steps) and on a fixed 2,000-sentence subset; per run the SST-2 dev accuracy
+and the predictions on AdvGLUE-SST2 and on its matched dev sources (bench/claims_stats.py).
 
-`--only NAMES` runs the stages of some two-stage models (TWO_STAGE) and fine-tuning methods
-of the `standard` model alone and merges them into the committed OUT/claims.json, the other
-entries kept as they are: how a method joins the study without re-running it all. The
-`standard` run they start from is trained again if --work lacks it, and must evaluate as
-the committed one to 1e-6 (training is deterministic; another version of a library can move
-the last bits: 2e-8 of the loss seen here), or nothing is merged.
+OUT/claims.json holds every run's figures, each stage's wall time and the total; the
+analysis, OUT/claims.md, OUT/claims.png and the README's summary are made from it alone
+(bench/claims_report.py).
 """
 
 from __future__ import annotations
@@ -48,353 +43,228 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from claims_report import FINETUNE_BOTH, FINETUNE_METHODS, figure, table
-from data_dir import data_dir, wikitext_train
+from claims_report import BRANCHES, FT_DATA, FT_METHODS, MODELS, render
+from claims_stats import match_pairs
+from data_dir import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
-PRETRAINED = ("standard", "alum", "alum-amortized", "asa", "standard-compute", "continual-standard", "continual-alum")
-# The models trained as the paper trains ALUM: the standard run's half-way checkpoint
-# continued with the method to the same step; by name, the method and its overrides.
-TWO_STAGE = {"alum": ("alum",), "alum-amortized": ("alum_amortized",), "asa": ("asa", "adversarial.alpha=1")}
+ALUM_PASS_RATIO = 3  # ALUM: clean F+B, noise F + ascent B, adversarial F+B; standard: one F+B
+EVAL_SETS = {"wikitext-test": "shards-wikitext-test", "shakespeare": "shards-shakespeare"}
+BRANCH_OVERRIDES = {"alum": ("adversarial.method=alum",), "noise": ("adversarial.method=alum", "adversarial.update=random")}
 
 
-def command(*args: str, what: str) -> float:
-    """Run one of the project's commands from the repository root; its wall time in seconds."""
-    started = time.perf_counter()
-    print(f"[claims] {what}", flush=True)
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"claims: {what} failed with exit code {result.returncode}; fix it and re-run to continue")
-    return time.perf_counter() - started
+class Stages:
+    """Runs the project's commands, records each one's wall time in WORK/wall-seconds.json
+    (kept across invocations, so a resumed study reports what it cost in all)."""
+
+    def __init__(self, work: Path, threads: int):
+        self.work, self.threads, self.lock = work, threads, threading.Lock()
+        self.times_path = work / "wall-seconds.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
+
+    def run(self, what: str, *args: str) -> None:
+        started = time.perf_counter()
+        print(f"[claims] {what}", flush=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "OMP_NUM_THREADS": str(self.threads)}
+        log = self.work / "logs" / f"{what.replace('/', '_').replace(' ', '_')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            raise SystemExit(f"claims: {what} failed (exit {result.returncode}, log {log}); fix it and re-run")
+        with self.lock:
+            self.times[what] = self.times.get(what, 0.0) + time.perf_counter() - started
+            self.times_path.write_text(json.dumps(self.times, indent=1) + "\n")
 
 
-def prepare_data(work: Path) -> tuple[Path, Path]:
-    tokenizer, shards = work / "tokenizer", work / "shards"
-    train = str(wikitext_train())
-    if not (tokenizer / "alum_tokenizer.json").is_file():
-        command(
-            "-m",
-            "pipeline.cli",
-            "tokenizer",
-            "--input",
-            train,
-            "--vocab-size",
-            "8000",
-            "--out",
-            str(tokenizer),
-            what="tokenizer",
-        )
-    if not (shards / "manifest.json").is_file():
-        command(
-            "-m",
-            "pipeline.cli",
-            "shard",
-            "--input",
-            train,
-            "--tokenizer",
-            str(tokenizer),
-            "--seq-len",
-            "128",
-            "--val-fraction",
-            "0.02",
-            "--out",
-            str(shards),
-            what="shards",
-        )
-    return tokenizer, shards
+def prepare_data(stages: Stages) -> None:
+    """The tokenizer on WikiText-2 train alone; shards of train (2% val for training-time
+    validation only), of WikiText-2 test and of Tiny Shakespeare (all rows in `train`)."""
+    work, data = stages.work, data_dir()
+    train = str(data / "wikitext-2" / "train.txt")
+    if not (work / "tokenizer" / "alum_tokenizer.json").is_file():
+        stages.run("tokenizer", "-m", "pipeline.cli", "tokenizer", "--input", train, "--vocab-size", "8000",
+                   "--out", str(work / "tokenizer"))  # fmt: skip
+    sources = {
+        "shards": (train, "0.02"),
+        EVAL_SETS["wikitext-test"]: (str(data / "wikitext-2" / "test.txt"), "0"),
+        EVAL_SETS["shakespeare"]: (str(data / "tinyshakespeare" / "input.txt"), "0"),
+    }
+    for name, (text, val) in sources.items():
+        if not (work / name / "manifest.json").is_file():
+            stages.run(f"shard {name}", "-m", "pipeline.cli", "shard", "--input", text, "--tokenizer",
+                       str(work / "tokenizer"), "--seq-len", "128", "--val-fraction", val, "--out", str(work / name))  # fmt: skip
 
 
-def pretrain(work: Path, name: str, steps: int, *overrides: str) -> None:
-    """One pretraining run in work/pretrain/NAME (resumes if interrupted, skipped if finished)."""
-    run_dir = work / "pretrain" / name
-    if finished(run_dir, steps):
-        return
-    command(
-        "-m",
-        "pipeline.pretrain",
-        "--config",
-        "configs/tiny.yaml",
-        "--run-dir",
-        str(run_dir),
-        f"data.shards={work / 'shards'}",
-        f"data.tokenizer={work / 'tokenizer'}",
-        "deepspeed=configs/deepspeed/zero0.json",
-        f"train.max_steps={steps}",
-        "train.global_batch_size=32",
-        "train.micro_batch_size=32",
-        "train.lr=2e-3",
-        "train.warmup_steps=100",
-        "train.log_every=50",
-        f"eval.every_steps={max(1, steps // 10)}",
-        "eval.batches=8",
-        f"checkpoint.every_steps={max(1, steps // 2)}",
-        "checkpoint.keep_last=2",
-        "wandb.mode=disabled",
-        "adversarial.method=none",
-        *overrides,
-        what=f"pretrain {name} ({steps} steps)",
-    )
-
-
-def finished(run_dir: Path, steps: int) -> bool:
+def pretrain(stages: Stages, seed: int, name: str, steps: int, *overrides: str) -> None:
+    run_dir = stages.work / "pretrain" / f"s{seed}" / name
     latest = run_dir / "checkpoints" / "latest"
-    return latest.is_file() and latest.read_text().strip() == f"step{steps:08d}"
+    if latest.is_file() and latest.read_text().strip() == f"step{steps:08d}":
+        return
+    work = stages.work
+    stages.run(
+        f"pretrain s{seed}/{name}",
+        "-m", "pipeline.pretrain", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
+        f"data.shards={work / 'shards'}", f"data.tokenizer={work / 'tokenizer'}",
+        "deepspeed=configs/deepspeed/zero0.json", f"train.max_steps={steps}", f"train.seed={seed}",
+        "train.global_batch_size=32", "train.micro_batch_size=32", "train.lr=2e-3", "train.warmup_steps=100",
+        "train.threads_per_rank=1", "train.log_every=25", f"eval.every_steps={max(1, steps // 10)}",
+        "eval.batches=8", f"checkpoint.every_steps={max(1, steps // 2)}", "checkpoint.keep_last=2",
+        "wandb.mode=disabled", "adversarial.method=none", *overrides,
+    )  # fmt: skip
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def step_time_ratio(work: Path, name: str, half: int) -> float:
-    """Fastest logged step of run `name`'s second half over the fastest standard step: on a
-    shared machine other work only ever slows a step, so the minimum is the step's own cost
-    (perf/step_seconds is the step alone: validation and checkpoints are timed apart)."""
-    standard = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / "standard")]
-    adversarial = [r["perf/step_seconds"] for r in metrics(work / "pretrain" / name) if r["step"] > half]
-    return min(adversarial) / min(standard)
-
-
-def pretrain_two_stage(work: Path, name: str, steps: int) -> float:
-    """The standard run's step-S/2 checkpoint continued with TWO_STAGE[name] to step S; its step-time ratio."""
+def pretrain_seed(stages: Stages, seed: int, steps: int, branch: str) -> None:
+    """One model of a pretraining seed; the branches wait for nothing but `standard`'s
+    step-S/2 checkpoint, which the caller has run first."""
     half = steps // 2
-    method, *overrides = TWO_STAGE[name]
-    pretrain(
-        work,
-        name,
-        steps,
-        f"checkpoint.init_from={work / 'pretrain' / 'standard' / 'checkpoints' / f'step{half:08d}'}",
-        "checkpoint.init_optimizer=true",
-        f"adversarial.method={method}",
-        f"adversarial.start_step={half}",
-        *overrides,
-    )
-    return step_time_ratio(work, name, half)
+    shared = stages.work / "pretrain" / f"s{seed}" / "standard" / "checkpoints" / f"step{half:08d}"
+    if branch == "standard":
+        pretrain(stages, seed, branch, steps)
+    elif branch == "standard-compute":
+        pretrain(stages, seed, branch, half + ALUM_PASS_RATIO * half)
+    elif branch == "random-init":
+        pretrain(stages, seed, branch, 1, "train.lr=0", "train.warmup_steps=0", "eval.every_steps=1000")
+    else:
+        pretrain(stages, seed, branch, steps, f"checkpoint.init_from={shared}", "checkpoint.init_optimizer=true",
+                 f"adversarial.start_step={half}", *BRANCH_OVERRIDES[branch])  # fmt: skip
 
 
-def ratio_key(name: str) -> str:
-    return {"alum": "alum_step_time_ratio", "alum-amortized": "amortized_step_time_ratio"}.get(
-        name, f"{name}_step_time_ratio"
-    )
-
-
-def pretrain_all(work: Path, steps: int, continual: int) -> dict:
-    half = steps // 2
-    pretrain(work, "standard", steps)
-    ratios = {ratio_key(name): pretrain_two_stage(work, name, steps) for name in TWO_STAGE}
-    ratio = ratios["alum_step_time_ratio"]
-    compute_steps = half + round(ratio * half)
-    pretrain(work, "standard-compute", compute_steps)
-    for name, method in (("continual-standard", "none"), ("continual-alum", "alum")):
-        pretrain(
-            work,
-            name,
-            continual,
-            f"checkpoint.init_from={work / 'pretrain' / 'standard'}",
-            "train.lr=4e-4",
-            f"adversarial.method={method}",
-            "adversarial.start_step=0",
-        )
-    return {"steps": steps, "continual_steps": continual, "standard_compute_steps": compute_steps, **ratios}
-
-
-def export_and_eval(work: Path, name: str) -> dict:
-    model = work / "models" / name
+def export_and_eval(stages: Stages, seed: int, name: str, batches: int) -> Path:
+    model = stages.work / "models" / f"s{seed}" / name
     if not (model / "config.json").is_file():
-        command(
-            "-m",
-            "pipeline.cli",
-            "export",
-            "--run-dir",
-            str(work / "pretrain" / name),
-            "--out",
-            str(model),
-            what=f"export {name}",
-        )
-    result = model / "eval-val.json"
-    if not result.is_file():
-        command(
-            "-m",
-            "pipeline.cli",
-            "eval",
-            "--model",
-            str(model),
-            "--shards",
-            str(work / "shards"),
-            "--batches",
-            "20",
-            what=f"eval {name}",
-        )
-    return json.loads(result.read_text())
+        stages.run(f"export s{seed}/{name}", "-m", "pipeline.cli", "export", "--run-dir",
+                   str(stages.work / "pretrain" / f"s{seed}" / name), "--out", str(model))  # fmt: skip
+    if not (model / "eval-heldout.json").is_file():
+        sets = [f"{key}={stages.work / value}" for key, value in EVAL_SETS.items()]
+        stages.run(f"eval s{seed}/{name}", "-m", "pipeline.cli", "eval", "--model", str(model), "--shards", *sets,
+                   "--split", "train", "--batches", str(batches), "--radius", "0.03", "0.1", "0.3",
+                   "--pgd-steps", "10", "--pgd-start", "random", "--substitution-rate", "0.1",
+                   "--out", str(model / "eval-heldout.json"))  # fmt: skip
+    return model
 
 
-def finetune(work: Path, name: str, method: str, args) -> dict:
-    out = work / "finetune" / f"{name}-{method}"
-    expected = {int(s) for s in args.seeds.split(",")}
+def finetune(stages: Stages, seed: int, name: str, data: str, method: str, args) -> None:
+    out = stages.work / "finetune" / f"s{seed}" / name / f"{data}-{method}"
     done = out / "results.json"
-    if not (done.is_file() and {s["seed"] for s in json.loads(done.read_text())["seeds"]} == expected):
-        command(
-            "-m",
-            "pipeline.cli",
-            "finetune",
-            "--model",
-            str(work / "models" / name),
-            "--task",
-            "sst2",
-            "--data",
-            str(data_dir() / "sst2"),
-            "--advglue",
-            str(data_dir() / "advglue" / "dev.json"),
-            "--out",
-            str(out),
-            "--method",
-            method,
-            "--seeds",
-            args.seeds,
-            "--max-steps",
-            str(args.finetune_steps),
-            "--eval-every",
-            str(args.finetune_steps),
-            "--lr",
-            "5e-4",
-            what=f"finetune {name} ({method})",
-        )
-    return json.loads(done.read_text())
+    if done.is_file() and [s["seed"] for s in json.loads(done.read_text())["seeds"]] == args.ft_seeds:
+        return
+    size = ["--max-steps", str(args.finetune_steps)] if data == "full" else \
+        ["--train-subset", str(args.subset), "--epochs", str(args.subset_epochs)]  # fmt: skip
+    shared = data_dir()
+    stages.run(f"finetune s{seed}/{name}/{data}-{method}", "-m", "pipeline.cli", "finetune",
+               "--model", str(stages.work / "models" / f"s{seed}" / name), "--task", "sst2",
+               "--data", str(shared / "sst2"), "--advglue", str(shared / "advglue" / "dev.json"),
+               "--out", str(out), "--method", method, "--seeds", ",".join(map(str, args.ft_seeds)),
+               *size, "--eval-every", "100000", "--lr", "5e-4")  # fmt: skip
 
 
-def model_entry(work: Path, name: str, methods: tuple[str, ...], args) -> dict:
-    """A pretrained model's evaluation and fine-tuning results (and, for ASA, its masked fractions)."""
-    entry = {"eval": export_and_eval(work, name), "finetune": {m: finetune(work, name, m, args) for m in methods}}
-    fractions = masked_fractions(work, name)  # only an ASA run logs them
-    if fractions:
-        entry["masked_fraction"] = fractions
-    return entry
+def model_chain(stages: Stages, seed: int, name: str, args) -> None:
+    pretrain_seed(stages, seed, args.pretrain_steps, name)
+    export_and_eval(stages, seed, name, args.eval_batches)
 
 
-def wall_times(work: Path, seconds: float) -> list[float]:
-    """The wall time of every invocation on this work directory, this one added: a resumed
-    experiment reports what it cost in all, not only its last part."""
-    path = work / "wall-seconds.json"
-    times = [*json.loads(path.read_text()), seconds] if path.is_file() else [seconds]
-    path.write_text(json.dumps(times) + "\n")
-    return times
+def run_all(stages: Stages, args) -> None:
+    """Every stage on a pool of --workers: each seed's `standard` run first (the branches
+    start from it), then the other models, then every fine-tuning run."""
+    with ThreadPoolExecutor(args.workers) as pool:
+        firsts = [pool.submit(model_chain, stages, s, "standard", args) for s in args.pre_seeds]
+        rest = [pool.submit(model_chain, stages, s, "standard-compute", args) for s in args.pre_seeds]
+        for future in firsts:
+            future.result()
+        rest += [pool.submit(model_chain, stages, s, m, args) for s in args.pre_seeds for m in MODELS
+                 if m not in ("standard", "standard-compute")]  # fmt: skip
+        for future in rest:
+            future.result()
+        jobs = [pool.submit(finetune, stages, s, m, d, f, args)
+                for f in FT_METHODS for d in FT_DATA for s in args.pre_seeds for m in MODELS]  # fmt: skip
+        for future in jobs:
+            future.result()
 
 
-def masked_fractions(work: Path, name: str) -> dict[str, list[float]]:
-    """An ASA run's logged masked fraction per layer, by step (`asa/masked_fraction/layerN`); {} for other runs."""
-    records = [r for r in metrics(work / "pretrain" / name) if "asa/penalty" in r]
-    if not records:
-        return {}
-    prefix = "asa/masked_fraction/"
-    layers = sorted(k[len(prefix) :] for k in records[0] if k.startswith(prefix))
-    return {"step": [r["step"] for r in records], **{layer: [r[prefix + layer] for r in records] for layer in layers}}
+def collect(stages: Stages, args) -> dict:
+    """The study's JSON: setup, the AdvGLUE matching, every model's evaluation and every
+    fine-tuning run's accuracy and matched predictions, wall times."""
+    from pipeline.data.glue import load_task
+
+    task = load_task("sst2", data_dir() / "sst2", data_dir() / "advglue" / "dev.json")
+    pairs = match_pairs([(e.text, e.label) for e in task.adversarial], [(e.text, e.label) for e in task.dev])
+    labels = [str(task.adversarial[a].label) for a, _ in pairs]  # a pair's two sentences share it
+    work, models, finetunes = stages.work, {}, {}
+    for s in args.pre_seeds:
+        for m in MODELS:
+            models[f"s{s}/{m}"] = json.loads((work / "models" / f"s{s}" / m / "eval-heldout.json").read_text())
+            for d in FT_DATA:
+                for f in FT_METHODS:
+                    results = json.loads((work / "finetune" / f"s{s}" / m / f"{d}-{f}" / "results.json").read_text())
+                    finetunes[f"s{s}/{m}/{d}-{f}"] = [run_record(r, pairs, labels) for r in results["seeds"]]
+    setup = {
+        "plan": "docs/results/study-plan.md",
+        "pretrain_seeds": args.pre_seeds,
+        "finetune_seeds": args.ft_seeds,
+        "pretrain_steps": args.pretrain_steps,
+        "standard_compute_steps": args.pretrain_steps // 2 * (1 + ALUM_PASS_RATIO),
+        "alum_pass_ratio": ALUM_PASS_RATIO,
+        "finetune_steps": args.finetune_steps,
+        "subset": args.subset,
+        "subset_epochs": args.subset_epochs,
+        "eval_batches": args.eval_batches,
+        "workers": args.workers,
+        "branches": list(BRANCHES),
+        "advglue_sentences": len(task.adversarial),
+        "advglue_matched": len(pairs),
+        "wall_seconds": stages.times,
+        "total_wall_seconds": sum(stages.times.values()),
+    }
+    return {"setup": setup, "models": models, "finetune": finetunes}
 
 
-def merged(args, names: list[str]) -> dict:
-    """The committed study with the stages of `names` run (or resumed) in --work and put in."""
-    study = json.loads((args.out / "claims.json").read_text())
-    setup = study["setup"]
-    unknown = [n for n in names if n not in TWO_STAGE and n not in FINETUNE_METHODS[1:]]
-    if unknown:
-        raise SystemExit(
-            f"claims: --only {unknown[0]}: neither a two-stage model ({', '.join(TWO_STAGE)}) "
-            f"nor a fine-tuning method ({', '.join(FINETUNE_METHODS[1:])})"
-        )
-    asked = {"steps": args.pretrain_steps, "finetune_steps": args.finetune_steps, "seeds": args.seeds}
-    for key, value in asked.items():
-        if setup[key] != value:
-            raise SystemExit(
-                f"claims: --only: {key} is {value!r} here but {setup[key]!r} in {args.out / 'claims.json'}"
-            )
-    started = time.perf_counter()
-    prepare_data(args.work)
-    pretrain(args.work, "standard", args.pretrain_steps)
-    committed, here = study["models"]["standard"]["eval"]["clean"], export_and_eval(args.work, "standard")["clean"]
-    if any(abs(here[key] - value) > 1e-6 * max(1.0, abs(value)) for key, value in committed.items()):
-        raise SystemExit(
-            f"claims: --only: the standard model in {args.work} evaluates to {here} but the committed one to "
-            f"{committed}; run the whole experiment instead"
-        )
-    for name in names:
-        if name in TWO_STAGE:
-            setup[ratio_key(name)] = pretrain_two_stage(args.work, name, args.pretrain_steps)
-            study["models"][name] = model_entry(args.work, name, FINETUNE_BOTH, args)
-        if name in FINETUNE_METHODS:
-            study["models"]["standard"]["finetune"][name] = finetune(args.work, "standard", name, args)
-    setup.update(
-        wall_seconds=setup["wall_seconds"] + time.perf_counter() - started, invocations=setup["invocations"] + 1
-    )
-    study["models"] = {name: study["models"][name] for name in PRETRAINED if name in study["models"]}
-    return study
-
-
-def write(study: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
-    (out / "claims.md").write_text(table(study))
-    figure(study, out / "claims.png")
+def run_record(result: dict, pairs: list[tuple[int, int]], labels: list[str]) -> dict:
+    """A fine-tuning seed's dev accuracy and its correctness (1/0) on the matched AdvGLUE
+    sentences and on their dev sources, as strings in pair order."""
+    pred = result["predictions"]
+    return {
+        "seed": result["seed"],
+        "dev_accuracy": result["dev_accuracy"],
+        "advglue_accuracy": result["advglue_accuracy"],
+        "perturbed_predictions": "".join(str(int(pred["advglue"][a] == y)) for (a, _), y in zip(pairs, labels)),
+        "original_predictions": "".join(str(int(pred["dev"][d] == y)) for (_, d), y in zip(pairs, labels)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "claims")
-    parser.add_argument("--pretrain-steps", type=int, default=2400, help="S: the standard run's steps")
-    parser.add_argument("--continual-steps", type=int, default=1200, help="C: continual pretraining steps")
-    parser.add_argument("--finetune-steps", type=int, default=500, help="per seed: about a quarter of an SST-2 epoch")
-    parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument(
-        "--render", action="store_true", help="only rewrite claims.md and claims.png from OUT/claims.json"
-    )
-    parser.add_argument(
-        "--only",
-        help="comma-separated two-stage models and fine-tuning methods to run and merge into OUT/claims.json "
-        f"(models: {', '.join(TWO_STAGE)}; methods: {', '.join(FINETUNE_METHODS[1:])})",
-    )
+    parser.add_argument("--pretrain-steps", type=int, default=600, help="S: the standard run's steps")
+    parser.add_argument("--finetune-steps", type=int, default=300, help="F: full-SST-2 fine-tuning steps")
+    parser.add_argument("--subset", type=int, default=2000, help="sentences of the SST-2 training subset")
+    parser.add_argument("--subset-epochs", type=int, default=2)
+    parser.add_argument("--pretrain-seeds", default="1,2,3")
+    parser.add_argument("--finetune-seeds", default="1,2,3,4,5")
+    parser.add_argument("--eval-batches", type=int, default=16, help="alum eval batches (x32 rows) per held-out set")
+    parser.add_argument("--workers", type=int, default=2, help="commands run at once, one thread each")
+    parser.add_argument("--render", action="store_true", help="only the report again, from OUT/claims.json")
     args = parser.parse_args()
-    if args.only:
-        study = merged(args, args.only.split(","))
-        write(study, args.out)
-        print(table(study))
-        return
     if args.render:
-        study = json.loads((args.out / "claims.json").read_text())
-        (args.out / "claims.md").write_text(table(study))
-        figure(study, args.out / "claims.png")
-        print(table(study))
+        render(json.loads((args.out / "claims.json").read_text()), args.out, REPO / "README.md")
         return
-    started = time.perf_counter()
-    prepare_data(args.work)
-    setup = pretrain_all(args.work, args.pretrain_steps, args.continual_steps)
-    models = {}
-    for name in PRETRAINED:
-        methods = FINETUNE_METHODS if name == "standard" else FINETUNE_BOTH
-        models[name] = model_entry(args.work, name, methods, args)
-    invocations = wall_times(args.work, time.perf_counter() - started)
-    setup.update(
-        finetune_steps=args.finetune_steps,
-        seeds=args.seeds,
-        wall_seconds=sum(invocations),
-        invocations=len(invocations),
-    )
-    study = {"setup": setup, "models": models}
-    write(study, args.out)
-    command(
-        "-m",
-        "pipeline.tasks.plot",
-        *[x for n in PRETRAINED for x in ("--run-dir", str(args.work / "pretrain" / n))],
-        "--labels",
-        ",".join(PRETRAINED),
-        "--out",
-        str(args.out / "pretraining.png"),
-        what="pretraining curves",
-    )
-    print(table(study))
+    args.pre_seeds = [int(s) for s in args.pretrain_seeds.split(",")]
+    args.ft_seeds = [int(s) for s in args.finetune_seeds.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(args.work, threads=1)
+    prepare_data(stages)
+    run_all(stages, args)
+    study = collect(stages, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
+    render(study, args.out, REPO / "README.md" if args.out == OUT else None)
 
 
 if __name__ == "__main__":
