@@ -228,6 +228,7 @@ def export_and_eval(work: Path, name: str) -> dict:
             str(work / "shards"),
             "--batches",
             "20",
+            "--pgd-start=zero",  # the committed study's attack, so that `--only` adds figures alike
             what=f"eval {name}",
         )
     return json.loads(result.read_text())
