@@ -13,11 +13,19 @@ Dropout is off and the parameters are frozen.
 - worst-case embedding perturbation, the threat ALUM trains against: K sign-gradient PGD
   steps on a delta added at the embedding output, in the per-token linf ball of radius
   R x r_t (r_t the token's embedding RMS, `perturbation.token_scale`, so R means the same
-  for any width and weight scale), maximising the masked-token loss. The loss at the final
-  delta is reported as it is: a weak attack shows as a small increase, not a hidden one;
+  for any width and weight scale), maximising the masked-token loss. By default the ascent
+  starts from a uniform draw in the ball (Madry's random start, as training's PGD): from
+  delta = 0 the first step follows the clean gradient alone. The loss at the final delta is
+  reported as it is, with its increase over the clean loss: a weak attack shows as a small
+  increase, not a hidden one;
+- beside each radius, random noise of the attack's size: a random corner of the same ball
+  (each element +-R x r_t), the linf and L2 norm of a saturated PGD delta. Its increase is
+  what any delta that large costs, so the PGD increase above it is what the attack found;
 - random token substitution: a share P of the ordinary, unmasked input tokens replaced by
   random ordinary ids, a model-independent corruption (the same tokens and replacements
   for a row whatever the batch, and the tokens hit at a rate include those of any lower rate).
+
+The perturbed conditions and their seeded draws are `pipeline.tasks.mlm_robustness`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_prep import atomic
@@ -38,12 +45,17 @@ from data_prep.tokenizer_dir import TokenizerInfo, holds_tokenizer, load_tokeniz
 from pipeline.core.help_format import DefaultsHelpFormatter
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
-from pipeline.methods.pgd import pgd_ascent
 from pipeline.model.mlm_score import MlmScore
 from pipeline.model.perturbation import token_scale
+from pipeline.tasks.mlm_robustness import (
+    PGD_STARTS,
+    noise_delta,
+    noise_signs,
+    pgd_logits,
+    start_directions,
+    substitution_draws,
+)
 from pipeline.train.validation import EVAL_SEED_OFFSET
-
-SUBSTITUTION_SEED_OFFSET = 104729  # keeps substitution draws unrelated to the masking's
 
 
 def evaluate_model(
@@ -57,10 +69,12 @@ def evaluate_model(
     seed: int = 0,
     radii=(0.1, 0.3),
     pgd_steps: int = 3,
+    pgd_start: str = "random",
+    noise: bool = True,
     substitution_rates=(0.1,),
     tokenizer: str | Path | None = None,
 ) -> dict:
-    """Clean, perturbed and substituted MLM metrics of an HF model directory on a shard split.
+    """Clean, attacked, noised and substituted MLM metrics of an HF model directory on a shard split.
 
     Every input is checked before the model is loaded, so a typo costs no loading time."""
     _check_options(
@@ -69,6 +83,7 @@ def evaluate_model(
         mask_rate=mask_rate,
         radii=radii,
         pgd_steps=pgd_steps,
+        pgd_start=pgd_start,
         substitution_rates=substitution_rates,
     )
     model_dir, shards = Path(model_dir), Path(shards)
@@ -94,6 +109,7 @@ def evaluate_model(
     rows = min(batches * batch_size, len(dataset))
     clean = MlmScore(info.vocab_size, device)
     attacked = [MlmScore(info.vocab_size, device) for _ in radii]
+    noised = [MlmScore(info.vocab_size, device) for _ in radii] if noise else []
     substituted = [MlmScore(info.vocab_size, device) for _ in substitution_rates]
     eligible_tokens, replaced = 0, np.zeros(len(substitution_rates), dtype=np.int64)
 
@@ -110,22 +126,29 @@ def evaluate_model(
         with torch.no_grad():
             logits, embedded = model(ids, mask, masked_index)
         clean.add(logits, labels)
+        unit, shape = token_scale(embedded, "relative"), embedded.shape[1:]  # (seq_len, hidden) per row
+        starts = start_directions(indices, seed, pgd_start, shape, unit) if radii else None
+        signs = noise_signs(indices, seed, shape, unit) if noised else None
         for radius, score in zip(radii, attacked):
             score.add(
-                _pgd(
+                pgd_logits(
                     model,
                     ids,
                     mask=mask,
                     masked_index=masked_index,
                     labels=labels,
-                    embedded=embedded,
+                    start=radius * unit * starts,
+                    unit=unit,
                     radius=radius,
                     steps=pgd_steps,
                 ),
                 labels,
             )
+        for radius, score in zip(radii, noised):
+            with torch.no_grad():
+                score.add(model(ids, mask, masked_index, noise_delta(unit, signs, radius))[0], labels)
         eligible = ~batch.masked & ~torch.isin(batch.input_ids, torch.tensor(vocab.special_ids))
-        draws, replacements = _substitution_draws(indices, dataset.seq_len, seed, ordinary)
+        draws, replacements = substitution_draws(indices, dataset.seq_len, seed, ordinary)
         eligible_tokens += int(eligible.sum())
         for i, (rate, score) in enumerate(zip(substitution_rates, substituted)):
             chosen = eligible & (draws < rate)
@@ -147,7 +170,11 @@ def evaluate_model(
             "tokens": clean.tokens,
             "commonest_token_accuracy": clean.commonest_token_accuracy(),
         },
-        "perturbation": [{"radius": r, "steps": pgd_steps, **score.metrics()} for r, score in zip(radii, attacked)],
+        "perturbation": [
+            {"radius": r, "steps": pgd_steps, "start": pgd_start, **_increase(score, clean)}
+            for r, score in zip(radii, attacked)
+        ],
+        "noise": [{"radius": r, **_increase(score, clean)} for r, score in zip(radii, noised)],
         "substitution": [
             {"rate": p, "substituted_share": int(n) / max(eligible_tokens, 1), **score.metrics()}
             for p, n, score in zip(substitution_rates, replaced, substituted)
@@ -155,12 +182,20 @@ def evaluate_model(
     }
 
 
-def _check_options(*, batches, batch_size, mask_rate, radii, pgd_steps, substitution_rates) -> None:
+def _increase(score: MlmScore, clean: MlmScore) -> dict:
+    """A perturbed condition's metrics and `increase`, its loss minus the clean loss."""
+    metrics = score.metrics()
+    return {**metrics, "increase": metrics["loss"] - clean.metrics()["loss"]}
+
+
+def _check_options(*, batches, batch_size, mask_rate, radii, pgd_steps, pgd_start, substitution_rates) -> None:
     for name, value in (("--batches", batches), ("--batch-size", batch_size), ("--pgd-steps", pgd_steps)):
         if value < 1:
             raise UserError(f"{name}: must be a positive integer, got {value}")
     if not 0 < mask_rate < 1:
         raise UserError(f"--mask-rate: must be in (0, 1), got {mask_rate}")
+    if pgd_start not in PGD_STARTS:
+        raise UserError(f"--pgd-start: must be one of {', '.join(PGD_STARTS)}, got {pgd_start}")
     for radius in radii:
         if not (radius >= 0 and math.isfinite(radius)):
             raise UserError(f"--radius: must be a finite number >= 0, got {radius}")
@@ -205,49 +240,27 @@ def _load_model(model_dir: Path, info: TokenizerInfo, seq_len: int):
     return model.to(local_device())
 
 
-def _pgd(model, ids, *, mask, masked_index, labels, embedded, radius: float, steps: int) -> torch.Tensor:
-    """Masked-position logits after training's PGD ascent (`pgd_ascent`: linf, `steps` sign
-    steps of 2.5 R / K) from delta = 0, so the attack repeats exactly, on the summed
-    masked-token loss (the sign step does not see the scale; the sum keeps the recorded figures)."""
-    unit = token_scale(embedded, "relative")
-    delta, _, _ = pgd_ascent(
-        lambda d: model(ids, mask, masked_index, d)[0],
-        lambda logits: F.cross_entropy(logits.float(), labels, reduction="sum"),
-        torch.zeros(embedded.shape, dtype=unit.dtype, device=unit.device),
-        unit=unit,
-        radius=radius,
-        steps=steps,
-    )
-    with torch.no_grad():
-        return model(ids, mask, masked_index, delta)[0]
-
-
-def _substitution_draws(indices: np.ndarray, seq_len: int, seed: int, ordinary: torch.Tensor):
-    """Per token, a uniform draw (substituted where it is below the rate) and a random
-    ordinary id, from a generator keyed by (seed, row index): independent of the batching."""
-    draws, replacements = [], []
-    for index in indices:
-        rng = np.random.default_rng([seed, SUBSTITUTION_SEED_OFFSET, int(index)])
-        draws.append(rng.random(seq_len))
-        replacements.append(rng.integers(len(ordinary), size=seq_len))
-    return torch.from_numpy(np.stack(draws)), ordinary[torch.from_numpy(np.stack(replacements))]
-
-
 def format_table(results: dict) -> str:
-    """The metrics as aligned text, one row per condition, the commonest-token baseline beside
+    """The metrics as aligned text, one row per condition, each radius's noise control under
+    its attack, every loss's increase over the clean loss, the commonest-token baseline beside
     the clean accuracy."""
     clean = results["clean"]
+    noise = {n["radius"]: n for n in results["noise"]}
     rows = [("clean", clean)]
-    rows += [(f"embedding PGD r={p['radius']:g} ({p['steps']} steps)", p) for p in results["perturbation"]]
+    for p in results["perturbation"]:
+        rows.append((f"embedding PGD r={p['radius']:g} ({p['steps']} steps, {p['start']} start)", p))
+        if p["radius"] in noise:
+            rows.append((f"  random noise r={p['radius']:g}", noise[p["radius"]]))
     rows += [(f"token substitution p={s['rate']:g}", s) for s in results["substitution"]]
     width = max(len(name) for name in ("condition", *(name for name, _ in rows)))
     lines = [
         f"{results['model']} on {results['shards']} ({results['split']}): {results['rows']:,} rows, "
         f"{clean['tokens']:,} masked tokens (mask rate {results['mask_rate']:g}, seed {results['seed']})",
-        f"{'condition':<{width}}  {'loss':>8}  {'ppl':>10}  {'accuracy':>8}",
+        f"{'condition':<{width}}  {'loss':>8}  {'increase':>8}  {'ppl':>10}  {'accuracy':>8}",
     ]
     for name, m in rows:
-        lines.append(f"{name:<{width}}  {m['loss']:8.4f}  {m['ppl']:10.2f}  {m['accuracy']:8.4f}")
+        increase = "" if m is clean else f"{m['loss'] - clean['loss']:+.4f}"
+        lines.append(f"{name:<{width}}  {m['loss']:8.4f}  {increase:>8}  {m['ppl']:10.2f}  {m['accuracy']:8.4f}")
     lines[2] += f"  (commonest token: {clean['commonest_token_accuracy']:.4f})"
     return "\n".join(lines)
 
@@ -279,6 +292,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="linf radii of the embedding PGD, in units of each token's embedding RMS (none: skip)",
     )
     p.add_argument("--pgd-steps", type=int, default=3, help="ascent steps of the embedding attack")
+    p.add_argument(
+        "--pgd-start",
+        default="random",
+        metavar="{zero,random}",
+        help="the attack's first delta: zero, or random (uniform in the radius's ball, seeded per row)",
+    )
+    p.add_argument(
+        "--no-noise",
+        dest="noise",
+        action="store_false",
+        help="skip the control of each radius: random noise at a corner of the attack's ball",
+    )
     p.add_argument(
         "--substitution-rate",
         type=float,
@@ -338,6 +363,8 @@ def _evaluate(args: argparse.Namespace, shards: str) -> dict:
         seed=args.seed,
         radii=args.radius,
         pgd_steps=args.pgd_steps,
+        pgd_start=args.pgd_start,
+        noise=args.noise,
         substitution_rates=args.substitution_rate,
         tokenizer=args.tokenizer,
     )

@@ -17,8 +17,11 @@ from data_prep.tokenizer import train_tokenizer
 from data_prep.tokenizer_dir import load_tokenizer
 from pipeline.data.batches import ShardDataset, masked_batch
 from pipeline.data.masking import MaskVocab
+from pipeline.model.masked_lm import MaskedLM
+from pipeline.model.perturbation import token_scale
 from pipeline.tasks.fill_mask import fill_mask_examples, format_examples
 from pipeline.tasks.mlm_eval import evaluate_model, main
+from pipeline.tasks.mlm_robustness import noise_delta, noise_signs, start_directions
 from pipeline.train.validation import EVAL_SEED_OFFSET
 
 SMALL = {"batches": 3, "batch_size": 8}  # 24 val rows of 64 tokens
@@ -110,6 +113,69 @@ def test_pgd_loss_exceeds_the_clean_loss_and_grows_with_the_radius(results):
     assert results["perturbation"][2]["accuracy"] < results["clean"]["accuracy"]
 
 
+def test_each_radius_reports_its_increase_and_pgd_finds_more_than_noise_of_its_size(results):
+    clean = results["clean"]["loss"]
+    assert [n["radius"] for n in results["noise"]] == [0.05, 0.2, 0.5]
+    for attack, noise in zip(results["perturbation"], results["noise"]):
+        assert attack["start"] == "random" and attack["steps"] == 3
+        assert attack["increase"] == attack["loss"] - clean and noise["increase"] == noise["loss"] - clean
+        # On this model the attack's increase is tens of times the noise's (0.70 against 0.017 at r=0.05).
+        assert attack["increase"] > 5 * noise["increase"] > 0
+    assert [n["loss"] for n in results["noise"]] == sorted(n["loss"] for n in results["noise"])
+
+
+def test_at_a_tiny_radius_neither_attack_nor_noise_moves_the_loss(model_dir, train_shards):
+    tiny = evaluate_model(model_dir, train_shards, radii=(1e-6,), substitution_rates=(), **SMALL)
+    assert abs(tiny["perturbation"][0]["increase"]) < 1e-4 and abs(tiny["noise"][0]["increase"]) < 1e-4
+
+
+def test_the_random_start_is_seeded_per_row_and_differs_from_the_zero_start(results, model_dir, train_shards, tmp_path):
+    out = tmp_path / "zero.json"
+    argv = ["--model", model_dir, "--shards", train_shards, "--batches", "3", "--batch-size", "8"]
+    argv += ["--radius", "0.05", "0.2", "--substitution-rate", "--pgd-start", "zero", "--no-noise", "--out", out]
+    assert main(list(map(str, argv))) == 0
+    zero = json.loads(out.read_text())
+    assert zero["noise"] == [] and [p["start"] for p in zero["perturbation"]] == ["zero", "zero"]
+    for from_zero, from_random in zip(zero["perturbation"], results["perturbation"]):
+        assert abs(from_zero["loss"] - from_random["loss"]) > 1e-4, (from_zero, from_random)
+    # The draws themselves: a row's whatever the rows drawn with it, in [-1, 1), and 0 for zero.
+    rows, shape, like = np.arange(16), (64, 32), torch.empty(0)
+    together = start_directions(rows, 0, "random", shape, like)
+    assert torch.equal(together[8:], start_directions(rows[8:], 0, "random", shape, like))
+    assert together.dtype == torch.float32 and -1 <= together.min() < -0.99 and 0.99 < together.max() < 1
+    assert not torch.equal(together, start_directions(rows, 1, "random", shape, like))
+    assert not start_directions(rows, 0, "zero", shape, like).any()
+
+
+def test_the_noise_is_a_corner_of_the_attack_ball_and_gives_the_noise_loss(results, model_dir, train_shards):
+    """On the model's own embeddings: every element of delta is +-R x r_t exactly, so its
+    per-token linf norm is R x r_t; scoring the rows under it gives the reported noise loss."""
+    from transformers import BertForMaskedLM
+
+    model = MaskedLM(BertForMaskedLM.from_pretrained(str(model_dir))).eval().requires_grad_(False)
+    dataset, vocab = ShardDataset(train_shards, "val"), _vocab(model_dir)
+    sums, tokens = np.zeros(3), 0
+    for start in range(0, 24, 8):
+        indices = np.arange(start, start + 8)
+        batch = masked_batch(dataset, indices, step=0, seed=EVAL_SEED_OFFSET, rate=0.15, vocab=vocab)
+        with torch.no_grad():
+            _, embedded = model(batch.input_ids, batch.attention_mask, batch.masked_index)
+        unit = token_scale(embedded, "relative")
+        signs = noise_signs(indices, 0, embedded.shape[1:], unit)
+        assert torch.equal(signs[4:], noise_signs(indices[4:], 0, embedded.shape[1:], unit))  # batch-independent
+        assert 0.45 < (signs > 0).double().mean() < 0.55
+        for i, radius in enumerate((0.05, 0.2, 0.5)):
+            delta = noise_delta(unit, signs, radius)
+            assert torch.equal(delta.abs(), (radius * unit).expand_as(delta))  # a corner: every element at the bound
+            assert torch.equal(delta.abs().amax(-1, keepdim=True), radius * unit)
+            with torch.no_grad():
+                logits, _ = model(batch.input_ids, batch.attention_mask, batch.masked_index, delta)
+            sums[i] += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+        tokens += len(batch.labels)
+    for noise, total in zip(results["noise"], sums):
+        assert noise["loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
 def test_substitution_at_rate_zero_is_clean_and_at_a_positive_rate_hurts(results):
     zero, some = results["substitution"]
     assert zero["substituted_share"] == 0 and 0.25 < some["substituted_share"] < 0.35
@@ -129,10 +195,13 @@ def same(a, b, rel: float = 1e-12) -> bool:
 
 
 def test_results_are_deterministic_and_need_not_batch_alike(results, model_dir, train_shards):
-    """Same rows and masks whatever the batch size: masking and substitution are keyed by row."""
-    again = evaluate_model(model_dir, train_shards, batches=2, batch_size=12, radii=(), substitution_rates=(0.0, 0.3))
-    assert same(again["clean"], results["clean"], rel=1e-5)
-    assert same(again["substitution"], results["substitution"], rel=1e-5)
+    """Same rows, masks and perturbations whatever the batch size: masking, the PGD start, the
+    noise and substitution are keyed by row."""
+    again = evaluate_model(
+        model_dir, train_shards, batches=2, batch_size=12, radii=(0.05, 0.2, 0.5), substitution_rates=(0.0, 0.3)
+    )
+    for key in ("clean", "perturbation", "noise", "substitution"):
+        assert same(again[key], results[key], rel=1e-5), key
 
 
 def refused(capsys, argv, out, *fragments) -> str:
@@ -171,6 +240,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(
         ("--radius", "nan"),
         ("--substitution-rate", "2"),
         ("--pgd-steps", "0"),
+        ("--pgd-start", "uniform"),
         ("--batches", "0"),
     ):
         refused(capsys, [*missing, option, value], out, option, value)
@@ -255,10 +325,12 @@ def test_main_writes_the_numbers_of_evaluate_model(capsys, tmp_path, model_dir, 
     }
     assert (
         "commonest token" in stdout
-        and "embedding PGD r=0.1 (3 steps)" in stdout
+        and "embedding PGD r=0.1 (3 steps, random start)" in stdout
+        and "  random noise r=0.1" in stdout
         and "token substitution p=0.2" in stdout
     )
     assert f"{expected['clean']['loss']:8.4f}" in stdout
+    assert f"{expected['noise'][0]['loss']:8.4f}  {expected['noise'][0]['increase']:+8.4f}" in stdout
 
 
 def test_fill_mask_masks_a_whole_word_of_held_out_text_and_shows_the_models_guesses(model_dir, train_shards):
