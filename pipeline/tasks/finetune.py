@@ -8,7 +8,9 @@ perturbed predictions (`pipeline.methods.adversarial.compute_losses`, the same c
 defaults and dropout replay as pretraining; one row per example instead of per masked token).
 
 Each seed fixes the classifier head's initialisation, the dropout stream and the example
-order, so a seed's run is reproducible. Per seed: dev accuracy every `--eval-every` steps
+order, so a seed's run is reproducible. `--train-subset N` trains on a fixed sample of N
+training examples that no seed changes (`pipeline.data.glue.train_subset`), so runs over
+seeds and models compare on the same data. Per seed: dev accuracy every `--eval-every` steps
 and at the end, the AdvGLUE accuracy when `--advglue` is given, and the fine-tuned model
 saved in HF format under OUT/seed-N/. OUT/results.json has every seed plus mean and
 standard deviation. A seed whose OUT/seed-N/result.json exists is not run again, so an
@@ -35,7 +37,7 @@ from tqdm import tqdm
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.core.help_format import DefaultsHelpFormatter
-from pipeline.data.glue import Task, load_task
+from pipeline.data.glue import Task, load_task, train_subset
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.driver import drive
 from pipeline.methods.freeat import ReplayPerturbation
@@ -295,6 +297,8 @@ def summarise(task: Task, args, results: list[dict]) -> dict:
         "method": args.method,
         "alpha": args.alpha,
         "labels": list(task.labels),
+        "train_subset": args.train_subset,
+        "train_examples": len(task.train),
         "dev_majority_baseline": majority(task.dev, len(task.labels)),
         "dev_accuracy": spread("dev_accuracy"),
         "advglue_majority_baseline": majority(task.adversarial, len(task.labels)) if task.adversarial else None,
@@ -312,7 +316,7 @@ def run(args: argparse.Namespace) -> dict:
     check_options(args)
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)
-    task = load_task(args.task, args.data, args.advglue)
+    task = train_subset(load_task(args.task, args.data, args.advglue), args.train_subset)
     if args.deepspeed:
         init_distributed(600.0)
     out = Path(args.out)
