@@ -1,5 +1,6 @@
-"""`alum finetune --train-subset`: a fixed sample that no fine-tuning seed changes, and the steps an epoch of it
-takes, run for real with the small model on a few SST-2 sentences."""
+"""`alum finetune`'s study outputs: `--train-subset` (a fixed sample that no fine-tuning seed changes, and the
+steps an epoch of it takes) and the per-example predictions in result.json (in the data's order, agreeing with
+the reported accuracies to the example), run for real with the small model on a few SST-2 sentences."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import data_file
 
 from data_prep.errors import UserError
@@ -80,6 +82,35 @@ def test_every_seed_and_every_invocation_trains_on_the_same_subset(
     assert (summary["train_subset"], summary["train_examples"]) == (20, 20)
     # 2 epochs of ceil(20 / 8) = 3 steps; the whole training set (48) would take 2 x 6.
     assert [(s["steps"], [h["step"] for h in s["history"]]) for s in summary["seeds"]] == [(6, [3, 6])] * 2
+
+
+def test_predictions_are_the_final_models_and_give_the_reported_accuracies(small_model, sst2_small, tmp_path):
+    advglue = data_file("advglue/dev.json")
+    assert finetune.main(options(small_model, sst2_small, tmp_path, **{"--advglue": advglue})) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    (seed,) = summary["seeds"]
+    assert seed == json.loads((tmp_path / "seed-1" / "result.json").read_text())
+    assert (summary["train_subset"], summary["train_examples"], seed["steps"]) == (0, 48, 12)
+    task = load_task("sst2", sst2_small, advglue)
+    for split, examples in (("dev", task.dev), ("advglue", task.adversarial)):
+        predicted = seed["predictions"][split]
+        assert len(predicted) == len(examples) and set(predicted) <= {"0", "1"}
+        correct = sum(p == str(e.label) for p, e in zip(predicted, examples))
+        assert correct / len(examples) == seed[f"{split}_accuracy"]  # exactly: the same pass, the same division
+    assert len(seed["predictions"]["advglue"]) == 148
+    assert seed["history"][-1]["dev_accuracy"] == seed["dev_accuracy"]
+    # The saved model predicts the same labels: they are the final model's.
+    model, tokenizer = finetune.load_model(tmp_path / "seed-1", 2, seed=0)
+    ids, _ = finetune.encode(tokenizer, task.dev, 128)
+    assert (
+        finetune.label_digits(finetune.predict(model, ids, pad_id=tokenizer.pad_token_id), 2)
+        == (seed["predictions"]["dev"])
+    )
+
+
+def test_more_than_ten_labels_are_listed_not_joined():
+    assert finetune.label_digits(torch.tensor([0, 1, 1, 0]), 2) == "0110"
+    assert finetune.label_digits(torch.tensor([3, 11, 0]), 12) == [3, 11, 0]
 
 
 @pytest.mark.parametrize(
