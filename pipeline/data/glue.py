@@ -8,15 +8,21 @@
   optionally `text_pair`, and `label`) or `train.tsv` and `dev.tsv` (header with `label` and
   `sentence`, or `sentence1` and `sentence2`). Its label set is the sorted set of the training
   labels (as strings), so ids are the same on every run.
+- `train_subset` narrows the training set to a fixed sample of N examples drawn by a constant
+  seed, never the fine-tuning seed: every seed and every model of a study trains on the same N.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from data_prep.errors import UserError
+
+SUBSET_SEED = 0  # the --train-subset sample's seed: a constant, so runs that differ in --seeds share the sample
 
 # GLUE task -> (text columns, label names in id order, AdvGLUE subset)
 GLUE = {
@@ -72,6 +78,18 @@ def load_task(task: str, data: str | Path | None, advglue: str | Path | None = N
     return Task(
         directory.name, labels, _with_ids(raw_train, labels, train_path), _with_ids(raw_dev, labels, dev_path), None
     )
+
+
+def train_subset(task: Task, size: int) -> Task:
+    """`task` training on `size` of its training examples (0: all of them): the first `size` of a permutation
+    drawn with numpy's default_rng(SUBSET_SEED), kept in the training set's own order. The sample depends on
+    the training set and `size` alone, so every fine-tuning seed and every model sees the same examples."""
+    if size == 0:
+        return task
+    if size > len(task.train):
+        raise UserError(f"--train-subset {size}: the training set has only {len(task.train)} examples")
+    chosen = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(task.train))[:size])
+    return replace(task, train=[task.train[i] for i in chosen])
 
 
 def read_tsv(path: Path, columns: tuple[str, ...], labels: tuple[str, ...]) -> list[Example]:

@@ -1,7 +1,7 @@
 """The sequence classifier `alum finetune` trains: an HF BERT/RoBERTa model whose embeddings can
-be perturbed, loaded from a model directory with a seeded new head, and the encoding, padding
-and accuracy of labelled examples. Apart from the training loop (pipeline/tasks/finetune.py),
-which is the only part that knows about seeds, ranks and DeepSpeed.
+be perturbed, loaded from a model directory with a seeded new head, and the encoding, padding,
+predicted labels and accuracy of labelled examples. Apart from the training loop
+(pipeline/tasks/finetune.py), which is the only part that knows about seeds, ranks and DeepSpeed.
 """
 
 from __future__ import annotations
@@ -76,21 +76,33 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return input_ids, mask
 
 
-def accuracy(
+def predict(
     model: Classifier,
     ids,
-    labels: torch.Tensor,
     *,
     pad_id: int,
     batch_size: int = 64,
     device: torch.device | None = None,
-) -> float:
-    """The share of `ids` classified as `labels`, computed on `device` (the CPU by default)."""
+) -> torch.Tensor:
+    """The predicted label of each of `ids`, in their order, computed and left on `device` (the CPU by
+    default), so a caller's accuracy and per-example predictions come from one evaluation pass."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    predicted = []
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
             input_ids, mask = (t.to(device) for t in padded(ids[start : start + batch_size], pad_id))
-            correct += (model(input_ids, mask)[0].argmax(-1) == labels[start : start + batch_size].to(device)).sum()
+            predicted.append(model(input_ids, mask)[0].argmax(-1))
     model.train()
-    return correct.item() / len(ids)
+    return torch.cat(predicted)
+
+
+def share_correct(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of `predicted` equal to `labels`: the accuracy."""
+    return (predicted == labels.to(predicted.device)).sum().item() / len(labels)
+
+
+def label_digits(predicted: torch.Tensor, num_labels: int) -> str | list[int]:
+    """Predicted labels as one string of digits ("0110..."), compact in a result.json; a task with more than
+    10 labels, whose ids need more than one digit, gets a list of ints instead."""
+    values = predicted.tolist()
+    return "".join(map(str, values)) if num_labels <= 10 else values

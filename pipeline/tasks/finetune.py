@@ -8,11 +8,15 @@ perturbed predictions (`pipeline.methods.adversarial.compute_losses`, the same c
 defaults and dropout replay as pretraining; one row per example instead of per masked token).
 
 Each seed fixes the classifier head's initialisation, the dropout stream and the example
-order, so a seed's run is reproducible. Per seed: dev accuracy every `--eval-every` steps
-and at the end, the AdvGLUE accuracy when `--advglue` is given, and the fine-tuned model
-saved in HF format under OUT/seed-N/. OUT/results.json has every seed plus mean and
-standard deviation. A seed whose OUT/seed-N/result.json exists is not run again, so an
-interrupted multi-seed command continues where it stopped.
+order, so a seed's run is reproducible. `--train-subset N` trains on a fixed sample of N
+training examples that no seed changes (`pipeline.data.glue.train_subset`), so runs over
+seeds and models compare on the same data. Per seed: dev accuracy every `--eval-every` steps
+and at the end, the AdvGLUE accuracy when `--advglue` is given, the final model's predicted
+label per dev (and AdvGLUE) example in the data's order (`"predictions"`: a digit string,
+for paired comparisons such as McNemar's), and the fine-tuned model saved in HF format under
+OUT/seed-N/. OUT/results.json has every seed plus mean and standard deviation. A seed whose
+OUT/seed-N/result.json exists is not run again, so an interrupted multi-seed command
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -35,13 +39,22 @@ from tqdm import tqdm
 from data_prep import atomic
 from data_prep.errors import UserError
 from pipeline.core.help_format import DefaultsHelpFormatter
-from pipeline.data.glue import Task, load_task
+from pipeline.data.glue import Task, load_task, train_subset
 from pipeline.methods.adversarial import AdversarialConfig
 from pipeline.methods.driver import drive
 from pipeline.methods.freeat import ReplayPerturbation
 from pipeline.methods.registry import FINETUNE_NAMES, method_of
 from pipeline.model.masked_lm import local_device
-from pipeline.tasks.classifier import Classifier, accuracy, check_model_dir, encode, load_model, padded
+from pipeline.tasks.classifier import (
+    Classifier,
+    check_model_dir,
+    encode,
+    label_digits,
+    load_model,
+    padded,
+    predict,
+    share_correct,
+)
 from pipeline.tasks.finetune_options import add_arguments, check_options, parse_seeds
 from pipeline.train.config import TrainConfig
 from pipeline.train.deepspeed_setup import (
@@ -115,7 +128,7 @@ def finetune_seed(args: argparse.Namespace, task: Task, seed: int) -> dict:
     _, world = _ranks()
     fit = set_up(args, model, train_settings(args, len(train[0]), world), world)
     started = time.perf_counter()
-    history = train_loop(args, fit, seed, train, dev, pad_id=tokenizer.pad_token_id, started=started)
+    history, dev_predicted = train_loop(args, fit, seed, train, dev, pad_id=tokenizer.pad_token_id, started=started)
     result = {
         "seed": seed,
         "steps": fit.settings.max_steps,
@@ -123,6 +136,7 @@ def finetune_seed(args: argparse.Namespace, task: Task, seed: int) -> dict:
         "seconds": time.perf_counter() - started,
         "dev_accuracy": history[-1]["dev_accuracy"],
         "history": history,
+        "predictions": {"dev": label_digits(dev_predicted, len(task.labels))},
     }
     finish(args, fit, task, seed, result, tokenizer=tokenizer)
     return result
@@ -179,9 +193,11 @@ def batches(fit: Fit, examples: int, seed: int) -> Iterator[tuple[int, list[int]
 
 def train_loop(
     args: argparse.Namespace, fit: Fit, seed: int, train: Examples, dev: Examples, *, pad_id: int, started: float
-) -> list[dict]:
+) -> tuple[list[dict], Tensor]:
     """Every optimizer step of the seed, with the dev accuracy every --eval-every steps and at the last: the
-    history result.json keeps. Progress is a bar on a terminal, else a line per evaluation (rank 0 only)."""
+    history result.json keeps, and the last evaluation's predicted dev labels (the final model's, from the pass
+    that gave its accuracy). Every rank evaluates the whole dev set, so rank 0's are all of them, in order.
+    Progress is a bar on a terminal, else a line per evaluation (rank 0 only)."""
     rank, _ = _ranks()
     torch.manual_seed(seed * 1000 + 1 + rank)  # the dropout stream
     (train_ids, train_labels), total, history = train, fit.settings.max_steps, []
@@ -194,7 +210,8 @@ def train_loop(
             fit, step, input_ids=input_ids, mask=mask, labels=train_labels[mine].to(fit.device), carry=carry
         )
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            dev_accuracy = accuracy(fit.model, *dev, pad_id=pad_id, device=fit.device)
+            predicted = predict(fit.model, dev[0], pad_id=pad_id, device=fit.device)
+            dev_accuracy = share_correct(predicted, dev[1])
             history.append({"step": step + 1, "loss": loss.item(), "dev_accuracy": dev_accuracy})
             progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", dev=f"{dev_accuracy:.3f}")
             if progress.disable and rank == 0:  # no terminal (piped, logged): a line per evaluation instead of the bar
@@ -203,7 +220,7 @@ def train_loop(
                     f"{dev_accuracy:.4f} | {(step + 1) / (time.perf_counter() - started):.1f} steps/s",
                     flush=True,
                 )
-    return history
+    return history, predicted
 
 
 def optimizer_step(
@@ -241,14 +258,15 @@ def optimizer_step(
 
 
 def finish(args: argparse.Namespace, fit: Fit, task: Task, seed: int, result: dict, *, tokenizer) -> None:
-    """The AdvGLUE accuracy (with --advglue) into `result`, then the model and result.json under OUT/seed-N/,
-    written by rank 0 from the fp32 weights every rank helps gather; the other ranks wait for the files, so no
-    rank starts the next seed before this one is on disk."""
+    """The AdvGLUE accuracy and predicted labels (with --advglue; one pass, on every rank, so rank 0 has them all)
+    into `result`, then the model and result.json under OUT/seed-N/, written by rank 0 from the fp32 weights every
+    rank helps gather; the other ranks wait for the files, so no rank starts the next seed before this one is on
+    disk."""
     if task.adversarial:
         adv_ids, adv_labels = encode(tokenizer, task.adversarial, args.max_length)
-        result["advglue_accuracy"] = accuracy(
-            fit.model, adv_ids, adv_labels, pad_id=tokenizer.pad_token_id, device=fit.device
-        )
+        predicted = predict(fit.model, adv_ids, pad_id=tokenizer.pad_token_id, device=fit.device)
+        result["advglue_accuracy"] = share_correct(predicted, adv_labels)
+        result["predictions"]["advglue"] = label_digits(predicted, len(task.labels))
     weights = full_fp32_state(fit.model.hf)  # every rank takes part: the master weights are partitioned over them
     if _ranks()[0] == 0:
         _save(fit.model, weights, tokenizer=tokenizer, task=task, out=Path(args.out) / f"seed-{seed}", result=result)
@@ -295,6 +313,8 @@ def summarise(task: Task, args, results: list[dict]) -> dict:
         "method": args.method,
         "alpha": args.alpha,
         "labels": list(task.labels),
+        "train_subset": args.train_subset,
+        "train_examples": len(task.train),
         "dev_majority_baseline": majority(task.dev, len(task.labels)),
         "dev_accuracy": spread("dev_accuracy"),
         "advglue_majority_baseline": majority(task.adversarial, len(task.labels)) if task.adversarial else None,
@@ -312,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
     check_options(args)
     seeds = parse_seeds(args.seeds)
     check_model_dir(args.model)
-    task = load_task(args.task, args.data, args.advglue)
+    task = train_subset(load_task(args.task, args.data, args.advglue), args.train_subset)
     if args.deepspeed:
         init_distributed(600.0)
     out = Path(args.out)

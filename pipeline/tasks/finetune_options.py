@@ -16,8 +16,9 @@ def check_options(args: argparse.Namespace) -> None:
     for name in ("lr", "batch_size", "epochs", "max_length", "eval_every"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
-    if args.max_steps < 0:
-        raise UserError(f"--max-steps: must not be negative, got {args.max_steps}")
+    for name in ("max_steps", "train_subset"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(args, name)}")
     if not (math.isfinite(args.alpha) and args.alpha >= 0):
         raise UserError(f"--alpha: must be a finite number >= 0, got {args.alpha}")
     if args.precision not in ("auto", "fp32") and not args.deepspeed:
@@ -39,6 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="sst2, rte, or a directory with train/dev .jsonl or .tsv")
     p.add_argument("--data", help="for sst2/rte: the GLUE task directory (train.tsv, dev.tsv)")
     p.add_argument("--advglue", help="AdvGLUE dev.json: also report accuracy on the task's adversarial subset")
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N training examples (0: all): the first N of a permutation by a fixed seed, not --seeds, "
+        "kept in the training set's order, so every seed and model trains on the same N; --epochs counts passes "
+        "over them",
+    )
     p.add_argument("--out", required=True, help="where seed-N/ models and results.json go")
     p.add_argument(
         "--method",

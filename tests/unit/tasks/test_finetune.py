@@ -306,7 +306,9 @@ def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2,
     assert saved.config.id2label == {0: "0", 1: "1"}
     model, tokenizer = finetune.load_model(out / "seed-1", 2, seed=0)
     ids, labels = finetune.encode(tokenizer, read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS), 128)
-    assert finetune.accuracy(model, ids, labels, pad_id=tokenizer.pad_token_id) == pytest.approx(dev[0])
+    assert finetune.share_correct(finetune.predict(model, ids, pad_id=tokenizer.pad_token_id), labels) == pytest.approx(
+        dev[0]
+    )
     # A re-run skips the finished seeds.
     stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
     assert finetune.main(args(small_model, sst2, advglue, out)) == 0
@@ -398,4 +400,5 @@ def test_a_bf16_deepspeed_run_saves_its_float32_master_weights(small_model, smal
     model, tokenizer = finetune.load_model(tmp_path / "seed-1", 2, seed=0)
     ids, labels = finetune.encode(tokenizer, load_task(str(small_task), None, None).dev, 128)
     reported = json.loads((tmp_path / "seed-1" / "result.json").read_text())["dev_accuracy"]
-    assert finetune.accuracy(model.to(torch.bfloat16), ids, labels, pad_id=tokenizer.pad_token_id) == reported
+    predicted = finetune.predict(model.to(torch.bfloat16), ids, pad_id=tokenizer.pad_token_id)
+    assert finetune.share_correct(predicted, labels) == reported
