@@ -306,9 +306,8 @@ def test_short_finetuning_beats_chance_and_reports_every_seed(small_model, sst2,
     assert saved.config.id2label == {0: "0", 1: "1"}
     model, tokenizer = finetune.load_model(out / "seed-1", 2, seed=0)
     ids, labels = finetune.encode(tokenizer, read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS), 128)
-    assert finetune.share_correct(finetune.predict(model, ids, pad_id=tokenizer.pad_token_id), labels) == pytest.approx(
-        dev[0]
-    )
+    predicted = finetune.predict(model, ids, pad_id=tokenizer.pad_token_id)
+    assert finetune.share_correct(predicted, labels) == pytest.approx(dev[0])
     # A re-run skips the finished seeds.
     stamp = (out / "seed-1" / "result.json").stat().st_mtime_ns
     assert finetune.main(args(small_model, sst2, advglue, out)) == 0
@@ -364,6 +363,9 @@ def test_two_deepspeed_ranks_match_one_process(dropout_free_model, sst2, tmp_pat
         # Rank 0's last micro-batch loss is half of the global batch: compare accuracies, the global quantity.
         assert abs(a["dev_accuracy"] - b["dev_accuracy"]) <= 2 / 872, (a, b)
     assert abs(one_result["advglue_accuracy"] - two_result["advglue_accuracy"]) <= 2 / 148
+    dev_labels = "".join(str(e.label) for e in read_tsv(sst2 / "dev.tsv", SST2_COLUMNS, SST2_LABELS))
+    predicted = two_result["predictions"]["dev"]  # rank 0's: every rank evaluates all of dev, in order
+    assert len(predicted) == 872 and sum(map(str.__eq__, predicted, dev_labels)) / 872 == two_result["dev_accuracy"]
 
 
 @pytest.mark.slow
