@@ -1,7 +1,7 @@
 """Can this design see ALUM's effect? The study of docs/results/study-plan.md, in one resumable
 command (the plan was committed before any of its runs).
 
-    python bench/claims.py                 # the study (about 90 minutes on a 2-core machine)
+    python bench/claims.py                 # the study (about 90 minutes on a 2-core machine; sizes from PILOT)
     python bench/claims.py --work /tmp/c --pretrain-steps 20 --finetune-steps 10 \\
         --subset-epochs 1 --pretrain-seeds 1,2 --finetune-seeds 1,2 --eval-batches 2 --out /tmp/c/out
                                            # a smoke run
@@ -56,6 +56,10 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
 ALUM_PASS_RATIO = 3  # ALUM: clean F+B, noise F + ascent B, adversarial F+B; standard: one F+B
 EVAL_SETS = {"wikitext-test": "shards-wikitext-test", "shakespeare": "shards-shakespeare"}
+# The timing pilot that fixed the sizes (one thread per process, two processes at once, this
+# 2-core machine, 2026-12-07): seconds per pretraining step and fine-tuning steps per second.
+PILOT = {"standard_step_s": 0.130, "alum_step_s": 0.398, "finetune_standard_steps_per_s": 25.8,
+         "finetune_alum_steps_per_s": 10.9}  # fmt: skip
 BRANCH_OVERRIDES = {"alum": ("adversarial.method=alum",), "noise": ("adversarial.method=alum", "adversarial.update=random")}
 
 
@@ -216,6 +220,7 @@ def collect(stages: Stages, args) -> dict:
         "subset_epochs": args.subset_epochs,
         "eval_batches": args.eval_batches,
         "workers": args.workers,
+        "pilot": PILOT,
         "branches": list(BRANCHES),
         "advglue_sentences": len(task.adversarial),
         "advglue_matched": len(pairs),
@@ -242,10 +247,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "claims")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="S: the standard run's steps")
-    parser.add_argument("--finetune-steps", type=int, default=300, help="F: full-SST-2 fine-tuning steps")
+    parser.add_argument("--pretrain-steps", type=int, default=1600, help="S: the standard run's steps")
+    parser.add_argument("--finetune-steps", type=int, default=400, help="F: full-SST-2 fine-tuning steps")
     parser.add_argument("--subset", type=int, default=2000, help="sentences of the SST-2 training subset")
-    parser.add_argument("--subset-epochs", type=int, default=2)
+    parser.add_argument("--subset-epochs", type=int, default=3)
     parser.add_argument("--pretrain-seeds", default="1,2,3")
     parser.add_argument("--finetune-seeds", default="1,2,3,4,5")
     parser.add_argument("--eval-batches", type=int, default=16, help="alum eval batches (x32 rows) per held-out set")
