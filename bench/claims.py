@@ -54,13 +54,17 @@ from data_dir import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
+SUMMARIZED_IN = (REPO / "README.md", REPO / "docs" / "benchmarks.md")  # each holds the summary block
 ALUM_PASS_RATIO = 3  # ALUM: clean F+B, noise F + ascent B, adversarial F+B; standard: one F+B
 EVAL_SETS = {"wikitext-test": "shards-wikitext-test", "shakespeare": "shards-shakespeare"}
 # The timing pilot that fixed the sizes (one thread per process, two processes at once, this
 # 2-core machine, 2026-12-07): seconds per pretraining step and fine-tuning steps per second.
 PILOT = {"standard_step_s": 0.130, "alum_step_s": 0.398, "finetune_standard_steps_per_s": 25.8,
          "finetune_alum_steps_per_s": 10.9}  # fmt: skip
-BRANCH_OVERRIDES = {"alum": ("adversarial.method=alum",), "noise": ("adversarial.method=alum", "adversarial.update=random")}
+BRANCH_OVERRIDES = {
+    "alum": ("adversarial.method=alum",),
+    "noise": ("adversarial.method=alum", "adversarial.update=random"),
+}
 
 
 class Stages:
@@ -74,7 +78,8 @@ class Stages:
 
     def run(self, what: str, *args: str) -> None:
         started = time.perf_counter()
-        print(f"[claims] {what}", flush=True)
+        sys.stdout.write(f"[claims] {what}\n")  # one write: two workers' lines stay apart
+        sys.stdout.flush()
         env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "OMP_NUM_THREADS": str(self.threads)}
         log = self.work / "logs" / f"{what.replace('/', '_').replace(' ', '_')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +107,9 @@ def prepare_data(stages: Stages) -> None:
     }
     for name, (text, val) in sources.items():
         if not (work / name / "manifest.json").is_file():
-            stages.run(f"shard {name}", "-m", "pipeline.cli", "shard", "--input", text, "--tokenizer",
-                       str(work / "tokenizer"), "--seq-len", "128", "--val-fraction", val, "--out", str(work / name))  # fmt: skip
+            stages.run(f"shard {name}", "-m", "pipeline.cli", "shard", "--input", text,
+                       "--tokenizer", str(work / "tokenizer"), "--seq-len", "128", "--val-fraction", val,
+                       "--out", str(work / name))  # fmt: skip
 
 
 def pretrain(stages: Stages, seed: int, name: str, steps: int, *overrides: str) -> None:
@@ -243,6 +249,12 @@ def run_record(result: dict, pairs: list[tuple[int, int]], labels: list[str]) ->
     }
 
 
+def documents(out: Path) -> list[Path]:
+    """The documents whose summary block a study in `out` rewrites: the README's and the
+    benchmarks page's for the committed study, none for a smoke run elsewhere."""
+    return list(SUMMARIZED_IN) if out.resolve() == OUT else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "claims")
@@ -258,7 +270,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only the report again, from OUT/claims.json")
     args = parser.parse_args()
     if args.render:
-        render(json.loads((args.out / "claims.json").read_text()), args.out, REPO / "README.md")
+        render(json.loads((args.out / "claims.json").read_text()), args.out, documents(args.out))
         return
     args.pre_seeds = [int(s) for s in args.pretrain_seeds.split(",")]
     args.ft_seeds = [int(s) for s in args.finetune_seeds.split(",")]
@@ -269,7 +281,11 @@ def main() -> None:
     study = collect(stages, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "claims.json").write_text(json.dumps(study, indent=1) + "\n")
-    render(study, args.out, REPO / "README.md" if args.out == OUT else None)
+    first = args.work / "pretrain" / f"s{args.pre_seeds[0]}"
+    stages.run("pretraining curves", "-m", "pipeline.tasks.plot",
+               *[x for m in BRANCHES for x in ("--run-dir", str(first / m))], "--labels", ",".join(BRANCHES),
+               "--out", str(args.out / "pretraining.png"))  # fmt: skip
+    render(study, args.out, documents(args.out))
 
 
 if __name__ == "__main__":
