@@ -17,6 +17,7 @@ MODELS = (*BRANCHES, "random-init")
 FT_DATA = ("full", "subset")
 FT_METHODS = ("standard", "alum")
 PRIMARY = ("alum", "SST-2 dev, full, standard FT")
+RADII = (0.03, 0.1, 0.3)
 DETECTABLE = 0.036  # the plan's effect detected with 80% power by 3 pretraining seeds (shaded in the figure)
 SUMMARY_BEGIN, SUMMARY_END = "<!-- claims-summary: bench/claims.py writes this -->", "<!-- /claims-summary -->"
 SUMMARY_BLOCK = re.compile(re.escape(SUMMARY_BEGIN) + ".*?" + re.escape(SUMMARY_END), re.S)
@@ -162,25 +163,55 @@ def describe(setup: dict) -> str:
     )
 
 
+def interval(c: dict) -> str:
+    """A comparison in words: estimate, interval, and the p the reader should use."""
+    p = f"Holm p = {c['holm_p']:.2g}" if "holm_p" in c else f"p = {c['p']:.2g}"
+    return f"{c['estimate']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], {p}"
+
+
 def sentences(study: dict, analysis: dict) -> list[str]:
     """The findings in words, every figure taken from `analysis`."""
-    c = analysis["comparisons"]
+    c, means, setup = analysis["comparisons"], analysis["means"], study["setup"]
     primary = c[analysis["primary"]]
-    setup = study["setup"]
     surviving = sorted(k for k, v in c.items() if v.get("holm_p", 1.0) < 0.05)
     verdict = "differs from 0 at 0.05" if primary["p"] < 0.05 else "does not differ from 0 at 0.05"
     listed = "; ".join(f"{k} ({c[k]['estimate']:+.4f})" for k in surviving) or "none"
-    out = [
+    settings = [f"SST-2 dev, {d}, {m} FT" for d in FT_DATA for m in FT_METHODS]
+    full = settings[0]
+    mcnemar_standard = c["standard | McNemar originals vs perturbed"]
+    return [
         f"- **Primary endpoint** (ALUM minus standard pretraining, SST-2 dev after standard fine-tuning): "
         f"{primary['estimate']:+.4f} (95% interval {primary['low']:+.4f} to {primary['high']:+.4f}; "
         f"paired t-test over {len(setup['pretrain_seeds'])} pretraining seeds p = {primary['p']:.2g}): it {verdict}. "
-        f"The plan's design detects about {DETECTABLE} with 80% power; the paper's SST-2 gains are 0.005-0.01.",
+        f"The design detects about {DETECTABLE} with 80% power; the paper's SST-2 gains are 0.005-0.01.",
+        "- **ALUM pretraining in the other fine-tuning settings** (estimate [95% interval], Holm p): "
+        + "; ".join(f"{s.replace('SST-2 dev, ', '')} {interval(c['alum | ' + s])}" for s in settings[1:])
+        + ".",
+        f"- **Controls**: the noise branch (ALUM's passes, random direction) {interval(c['noise | ' + full])}; "
+        f"standard at ALUM's compute {interval(c['standard-compute | ' + full])}; untrained weights "
+        f"{interval(c['random-init | ' + full])} (SST-2 dev {means['random-init'][full]:.4f} against "
+        f"{means['standard'][full]:.4f} for `standard`).",
+        f"- **Held-out MLM loss**, ALUM minus standard: WikiText-2 test "
+        f"{interval(c['alum | MLM loss, wikitext-test'])}; "
+        f"Tiny Shakespeare {interval(c['alum | MLM loss, shakespeare'])}.",
+        "- **MLM robustness** (loss increase over clean on WikiText-2 test, ALUM minus standard): "
+        + "; ".join(
+            f"r={r:g} PGD {interval(c[f'alum | PGD increase r={r:g}'])}, "
+            f"noise {interval(c[f'alum | noise increase r={r:g}'])}"
+            for r in RADII
+        )
+        + f". For `standard` itself PGD at r=0.1 adds {means['standard']['PGD increase r=0.1']:.4f} and noise of "
+        f"that norm {means['standard']['noise increase r=0.1']:.4f}.",
+        f"- **AdvGLUE-SST2**: {setup['advglue_matched']} of {setup['advglue_sentences']} sentences matched a "
+        "same-label SST-2 dev source at token Jaccard >= 0.5. On those pairs `standard` (standard FT, full SST-2) "
+        f"scores {means['standard']['AdvGLUE originals, standard FT']:.4f} on the originals and "
+        f"{means['standard']['AdvGLUE perturbed, standard FT']:.4f} perturbed (McNemar on majority votes: "
+        f"{mcnemar_standard['original_only']} right only as originals, {mcnemar_standard['perturbed_only']} only "
+        f"perturbed, Holm p = {mcnemar_standard['holm_p']:.2g}); ALUM's change in the drop "
+        f"{interval(c['alum | AdvGLUE drop, standard FT'])}.",
         f"- **Secondary comparisons surviving Holm's correction** ({len(surviving)} of "
         f"{sum('holm_p' in v for v in c.values())}): {listed}.",
-        f"- **AdvGLUE-SST2**: {setup['advglue_matched']} of {setup['advglue_sentences']} sentences matched a "
-        "same-label SST-2 dev source at token Jaccard >= 0.5.",
     ]
-    return out
 
 
 def summary(study: dict) -> str:
