@@ -233,7 +233,22 @@ def collect(stages: Stages, args) -> dict:
         "wall_seconds": stages.times,
         "total_wall_seconds": sum(stages.times.values()),
     }
-    return {"setup": setup, "models": models, "finetune": finetunes}
+    return {"setup": setup, "models": models, "finetune": finetunes, "terms": terms(work, args.pre_seeds)}
+
+
+def terms(work: Path, seeds: list[int]) -> dict:
+    """How large the perturbed branches' term was: per seed, the mean over their logged ALUM
+    steps of train/adv_ratio (alpha x L_adv / L_mlm) and train/loss_adv; a null result reads
+    differently when the term was negligible."""
+    out = {}
+    for branch in BRANCH_OVERRIDES:
+        for s in seeds:
+            lines = (work / "pretrain" / f"s{s}" / branch / "metrics.jsonl").read_text().splitlines()
+            records = [r for r in map(json.loads, filter(None, lines)) if r.get("train/adv_active") == 1]
+            out[f"s{s}/{branch}"] = {
+                key: sum(r[f"train/{key}"] for r in records) / len(records) for key in ("adv_ratio", "loss_adv")
+            }
+    return out
 
 
 def run_record(result: dict, pairs: list[tuple[int, int]], labels: list[str]) -> dict:

@@ -143,7 +143,21 @@ def table(study: dict) -> str:
     for m in MODELS:
         c = comparisons[f"{m} | McNemar originals vs perturbed"]
         lines.append(f"| {m} | {c['original_only']} | {c['perturbed_only']} | {c['holm_p']:.2g} |")
-    lines += ["", "## What it says", "", *sentences(study, analysis), ""]
+    lines += [
+        "",
+        "## The perturbed branches' term",
+        "",
+        "Mean over each run's logged ALUM steps of alpha x L_adv / L_mlm (train/adv_ratio) and of L_adv:",
+        "",
+        "| run | alpha L_adv / L_mlm | L_adv |",
+        "|---|---|---|",
+        *(f"| {run} | {t['adv_ratio']:.3g} | {t['loss_adv']:.3g} |" for run, t in study["terms"].items()),
+        "",
+        "## What it says",
+        "",
+        *sentences(study, analysis),
+        "",
+    ]
     return "\n".join(lines)
 
 
