@@ -76,12 +76,15 @@ class Stages:
         self.times_path = work / "wall-seconds.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
 
+    def log(self, what: str) -> Path:
+        return self.work / "logs" / f"{what.replace('/', '_').replace(' ', '_')}.log"
+
     def run(self, what: str, *args: str) -> None:
         started = time.perf_counter()
         sys.stdout.write(f"[claims] {what}\n")  # one write: two workers' lines stay apart
         sys.stdout.flush()
         env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "OMP_NUM_THREADS": str(self.threads)}
-        log = self.work / "logs" / f"{what.replace('/', '_').replace(' ', '_')}.log"
+        log = self.log(what)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as out:
             result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -231,7 +234,8 @@ def collect(stages: Stages, args) -> dict:
         "advglue_sentences": len(task.adversarial),
         "advglue_matched": len(pairs),
         "wall_seconds": stages.times,
-        "total_wall_seconds": sum(stages.times.values()),
+        "stage_seconds": sum(stages.times.values()),
+        "elapsed_seconds": elapsed(stages),
     }
     return {"setup": setup, "models": models, "finetune": finetunes, "terms": terms(work, args.pre_seeds)}
 
@@ -249,6 +253,22 @@ def terms(work: Path, seeds: list[int]) -> dict:
                 key: sum(r[f"train/{key}"] for r in records) / len(records) for key in ("adv_ratio", "loss_adv")
             }
     return out
+
+
+def elapsed(stages: Stages) -> float:
+    """The study's wall time: the union of its stages' intervals, each ending when its log was
+    last written and lasting its recorded time. With several workers the stages overlap, so
+    this is less than their sum; the machine's idle time between invocations is not in it."""
+    intervals = []
+    for what, seconds in stages.times.items():
+        log = stages.log(what)
+        if log.is_file():
+            intervals.append((log.stat().st_mtime - seconds, log.stat().st_mtime))
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def run_record(result: dict, pairs: list[tuple[int, int]], labels: list[str]) -> dict:

@@ -162,7 +162,7 @@ def table(study: dict) -> str:
 
 
 def describe(setup: dict) -> str:
-    minutes = setup["total_wall_seconds"] / 60
+    minutes, busy = setup["elapsed_seconds"] / 60, setup["stage_seconds"] / 60
     return (
         f"Tiny BERT (hidden 64, 2 layers) on WikiText-2 train, batch 32 x 128, the mask curriculum; "
         f"{len(setup['pretrain_seeds'])} pretraining seeds; per seed `standard` for {setup['pretrain_steps']} "
@@ -173,7 +173,8 @@ def describe(setup: dict) -> str:
         f"{','.join(map(str, setup['finetune_seeds']))}, standard and ALUM (alpha 1): full SST-2 "
         f"{setup['finetune_steps']} steps, and a {setup['subset']}-sentence subset for {setup['subset_epochs']} "
         f"epochs. MLM evaluation on WikiText-2 test and Tiny Shakespeare, {setup['eval_batches']} x 32 rows each. "
-        f"Wall time {minutes:.0f} min on {setup['workers']} workers. Regenerate: `python bench/claims.py`."
+        f"Wall time {minutes:.0f} min ({busy:.0f} min of commands on {setup['workers']} workers). "
+        "Regenerate: `python bench/claims.py`."
     )
 
 
