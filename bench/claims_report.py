@@ -184,6 +184,21 @@ def interval(c: dict) -> str:
     return f"{c['estimate']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], {p}"
 
 
+def floor(c: dict, setting: str) -> str:
+    """What the untrained control says about one fine-tuning setting: a direction is stated
+    only where both the interval and the Holm-corrected test exclude 0."""
+    control, where = c[f"random-init | {setting}"], setting.replace("SST-2 dev, ", "")
+    tested = control["holm_p"] < 0.05
+    if control["high"] < 0 and tested:
+        return f"Pretraining lifts SST-2 ({where}) above untrained weights ({interval(control)})."
+    if control["low"] > 0 and tested:
+        return (
+            f"Untrained weights fine-tune better than `standard` on SST-2 ({where}): {interval(control)}, "
+            "so at this scale this setting cannot show what a pretraining method buys."
+        )
+    return f"Pretraining does not measurably lift SST-2 ({where}) above untrained weights ({interval(control)})."
+
+
 def sentences(study: dict, analysis: dict) -> list[str]:
     """The findings in words, every figure taken from `analysis`."""
     c, means, setup = analysis["comparisons"], analysis["means"], study["setup"]
@@ -205,7 +220,7 @@ def sentences(study: dict, analysis: dict) -> list[str]:
         f"- **Controls**: the noise branch (ALUM's passes, random direction) {interval(c['noise | ' + full])}; "
         f"standard at ALUM's compute {interval(c['standard-compute | ' + full])}; untrained weights "
         f"{interval(c['random-init | ' + full])} (SST-2 dev {means['random-init'][full]:.4f} against "
-        f"{means['standard'][full]:.4f} for `standard`).",
+        f"{means['standard'][full]:.4f} for `standard`). " + floor(c, settings[0]) + " " + floor(c, settings[2]),
         f"- **Held-out MLM loss**, ALUM minus standard: WikiText-2 test "
         f"{interval(c['alum | MLM loss, wikitext-test'])}; "
         f"Tiny Shakespeare {interval(c['alum | MLM loss, shakespeare'])}.",
