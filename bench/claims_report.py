@@ -184,6 +184,17 @@ def interval(c: dict) -> str:
     return f"{c['estimate']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], {p}"
 
 
+def disagreement(c: dict) -> str:
+    """A sentence when the interval and the test disagree about 0, and why the test is the one planned."""
+    excludes = c["low"] > 0 or c["high"] < 0
+    if excludes == (c["p"] < 0.05):
+        return ""
+    return (
+        "The bootstrap interval and the t-test disagree about 0: resampling only "
+        f"{len(c['per_seed'])} pretraining seeds understates their spread, and the plan tests with the t-test. "
+    )
+
+
 def floor(c: dict, setting: str) -> str:
     """What the untrained control says about one fine-tuning setting: a direction is stated
     only where both the interval and the Holm-corrected test exclude 0."""
@@ -213,7 +224,8 @@ def sentences(study: dict, analysis: dict) -> list[str]:
         f"- **Primary endpoint** (ALUM minus standard pretraining, SST-2 dev after standard fine-tuning): "
         f"{primary['estimate']:+.4f} (95% interval {primary['low']:+.4f} to {primary['high']:+.4f}; "
         f"paired t-test over {len(setup['pretrain_seeds'])} pretraining seeds p = {primary['p']:.2g}): it {verdict}. "
-        f"The design detects about {DETECTABLE} with 80% power; the paper's SST-2 gains are 0.005-0.01.",
+        f"{disagreement(primary)}The design detects about {DETECTABLE} with 80% power; the paper's SST-2 gains "
+        "are 0.005-0.01.",
         "- **ALUM pretraining in the other fine-tuning settings** (estimate [95% interval], Holm p): "
         + "; ".join(f"{s.replace('SST-2 dev, ', '')} {interval(c['alum | ' + s])}" for s in settings[1:])
         + ".",
