@@ -274,7 +274,7 @@ def figure(study: dict, out: Path) -> None:
     settings = [f"SST-2 dev, {d}, {m} FT" for d in FT_DATA for m in FT_METHODS]
     fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.2), sharey=True)
     for ax, setting in zip(axes, settings):
-        models = [m for m in MODELS[1:] if m != "random-init"]
+        models = MODELS[1:]
         for i, m in enumerate(models):
             c = comparisons[f"{m} | {setting}"]
             ax.errorbar([c["estimate"]], [i], xerr=[[c["estimate"] - c["low"]], [c["high"] - c["estimate"]]], fmt="o")
