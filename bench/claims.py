@@ -1,7 +1,7 @@
 """Can this design see ALUM's effect? The study of docs/results/study-plan.md, in one resumable
 command (the plan was committed before any of its runs).
 
-    python bench/claims.py                 # the study (about 90 minutes on a 2-core machine; sizes from PILOT)
+    python bench/claims.py                 # the study (about 100 minutes on a 2-core machine; sizes from PILOT)
     python bench/claims.py --work /tmp/c --pretrain-steps 20 --finetune-steps 10 \\
         --subset-epochs 1 --pretrain-seeds 1,2 --finetune-seeds 1,2 --eval-batches 2 --out /tmp/c/out
                                            # a smoke run
@@ -54,7 +54,8 @@ from data_dir import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
-SUMMARIZED_IN = (REPO / "README.md", REPO / "docs" / "benchmarks.md")  # each holds the summary block
+# The documents holding a summary block, and whether theirs is the brief one.
+SUMMARIZED_IN = {REPO / "README.md": True, REPO / "docs" / "benchmarks.md": False}
 ALUM_PASS_RATIO = 3  # ALUM: clean F+B, noise F + ascent B, adversarial F+B; standard: one F+B
 EVAL_SETS = {"wikitext-test": "shards-wikitext-test", "shakespeare": "shards-shakespeare"}
 # The timing pilot that fixed the sizes (one thread per process, two processes at once, this
@@ -284,10 +285,10 @@ def run_record(result: dict, pairs: list[tuple[int, int]], labels: list[str]) ->
     }
 
 
-def documents(out: Path) -> list[Path]:
+def documents(out: Path) -> dict[Path, bool]:
     """The documents whose summary block a study in `out` rewrites: the README's and the
     benchmarks page's for the committed study, none for a smoke run elsewhere."""
-    return list(SUMMARIZED_IN) if out.resolve() == OUT else []
+    return SUMMARIZED_IN if out.resolve() == OUT else {}
 
 
 def main() -> None:

@@ -184,6 +184,13 @@ def interval(c: dict) -> str:
     return f"{c['estimate']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], {p}"
 
 
+def short(c: dict) -> str:
+    """A comparison's effect in a few characters: the difference, or McNemar's discordant counts."""
+    if "estimate" in c:
+        return f"{c['estimate']:+.4f}, Holm p = {c['holm_p']:.2g}"
+    return f"{c['original_only']} right only as originals against {c['perturbed_only']}, Holm p = {c['holm_p']:.2g}"
+
+
 def disagreement(c: dict) -> str:
     """A sentence when the interval and the test disagree about 0, and why the test is the one planned."""
     excludes = c["low"] > 0 or c["high"] < 0
@@ -196,18 +203,30 @@ def disagreement(c: dict) -> str:
 
 
 def floor(c: dict, setting: str) -> str:
-    """What the untrained control says about one fine-tuning setting: a direction is stated
-    only where both the interval and the Holm-corrected test exclude 0."""
+    """What the untrained control says about one fine-tuning setting: a direction is called
+    significant only where the Holm-corrected test says so, and an interval that excludes 0
+    without it is said as such."""
     control, where = c[f"random-init | {setting}"], setting.replace("SST-2 dev, ", "")
-    tested = control["holm_p"] < 0.05
-    if control["high"] < 0 and tested:
-        return f"Pretraining lifts SST-2 ({where}) above untrained weights ({interval(control)})."
-    if control["low"] > 0 and tested:
-        return (
-            f"Untrained weights fine-tune better than `standard` on SST-2 ({where}): {interval(control)}, "
-            "so at this scale this setting cannot show what a pretraining method buys."
-        )
+    tested = "" if control["holm_p"] < 0.05 else " (the interval excludes 0; the Holm-corrected test does not)"
+    if control["low"] > 0:
+        return f"On SST-2 ({where}) untrained weights fine-tune better than `standard`: {interval(control)}{tested}."
+    if control["high"] < 0:
+        return f"Pretraining lifts SST-2 ({where}) above untrained weights: {interval(control)}{tested}."
     return f"Pretraining does not measurably lift SST-2 ({where}) above untrained weights ({interval(control)})."
+
+
+def robustness(c: dict, means: dict, seeds: int) -> str:
+    """ALUM's and the noise branch's PGD increase at r=0.1 as shares of `standard`'s, and in how
+    many seeds each was lower: whether the smoothness is the attack's doing or the size's."""
+    key = "PGD increase r=0.1"
+    share = {m: means[m][key] / means["standard"][key] for m in ("alum", "noise")}
+    lower = {m: sum(x < 0 for x in c[f"{m} | {key}"]["per_seed"]) for m in ("alum", "noise")}
+    return (
+        f"At r=0.1 ALUM's PGD increase is {share['alum']:.0%} of `standard`'s (lower in {lower['alum']} of {seeds} "
+        f"seeds), the noise branch's {share['noise']:.0%} (lower in {lower['noise']} of {seeds}); random noise of "
+        f"PGD's norm raises `standard`'s loss by {means['standard']['noise increase r=0.1']:.4f}, PGD by "
+        f"{means['standard'][key]:.4f}."
+    )
 
 
 def sentences(study: dict, analysis: dict) -> list[str]:
@@ -216,7 +235,7 @@ def sentences(study: dict, analysis: dict) -> list[str]:
     primary = c[analysis["primary"]]
     surviving = sorted(k for k, v in c.items() if v.get("holm_p", 1.0) < 0.05)
     verdict = "differs from 0 at 0.05" if primary["p"] < 0.05 else "does not differ from 0 at 0.05"
-    listed = "; ".join(f"{k} ({c[k]['estimate']:+.4f})" for k in surviving) or "none"
+    listed = "; ".join(f"{k} ({short(c[k])})" for k in surviving) or "none"
     settings = [f"SST-2 dev, {d}, {m} FT" for d in FT_DATA for m in FT_METHODS]
     full = settings[0]
     mcnemar_standard = c["standard | McNemar originals vs perturbed"]
@@ -230,9 +249,11 @@ def sentences(study: dict, analysis: dict) -> list[str]:
         + "; ".join(f"{s.replace('SST-2 dev, ', '')} {interval(c['alum | ' + s])}" for s in settings[1:])
         + ".",
         f"- **Controls**: the noise branch (ALUM's passes, random direction) {interval(c['noise | ' + full])}; "
-        f"standard at ALUM's compute {interval(c['standard-compute | ' + full])}; untrained weights "
-        f"{interval(c['random-init | ' + full])} (SST-2 dev {means['random-init'][full]:.4f} against "
-        f"{means['standard'][full]:.4f} for `standard`). " + floor(c, settings[0]) + " " + floor(c, settings[2]),
+        f"standard at ALUM's compute {interval(c['standard-compute | ' + full])}. Untrained weights: SST-2 dev "
+        f"{means['random-init'][full]:.4f} against {means['standard'][full]:.4f} for `standard`. "
+        + floor(c, settings[0])
+        + " "
+        + floor(c, settings[2]),
         f"- **Held-out MLM loss**, ALUM minus standard: WikiText-2 test "
         f"{interval(c['alum | MLM loss, wikitext-test'])}; "
         f"Tiny Shakespeare {interval(c['alum | MLM loss, shakespeare'])}.",
@@ -242,8 +263,8 @@ def sentences(study: dict, analysis: dict) -> list[str]:
             f"noise {interval(c[f'alum | noise increase r={r:g}'])}"
             for r in RADII
         )
-        + f". For `standard` itself PGD at r=0.1 adds {means['standard']['PGD increase r=0.1']:.4f} and noise of "
-        f"that norm {means['standard']['noise increase r=0.1']:.4f}.",
+        + ". "
+        + robustness(c, means, len(setup["pretrain_seeds"])),
         f"- **AdvGLUE-SST2**: {setup['advglue_matched']} of {setup['advglue_sentences']} sentences matched a "
         "same-label SST-2 dev source at token Jaccard >= 0.5. On those pairs `standard` (standard FT, full SST-2) "
         f"scores {means['standard']['AdvGLUE originals, standard FT']:.4f} on the originals and "
@@ -256,10 +277,15 @@ def sentences(study: dict, analysis: dict) -> list[str]:
     ]
 
 
-def summary(study: dict) -> str:
-    """The README's lines on the study, between its markers."""
-    analysis = analyse(study)
-    return "\n".join([SUMMARY_BEGIN, *sentences(study, analysis), SUMMARY_END])
+BRIEF = (0, 2, 4)  # the README's bullets: the primary endpoint, the controls, MLM robustness
+
+
+def summary(study: dict, brief: bool = False) -> str:
+    """The lines on the study between the markers: all of `sentences`, or (the README's) BRIEF."""
+    lines = sentences(study, analyse(study))
+    if brief:
+        lines = [lines[i] for i in BRIEF] + ["- The rest, with every interval: docs/results/claims.md."]
+    return "\n".join([SUMMARY_BEGIN, *lines, SUMMARY_END])
 
 
 def figure(study: dict, out: Path) -> None:
@@ -288,13 +314,14 @@ def figure(study: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def render(study: dict, out: Path, documents: list[Path]) -> None:
-    """claims.md and claims.png in `out`, and the summary block of each of `documents` replaced."""
+def render(study: dict, out: Path, documents: dict[Path, bool]) -> None:
+    """claims.md and claims.png in `out`, and the summary block of each document replaced (brief
+    where its value is True)."""
     (out / "claims.md").write_text(table(study))
     figure(study, out / "claims.png")
-    for path in documents:
+    for path, brief in documents.items():
         text = path.read_text()
         if not SUMMARY_BLOCK.search(text):
             raise SystemExit(f"claims: {path} has no summary block ({SUMMARY_BEGIN} ... {SUMMARY_END})")
-        path.write_text(SUMMARY_BLOCK.sub(lambda _: summary(study), text))
+        path.write_text(SUMMARY_BLOCK.sub(lambda _: summary(study, brief), text))
     print(table(study))
