@@ -52,15 +52,21 @@ def data_file(relative: str) -> Path:
     return path
 
 
-def run_alum(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the `alum` CLI in a fresh interpreter, as a user would."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+def run_python(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh interpreter that imports this checkout, output captured."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
         cwd=cwd or REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=timeout,
     )
+
+
+def run_alum(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the `alum` CLI in a fresh interpreter, as a user would."""
+    result = run_python("-m", "pipeline.cli", *args, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"alum {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result

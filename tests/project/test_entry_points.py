@@ -3,11 +3,9 @@ modules forward to their homes, and the documented import paths are the moved mo
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
-from helpers import REPO
+from helpers import run_python
 
 
 def test_the_old_import_paths_are_the_moved_modules():
@@ -23,12 +21,5 @@ def test_the_old_import_paths_are_the_moved_modules():
 
 
 def test_the_supervisor_runs_under_its_documented_module_name():
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.supervise", "--", sys.executable, "-c", "raise SystemExit(0)"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python("-m", "pipeline.supervise", "--", sys.executable, "-c", "raise SystemExit(0)", timeout=120)
     assert result.returncode == 0, result.stderr

@@ -4,12 +4,8 @@ tests/integration/test_stop.py, where a real 2-rank launch runs."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from helpers import REPO
+from helpers import run_python
 
 
 @pytest.mark.parametrize(
@@ -23,14 +19,7 @@ from helpers import REPO
     ids=["python -m pipeline.pretrain", "alum pretrain", "python -m pipeline.finetune", "alum finetune"],
 )
 def test_help_is_only_the_usage(command):
-    result = subprocess.run(
-        [sys.executable, *command, "--help"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(*command, "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith("usage: "), result.stdout[:300]
