@@ -28,22 +28,18 @@ def correct(bits: str) -> np.ndarray:
 
 
 def finetune_arrays(study: dict, model: str, data: str, method: str) -> dict[str, np.ndarray]:
-    """[pretraining seed, fine-tuning seed] arrays of one model's fine-tuning figures."""
+    """[pretraining seed, fine-tuning seed] arrays of one model's fine-tuning figures; the
+    AdvGLUE pairs are scored after fine-tuning on full SST-2 only."""
     runs = [study["finetune"][f"s{s}/{model}/{data}-{method}"] for s in study["setup"]["pretrain_seeds"]]
+    arrays = {f"SST-2 dev, {data}, {method} FT": np.array([[r["dev_accuracy"] for r in seed] for seed in runs])}
+    if data != "full":
+        return arrays
     orig = np.array([[correct(r["original_predictions"]).mean() for r in seed] for seed in runs])
     pert = np.array([[correct(r["perturbed_predictions"]).mean() for r in seed] for seed in runs])
-    return {
-        f"SST-2 dev, {data}, {method} FT": np.array([[r["dev_accuracy"] for r in seed] for seed in runs]),
-        **(
-            {
-                f"AdvGLUE originals, {method} FT": orig,
-                f"AdvGLUE perturbed, {method} FT": pert,
-                f"AdvGLUE drop, {method} FT": orig - pert,
-            }
-            if data == "full"
-            else {}
-        ),
-    }
+    arrays[f"AdvGLUE originals, {method} FT"] = orig
+    arrays[f"AdvGLUE perturbed, {method} FT"] = pert
+    arrays[f"AdvGLUE drop, {method} FT"] = orig - pert
+    return arrays
 
 
 def mlm_arrays(study: dict, model: str) -> dict[str, np.ndarray]:
